@@ -1,0 +1,201 @@
+"""The reference Top-θ / top-k / dense attention in plain PyTorch (SPEC.md, exactly).
+
+This is the oracle every kernel is tested against, and the path the transformers
+integration runs on CPU.  It processes query rows in chunks so that the score block
+never exceeds a fixed number of elements: memory stays bounded as prompts grow.
+
+Layout: ``q`` (B, Hq, Sq, d), ``k``/``v`` (B, Hkv, Sk, d) with ``Hq % Hkv == 0``;
+query head ``h`` reads KV head ``h // (Hq // Hkv)`` (transformers' ``repeat_kv``).
+``visible`` (B, Sq, Sk) bool says which keys each query row sees (causality, padding,
+sliding windows).  Causal alignment when ``Sq < Sk`` (decode, chunked prefill): query row
+``i`` is at absolute position ``Sk − Sq + i`` (see :func:`causal_visible`).
+A row's length ``L`` is its number of visible keys.  Rows with ``L ≤ k`` are dense;
+rows with ``L = 0`` (left padding) output zeros.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+
+from .compensation import SDC_ESTIMATES, RowTerms, v_mean_compensation
+from .config import SDC, EmptyRowFloor, Placement, SparseConfig, Selection
+from .selection import SELECTIONS, cap_k_recent, floor_empty_rows, top_k_with_next
+
+# Score-block budget in elements (B·Hq·rows·Sk) per chunk: ~64 MB per fp32 temporary.
+DEFAULT_BLOCK_ELEMENTS = 1 << 24
+
+
+def causal_visible(q_len: int, kv_len: int, device=None, batch: int = 1) -> torch.Tensor:
+    """(batch, q_len, kv_len) bool: row i sees keys j ≤ kv_len − q_len + i."""
+    offset = kv_len - q_len
+    i = torch.arange(q_len, device=device).unsqueeze(-1)
+    j = torch.arange(kv_len, device=device).unsqueeze(0)
+    return (j <= i + offset).unsqueeze(0).expand(batch, q_len, kv_len)
+
+
+def row_lengths(visible: torch.Tensor) -> torch.Tensor:
+    """(B, Sq) number of visible keys per query row."""
+    return visible.sum(-1)
+
+
+@dataclass
+class RowBlock:
+    """One chunk of query rows as the attention saw it; handed to observers.
+
+    ``row_start`` is the first query row of the chunk within this call.  ``logits`` are
+    the (soft-capped) scaled scores with ``-inf`` at invisible keys; ``probs`` the final
+    weights applied to V (after selection and compensation).
+    """
+
+    row_start: int
+    logits: torch.Tensor  # (B, Hq, R, N)
+    visible: torch.Tensor  # (B, 1, R, N) bool
+    row_len: torch.Tensor  # (B, 1, R)
+    kept: torch.Tensor  # (B, Hq, R, N) bool
+    probs: torch.Tensor  # (B, Hq, R, N)
+    dense_rows: torch.Tensor  # (B, 1, R) bool: L ≤ k (kept dense by rule)
+    empty_rows: torch.Tensor  # (B, Hq, R) bool: nothing passed θ (before the floor)
+    n_kv_heads: int
+    k: int
+    q_len: int
+    kv_len: int
+    kth_next: torch.Tensor | None = None  # (B, Hq, R) (k+1)-th largest score, when top-k computed it
+    exp_scores: torch.Tensor | None = None  # (B, Hq, R, N) e^(a − m), 0 at invisible keys
+
+
+class Observer(Protocol):
+    def __call__(self, block: RowBlock) -> None: ...
+
+
+def topθ_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    config: SparseConfig,
+    k_keep: int,
+    visible: torch.Tensor | None = None,
+    theta: torch.Tensor | None = None,
+    sdc_term: torch.Tensor | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    upcast: bool = True,
+    observer: Observer | None = None,
+    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+) -> torch.Tensor:
+    """Sparse attention, reference implementation.  Returns (B, Hq, Sq, d) in ``q``'s dtype.
+
+    Args:
+        config: selection, placement, compensations (``config.k`` is ignored here:
+            the caller passes this layer's ``k_keep``).
+        k_keep: target kept elements per row for this layer; rows with ``L ≤ k_keep`` stay dense.
+        visible: (B, Sq, Sk) bool; ``None`` means causal (bottom-right aligned).
+        theta: (B, Hq, Sq) per-row threshold, in logit space (pre) or probability
+            space (post).  Required for top-θ.
+        sdc_term: (B, Hq, Sq) per-row offline SDC term ``C``.  Required for offline SDC.
+        upcast: compute in float32 (float64 inputs stay float64).
+        observer: called once per chunk with a :class:`RowBlock`.
+    """
+    B, Hq, Sq, d = q.shape
+    Bk, Hkv, Sk, dk = k.shape
+    if Hq % Hkv or Bk != B or dk != d or v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"incompatible shapes q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}")
+    if k_keep < 1:
+        raise ValueError(f"k_keep must be at least 1, got {k_keep}")
+    g = Hq // Hkv
+    if visible is None:
+        visible = causal_visible(Sq, Sk, q.device, B)
+    if visible.shape != (B, Sq, Sk):
+        visible = visible.expand(B, Sq, Sk)
+    scale = d ** -0.5 if scale is None else scale
+    cdtype = torch.promote_types(q.dtype, torch.float32) if upcast else q.dtype
+    qc, kc, vc = q.to(cdtype), k.to(cdtype), v.to(cdtype)
+    out = torch.empty(B, Hq, Sq, v.shape[-1], dtype=q.dtype, device=q.device)
+    rows = max(1, block_elements // max(1, B * Hq * Sk))
+    for r0 in range(0, Sq, rows):
+        r1 = min(Sq, r0 + rows)
+        out[:, :, r0:r1] = _attend_rows(
+            qc[:, :, r0:r1], kc, vc, visible[:, r0:r1].unsqueeze(1), r0,
+            None if theta is None else theta[:, :, r0:r1].to(cdtype),
+            None if sdc_term is None else sdc_term[:, :, r0:r1].to(cdtype),
+            config, k_keep, scale, softcap, g, observer, Sq, Sk,
+        ).to(q.dtype)
+    return out
+
+
+def _grouped_matmul(x: torch.Tensor, y: torch.Tensor, g: int) -> torch.Tensor:
+    """(B, Hq, R, a) @ (B, Hkv, a, b) with query heads grouped over KV heads → (B, Hq, R, b)."""
+    B, Hq, R, a = x.shape
+    Hkv = y.shape[1]
+    return (x.reshape(B, Hkv, g * R, a) @ y).reshape(B, Hq, R, y.shape[-1])
+
+
+def _attend_rows(q, k, v, vis, row_start, theta, sdc_term, cfg: SparseConfig, k_keep, scale, softcap,
+                 g, observer, q_len, kv_len):
+    B, Hq, R, d = q.shape
+    Hkv = k.shape[1]
+    logits = _grouped_matmul(q, k.transpose(-1, -2), g) * scale  # (B, Hq, R, N)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    logits = logits + torch.zeros(vis.shape, dtype=logits.dtype, device=logits.device).masked_fill_(~vis, float("-inf"))
+    row_len = vis.sum(-1)  # (B, 1, R)
+    has_keys = row_len > 0
+    m = logits.amax(-1)  # (B, Hq, R)
+    m = torch.where(has_keys, m, torch.zeros_like(m))
+    e = torch.exp(logits - m.unsqueeze(-1))  # 0 at invisible keys
+    dense_rows = row_len <= k_keep
+
+    if cfg.placement is Placement.POST:
+        p_dense = e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)
+        scores = p_dense
+    else:
+        scores = logits
+    kth_next = None
+    if cfg.selection is Selection.TOP_K:  # one topk serves the selection and calibration observers
+        kept, kth_next = top_k_with_next(scores, vis, k_keep)
+    else:
+        kept = SELECTIONS[cfg.selection](scores, vis, theta, k_keep)
+    if cfg.selection is Selection.TOP_THETA and cfg.capk:
+        kept = cap_k_recent(kept, k_keep)
+    if cfg.selection is Selection.TOP_THETA and cfg.empty_row is EmptyRowFloor.MAX:
+        kept, empty = floor_empty_rows(kept, scores, vis)
+    else:
+        empty = ~kept.any(-1) & has_keys
+    kept = kept | (vis & dense_rows.unsqueeze(-1))  # short rows are dense
+    empty = empty & ~dense_rows
+
+    if cfg.placement is Placement.POST:
+        probs = p_dense * kept
+    else:
+        e_kept = e * kept
+        d_s = e_kept.sum(-1)
+        theta_logit = theta if cfg.selection is Selection.TOP_THETA else None
+        terms = RowTerms(e=e, dropped=vis & ~kept, m=m, theta=theta_logit, offline=sdc_term)
+        d_u = SDC_ESTIMATES[SDC.NONE if cfg.selection is Selection.DENSE else cfg.sdc](terms)
+        denom = d_s + cfg.sdc_scale * d_u
+        probs = e_kept / torch.where(denom > 0, denom, torch.ones_like(denom)).unsqueeze(-1)
+
+    o = _grouped_matmul(probs, v, g)  # (B, Hq, R, d)
+    if cfg.vmc and cfg.selection is not Selection.DENSE:
+        visf = vis.to(v.dtype).expand(B, Hkv, R, kv_len)
+        v_sum = visf @ v  # (B, Hkv, R, d)
+        v_mean = v_sum / row_len.clamp_min(1).unsqueeze(-1).to(v.dtype)
+        v_mean = v_mean.repeat_interleave(g, dim=1)
+        p_sum = torch.where(has_keys, probs.sum(-1), torch.ones_like(m))
+        o = v_mean_compensation(o, p_sum, v_mean)
+    if observer is not None:
+        observer(RowBlock(row_start=row_start, logits=logits, visible=vis, row_len=row_len, kept=kept,
+                          probs=probs, dense_rows=dense_rows, empty_rows=empty, n_kv_heads=Hkv, k=k_keep,
+                          q_len=q_len, kv_len=kv_len, kth_next=kth_next, exp_scores=e))
+    return o
+
+
+def dense_attention_ref(q, k, v, *, visible=None, scale=None, softcap=None, upcast=True) -> torch.Tensor:
+    """Plain softmax attention with the same layout and masking rules (k_keep = ∞)."""
+    from .config import DENSE
+
+    return topθ_attention_ref(q, k, v, config=DENSE, k_keep=1 << 62, visible=visible, scale=scale,
+                              softcap=softcap, upcast=upcast)

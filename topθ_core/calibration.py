@@ -1,0 +1,185 @@
+"""Calibration: run the model on text, record per-row threshold samples, aggregate θ.
+
+For every attention call, every (layer, head) and every sampled row with ``L > k[layer]``
+the sample is ``t = (k+1)-th largest visible score`` (so "keep > t" keeps exactly k), in
+logit space for pre-softmax placement, in probability space for post-softmax.  Beside
+it goes the dropped mass ``D_U = Σ_{visible j, a_ij ≤ t} e^(a_ij − m_i)`` for offline SDC.
+Statistics accumulate in a mergeable :class:`~topθ_core.thresholds.ThresholdStats`;
+``θ = mean + σ·std`` is formed only at the end (:meth:`ThresholdStats.finalize`).
+
+With top-k at calibration (TAC) each thresholded row is replaced by its exact top-k
+(with exact SDC standing in for offline SDC, and VMC as configured), so later layers are
+calibrated on the activations they will see.  Row sampling takes a fraction of the
+eligible rows of each call, weighted towards the length bins seen least so far.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .attention import RowBlock
+from .config import CalibrationConfig, Placement, SparseConfig, Selection
+from .integration import model_fingerprint, sparse_run
+from .thresholds import ThresholdStats, Thresholds
+
+ProgressFn = Callable[[int, int], None]
+
+
+class CalibrationCancelled(RuntimeError):
+    """Raised when the ``should_stop`` callback asks calibration to stop; nothing is written."""
+
+
+def row_samples_ref(logits: torch.Tensor, kth: int, placement: Placement = Placement.PRE
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row threshold sample and dropped mass, reference.
+
+    ``logits`` (..., N) with ``-inf`` at invisible keys; rows must have more than ``kth − 1``
+    visible keys.  Returns ``t`` (...,) the ``kth``-largest score (logit for pre, dense
+    probability for post) and ``d_u`` (...,) ``Σ_{a ≤ t} e^(a − m)`` over visible keys.
+    """
+    m = logits.amax(-1, keepdim=True)
+    e = torch.exp(logits - m)
+    if placement is Placement.POST:
+        scores = e / e.sum(-1, keepdim=True)
+        scores = torch.where(torch.isfinite(logits), scores, torch.full_like(scores, -1.0))
+    else:
+        scores = logits
+    t = scores.topk(kth, dim=-1).values[..., -1]
+    d_u = (e * (scores <= t.unsqueeze(-1))).sum(-1)
+    return t, d_u
+
+
+class CalibrationObserver:
+    """Observer that feeds :class:`ThresholdStats` from the attention's row blocks."""
+
+    def __init__(self, stats: ThresholdStats, config: CalibrationConfig, generator: torch.Generator | None = None):
+        self.stats, self.config = stats, config
+        self.generator = generator or torch.Generator().manual_seed(config.seed)
+
+    def _sample(self, layer: int, lengths: torch.Tensor) -> torch.Tensor:
+        """Indices of rows to record among ``lengths`` (n,), biased to the least-seen bins."""
+        n = lengths.numel()
+        take = math.ceil(self.config.sample_frac * n)
+        if take >= n:
+            return torch.arange(n, device=lengths.device)
+        counts = self.stats.bin_counts(layer)
+        bins = torch.div(lengths.cpu() - 1, self.stats.bin_width, rounding_mode="floor")
+        seen = torch.where(bins < counts.numel(), counts.cpu()[bins.clamp(max=counts.numel() - 1)], torch.zeros(()))
+        weights = 1.0 / (1.0 + seen.to(torch.float64))
+        idx = torch.multinomial(weights, take, replacement=False, generator=self.generator)
+        return idx.sort().values.to(lengths.device)
+
+    def __call__(self, layer: int, block: RowBlock) -> None:
+        k = block.k
+        L = block.row_len[:, 0]  # (B, R)
+        eligible = torch.nonzero(L > k, as_tuple=False)  # (n, 2): batch, row
+        if eligible.numel() == 0:
+            return
+        lengths = L[eligible[:, 0], eligible[:, 1]]
+        pick = self._sample(layer, lengths)
+        eligible, lengths = eligible[pick], lengths[pick]
+        b, r = eligible[:, 0], eligible[:, 1]
+        if block.kth_next is not None and block.exp_scores is not None and self.config.placement is Placement.PRE:
+            # top-k at calibration already found the (k+1)-th largest logit of each row
+            t_all = block.kth_next  # (B, H, R)
+            d_u_all = (block.exp_scores * (block.logits <= t_all.unsqueeze(-1))).sum(-1)
+            t, d_u = t_all[b, :, r], d_u_all[b, :, r]
+        else:
+            t, d_u = row_samples_ref(block.logits[b, :, r], k + 1, self.config.placement)
+        self.stats.add(layer, lengths, t, d_u)
+
+
+@dataclass
+class CalibrationReport:
+    documents: int
+    tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else float("nan")
+
+
+def tokenize_documents(tokenizer, texts: Sequence[str], max_length: int | None = None,
+                       add_special_tokens: bool = True) -> list[torch.Tensor]:
+    """Token ids per document (1-D LongTensors), truncated to ``max_length``; empty ones dropped."""
+    docs = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=add_special_tokens, return_tensors="pt").input_ids[0]
+        if max_length is not None:
+            ids = ids[:max_length]
+        if ids.numel() > 1:
+            docs.append(ids)
+    return docs
+
+
+def collect_stats(model: torch.nn.Module, documents: Sequence[torch.Tensor], config: CalibrationConfig, *,
+                  stats: ThresholdStats | None = None, progress: ProgressFn | None = None,
+                  should_stop: Callable[[], bool] | None = None) -> ThresholdStats:
+    """Accumulate statistics over tokenized documents (one forward of the base model each)."""
+    fp = model_fingerprint(model)
+    config.k.as_list(fp.n_layers)  # validates the schedule against the model
+    device = next(model.parameters()).device
+    if stats is None:
+        stats = ThresholdStats(fp.n_layers, fp.n_heads, config.bin_width, device=device)
+    observer = CalibrationObserver(stats, config)
+    run_cfg = config.tac_config() if config.tac else SparseConfig(selection=Selection.DENSE, k=config.k, sdc="none", vmc=False)
+    base = getattr(model, model.base_model_prefix, model)  # skip the LM head: logits are not needed
+    total = sum(int(d.numel()) for d in documents)
+    done = 0
+    if progress:
+        progress(0, total)
+    with torch.inference_mode(), sparse_run(run_cfg, observers=(observer,)):
+        for ids in documents:
+            if should_stop is not None and should_stop():
+                raise CalibrationCancelled("calibration cancelled")
+            base(input_ids=ids.view(1, -1).to(device), use_cache=False)
+            done += int(ids.numel())
+            if progress:
+                progress(done, total)
+    return stats
+
+
+def calibrate(model, data: Sequence[str] | Sequence[torch.Tensor], config: CalibrationConfig | None = None, *,
+              tokenizer=None, max_length: int | None = None, add_special_tokens: bool = True,
+              progress: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None,
+              data_description: str = "") -> Thresholds:
+    """Calibrate Top-θ thresholds for ``model`` on ``data``.
+
+    ``model`` is a prepared transformers causal LM or a :class:`~topθ_core.models.LoadedModel`;
+    ``data`` is a list of texts (tokenized with ``tokenizer`` or the LoadedModel's) or of 1-D
+    token-id tensors.  ``progress(done_tokens, total_tokens)`` is called after each document;
+    ``should_stop()`` returning True cancels with :class:`CalibrationCancelled`.
+    """
+    config = config or CalibrationConfig()
+    if hasattr(model, "tokenizer") and hasattr(model, "model"):
+        tokenizer = tokenizer or model.tokenizer
+        model = model.model
+    if len(data) == 0:
+        raise ValueError("calibration data is empty")
+    if isinstance(data[0], str):
+        if tokenizer is None:
+            raise ValueError("text data needs a tokenizer")
+        docs = tokenize_documents(tokenizer, data, max_length, add_special_tokens)
+    else:
+        docs = [d if max_length is None else d[:max_length] for d in data]
+    if not docs:
+        raise ValueError("calibration data has no document of two or more tokens")
+    longest = max(int(d.numel()) for d in docs)
+    fp = model_fingerprint(model)
+    ks = config.k.as_list(fp.n_layers)
+    if longest <= min(ks):
+        raise ValueError(f"every calibration document is at most {longest} tokens, not longer than the smallest "
+                         f"k ({min(ks)}): no row would be thresholded; use longer texts or a smaller k")
+    t0 = time.perf_counter()
+    stats = collect_stats(model, docs, config, progress=progress, should_stop=should_stop)
+    seconds = time.perf_counter() - t0
+    tokens = sum(int(d.numel()) for d in docs)
+    return stats.finalize(config.sigma, fingerprint=fp, k=config.k, placement=config.placement, calibration=config,
+                          data=data_description, extra={"documents": len(docs), "tokens": tokens,
+                                                        "seconds": round(seconds, 3)})

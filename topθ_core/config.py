@@ -1,0 +1,309 @@
+"""Configuration: frozen dataclasses with Enums, validated on construction.
+
+Two objects configure everything:
+
+* :class:`SparseConfig` says how attention is sparsified at inference
+  (selection, placement, compensations, k schedule, threshold lookup).
+* :class:`CalibrationConfig` says how thresholds are calibrated
+  (σ, top-k at calibration, row sampling, length binning) and carries the
+  k schedule and placement the thresholds are made for.
+
+Invalid combinations raise :class:`ConfigError` with a message that says what
+to change; nothing is silently ignored.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+from typing import Mapping
+
+
+class ConfigError(ValueError):
+    """An invalid or inconsistent configuration."""
+
+
+class Selection(str, enum.Enum):
+    """Which attention elements are kept."""
+
+    DENSE = "dense"  # keep every visible element
+    TOP_K = "top-k"  # keep the k largest of each row
+    TOP_THETA = "top-theta"  # keep elements whose score beats θ[layer, head, L]
+
+
+class Placement(str, enum.Enum):
+    """Where the selection compares: logits (pre) or dense probabilities (post)."""
+
+    PRE = "pre"  # compare a_ij with θ; softmax over the kept set
+    POST = "post"  # compare p_ij of the dense softmax; kept p are not renormalised
+
+
+class SDC(str, enum.Enum):
+    """Softmax denominator compensation: the estimate D̃_U of the dropped mass."""
+
+    NONE = "none"
+    EXACT = "exact"  # D̃_U = D_U
+    EXP_THRESHOLD = "exp-threshold"  # D̃_U = |U| · e^(θ − m)
+    OFFLINE = "offline"  # D̃_U = C[layer, head, L], calibrated mean of D_U
+
+
+class EmptyRowFloor(str, enum.Enum):
+    """What a row keeps when no visible element passes θ."""
+
+    NONE = "none"  # keep nothing: probabilities are all zero (VMC then gives v̄)
+    MAX = "max"  # keep the row's maximum element
+
+
+class Lookup(str, enum.Enum):
+    """How θ is read for a row length between or beyond calibrated bins."""
+
+    INTERPOLATE = "interpolate"  # linear in L between calibrated bins, flat beyond
+    NEAREST = "nearest"  # the nearest calibrated length bin (research-code parity)
+
+
+class Aggregation(str, enum.Enum):
+    """How per-row threshold samples become one θ per (layer, head, length bin)."""
+
+    MEAN_STD = "mean-std"  # θ = mean + σ·std (population std), mergeable by addition
+
+
+def parse_layer_k(text: str | None) -> dict[int, int]:
+    """Parse ``"0:512,1:512"`` into ``{0: 512, 1: 512}``."""
+    if text is None or not text.strip():
+        return {}
+    out: dict[int, int] = {}
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if ":" not in part:
+            raise ConfigError(f"layer-k entry {part!r} must look like LAYER:K, e.g. 0:512")
+        layer_s, k_s = part.split(":", 1)
+        try:
+            layer, k = int(layer_s), int(k_s)
+        except ValueError:
+            raise ConfigError(f"layer-k entry {part!r}: LAYER and K must be integers") from None
+        if layer in out:
+            raise ConfigError(f"layer-k gives layer {layer} twice")
+        out[layer] = k
+    return out
+
+
+@dataclass(frozen=True)
+class KSchedule:
+    """Target kept elements per row, per layer: ``default`` unless ``overrides`` says otherwise."""
+
+    default: int = 64
+    overrides: tuple[tuple[int, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.overrides, Mapping):  # allow KSchedule(64, {0: 512})
+            object.__setattr__(self, "overrides", tuple(sorted(dict(self.overrides).items())))
+        else:
+            object.__setattr__(self, "overrides", tuple(sorted(tuple(x) for x in self.overrides)))
+        if self.default < 1:
+            raise ConfigError(f"k must be at least 1, got {self.default}")
+        for layer, k in self.overrides:
+            if layer < 0:
+                raise ConfigError(f"layer index must be non-negative, got {layer}")
+            if k < 1:
+                raise ConfigError(f"k for layer {layer} must be at least 1, got {k}")
+
+    @classmethod
+    def parse(cls, default: int, layer_k: str | Mapping[int, int] | None = None) -> "KSchedule":
+        overrides = parse_layer_k(layer_k) if isinstance(layer_k, str) or layer_k is None else dict(layer_k)
+        return cls(default=default, overrides=tuple(sorted(overrides.items())))
+
+    def k_for(self, layer: int) -> int:
+        for layer_i, k in self.overrides:
+            if layer_i == layer:
+                return k
+        return self.default
+
+    def as_list(self, n_layers: int) -> list[int]:
+        bad = [layer for layer, _ in self.overrides if layer >= n_layers]
+        if bad:
+            raise ConfigError(f"k schedule names layer(s) {bad} but the model has {n_layers} layers")
+        return [self.k_for(i) for i in range(n_layers)]
+
+    def to_text(self) -> str:
+        return ",".join(f"{layer}:{k}" for layer, k in self.overrides)
+
+    def to_dict(self) -> dict:
+        return {"default": self.default, "overrides": {str(l): k for l, k in self.overrides}}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "KSchedule":
+        return cls(default=int(d["default"]), overrides=tuple(sorted((int(l), int(k)) for l, k in d["overrides"].items())))
+
+
+PAPER_K = KSchedule(default=64, overrides=((0, 512), (1, 512)))
+
+
+@dataclass(frozen=True)
+class SparseConfig:
+    """How attention is sparsified at inference time.
+
+    ``sdc_scale`` is the scale ``s`` of SDC: ``p̂ = e^(a−m) / (D_S + s·D̃_U)``.
+    ``capk`` keeps at most k survivors per row, preferring the most recent positions.
+    Rows with ``L ≤ k[layer]`` are always dense.
+    """
+
+    selection: Selection = Selection.TOP_THETA
+    placement: Placement = Placement.PRE
+    sdc: SDC = SDC.OFFLINE
+    sdc_scale: float = 1.0
+    vmc: bool = True
+    capk: bool = False
+    empty_row: EmptyRowFloor = EmptyRowFloor.MAX
+    k: KSchedule = field(default_factory=lambda: PAPER_K)
+    lookup: Lookup = Lookup.INTERPOLATE
+
+    def __post_init__(self) -> None:
+        for name, enum_cls in (
+            ("selection", Selection),
+            ("placement", Placement),
+            ("sdc", SDC),
+            ("empty_row", EmptyRowFloor),
+            ("lookup", Lookup),
+        ):
+            value = getattr(self, name)
+            try:
+                object.__setattr__(self, name, enum_cls(value))
+            except ValueError:
+                choices = ", ".join(e.value for e in enum_cls)
+                raise ConfigError(f"{name}={value!r} is not one of: {choices}") from None
+        if not isinstance(self.k, KSchedule):
+            raise ConfigError("k must be a KSchedule (use KSchedule.parse(64, '0:512,1:512'))")
+        if not (self.sdc_scale >= 0.0):
+            raise ConfigError(f"sdc_scale must be non-negative, got {self.sdc_scale}")
+        if self.selection is Selection.DENSE:
+            return  # compensation settings are irrelevant and harmless for dense
+        if self.placement is Placement.POST and self.sdc is not SDC.NONE:
+            raise ConfigError(
+                "SDC applies to pre-softmax placement only: post-softmax already divides by the "
+                "full dense denominator. Use placement=pre, or sdc=none."
+            )
+        if self.vmc and self.placement is Placement.PRE and self.sdc is SDC.NONE:
+            raise ConfigError(
+                "VMC with pre-softmax placement and no SDC does nothing (kept probabilities sum to 1). "
+                "Enable an SDC variant, use post-softmax placement, or turn VMC off."
+            )
+        if self.selection is Selection.TOP_K and self.sdc in (SDC.EXP_THRESHOLD, SDC.OFFLINE):
+            raise ConfigError(
+                f"sdc={self.sdc.value} needs calibrated thresholds, which top-k does not use. "
+                "Use sdc=exact or none with top-k, or selection=top-theta."
+            )
+        if self.selection is Selection.TOP_K and self.capk:
+            raise ConfigError("capk only applies to top-theta selection (top-k already keeps k)")
+
+    @property
+    def needs_thresholds(self) -> bool:
+        return self.selection is Selection.TOP_THETA
+
+    def with_(self, **changes) -> "SparseConfig":
+        return replace(self, **changes)
+
+    def label(self) -> str:
+        """A short name that labels a plot or a table row by itself."""
+        if self.selection is Selection.DENSE:
+            return "dense"
+        parts = [self.selection.value, f"k={self.k.default}"]
+        if self.k.overrides:
+            parts.append(f"[{self.k.to_text()}]")
+        parts.append(self.placement.value)
+        if self.sdc is not SDC.NONE:
+            parts.append(f"sdc={self.sdc.value}" + (f"x{self.sdc_scale:g}" if self.sdc_scale != 1.0 else ""))
+        if self.vmc:
+            parts.append("vmc")
+        if self.capk:
+            parts.append("capk")
+        if self.empty_row is EmptyRowFloor.NONE:
+            parts.append("nofloor")
+        return " ".join(parts)
+
+    def to_dict(self) -> dict:
+        return {
+            "selection": self.selection.value,
+            "placement": self.placement.value,
+            "sdc": self.sdc.value,
+            "sdc_scale": self.sdc_scale,
+            "vmc": self.vmc,
+            "capk": self.capk,
+            "empty_row": self.empty_row.value,
+            "k": self.k.to_dict(),
+            "lookup": self.lookup.value,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "SparseConfig":
+        d = dict(d)
+        d["k"] = KSchedule.from_dict(d["k"])
+        return cls(**d)
+
+
+DENSE = SparseConfig(selection=Selection.DENSE, sdc=SDC.NONE, vmc=False)
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """How thresholds are calibrated.
+
+    ``sigma``: θ = mean(t) + σ·std(t).  ``tac``: top-k at calibration (each thresholded
+    row is replaced by its exact top-k so later layers see sparse activations).
+    ``sample_frac``: fraction of eligible rows sampled per attention call, biased to the
+    length bins seen least so far.  ``bin_width``: length-bin width in tokens
+    (1 = per exact length, research-code parity).
+    """
+
+    k: KSchedule = field(default_factory=lambda: PAPER_K)
+    placement: Placement = Placement.PRE
+    sigma: float = 0.1
+    tac: bool = True
+    sample_frac: float = 1.0
+    bin_width: int = 16
+    aggregation: Aggregation = Aggregation.MEAN_STD
+    seed: int = 0
+    vmc: bool = True  # compensation used on TAC rows while calibrating (exact SDC stands in)
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "placement", Placement(self.placement))
+            object.__setattr__(self, "aggregation", Aggregation(self.aggregation))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if not isinstance(self.k, KSchedule):
+            raise ConfigError("k must be a KSchedule")
+        if not (0.0 < self.sample_frac <= 1.0):
+            raise ConfigError(f"sample_frac must be in (0, 1], got {self.sample_frac}")
+        if self.bin_width < 1:
+            raise ConfigError(f"bin_width must be at least 1, got {self.bin_width}")
+        if not (-10.0 <= self.sigma <= 10.0):
+            raise ConfigError(f"sigma={self.sigma} is outside the sensible range [-10, 10]")
+
+    def tac_config(self) -> SparseConfig:
+        """The sparse config that top-k at calibration runs with (exact SDC stands in for offline)."""
+        if self.placement is Placement.POST:
+            return SparseConfig(selection=Selection.TOP_K, placement=Placement.POST, sdc=SDC.NONE,
+                                vmc=self.vmc, k=self.k)
+        return SparseConfig(selection=Selection.TOP_K, placement=Placement.PRE, sdc=SDC.EXACT,
+                            vmc=self.vmc, k=self.k)
+
+    def to_dict(self) -> dict:
+        return {
+            "k": self.k.to_dict(),
+            "placement": self.placement.value,
+            "sigma": self.sigma,
+            "tac": self.tac,
+            "sample_frac": self.sample_frac,
+            "bin_width": self.bin_width,
+            "aggregation": self.aggregation.value,
+            "seed": self.seed,
+            "vmc": self.vmc,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "CalibrationConfig":
+        d = dict(d)
+        d["k"] = KSchedule.from_dict(d["k"])
+        return cls(**d)

@@ -1,0 +1,207 @@
+"""Plugging Top-θ into transformers through its registry (never by subclassing attention).
+
+:func:`prepare_model` registers one attention function and its mask function under the
+name ``"top_theta"`` and switches a loaded model to it once.  With no active run the
+function is transformers' own ``sdpa`` (dense, bit-for-bit the model's default path), so
+one loaded model serves dense and sparse callers alike.
+
+Settings travel with the call, not with the model: :func:`sparse_run` activates a
+:class:`RunState` in a :class:`contextvars.ContextVar`, which is per thread and per
+asyncio task, so two users of one shared model (two Streamlit sessions) cannot trample
+each other.  Inside the context every attention call of the model reads its layer's k,
+θ and SDC terms from the state and reports to the state's observers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from .attention import RowBlock, causal_visible, topθ_attention_ref
+from .config import SparseConfig, Selection, ConfigError
+from .metrics import SparsityMetrics
+from .thresholds import ModelFingerprint, Thresholds, ThresholdsError
+
+ATTN_NAME = "top_theta"
+
+LayerObserver = Callable[[int, RowBlock], None]
+
+
+@dataclass
+class RunState:
+    """Everything an attention call needs besides its tensors."""
+
+    config: SparseConfig
+    thresholds: Thresholds | None = None
+    observers: tuple[LayerObserver, ...] = ()
+    metrics: SparsityMetrics | None = None
+    use_kernels: bool = True
+    k_per_layer: dict[int, int] = field(default_factory=dict)
+
+    def k_for(self, layer: int) -> int:
+        return self.k_per_layer.get(layer) or self.config.k.k_for(layer)
+
+
+_ACTIVE: contextvars.ContextVar[RunState | None] = contextvars.ContextVar("topθ_run", default=None)
+
+
+def active_run() -> RunState | None:
+    return _ACTIVE.get()
+
+
+@contextlib.contextmanager
+def sparse_run(
+    config: SparseConfig,
+    thresholds: Thresholds | None = None,
+    *,
+    model: torch.nn.Module | None = None,
+    metrics: SparsityMetrics | None = None,
+    observers: tuple[LayerObserver, ...] = (),
+    use_kernels: bool = True,
+) -> Iterator[RunState]:
+    """Run the model's attention sparsely inside this block.
+
+    With ``model`` given, checks that ``thresholds`` belong to it and that the k schedule
+    names existing layers.  Yields the :class:`RunState` (``state.metrics`` collects what
+    was kept when ``metrics`` is passed).
+    """
+    if config.needs_thresholds and thresholds is None:
+        raise ThresholdsError("top-theta selection needs thresholds: calibrate first or load an artifact")
+    if model is not None:
+        fp = model_fingerprint(model)
+        config.k.as_list(fp.n_layers)
+        if thresholds is not None and config.needs_thresholds:
+            thresholds.check_model(fp)
+        if getattr(model.config, "_attn_implementation", None) != ATTN_NAME:
+            raise ConfigError("the model is not prepared for Top-θ: call topθ_core.prepare_model(model) once after loading")
+    if thresholds is not None and config.needs_thresholds and thresholds.placement is not config.placement:
+        raise ConfigError(f"thresholds were calibrated for {thresholds.placement.value}-softmax placement, "
+                          f"but the config asks for {config.placement.value}")
+    state = RunState(config=config, thresholds=thresholds, observers=tuple(observers), metrics=metrics,
+                     use_kernels=use_kernels)
+    token = _ACTIVE.set(state)
+    try:
+        yield state
+    finally:
+        _ACTIVE.reset(token)
+
+
+def model_fingerprint(model: torch.nn.Module) -> ModelFingerprint:
+    """Identity of a loaded model: its shape plus a hash of its config and a weight sample."""
+    import hashlib
+
+    cfg = getattr(model.config, "get_text_config", lambda: model.config)()
+    n_heads = cfg.num_attention_heads
+    n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+    h = hashlib.sha256()
+    for key in ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+                "intermediate_size", "vocab_size", "rope_theta"):
+        h.update(f"{key}={getattr(cfg, key, None)};".encode())
+    emb = model.get_input_embeddings().weight
+    sample = emb.detach()[: min(64, emb.shape[0]), : min(64, emb.shape[1])].to(torch.float32).cpu()
+    h.update(sample.numpy().round(5).tobytes())
+    name = getattr(model.config, "topθ_name", None) or getattr(model.config, "name_or_path", "") or cfg.model_type
+    return ModelFingerprint(name=str(name), digest=h.hexdigest(), n_layers=cfg.num_hidden_layers,
+                            n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim)
+
+
+def _visible_from_mask(mask: torch.Tensor | None, q_len: int, kv_len: int, batch: int, device) -> torch.Tensor:
+    """transformers' 4-D mask (bool: True = attend, or additive float) → (B, Sq, Sk) bool."""
+    if mask is None:
+        return causal_visible(q_len, kv_len, device, batch)
+    if mask.dim() == 4:
+        mask = mask[:, 0]
+    if mask.dtype != torch.bool:
+        mask = mask > torch.finfo(mask.dtype).min / 2
+    mask = mask[..., :kv_len]
+    return mask.expand(batch, q_len, kv_len)
+
+
+def top_theta_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function: (B, Hq, Sq, d) → (B, Sq, Hq, d)."""
+    state = _ACTIVE.get()
+    softcap = kwargs.get("softcap")
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError("attention sinks (s_aux) are not supported by Top-θ attention")
+    if state is None or (state.config.selection is Selection.DENSE and not state.observers and state.metrics is None):
+        if softcap is None:
+            from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, **kwargs)
+        state = RunState(config=SparseConfig(selection=Selection.DENSE, sdc="none", vmc=False))
+    layer = int(getattr(module, "layer_idx", 0))
+    B, Hq, Sq, _ = query.shape
+    Sk = key.shape[2]
+    visible = _visible_from_mask(attention_mask, Sq, Sk, B, query.device)
+    cfg = state.config
+    k_keep = state.k_for(layer)
+    theta = sdc_term = None
+    row_len = visible.sum(-1)  # (B, Sq)
+    if cfg.needs_thresholds:
+        theta, sdc_term, extrap = state.thresholds.lookup(layer, row_len, cfg.lookup)
+        if state.metrics is not None:
+            phase = "prefill" if Sq > 1 else "decode"
+            state.metrics.add_extrapolated(layer, phase, extrap & (row_len > k_keep).unsqueeze(1))
+    out = None
+    if state.use_kernels and query.is_cuda:
+        from . import dispatch  # the GPU kernels, loaded only on CUDA
+
+        out = dispatch.try_kernels(query, key, value, visible, attention_mask is None, theta, sdc_term, cfg, k_keep,
+                                   scaling, softcap, state, layer, module)
+    if out is None:
+        observer = _observer_for(state, layer)
+        out = topθ_attention_ref(query, key, value, config=cfg, k_keep=k_keep, visible=visible, theta=theta,
+                                 sdc_term=sdc_term, scale=scaling, softcap=softcap, observer=observer)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _observer_for(state: RunState, layer: int):
+    fns = list(state.observers)
+    if state.metrics is not None:
+        fns.append(state.metrics)
+    if not fns:
+        return None
+
+    def observe(block: RowBlock) -> None:
+        for fn in fns:
+            fn(layer, block)
+
+    return observe
+
+
+_REGISTERED = False
+
+
+def register() -> None:
+    """Register the attention and mask functions with transformers (idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTN_NAME, top_theta_attention_forward)
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+    _REGISTERED = True
+
+
+def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Switch a loaded transformers model to Top-θ-capable attention (dense until a run is active)."""
+    register()
+    model.set_attn_implementation(ATTN_NAME)
+    return model

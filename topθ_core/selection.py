@@ -1,0 +1,85 @@
+"""Selection variants: which visible attention elements a row keeps.
+
+Each variant is a small pure function ``(scores, visible, theta, k) -> kept`` keyed by
+:class:`~topθ_core.config.Selection`.  ``scores`` are in the placement's space: logits
+``a_ij`` for pre-softmax, dense probabilities ``p_ij`` for post-softmax.
+
+Shapes: ``scores`` (B, H, R, N) with ``-inf`` (pre) or 0 (post) at invisible keys,
+``visible`` (B, 1, R, N) bool, ``theta`` (B, H, R) or None, ``kept`` (B, H, R, N) bool.
+The row-level rules that follow the variant (capk, the empty-row floor, dense short
+rows) are separate functions applied in that order by the attention.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .config import Selection
+
+SelectFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", int], torch.Tensor]
+
+
+def select_dense(scores: torch.Tensor, visible: torch.Tensor, theta, k: int) -> torch.Tensor:
+    """Keep every visible element."""
+    return visible.expand(scores.shape).clone()
+
+
+def select_top_k(scores: torch.Tensor, visible: torch.Tensor, theta, k: int) -> torch.Tensor:
+    """Keep the ``k`` largest visible elements of each row (exactly ``min(k, L)``; ties by index)."""
+    return top_k_with_next(scores, visible, k)[0]
+
+
+def top_k_with_next(scores: torch.Tensor, visible: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Top-k kept mask plus the ``(k+1)``-th largest score per row (B, H, R), from one ``topk``.
+
+    The second value is ``None`` when rows are too short to have a (k+1)-th element.
+    """
+    n = scores.shape[-1]
+    if k >= n:
+        return visible.expand(scores.shape).clone(), None
+    masked = scores.masked_fill(~visible, float("-inf"))
+    values, idx = masked.topk(min(k + 1, n), dim=-1)
+    kept = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    kept.scatter_(-1, idx[..., :k], True)
+    nxt = values[..., k] if values.shape[-1] > k else None
+    return kept & visible, nxt
+
+
+def select_top_theta(scores: torch.Tensor, visible: torch.Tensor, theta, k: int) -> torch.Tensor:
+    """Keep element j of row i iff ``score_ij > θ_i`` (one compare, no row-wide dependency)."""
+    if theta is None:
+        raise ValueError("top-theta selection needs thresholds (theta is None)")
+    return (scores > theta.unsqueeze(-1)) & visible
+
+
+SELECTIONS: dict[Selection, SelectFn] = {
+    Selection.DENSE: select_dense,
+    Selection.TOP_K: select_top_k,
+    Selection.TOP_THETA: select_top_theta,
+}
+
+
+def cap_k_recent(kept: torch.Tensor, k: int) -> torch.Tensor:
+    """capk: keep at most ``k`` survivors per row, preferring the most recent positions."""
+    from_right = kept.flip(-1).to(torch.int32).cumsum(-1).flip(-1)  # survivors at or after j
+    return kept & (from_right <= k)
+
+
+def floor_empty_rows(kept: torch.Tensor, scores: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty-row floor 'max': a row with visible keys but no survivor keeps its maximum element.
+
+    Returns ``(kept, empty)`` where ``empty`` (B, H, R) flags the rows that were empty.
+    """
+    empty = ~kept.any(-1) & visible.any(-1)
+    if empty.any():
+        arg = scores.masked_fill(~visible, float("-inf")).argmax(-1, keepdim=True)
+        top = torch.zeros_like(kept).scatter_(-1, arg, True)
+        kept = kept | (top & empty.unsqueeze(-1))
+    return kept, empty
+
+
+def empty_rows(kept: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """Rows with visible keys and no survivor, (B, H, R)."""
+    return ~kept.any(-1) & visible.any(-1)

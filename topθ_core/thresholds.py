@@ -1,0 +1,388 @@
+"""Threshold statistics (mergeable) and the threshold artifact inference reads.
+
+Calibration accumulates :class:`ThresholdStats`: per (layer, query head, length bin) the
+count, sum and sum of squares of the per-row threshold samples ``t`` (the (k+1)-th largest
+visible score) and the sum of the dropped softmax mass ``D_U``.  Statistics from several
+batches, processes or machines merge by addition (:meth:`ThresholdStats.merge`).
+
+:meth:`ThresholdStats.finalize` turns them into :class:`Thresholds`: dense tensors
+``θ[layer, head, bin]`` and ``C[layer, head, bin]`` with the gaps between calibrated bins
+filled, ready for vectorised lookup by row length.  ``Thresholds.save`` writes a directory
+(``thresholds.parquet`` + ``meta.json``) atomically; ``load_thresholds`` refuses an
+artifact made for another model.
+
+Length bins: bin ``b`` holds row lengths ``b·w+1 … (b+1)·w`` (``w = bin_width``); its
+centre is ``b·w + (w+1)/2``.  With ``w = 1`` a bin is one exact length.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .config import CalibrationConfig, KSchedule, Lookup, Placement
+
+FORMAT_VERSION = 1
+TABLE_FILE = "thresholds.parquet"
+META_FILE = "meta.json"
+
+
+class ThresholdsError(ValueError):
+    """A threshold artifact that cannot be used (missing, malformed, or for another model)."""
+
+
+@dataclass(frozen=True)
+class ModelFingerprint:
+    """Identity of the model thresholds belong to."""
+
+    name: str
+    digest: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelFingerprint":
+        return cls(**{k: d[k] for k in ("name", "digest", "n_layers", "n_heads", "n_kv_heads", "head_dim")})
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.n_layers} layers, {self.n_heads}/{self.n_kv_heads} heads, digest {self.digest[:12]})"
+
+
+def _bin_of(lengths: torch.Tensor, bin_width: int) -> torch.Tensor:
+    return torch.div(lengths - 1, bin_width, rounding_mode="floor")
+
+
+class ThresholdStats:
+    """Mergeable calibration statistics, float64, shape (n_layers, n_heads, n_bins)."""
+
+    def __init__(self, n_layers: int, n_heads: int, bin_width: int, n_bins: int = 64, device=None):
+        self.n_layers, self.n_heads, self.bin_width = n_layers, n_heads, bin_width
+        z = lambda: torch.zeros(n_layers, n_heads, n_bins, dtype=torch.float64, device=device)  # noqa: E731
+        self.count, self.t_sum, self.t_sumsq, self.du_sum = z(), z(), z(), z()
+        self.rows_seen = 0
+
+    @property
+    def n_bins(self) -> int:
+        return self.count.shape[-1]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.count, self.t_sum, self.t_sumsq, self.du_sum]
+
+    def ensure_bins(self, n_bins: int) -> None:
+        if n_bins <= self.n_bins:
+            return
+        new = max(n_bins, 2 * self.n_bins)
+        pad = lambda t: torch.nn.functional.pad(t, (0, new - t.shape[-1]))  # noqa: E731
+        self.count, self.t_sum, self.t_sumsq, self.du_sum = map(pad, self.tensors())
+
+    def bin_counts(self, layer: int) -> torch.Tensor:
+        """(n_bins,) samples so far in each length bin of a layer (head 0: all heads see the same rows)."""
+        return self.count[layer, 0]
+
+    def add(self, layer: int, lengths: torch.Tensor, t: torch.Tensor, d_u: torch.Tensor) -> None:
+        """Add samples: ``lengths`` (n,) row lengths, ``t`` and ``d_u`` (n, n_heads)."""
+        if lengths.numel() == 0:
+            return
+        bins = _bin_of(lengths.to(torch.long), self.bin_width)
+        self.ensure_bins(int(bins.max()) + 1)
+        t64, du64 = t.to(torch.float64), d_u.to(torch.float64)
+        for acc, val in ((self.count[layer], torch.ones_like(t64)), (self.t_sum[layer], t64),
+                         (self.t_sumsq[layer], t64 * t64), (self.du_sum[layer], du64)):
+            acc.index_add_(1, bins.to(acc.device), val.T.to(acc.device))  # acc (H, n_bins), val.T (H, n)
+        self.rows_seen += int(lengths.numel())
+
+    def merge(self, other: "ThresholdStats") -> "ThresholdStats":
+        """In-place sum with another set of statistics (same model shape and bin width)."""
+        if (other.n_layers, other.n_heads, other.bin_width) != (self.n_layers, self.n_heads, self.bin_width):
+            raise ValueError("cannot merge statistics of different shapes or bin widths")
+        self.ensure_bins(other.n_bins)
+        nb = other.n_bins
+        for mine, theirs in zip(self.tensors(), other.tensors()):
+            mine[..., :nb] += theirs.to(mine.device)
+        self.rows_seen += other.rows_seen
+        return self
+
+    def finalize(self, sigma: float, *, fingerprint: ModelFingerprint, k: KSchedule, placement: Placement,
+                 calibration: CalibrationConfig | None = None, data: str = "", extra: dict | None = None) -> "Thresholds":
+        count = self.count.cpu()
+        n = count.clamp_min(1)
+        mean = self.t_sum.cpu() / n
+        var = (self.t_sumsq.cpu() / n - mean * mean).clamp_min(0.0)
+        std = var.sqrt()
+        du = self.du_sum.cpu() / n
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "model": fingerprint.to_dict(),
+            "k": k.to_dict(),
+            "sigma": sigma,
+            "placement": placement.value,
+            "bin_width": self.bin_width,
+            "calibration": calibration.to_dict() if calibration else None,
+            "data": data,
+            "rows_sampled": self.rows_seen,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        meta.update(extra or {})
+        return Thresholds(count=count, t_mean=mean, t_std=std, sdc_mean=du, meta=meta)
+
+
+@dataclass
+class Thresholds:
+    """Calibrated thresholds for one model: θ = mean + σ·std per (layer, head, length bin).
+
+    ``count``, ``t_mean``, ``t_std``, ``sdc_mean``: (n_layers, n_heads, n_bins) float64 CPU
+    tensors (bins with count 0 are uncalibrated).  Derived, gap-filled device tables are
+    built lazily per (device, lookup) and cached.
+    """
+
+    count: torch.Tensor
+    t_mean: torch.Tensor
+    t_std: torch.Tensor
+    sdc_mean: torch.Tensor
+    meta: dict[str, Any]
+    _tables: dict = field(default_factory=dict, repr=False, compare=False)
+
+    # ---- provenance -------------------------------------------------------------------
+    @property
+    def fingerprint(self) -> ModelFingerprint:
+        return ModelFingerprint.from_dict(self.meta["model"])
+
+    @property
+    def k(self) -> KSchedule:
+        return KSchedule.from_dict(self.meta["k"])
+
+    @property
+    def sigma(self) -> float:
+        return float(self.meta["sigma"])
+
+    @property
+    def placement(self) -> Placement:
+        return Placement(self.meta["placement"])
+
+    @property
+    def bin_width(self) -> int:
+        return int(self.meta["bin_width"])
+
+    @property
+    def n_layers(self) -> int:
+        return self.count.shape[0]
+
+    @property
+    def n_heads(self) -> int:
+        return self.count.shape[1]
+
+    @property
+    def theta(self) -> torch.Tensor:
+        """(n_layers, n_heads, n_bins) θ at calibrated bins (NaN where uncalibrated)."""
+        th = self.t_mean + self.sigma * self.t_std
+        return torch.where(self.count > 0, th, torch.full_like(th, float("nan")))
+
+    def with_sigma(self, sigma: float) -> "Thresholds":
+        """The same statistics with another σ (no recalibration needed)."""
+        meta = dict(self.meta, sigma=float(sigma))
+        return Thresholds(self.count, self.t_mean, self.t_std, self.sdc_mean, meta)
+
+    def check_model(self, fingerprint: ModelFingerprint) -> None:
+        mine = self.fingerprint
+        if mine.digest != fingerprint.digest or (mine.n_layers, mine.n_heads) != (fingerprint.n_layers, fingerprint.n_heads):
+            raise ThresholdsError(
+                f"these thresholds were calibrated for {mine.describe()}, "
+                f"but the loaded model is {fingerprint.describe()}; calibrate for this model first"
+            )
+
+    # ---- lookup -----------------------------------------------------------------------
+    def _filled(self, lookup: Lookup, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        key = (lookup, str(device), self.sigma)
+        if key not in self._tables:
+            th, sdc, lo_bin, hi_bin = _fill_tables(self.theta, self.sdc_mean, self.count, lookup)
+            w = self.bin_width
+            lo_len, hi_len = lo_bin * w + 1, (hi_bin + 1) * w  # calibrated length range per head
+            self._tables[key] = tuple(t.to(device) for t in (th, sdc, lo_len, hi_len))
+        return self._tables[key]
+
+    def lookup(self, layer: int, row_len: torch.Tensor, lookup: Lookup = Lookup.INTERPOLATE
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """θ and the offline SDC term for rows of a layer.
+
+        ``row_len`` (B, R) int → ``theta`` (B, H, R) float32, ``sdc`` (B, H, R) float32 and
+        ``extrapolated`` (B, H, R) bool (length outside the calibrated range of that head, or
+        a head never calibrated at this layer: such rows get θ = −∞, i.e. they stay dense).
+        """
+        theta_t, sdc_t, lo, hi = self._filled(lookup, row_len.device)
+        th, sd = theta_t[layer], sdc_t[layer]  # (H, nb)
+        nb = th.shape[-1]
+        w = self.bin_width
+        L = row_len.to(torch.float32)
+        if lookup is Lookup.NEAREST:
+            b = _bin_of(row_len.to(torch.long), w).clamp(0, nb - 1)
+            theta, sdc = th[:, b], sd[:, b]  # (H, B, R)
+        else:
+            pos = (L - (w + 1) / 2) / w
+            b0 = pos.floor().clamp(0, nb - 1).to(torch.long)
+            b1 = (b0 + 1).clamp(max=nb - 1)
+            f = (pos - b0.to(pos.dtype)).clamp(0, 1)
+            theta = th[:, b0] + f * (th[:, b1] - th[:, b0])
+            sdc = sd[:, b0] + f * (sd[:, b1] - sd[:, b0])
+        theta, sdc = theta.permute(1, 0, 2), sdc.permute(1, 0, 2)  # (B, H, R)
+        lo_l, hi_l = lo[layer].view(1, -1, 1), hi[layer].view(1, -1, 1)
+        extrap = (row_len.unsqueeze(1) < lo_l) | (row_len.unsqueeze(1) > hi_l)
+        uncal = torch.isnan(theta)
+        theta = torch.where(uncal, torch.full_like(theta, float("-inf")), theta)
+        sdc = torch.where(uncal, torch.zeros_like(sdc), sdc)
+        return theta.float(), sdc.float(), extrap | uncal
+
+    # ---- persistence ------------------------------------------------------------------
+    def to_frame(self) -> pd.DataFrame:
+        """Tidy table: one row per calibrated (layer, head, length bin)."""
+        idx = torch.nonzero(self.count > 0, as_tuple=False)
+        if idx.numel() == 0:
+            return pd.DataFrame(columns=["layer", "head", "bin", "length_lo", "length_hi", "length", "theta",
+                                         "t_mean", "t_std", "count", "sdc_term"])
+        l, h, b = idx.T
+        w = self.bin_width
+        theta = self.theta
+        return pd.DataFrame({
+            "layer": l.numpy().astype(np.int32),
+            "head": h.numpy().astype(np.int32),
+            "bin": b.numpy().astype(np.int32),
+            "length_lo": (b * w + 1).numpy().astype(np.int64),
+            "length_hi": ((b + 1) * w).numpy().astype(np.int64),
+            "length": (b * w + (w + 1) / 2).numpy().astype(np.float64),
+            "theta": theta[l, h, b].numpy(),
+            "t_mean": self.t_mean[l, h, b].numpy(),
+            "t_std": self.t_std[l, h, b].numpy(),
+            "count": self.count[l, h, b].numpy().astype(np.int64),
+            "sdc_term": self.sdc_mean[l, h, b].numpy(),
+        })
+
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write ``path/`` atomically (temp dir beside it, then rename)."""
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        try:
+            self.to_frame().to_parquet(tmp / TABLE_FILE, index=False)
+            meta = dict(self.meta, shape=list(self.count.shape))
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+            if path.exists():
+                old = path.parent / f".{path.name}.old-{os.getpid()}"
+                os.rename(path, old)
+                os.rename(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    @classmethod
+    def from_frame(cls, df: pd.DataFrame, meta: dict) -> "Thresholds":
+        n_layers, n_heads, n_bins = meta["shape"]
+        z = lambda: torch.zeros(n_layers, n_heads, n_bins, dtype=torch.float64)  # noqa: E731
+        count, mean, std, sdc = z(), z(), z(), z()
+        if len(df):
+            l = torch.as_tensor(df["layer"].to_numpy(), dtype=torch.long)
+            h = torch.as_tensor(df["head"].to_numpy(), dtype=torch.long)
+            b = torch.as_tensor(df["bin"].to_numpy(), dtype=torch.long)
+            if int(l.max()) >= n_layers or int(h.max()) >= n_heads or int(b.max()) >= n_bins or int(l.min()) < 0:
+                raise ThresholdsError("threshold table indices fall outside the shape its meta.json declares")
+            count[l, h, b] = torch.as_tensor(df["count"].to_numpy(), dtype=torch.float64)
+            mean[l, h, b] = torch.as_tensor(df["t_mean"].to_numpy(), dtype=torch.float64)
+            std[l, h, b] = torch.as_tensor(df["t_std"].to_numpy(), dtype=torch.float64)
+            sdc[l, h, b] = torch.as_tensor(df["sdc_term"].to_numpy(), dtype=torch.float64)
+        meta = {k: v for k, v in meta.items() if k != "shape"}
+        return cls(count=count, t_mean=mean, t_std=std, sdc_mean=sdc, meta=meta)
+
+
+REQUIRED_COLUMNS = {"layer", "head", "bin", "t_mean", "t_std", "count", "sdc_term"}
+
+
+def load_thresholds(path: str | os.PathLike, expect_model: ModelFingerprint | None = None) -> Thresholds:
+    """Read an artifact directory; with ``expect_model`` refuse thresholds for another model."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ThresholdsError(f"threshold directory {path} does not exist")
+    table, meta_file = path / TABLE_FILE, path / META_FILE
+    for f in (table, meta_file):
+        if not f.is_file():
+            raise ThresholdsError(f"{path} is not a threshold artifact: {f.name} is missing")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ThresholdsError(f"{meta_file} is not valid JSON: {e}") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ThresholdsError(f"{meta_file}: format version {meta.get('format_version')!r} is not supported "
+                              f"(this version reads {FORMAT_VERSION})")
+    for key in ("model", "k", "sigma", "placement", "bin_width", "shape"):
+        if key not in meta:
+            raise ThresholdsError(f"{meta_file} lacks the field {key!r}")
+    try:
+        df = pd.read_parquet(table)
+    except Exception as e:  # pyarrow raises several types for a corrupt file
+        raise ThresholdsError(f"{table} is not a readable Parquet file: {e}") from None
+    missing = REQUIRED_COLUMNS - set(df.columns)
+    if missing:
+        raise ThresholdsError(f"{table} lacks columns {sorted(missing)}")
+    th = Thresholds.from_frame(df, meta)
+    if expect_model is not None:
+        th.check_model(expect_model)
+    return th
+
+
+def _fill_tables(theta: torch.Tensor, sdc: torch.Tensor, count: torch.Tensor, lookup: Lookup):
+    """Fill uncalibrated bins between calibrated ones (linear or nearest), per (layer, head).
+
+    Returns ``theta`` and ``sdc`` (n_layers, n_heads, n_used) float32, where ``n_used`` is one
+    past the last calibrated bin of any head, and the calibrated length range ``lo``/``hi``
+    (n_layers, n_heads) in bins (lo > hi where a head has no calibrated bin).  Heads with no
+    calibrated bin at all get NaN (their rows stay dense).
+    """
+    n_layers, n_heads, n_bins = count.shape
+    cal = count > 0
+    any_bins = torch.nonzero(cal.any(0).any(0))
+    n_used = int(any_bins.max()) + 1 if any_bins.numel() else 1
+    th_out = np.full((n_layers, n_heads, n_used), np.nan)
+    sd_out = np.zeros((n_layers, n_heads, n_used))
+    lo = np.full((n_layers, n_heads), 1 << 40, dtype=np.int64)
+    hi = np.zeros((n_layers, n_heads), dtype=np.int64)
+    bins = np.arange(n_used)
+    cal_np, th_np, sd_np = cal.numpy(), theta.numpy(), sdc.numpy()
+    for l in range(n_layers):
+        for h in range(n_heads):
+            c = np.nonzero(cal_np[l, h, :n_used])[0]
+            if c.size == 0:
+                continue
+            lo[l, h], hi[l, h] = c[0], c[-1]
+            if lookup is Lookup.NEAREST:
+                pos = np.searchsorted(c, bins).clip(1, c.size - 1) if c.size > 1 else np.zeros_like(bins)
+                if c.size > 1:
+                    left, right = c[pos - 1], c[pos]
+                    pick = np.where(np.abs(bins - left) <= np.abs(right - bins), left, right)
+                else:
+                    pick = np.full_like(bins, c[0])
+                th_out[l, h] = th_np[l, h, pick]
+                sd_out[l, h] = sd_np[l, h, pick]
+            else:
+                th_out[l, h] = np.interp(bins, c, th_np[l, h, c])
+                sd_out[l, h] = np.interp(bins, c, sd_np[l, h, c])
+    return (torch.from_numpy(th_out).float(), torch.from_numpy(sd_out).float(),
+            torch.from_numpy(lo), torch.from_numpy(hi))
