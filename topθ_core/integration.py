@@ -41,6 +41,7 @@ class RunState:
     metrics: SparsityMetrics | None = None
     use_kernels: bool = True
     k_per_layer: dict[int, int] = field(default_factory=dict)
+    scratch: dict = field(default_factory=dict)  # per-run caches of fast paths (e.g. running V sums for VMC)
 
     def k_for(self, layer: int) -> int:
         return self.k_per_layer.get(layer) or self.config.k.k_for(layer)
