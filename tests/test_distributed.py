@@ -1,0 +1,259 @@
+"""Data-parallel calibration (topθ_core.distributed) against one process, on CPU with gloo.
+
+Two ``torchrun`` launches keep this file fast on a small machine:
+
+* 2 ranks through the command line (``-m topθ_core.distributed``) on a text file;
+* 3 ranks running this file as a worker (``--worker``) through several scenarios in one
+  process group: an existing output directory, an uneven split, a rank with no document,
+  a rank that raises, a rank that does not arrive within the timeout.
+
+The model is a tiny random Llama (3 layers, GQA 4/2 heads) with a word-level tokenizer,
+both built here.  ``sample_frac = 1``: counts must be exactly equal, θ and SDC terms equal
+to float tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from topθ_core.calibration import calibrate
+from topθ_core.config import CalibrationConfig, KSchedule
+from topθ_core.distributed import calibrate_distributed, shard_documents
+from topθ_core.models import load_model
+from topθ_core.thresholds import Thresholds, load_thresholds
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 120  # word tokens w0..w119 → ids 2..121
+CONFIG = CalibrationConfig(k=KSchedule(8, {0: 24}), bin_width=8, tac=True, sample_frac=1.0)
+DOC_LENGTHS = [150, 37, 5, 97, 64, 211, 1, 120, 73]
+FEW_LENGTHS = [150, 40]  # fewer documents than ranks: one rank calibrates nothing
+
+
+def _documents(lengths: list[int], seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, VOCAB + 2, (n,), generator=g) for n in lengths]
+
+
+def _build_tiny(path: Path) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB + 2, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    vocab = {"<unk>": 0, "<s>": 1, **{f"w{i}": i + 2 for i in range(VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>").save_pretrained(path)
+    return path
+
+
+def _env() -> dict:
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+               OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def _torchrun(n: int, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", *args]
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    print(f"torchrun {n} ranks: {time.perf_counter() - t0:.1f} s, rc {res.returncode}")
+    return res
+
+
+def _trimmed(th: Thresholds, n_bins: int) -> dict[str, torch.Tensor]:
+    out = {}
+    for name in ("count", "t_mean", "t_std", "sdc_mean"):
+        t = getattr(th, name)
+        assert not t[..., n_bins:].any(), f"{name} has values beyond bin {n_bins}"
+        out[name] = torch.nn.functional.pad(t, (0, max(0, n_bins - t.shape[-1])))[..., :n_bins]
+    out["theta"] = out["t_mean"] + th.sigma * out["t_std"]
+    return out
+
+
+def _assert_same(ref: Thresholds, got: Thresholds, label: str) -> None:
+    used = lambda th: int(torch.nonzero(th.count.sum((0, 1)) > 0).max()) + 1  # noqa: E731
+    assert used(ref) == used(got), f"{label}: calibrated length bins differ"
+    a, b = _trimmed(ref, used(ref)), _trimmed(got, used(ref))
+    assert torch.equal(a["count"], b["count"]), f"{label}: counts differ"
+    for name in ("theta", "t_mean", "t_std", "sdc_mean"):
+        err = (a[name] - b[name]).abs()
+        print(f"{label} {name}: max abs err {err.max().item():.3e}, mean {err.mean().item():.3e}")
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=f"{label}: {name} differs")
+    assert got.meta["rows_sampled"] == ref.meta["rows_sampled"]
+    assert got.meta["tokens"] == ref.meta["tokens"] and got.meta["documents"] == ref.meta["documents"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return _build_tiny(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tiny):
+    return load_model(tiny)
+
+
+# ---- sharding ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("world", [1, 2, 3, 7, 12])
+def test_shard_documents_partition_and_balance(world):
+    lengths = DOC_LENGTHS
+    shards = shard_documents(lengths, world)
+    assert shards == shard_documents(lengths, world)  # deterministic
+    assert sorted(i for s in shards for i in s) == list(range(len(lengths)))
+    assert all(s == sorted(s) for s in shards)
+    loads = [sum(lengths[i] for i in s) for s in shards]
+    assert max(loads) - min(loads) <= max(lengths)
+    if world > len(lengths):
+        assert sum(1 for s in shards if not s) == world - len(lengths)
+
+
+def test_shard_documents_rejects_no_ranks():
+    with pytest.raises(ValueError, match="world_size"):
+        shard_documents([3, 4], 0)
+
+
+# ---- one process (no torchrun): the same code path with a world of one --------------------
+
+def test_single_process_equals_calibrate(tiny_lm, tmp_path, monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    docs = _documents(DOC_LENGTHS)
+    ref = calibrate(tiny_lm, docs, CONFIG)
+    got = calibrate_distributed(tiny_lm, docs, CONFIG, tmp_path / "art")
+    _assert_same(ref, got, "1 process")
+    _assert_same(ref, load_thresholds(tmp_path / "art", expect_model=tiny_lm.fingerprint), "1 process, reloaded")
+    assert got.meta["distributed"]["world_size"] == 1
+
+
+def test_single_process_errors_are_clear(tiny_lm, tmp_path, monkeypatch):
+    from topθ_core.distributed import DistributedCalibrationError
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(DistributedCalibrationError, match="not longer than the smallest k"):
+        calibrate_distributed(tiny_lm, _documents([5, 6]), CONFIG, tmp_path / "short")
+    with pytest.raises(DistributedCalibrationError, match="no such file"):
+        calibrate_distributed(tiny_lm, tmp_path / "missing.txt", CONFIG, tmp_path / "nofile")
+    assert not (tmp_path / "short").exists() and not (tmp_path / "nofile").exists()
+
+
+# ---- 2 ranks through the command line ----------------------------------------------------
+
+def test_two_ranks_cli_equals_one_process(tiny, tiny_lm, tmp_path):
+    g = torch.Generator().manual_seed(1)
+    texts = [" ".join(f"w{int(i)}" for i in torch.randint(0, VOCAB, (n,), generator=g))
+             for n in (130, 33, 88, 61, 175, 12, 99)]
+    data = tmp_path / "docs.txt"
+    data.write_text("\n\n".join(texts) + "\n")
+    out = tmp_path / "art"
+    res = _torchrun(2, "-m", "topθ_core.distributed", "--model", str(tiny), "--data", str(data), "--k", "8",
+                    "--layer-k", "0:24", "--bin-width", "8", "--dtype", "float32", "--out", str(out))
+    assert res.returncode == 0, res.stdout + res.stderr
+    summary = [line for line in res.stdout.splitlines() if line.startswith("wrote ")]
+    assert len(summary) == 1 and "on 2 rank(s) (gloo)" in summary[0], res.stdout
+    got = load_thresholds(out, expect_model=tiny_lm.fingerprint)
+    ref = calibrate(tiny_lm, texts, CONFIG)
+    _assert_same(ref, got, "2 ranks (CLI)")
+    assert got.meta["data"] == "docs.txt"
+    assert sorted(got.meta["distributed"]["rank_documents"]) == [3, 4]
+    assert got.meta["sparse_config"]["sdc"] == "offline"
+
+
+# ---- 3 ranks: uneven split, empty rank, failing rank, timeout ------------------------------
+
+def test_three_ranks_scenarios(tiny, tiny_lm, tmp_path):
+    (tmp_path / "exists").mkdir()
+    res = _torchrun(3, str(Path(__file__)), "--worker", str(tiny), str(tmp_path))
+    assert res.returncode == 0, res.stdout + res.stderr
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(3)]
+
+    # an existing artifact is refused before any work, on every rank
+    for rep in reports:
+        assert rep["exists"]["agreed"] and "already exists" in rep["exists"]["error"]
+    assert not any((tmp_path / "exists").iterdir())
+
+    # uneven split (9 documents over 3 ranks) and a rank with no document
+    for name, lengths in (("uneven", DOC_LENGTHS), ("few", FEW_LENGTHS)):
+        ref = calibrate(tiny_lm, _documents(lengths), CONFIG)
+        for rep in reports:
+            assert rep[name]["error"] is None, rep[name]
+        got = load_thresholds(tmp_path / name, expect_model=tiny_lm.fingerprint)
+        _assert_same(ref, got, f"3 ranks, {name}")
+        for r in range(3):  # every rank returns what rank 0 wrote
+            mine = torch.load(tmp_path / f"{name}_rank{r}.pt")
+            for key in ("count", "t_mean", "t_std", "sdc_mean"):
+                torch.testing.assert_close(mine[key][..., : got.count.shape[-1]], getattr(got, key), rtol=0, atol=0)
+            assert mine["created"] == got.meta["created"]
+    assert 0 in json.loads((tmp_path / "few" / "meta.json").read_text())["distributed"]["rank_documents"]
+
+    # a rank that raises: every rank reports it by rank number and error; nothing written
+    for rep in reports:
+        err = rep["fail"]["error"]
+        assert rep["fail"]["agreed"], err
+        assert "collecting statistics failed on rank" in err and "IndexError" in err, err
+        assert "no artifact was written" in err
+    assert not (tmp_path / "fail").exists()
+
+    # a rank that does not arrive within the timeout: the others fail with a clear error
+    for r in (0, 1):
+        err = reports[r]["timeout"]["error"]
+        assert err and "not every rank arrived within 3 s" in err, err
+    assert "Rank 2" in reports[0]["timeout"]["error"] or "Ranks 2" in reports[0]["timeout"]["error"]
+    assert reports[2]["timeout"]["error"], "the late rank must fail too"
+    assert not (tmp_path / "timeout").exists()
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert not leftovers, f"temporary directories left behind: {leftovers}"
+
+
+def _worker(model_dir: str, work: str) -> None:
+    """Runs on every rank of the 3-rank job; records each scenario's outcome in rankR.json."""
+    import torch.distributed as dist
+
+    from topθ_core.distributed import DistributedCalibrationError
+
+    work = Path(work)
+    dist.init_process_group("gloo", timeout=__import__("datetime").timedelta(seconds=60))
+    rank = dist.get_rank()
+    lm = load_model(model_dir)
+    report: dict = {}
+
+    def run(name: str, docs, out: Path, **kw) -> None:
+        try:
+            th = calibrate_distributed(lm, docs, CONFIG, out, **kw)
+            report[name] = {"error": None}
+            torch.save({"count": th.count, "t_mean": th.t_mean, "t_std": th.t_std, "sdc_mean": th.sdc_mean,
+                        "created": th.meta["created"]}, work / f"{name}_rank{rank}.pt")
+        except DistributedCalibrationError as e:
+            report[name] = {"error": str(e), "agreed": e.agreed}
+        (work / f"rank{rank}.json").write_text(json.dumps(report))
+
+    run("exists", _documents(DOC_LENGTHS), work / "exists")
+    run("uneven", _documents(DOC_LENGTHS), work / "uneven")
+    run("few", _documents(FEW_LENGTHS), work / "few")
+    bad = _documents(DOC_LENGTHS) + [torch.full((30,), 10_000)]  # token id beyond the vocabulary
+    run("fail", bad, work / "fail")
+
+    def late(done: int, total: int) -> None:
+        if rank == 2 and done == 0:
+            time.sleep(8)
+
+    run("timeout", _documents(DOC_LENGTHS), work / "timeout", timeout=3, progress=late)
+    sys.stdout.flush()
+    os._exit(0)  # the group is broken after the timeout: skip its teardown
+
+
+if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--worker":
+    _worker(sys.argv[2], sys.argv[3])

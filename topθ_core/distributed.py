@@ -1,0 +1,550 @@
+"""Data-parallel calibration with ``torch.distributed``, launched by ``torchrun``.
+
+Every rank runs :func:`calibrate_distributed` (or ``python -m topθ_core.distributed``)
+on the same data.  The documents are sharded deterministically (:func:`shard_documents`,
+balanced by token count); each rank accumulates the mergeable
+:class:`~topθ_core.thresholds.ThresholdStats` of its shard with
+:func:`~topθ_core.calibration.collect_stats`; one ``all_reduce(SUM)`` of the stacked float64
+statistics merges them; rank 0 finalizes and writes the artifact atomically; every rank
+returns the same :class:`~topθ_core.thresholds.Thresholds`.
+
+Equality with one process: each document is calibrated on its own (one forward, batch 1),
+so with ``sample_frac = 1`` the merged statistics are the single-process sums in another
+order: counts are exactly equal and θ / SDC terms equal to float64 rounding (plus whatever
+the model's own kernels do differently between processes), whatever the number of ranks
+and however the data splits.  With ``sample_frac < 1`` the row sampling is random and
+biased by what the *same process* has seen so far, so results depend on the split: they
+are statistically equivalent, not equal.  Trailing length bins that no rank calibrated are
+dropped, so the artifact's shape does not depend on the split either.
+
+Backends: NCCL when the model is on CUDA, gloo on CPU.  Control messages (who failed,
+agreement on bins and data) always travel over a gloo group, so a rank that raises makes
+*every* rank raise :class:`DistributedCalibrationError` naming the failed rank(s) and its
+error, and a rank that does not arrive within ``timeout`` is reported by rank 0
+(``monitored_barrier``).  Rank 0 writes only after the merge succeeded everywhere, so a
+failed job leaves no artifact.
+
+A model too large for one GPU: ``device_map="auto"`` spreads it over the rank's
+``gpus_per_rank`` GPUs (accelerate); data parallelism then runs across such groups, e.g.
+2 ranks × 4 GPUs on one 8-GPU node, or one rank per node across nodes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .calibration import collect_stats, tokenize_documents
+from .config import CalibrationConfig, ConfigError, KSchedule, Placement, SparseConfig, Selection
+from .datafiles import read_texts
+from .integration import model_fingerprint
+from .thresholds import ThresholdStats, Thresholds
+
+__all__ = ["DistributedCalibrationError", "RankInfo", "calibrate_distributed", "load_rank_model",
+           "rank_info", "shard_documents", "main"]
+
+DEFAULT_TIMEOUT = timedelta(minutes=30)
+
+ProgressFn = Callable[[int, int], None]
+
+
+class DistributedCalibrationError(RuntimeError):
+    """A distributed calibration that failed on some rank, timed out, or lost a rank.
+
+    ``agreed`` is True when every rank raised this same error (the failure was reported
+    through the control group); False when this rank could not reach the others.
+    """
+
+    def __init__(self, message: str, *, agreed: bool = False):
+        super().__init__(message)
+        self.agreed = agreed
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """Where this process sits in the job (torchrun's ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def rank_info() -> RankInfo:
+    """This process's place: from the initialized process group, else torchrun's environment, else 1 rank."""
+    env = os.environ
+    local_rank = int(env.get("LOCAL_RANK", 0))
+    local_world = int(env.get("LOCAL_WORLD_SIZE", 1))
+    if dist.is_available() and dist.is_initialized():
+        return RankInfo(dist.get_rank(), dist.get_world_size(), local_rank, local_world)
+    return RankInfo(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), local_rank, local_world)
+
+
+def shard_documents(lengths: Sequence[int], world_size: int) -> list[list[int]]:
+    """Deterministic split of documents over ranks, balanced by token count.
+
+    Longest-first greedy: documents sorted by (length descending, index) go one by one to the
+    rank with the fewest tokens so far (lowest rank on ties).  Returns, per rank, the
+    document indices in their original order; ranks may get none when there are fewer
+    documents than ranks.  The heaviest rank exceeds the average by at most one document.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be at least 1, got {world_size}")
+    load = [0] * world_size
+    shards: list[list[int]] = [[] for _ in range(world_size)]
+    for i in sorted(range(len(lengths)), key=lambda j: (-int(lengths[j]), j)):
+        r = min(range(world_size), key=lambda q: (load[q], q))
+        shards[r].append(i)
+        load[r] += int(lengths[i])
+    return [sorted(s) for s in shards]
+
+
+# ---- process group and the control plane ------------------------------------------------
+
+class _Comm:
+    """The process group this calibration uses, plus a gloo group for control messages."""
+
+    def __init__(self, backend: str | None, timeout: timedelta, device: torch.device | None):
+        self.timeout = timeout
+        self.owns_group = False
+        self.info = rank_info()
+        self.device = device  # where the model's statistics live (set once the model is placed)
+        if self.info.world_size == 1 and not dist.is_initialized():
+            self.backend, self.ctrl = "none", None
+            return
+        if not dist.is_available():
+            raise DistributedCalibrationError("this PyTorch build has no torch.distributed")
+        if not dist.is_initialized():
+            backend = backend or ("nccl" if device is not None and device.type == "cuda" else "gloo")
+            if backend == "nccl" and device is not None:
+                torch.cuda.set_device(device)
+            try:
+                dist.init_process_group(backend=backend, timeout=timeout)
+            except Exception as e:  # rendezvous failures come as several types
+                raise DistributedCalibrationError(
+                    f"rank {self.info.rank}: could not join the process group ({type(e).__name__}: {e}); "
+                    "launch with torchrun and check MASTER_ADDR/MASTER_PORT or --rdzv-endpoint") from e
+            self.owns_group = True
+        self.info = rank_info()
+        self.backend = dist.get_backend()
+        self.ctrl = None if self.backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
+
+    @property
+    def world(self) -> int:
+        return self.info.world_size
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # a broken group after a failure: nothing left to release
+                pass
+
+    def agree(self, stage: str, error: BaseException | None, payload: Any = None) -> list[Any]:
+        """Synchronise every rank; if any rank failed, raise the same error on all of them.
+
+        Returns every rank's ``payload`` (in rank order).  Waits at most ``timeout`` for the
+        others; rank 0 names the ranks that did not arrive.
+        """
+        msg = None if error is None else f"{type(error).__name__}: {error}"
+        if self.world == 1:
+            if error is not None:
+                raise DistributedCalibrationError(f"{stage} failed: {msg}; no artifact was written",
+                                                  agreed=True) from error
+            return [payload]
+        rank = self.info.rank
+        try:
+            dist.monitored_barrier(group=self.ctrl, timeout=self.timeout, wait_all_ranks=True)
+            gathered: list[Any] = [None] * self.world
+            dist.all_gather_object(gathered, (msg, payload), group=self.ctrl)
+        except Exception as e:
+            raise DistributedCalibrationError(
+                f"rank {rank}: {stage}: not every rank arrived within {self.timeout.total_seconds():g} s, or a rank "
+                f"died ({type(e).__name__}: {str(e).strip()}); no artifact was written") from e
+        failed: dict[str, list[int]] = {}
+        for r, (m, _) in enumerate(gathered):
+            if m is not None:
+                failed.setdefault(m, []).append(r)
+        if failed:
+            parts = [f"{_ranks_text(rs)}: {m}" for m, rs in failed.items()]
+            raise DistributedCalibrationError(f"{stage} failed on {'; '.join(parts)}; no artifact was written",
+                                              agreed=True) from error
+        return [p for _, p in gathered]
+
+    def all_reduce_sum(self, t: torch.Tensor, stage: str) -> torch.Tensor:
+        if self.world == 1:
+            return t
+        comm_dev = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+        buf = t.to(comm_dev)
+        try:
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        except Exception as e:
+            raise DistributedCalibrationError(
+                f"rank {self.info.rank}: {stage}: the all_reduce failed ({type(e).__name__}: {e}); "
+                "no artifact was written") from e
+        return buf
+
+
+def _ranks_text(ranks: list[int]) -> str:
+    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))
+
+
+# ---- model placement ----------------------------------------------------------------------
+
+def _rank_gpus(info: RankInfo, gpus_per_rank: int) -> list[int]:
+    """The CUDA device indices this rank owns: ``LOCAL_RANK·G … LOCAL_RANK·G + G − 1``."""
+    n = torch.cuda.device_count()
+    if n == gpus_per_rank:  # the launcher already gave each rank its own GPUs (CUDA_VISIBLE_DEVICES)
+        return list(range(n))
+    first = info.local_rank * gpus_per_rank
+    if first + gpus_per_rank > n:
+        raise DistributedCalibrationError(
+            f"rank {info.rank} (local rank {info.local_rank}) needs GPUs {first}..{first + gpus_per_rank - 1} "
+            f"but this node has {n}; use --nproc-per-node {max(1, n // gpus_per_rank)} or fewer GPUs per rank")
+    return list(range(first, first + gpus_per_rank))
+
+
+def _default_dtype(cuda: bool) -> torch.dtype:
+    return torch.bfloat16 if cuda else torch.float32
+
+
+def load_rank_model(spec: str | os.PathLike, *, device: torch.device | str | None = None,
+                    device_map: str | None = None, gpus: Sequence[int] = (), dtype: torch.dtype | None = None):
+    """Load a model spec (``"smollm2"`` or a checkpoint directory) for this rank.
+
+    Without ``device_map`` the whole model goes to ``device`` (:func:`~topθ_core.models.load_model`).
+    With ``device_map="auto"`` accelerate spreads it over the CUDA devices ``gpus`` only
+    (never CPU or disk: a model that does not fit is an error).  Returns a
+    :class:`~topθ_core.models.LoadedModel`.
+    """
+    from .models import ModelLoadError, load_model, resolve_model_path, wrap_model
+
+    cuda = (device is not None and torch.device(device).type == "cuda") or bool(gpus)
+    dtype = dtype or _default_dtype(cuda)
+    if device_map is None:
+        return load_model(spec, device=device or "cpu", dtype=dtype)
+    if device_map != "auto":
+        raise ConfigError(f"device_map={device_map!r}: only 'auto' is supported")
+    if not gpus:
+        raise ConfigError("device_map='auto' needs CUDA GPUs for this rank")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, name = resolve_model_path(spec)
+    max_memory = {g: int(torch.cuda.mem_get_info(g)[0] * 0.9) for g in gpus}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="auto", max_memory=max_memory)
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"could not load a causal LM from {path}: {e}") from None
+    placed = set(getattr(model, "hf_device_map", {}).values())
+    off = sorted(str(d) for d in placed if not (isinstance(d, int) and d in gpus))
+    if off:
+        raise ModelLoadError(f"{name} does not fit on GPUs {list(gpus)} (parts went to {off}); "
+                             "use more GPUs per rank (--gpus-per-rank)")
+    return wrap_model(model, tok, name)
+
+
+# ---- the calibration ----------------------------------------------------------------------
+
+def _data_digest(docs: Sequence[torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for d in docs:
+        a = d.to(torch.int64).cpu().contiguous().numpy()
+        h.update(len(a).to_bytes(8, "little"))
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _documents(data, tokenizer, max_length: int | None, add_special_tokens: bool) -> list[torch.Tensor]:
+    """Same document rules as :func:`~topθ_core.calibration.calibrate`."""
+    if isinstance(data, (str, os.PathLike)):
+        data = read_texts(data)
+    if len(data) == 0:
+        raise ValueError("calibration data is empty")
+    if isinstance(data[0], str):
+        if tokenizer is None:
+            raise ValueError("text data needs a tokenizer")
+        docs = tokenize_documents(tokenizer, data, max_length, add_special_tokens)
+    else:
+        docs = [torch.as_tensor(d).view(-1) if max_length is None else torch.as_tensor(d).view(-1)[:max_length]
+                for d in data]
+    if not docs:
+        raise ValueError("calibration data has no document of two or more tokens")
+    return docs
+
+
+def _stack(stats: ThresholdStats, n_bins: int) -> torch.Tensor:
+    """(4, n_layers, n_heads, n_bins) float64: count, Σt, Σt², ΣD_U, zero-padded to ``n_bins`` exactly."""
+    out = torch.zeros(4, stats.n_layers, stats.n_heads, n_bins, dtype=torch.float64, device=stats.count.device)
+    nb = stats.n_bins
+    out[..., :nb] = torch.stack(stats.tensors())
+    return out
+
+
+def _unstack(stacked: torch.Tensor, like: ThresholdStats, rows_seen: int) -> ThresholdStats:
+    """Merged statistics with trailing never-calibrated bins dropped (shape independent of the split)."""
+    used = torch.nonzero(stacked[0].sum((0, 1)) > 0)
+    n_bins = int(used.max()) + 1 if used.numel() else 1
+    merged = ThresholdStats(like.n_layers, like.n_heads, like.bin_width, n_bins=n_bins, device="cpu")
+    merged.count, merged.t_sum, merged.t_sumsq, merged.du_sum = stacked[..., :n_bins].cpu().clone().unbind(0)
+    merged.rows_seen = rows_seen
+    return merged
+
+
+def calibrate_distributed(
+    model,
+    data,
+    config: CalibrationConfig | None = None,
+    out: str | os.PathLike | None = None,
+    *,
+    tokenizer=None,
+    max_length: int | None = None,
+    add_special_tokens: bool = True,
+    data_description: str | None = None,
+    overwrite: bool = False,
+    backend: str | None = None,
+    timeout: float | timedelta = DEFAULT_TIMEOUT,
+    device_map: str | None = None,
+    gpus_per_rank: int = 1,
+    dtype: torch.dtype | None = None,
+    progress: ProgressFn | None = None,
+    extra_meta: dict | None = None,
+) -> Thresholds:
+    """Calibrate on every rank of a ``torchrun`` job and merge; call it on every rank.
+
+    Args:
+        model: a model spec (``"smollm2"`` or a checkpoint directory, loaded on this rank's
+            GPU ``cuda:LOCAL_RANK``, or on CPU when CUDA is absent), a
+            :class:`~topθ_core.models.LoadedModel`, or a prepared transformers model
+            (already placed by the caller, e.g. with ``device_map``).
+        data: texts, 1-D token-id tensors, or a data file path (read on every rank: every
+            node needs the same file; ranks that see different data are refused).
+        config: the calibration config (defaults as :class:`CalibrationConfig`).
+        out: artifact directory rank 0 writes atomically after a successful merge (None: no file).
+        timeout: how long a rank waits for the others at a synchronisation point (the
+            merge waits for the slowest rank's shard) and the process group's timeout.
+        device_map: ``"auto"`` spreads a model spec over ``gpus_per_rank`` GPUs per rank.
+        dtype: weights dtype for a model spec (default bfloat16 on GPU, float32 on CPU).
+        progress: ``progress(done_tokens, total_tokens)`` of this rank's shard.
+        extra_meta: more provenance for the artifact's ``meta.json``.
+
+    Returns the same :class:`Thresholds` on every rank.  Raises
+    :class:`DistributedCalibrationError` on every rank when any rank fails (naming it and
+    its error) or does not arrive within ``timeout``; nothing is written then.
+    Without torchrun (no ``WORLD_SIZE``) it runs as a job of one process.
+    """
+    config = config or CalibrationConfig()
+    if not isinstance(timeout, timedelta):
+        timeout = timedelta(seconds=float(timeout))
+    if gpus_per_rank < 1:
+        raise ConfigError(f"gpus_per_rank must be at least 1, got {gpus_per_rank}")
+    info = rank_info()
+    is_spec = isinstance(model, (str, os.PathLike))
+    gpus: list[int] = []
+    if is_spec:
+        if torch.cuda.is_available() and backend != "gloo":
+            gpus = _rank_gpus(info, gpus_per_rank if device_map == "auto" else 1)
+        device = torch.device("cuda", gpus[0]) if gpus else torch.device("cpu")
+    else:
+        inner = model.model if hasattr(model, "model") and hasattr(model, "tokenizer") else model
+        device = next(inner.parameters()).device
+    comm = _Comm(backend, timeout, device)
+    try:
+        return _run(comm, model, is_spec, data, config, out, device, gpus, tokenizer, max_length, add_special_tokens,
+                    data_description, overwrite, device_map, dtype, progress, extra_meta)
+    finally:
+        comm.close()
+
+
+def _run(comm: _Comm, model, is_spec, data, config, out, device, gpus, tokenizer, max_length, add_special_tokens,
+         data_description, overwrite, device_map, dtype, progress, extra_meta) -> Thresholds:
+    info = comm.info
+    out = Path(out) if out is not None else None
+
+    # 1. the checkpoint: rank 0 first, then each node's first rank, then the rest, so that a
+    #    first-use conversion (the bundled GGUF) happens once per file system
+    if is_spec:
+        from .models import resolve_model_path
+
+        stages = (info.rank == 0, info.rank != 0 and info.local_rank == 0, info.local_rank != 0)
+        for mine in stages:
+            err = None
+            if mine:
+                try:
+                    resolve_model_path(model)
+                except Exception as e:
+                    err = e
+            comm.agree("preparing the model checkpoint", err)
+
+    # 2. model, documents, shard, output check
+    err, payload = None, None
+    try:
+        if is_spec:
+            lm = load_rank_model(model, device=device, device_map=device_map, gpus=gpus, dtype=dtype)
+        else:
+            lm = model
+        if hasattr(lm, "tokenizer") and hasattr(lm, "model"):
+            tokenizer = tokenizer or lm.tokenizer
+            net = lm.model
+        else:
+            net = lm
+        fp = model_fingerprint(net)
+        ks = config.k.as_list(fp.n_layers)
+        docs = _documents(data, tokenizer, max_length, add_special_tokens)
+        lengths = [int(d.numel()) for d in docs]
+        if max(lengths) <= min(ks):
+            raise ValueError(f"every calibration document is at most {max(lengths)} tokens, not longer than the "
+                             f"smallest k ({min(ks)}): no row would be thresholded; use longer texts or a smaller k")
+        shard = shard_documents(lengths, comm.world)[info.rank]
+        if info.rank == 0 and out is not None and out.exists() and not overwrite:
+            raise FileExistsError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
+        payload = {"model": fp.digest, "data": _data_digest(docs)}
+    except Exception as e:
+        err = e
+    everyone = comm.agree("loading the model and data", err, payload)
+    for key, what in (("model", "models"), ("data", "calibration data")):
+        values = {p[key] for p in everyone}
+        if len(values) > 1:
+            by = {v: [r for r, p in enumerate(everyone) if p[key] == v] for v in values}
+            raise DistributedCalibrationError(
+                f"the ranks hold different {what} ({'; '.join(_ranks_text(rs) for rs in by.values())}): every rank "
+                "must load the same model and read the same data; no artifact was written", agreed=True)
+
+    # 3. each rank's shard
+    err, payload = None, None
+    stats_device = next(net.parameters()).device
+    stats = ThresholdStats(fp.n_layers, fp.n_heads, config.bin_width, device=stats_device)
+    shard_docs = [docs[i] for i in shard]
+    t0 = time.perf_counter()
+    try:
+        if shard_docs:
+            collect_stats(net, shard_docs, config, stats=stats, progress=progress)
+        payload = {"n_bins": stats.n_bins, "rows": stats.rows_seen, "documents": len(shard_docs),
+                   "tokens": sum(lengths[i] for i in shard), "seconds": time.perf_counter() - t0}
+    except Exception as e:
+        err = e
+    everyone = comm.agree("collecting statistics", err, payload)
+
+    # 4. merge: one all_reduce of the stacked statistics
+    n_bins = max(p["n_bins"] for p in everyone)
+    stacked = comm.all_reduce_sum(_stack(stats, n_bins), "merging statistics")
+    merged = _unstack(stacked, stats, rows_seen=sum(p["rows"] for p in everyone))
+    seconds = time.perf_counter() - t0
+    tokens = sum(lengths)
+    extra = {
+        "documents": len(docs), "tokens": tokens, "seconds": round(seconds, 3),
+        "distributed": {"world_size": comm.world, "backend": comm.backend,
+                        "rank_documents": [p["documents"] for p in everyone],
+                        "rank_tokens": [p["tokens"] for p in everyone],
+                        "rank_seconds": [round(p["seconds"], 3) for p in everyone]},
+    }
+    extra.update(extra_meta or {})
+    if data_description is None:
+        data_description = Path(data).name if isinstance(data, (str, os.PathLike)) else ""
+    th = merged.finalize(config.sigma, fingerprint=fp, k=config.k, placement=config.placement, calibration=config,
+                         data=data_description, extra=extra)
+
+    # 5. rank 0 writes; everyone learns whether it worked and returns rank 0's provenance
+    err = None
+    if info.rank == 0 and out is not None:
+        try:
+            th.save(out, overwrite=overwrite)
+        except Exception as e:
+            err = e
+    metas = comm.agree("writing the artifact", err, th.meta if info.rank == 0 else None)
+    th.meta = metas[0]
+    return th
+
+
+# ---- command line -------------------------------------------------------------------------
+
+_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="torchrun --nproc-per-node N -m topθ_core.distributed",
+        description="Data-parallel Top-θ calibration: every rank calibrates a shard, one all_reduce merges, "
+                    "rank 0 writes the artifact.")
+    p.add_argument("--model", default="smollm2", help="'smollm2' (bundled) or a transformers checkpoint directory")
+    p.add_argument("--data", required=True, help="calibration text: .txt, .jsonl, .csv or .parquet (same file on every node)")
+    p.add_argument("--k", type=int, default=64, help="kept elements per row (default layer k)")
+    p.add_argument("--layer-k", default=None, help="per-layer overrides, e.g. 0:512,1:512")
+    p.add_argument("--placement", choices=[e.value for e in Placement], default="pre")
+    p.add_argument("--sigma", type=float, default=0.1, help="θ = mean + σ·std")
+    p.add_argument("--tac", action=argparse.BooleanOptionalAction, default=True,
+                   help="top-k at calibration (default on)")
+    p.add_argument("--sdc", default="offline", choices=["none", "exact", "exp-threshold", "offline"],
+                   help="SDC the thresholds are meant for (validated, recorded in meta.json; offline SDC terms are always stored)")
+    p.add_argument("--sdc-scale", type=float, default=1.0)
+    p.add_argument("--vmc", action=argparse.BooleanOptionalAction, default=True,
+                   help="V-mean compensation on top-k-at-calibration rows (default on)")
+    p.add_argument("--capk", action="store_true", help="recorded with the intended inference config")
+    p.add_argument("--sample-frac", type=float, default=1.0,
+                   help="fraction of rows sampled per call; results equal a single process only at 1.0")
+    p.add_argument("--bin-width", type=int, default=CalibrationConfig.bin_width, help="length-bin width in tokens")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-length", type=int, default=None, help="truncate documents to this many tokens")
+    p.add_argument("--no-special-tokens", action="store_true", help="tokenize without BOS/EOS")
+    p.add_argument("--out", required=True, help="artifact directory (written by rank 0, atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing artifact")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--device-map", choices=["auto"], default=None,
+                   help="spread the model over --gpus-per-rank GPUs of each rank (accelerate)")
+    p.add_argument("--gpus-per-rank", type=int, default=1)
+    p.add_argument("--backend", choices=["nccl", "gloo"], default=None, help="default: nccl on GPU, gloo on CPU")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT.total_seconds(),
+                   help="seconds a rank waits for the others (default 1800)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    info = rank_info()
+    try:
+        k = KSchedule.parse(args.k, args.layer_k)
+        config = CalibrationConfig(k=k, placement=args.placement, sigma=args.sigma, tac=args.tac,
+                                   sample_frac=args.sample_frac, bin_width=args.bin_width, seed=args.seed,
+                                   vmc=args.vmc)
+        intended = SparseConfig(selection=Selection.TOP_THETA, placement=args.placement, sdc=args.sdc,
+                                sdc_scale=args.sdc_scale, vmc=args.vmc, capk=args.capk, k=k)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        th = calibrate_distributed(
+            args.model, args.data, config, args.out, add_special_tokens=not args.no_special_tokens,
+            max_length=args.max_length, overwrite=args.overwrite, backend=args.backend, timeout=args.timeout,
+            device_map=args.device_map, gpus_per_rank=args.gpus_per_rank, dtype=_DTYPES[args.dtype],
+            extra_meta={"sparse_config": intended.to_dict()})
+    except DistributedCalibrationError as e:
+        if info.rank == 0 or not e.agreed:
+            print(f"error: {e}", file=sys.stderr)
+        return 1
+    if info.rank == 0:
+        m = th.meta
+        d = m["distributed"]
+        bins = int((th.count > 0).any(0).any(0).sum())
+        rate = m["tokens"] / m["seconds"] if m["seconds"] > 0 else float("nan")
+        print(f"wrote {args.out}: {th.n_layers} layers x {th.n_heads} heads, {bins} length bins, "
+              f"{m['rows_sampled']} rows from {m['tokens']} tokens of {m['documents']} documents "
+              f"on {d['world_size']} rank(s) ({d['backend']}) in {m['seconds']:.1f} s ({rate:.0f} tokens/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
