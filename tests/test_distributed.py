@@ -172,62 +172,52 @@ def test_two_ranks_cli_equals_one_process(tiny, tiny_lm, tmp_path):
     assert got.meta["sparse_config"]["sdc"] == "offline"
 
 
-# ---- 3 ranks: uneven split, empty rank, failing rank, timeout ------------------------------
+# ---- 3 ranks (forked from this process: no re-import, no reload) ---------------------------
 
-def test_three_ranks_scenarios(tiny, tiny_lm, tmp_path):
-    (tmp_path / "exists").mkdir()
-    res = _torchrun(3, str(Path(__file__)), "--worker", str(tiny), str(tmp_path))
-    assert res.returncode == 0, res.stdout + res.stderr
-    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(3)]
+def _free_port() -> int:
+    import socket
 
-    # an existing artifact is refused before any work, on every rank
-    for rep in reports:
-        assert rep["exists"]["agreed"] and "already exists" in rep["exists"]["error"]
-    assert not any((tmp_path / "exists").iterdir())
-
-    # uneven split (9 documents over 3 ranks) and a rank with no document
-    for name, lengths in (("uneven", DOC_LENGTHS), ("few", FEW_LENGTHS)):
-        ref = calibrate(tiny_lm, _documents(lengths), CONFIG)
-        for rep in reports:
-            assert rep[name]["error"] is None, rep[name]
-        got = load_thresholds(tmp_path / name, expect_model=tiny_lm.fingerprint)
-        _assert_same(ref, got, f"3 ranks, {name}")
-        for r in range(3):  # every rank returns what rank 0 wrote
-            mine = torch.load(tmp_path / f"{name}_rank{r}.pt")
-            for key in ("count", "t_mean", "t_std", "sdc_mean"):
-                torch.testing.assert_close(mine[key][..., : got.count.shape[-1]], getattr(got, key), rtol=0, atol=0)
-            assert mine["created"] == got.meta["created"]
-    assert 0 in json.loads((tmp_path / "few" / "meta.json").read_text())["distributed"]["rank_documents"]
-
-    # a rank that raises: every rank reports it by rank number and error; nothing written
-    for rep in reports:
-        err = rep["fail"]["error"]
-        assert rep["fail"]["agreed"], err
-        assert "collecting statistics failed on rank" in err and "IndexError" in err, err
-        assert "no artifact was written" in err
-    assert not (tmp_path / "fail").exists()
-
-    # a rank that does not arrive within the timeout: the others fail with a clear error
-    for r in (0, 1):
-        err = reports[r]["timeout"]["error"]
-        assert err and "not every rank arrived within 3 s" in err, err
-    assert "Rank 2" in reports[0]["timeout"]["error"] or "Ranks 2" in reports[0]["timeout"]["error"]
-    assert reports[2]["timeout"]["error"], "the late rank must fail too"
-    assert not (tmp_path / "timeout").exists()
-    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
-    assert not leftovers, f"temporary directories left behind: {leftovers}"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
-def _worker(model_dir: str, work: str) -> None:
-    """Runs on every rank of the 3-rank job; records each scenario's outcome in rankR.json."""
+def _fork_ranks(world: int, target, *args, timeout: float = 240) -> list[int]:
+    """Run ``target(rank, *args)`` in ``world`` forked processes joined in one gloo group."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    port = _free_port()
+
+    def entry(rank: int) -> None:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                          LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        torch.set_num_threads(1)
+        target(rank, *args)
+
+    t0 = time.perf_counter()
+    procs = [ctx.Process(target=entry, args=(r,)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=max(1.0, timeout - (time.perf_counter() - t0)))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    print(f"{world} forked ranks: {time.perf_counter() - t0:.1f} s")
+    return [p.exitcode for p in procs]
+
+
+def _scenarios(rank: int, lm, work: Path) -> None:
+    """Every rank of the 3-rank job: records each scenario's outcome in rankR.json."""
+    import datetime
+
     import torch.distributed as dist
 
     from topθ_core.distributed import DistributedCalibrationError
 
-    work = Path(work)
-    dist.init_process_group("gloo", timeout=__import__("datetime").timedelta(seconds=60))
-    rank = dist.get_rank()
-    lm = load_model(model_dir)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     report: dict = {}
 
     def run(name: str, docs, out: Path, **kw) -> None:
@@ -248,12 +238,84 @@ def _worker(model_dir: str, work: str) -> None:
 
     def late(done: int, total: int) -> None:
         if rank == 2 and done == 0:
-            time.sleep(8)
+            time.sleep(6)
 
-    run("timeout", _documents(DOC_LENGTHS), work / "timeout", timeout=3, progress=late)
-    sys.stdout.flush()
+    run("timeout", _documents(DOC_LENGTHS), work / "timeout", timeout=2, progress=late)
     os._exit(0)  # the group is broken after the timeout: skip its teardown
 
 
-if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--worker":
-    _worker(sys.argv[2], sys.argv[3])
+def test_three_ranks_scenarios(tiny_lm, tmp_path):
+    (tmp_path / "exists").mkdir()
+    codes = _fork_ranks(3, _scenarios, tiny_lm, tmp_path)
+    assert codes == [0, 0, 0], codes
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(3)]
+
+    # an existing artifact is refused before any work, on every rank
+    for rep in reports:
+        assert rep["exists"]["agreed"] and "already exists" in rep["exists"]["error"]
+    assert not any((tmp_path / "exists").iterdir())
+
+    # uneven split (9 documents over 3 ranks) and a rank with no document
+    for name, lengths in (("uneven", DOC_LENGTHS), ("few", FEW_LENGTHS)):
+        ref = calibrate(tiny_lm, _documents(lengths), CONFIG)
+        for rep in reports:
+            assert rep[name]["error"] is None, rep[name]
+        got = load_thresholds(tmp_path / name, expect_model=tiny_lm.fingerprint)
+        _assert_same(ref, got, f"3 ranks, {name}")
+        for r in range(3):  # every rank returns what rank 0 wrote
+            mine = torch.load(tmp_path / f"{name}_rank{r}.pt")
+            for key in ("count", "t_mean", "t_std", "sdc_mean"):
+                torch.testing.assert_close(mine[key], getattr(got, key), rtol=0, atol=0)
+            assert mine["created"] == got.meta["created"]
+    assert 0 in json.loads((tmp_path / "few" / "meta.json").read_text())["distributed"]["rank_documents"]
+
+    # a rank that raises: every rank reports it by rank number and error; nothing written
+    for rep in reports:
+        err = rep["fail"]["error"]
+        assert rep["fail"]["agreed"], err
+        assert "collecting statistics failed on rank" in err and "IndexError" in err, err
+        assert "no artifact was written" in err
+    assert not (tmp_path / "fail").exists()
+
+    # a rank that does not arrive within the timeout: the others fail with a clear error
+    print("timeout errors:", *(rep["timeout"]["error"] for rep in reports), sep="\n  ")
+    assert "rank 2 did not arrive within 2 s" in reports[0]["timeout"]["error"]  # rank 0 names the late rank
+    assert "rank 1:" in reports[1]["timeout"]["error"]
+    assert reports[2]["timeout"]["error"], "the late rank must fail too"
+    assert not (tmp_path / "timeout").exists()
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert not leftovers, f"temporary directories left behind: {leftovers}"
+
+
+def _dies(rank: int, lm, work: Path) -> None:
+    """Rank 1 is killed mid-calibration; rank 0 must fail fast (lost peer), not wait for the timeout."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from topθ_core.distributed import DistributedCalibrationError
+
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+
+    def die(done: int, total: int) -> None:
+        if rank == 1:
+            os._exit(3)
+
+    t0 = time.perf_counter()
+    try:
+        calibrate_distributed(lm, _documents(DOC_LENGTHS), CONFIG, work / "art", timeout=120, progress=die)
+        outcome = {"error": None}
+    except DistributedCalibrationError as e:
+        outcome = {"error": str(e), "seconds": time.perf_counter() - t0}
+    (work / "rank0.json").write_text(json.dumps(outcome))
+    os._exit(0)
+
+
+def test_dead_rank_fails_fast_without_artifact(tiny_lm, tmp_path):
+    codes = _fork_ranks(2, _dies, tiny_lm, tmp_path, timeout=100)
+    assert codes == [0, 3], codes
+    outcome = json.loads((tmp_path / "rank0.json").read_text())
+    print("dead rank:", outcome)
+    assert outcome["error"] and "died" in outcome["error"]
+    assert outcome["seconds"] < 60, "a dead peer must be noticed long before the timeout"
+    assert not (tmp_path / "art").exists()

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -172,9 +173,7 @@ class _Comm:
             gathered: list[Any] = [None] * self.world
             dist.all_gather_object(gathered, (msg, payload), group=self.ctrl)
         except Exception as e:
-            raise DistributedCalibrationError(
-                f"rank {rank}: {stage}: not every rank arrived within {self.timeout.total_seconds():g} s, or a rank "
-                f"died ({type(e).__name__}: {str(e).strip()}); no artifact was written") from e
+            raise DistributedCalibrationError(f"rank {rank}: {stage}: {self._explain(e)}; no artifact was written") from e
         failed: dict[str, list[int]] = {}
         for r, (m, _) in enumerate(gathered):
             if m is not None:
@@ -184,6 +183,23 @@ class _Comm:
             raise DistributedCalibrationError(f"{stage} failed on {'; '.join(parts)}; no artifact was written",
                                               agreed=True) from error
         return [p for _, p in gathered]
+
+    def _explain(self, e: BaseException) -> str:
+        """A one-line reason for a failed control-plane collective (gloo's messages are long)."""
+        text = " ".join(str(e).split())
+        secs = f"{self.timeout.total_seconds():g} s"
+        late = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", text)
+        if late:
+            ranks = [int(r) for r in re.findall(r"\d+", late.group(1))]
+            return (f"{_ranks_text(ranks)} did not arrive within "
+                    f"{secs} (hung, much slower than the others, or dead; raise the timeout for very uneven data)")
+        if "successfully reached monitoredBarrier" in text:
+            return (f"rank 0 found a rank that did not arrive within {secs} or died (rank 0's error names it)")
+        if re.search(r"[Cc]onnection (closed|reset|refused)|[Bb]roken pipe", text):
+            return "lost contact with another rank: it probably died (see its log)"
+        if re.search(r"[Tt]ime(d)? ?out", text):
+            return f"the other ranks did not answer within {secs}"
+        return f"the control group failed ({type(e).__name__}: {text[:300]})"
 
     def all_reduce_sum(self, t: torch.Tensor, stage: str) -> torch.Tensor:
         if self.world == 1:
