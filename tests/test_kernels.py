@@ -1,0 +1,351 @@
+"""Triton kernels against the PyTorch reference.
+
+Without CUDA the kernels run under ``TRITON_INTERPRET=1`` (set here before Triton is
+imported) on small shapes; with CUDA the ``gpu`` tests run compiled at real shapes.
+Rules (STYLE.md): outputs within the flash-attention tolerance (kernel error against the fp32
+reference ≤ 2× the error of the reference run in the low dtype), kept counts exact except for
+scores within a few ulps of θ, outputs poisoned before every launch, fresh random inputs.
+The CPU tests use fp16: Triton's interpreter (3.9) gets bf16 ``tl.dot`` wrong; bf16 is
+tested compiled on the GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere below
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+triton = pytest.importorskip("triton")
+
+from topθ_core import dispatch  # noqa: E402
+from topθ_core.attention import causal_visible, dense_attention_ref, topθ_attention_ref  # noqa: E402
+from topθ_core.config import DENSE, SDC, EmptyRowFloor, SparseConfig  # noqa: E402
+from topθ_core.integration import RunState  # noqa: E402
+from topθ_core.kernels import decode as decode_mod  # noqa: E402
+from topθ_core.kernels import kernel_variant, row_samples, topθ_decode, topθ_prefill  # noqa: E402
+from topθ_core.kernels.reference import row_samples_causal_ref, topθ_decode_ref, topθ_prefill_ref  # noqa: E402
+from topθ_core.metrics import SparsityMetrics  # noqa: E402
+
+decode_mod.POISON_OUTPUTS = True  # every launch fills its outputs with NaN / -1 first
+
+_interpreted = type(decode_mod._decode_split_kernel).__name__ == "InterpretedFunction"
+cpu = pytest.mark.skipif(not (INTERPRET and _interpreted),
+                         reason="CPU kernel tests need TRITON_INTERPRET=1 before topθ_core.kernels is imported")
+gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET,
+                                           reason="needs CUDA (compiled Triton)")]
+
+VARIANTS = [  # (sdc, vmc, floor): every SDC, VMC on and off, both floors
+    (SDC.NONE, False, EmptyRowFloor.MAX),
+    (SDC.EXACT, True, EmptyRowFloor.MAX),
+    (SDC.EXP_THRESHOLD, True, EmptyRowFloor.NONE),
+    (SDC.OFFLINE, True, EmptyRowFloor.MAX),
+    (SDC.OFFLINE, False, EmptyRowFloor.NONE),
+    (SDC.EXACT, False, EmptyRowFloor.NONE),
+    (SDC.EXP_THRESHOLD, False, EmptyRowFloor.MAX),
+    (SDC.NONE, False, EmptyRowFloor.NONE),
+]
+
+
+def _cfg(sdc, vmc, floor) -> SparseConfig:
+    return SparseConfig(sdc=sdc, vmc=vmc, empty_row=floor)
+
+
+def _qkv(B, Hq, Hkv, Sq, Sk, d, dtype, device):
+    g = torch.Generator(device="cpu").manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    mk = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    return mk(B, Hq, Sq, d), mk(B, Hkv, Sk, d), mk(B, Hkv, Sk, d)
+
+
+def _logits(q, k, scale=None):
+    """fp32 scaled scores (B, Hq, Sq, Sk) with −inf at invisible (causal) keys."""
+    B, Hq, Sq, d = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    s = (q.float() @ k.float().repeat_interleave(Hq // Hkv, 1).transpose(-1, -2)) * (scale or d ** -0.5)
+    return s.masked_fill(~causal_visible(Sq, Sk, q.device, 1)[0], float("-inf"))
+
+
+def _midpoint_theta(logits: torch.Tensor, p_empty: float = 0.15) -> torch.Tensor:
+    """θ per row between two neighbouring visible scores (never within rounding of a score).
+
+    Each row keeps a random number r ∈ [0, L] of elements; r = 0 (an empty row) with
+    probability ``p_empty``.
+    """
+    srt = logits.sort(-1, descending=True).values  # (B, H, R, N), −inf last
+    L = torch.isfinite(srt).sum(-1)  # (B, H, R)
+    r = (torch.rand(L.shape, device=L.device) * (L + 1).float()).long().clamp(max=L)
+    r = torch.where(torch.rand(L.shape, device=L.device) < p_empty, torch.zeros_like(r), r)
+    hi = srt.gather(-1, (r - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    lo = srt.gather(-1, r.clamp(max=srt.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
+    lo = torch.where(r >= L, hi - 0.5, lo)
+    hi = torch.where(r == 0, srt[..., 0] + 0.5, hi)
+    theta = (hi + lo) / 2
+    return torch.where(L > 0, theta, torch.zeros_like(theta))
+
+
+def _ambiguous(logits: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """(B, H) visible scores within rounding of θ: the only ones a kernel may decide differently."""
+    band = 1e-4 * (1 + logits.abs())
+    return ((logits - theta.unsqueeze(-1)).abs() <= band).sum((2, 3))
+
+
+def _check_out(out, ref32, ref_low, what=""):
+    assert not torch.isnan(out).any(), f"{what}: NaN in the kernel output (unwritten or bad math)"
+    err = (out.float() - ref32.float()).abs()
+    err_low = (ref_low.float() - ref32.float()).abs()
+    print(f"{what}: max err {err.max().item():.3e} (low-dtype ref {err_low.max().item():.3e}), "
+          f"mean {err.mean().item():.3e} ({err_low.mean().item():.3e})")
+    assert err.max() <= 2 * err_low.max() + 1e-5, what
+
+
+def _check_counts(c, rc, amb, Hkv, what=""):
+    slack_h = amb  # (B, Hq)
+    assert ((c.kept.long() - rc.kept.long()).abs() <= slack_h).all(), f"{what}: kept {c.kept} vs {rc.kept}"
+    assert ((c.empty.long() - rc.empty.long()).abs() <= slack_h).all(), f"{what}: empty {c.empty} vs {rc.empty}"
+    B, Hq = amb.shape
+    slack_kv = amb.view(B, Hkv, Hq // Hkv).sum(-1)
+    assert ((c.kept_v_rows.long() - rc.kept_v_rows.long()).abs() <= slack_kv).all(), \
+        f"{what}: kept V rows {c.kept_v_rows} vs {rc.kept_v_rows}"
+
+
+def _run_decode(B, Hq, Hkv, N, d, dtype, device, variant, k_keep, **tuning):
+    cfg = _cfg(*variant)
+    q, k, v = _qkv(B, Hq, Hkv, 1, N, d, dtype, device)
+    logits = _logits(q, k)
+    theta = _midpoint_theta(logits)  # (B, Hq, 1)
+    sdc_term = torch.rand(B, Hq, 1, device=device) * 3
+    out, c = topθ_decode(q, k, v, theta, config=cfg, k_keep=k_keep, sdc_term=sdc_term, v_sum=v.float().sum(2),
+                         **tuning)
+    ref, rc = topθ_decode_ref(q, k, v, theta, config=cfg, k_keep=k_keep, sdc_term=sdc_term)
+    low, _ = topθ_decode_ref(q, k, v, theta, config=cfg, k_keep=k_keep, sdc_term=sdc_term, upcast=False)
+    what = f"decode N={N} Hq/Hkv={Hq}/{Hkv} {cfg.label()} {dtype}"
+    _check_out(out, ref, low, what)
+    amb = _ambiguous(logits, theta) if N > k_keep else torch.zeros(B, Hq, dtype=torch.long, device=device)
+    _check_counts(c, rc, amb, Hkv, what)
+    return c, rc
+
+
+def _run_prefill(B, Hq, Hkv, Sq, Sk, d, dtype, device, variant, k_keep, **tuning):
+    cfg = _cfg(*variant) if variant is not None else DENSE
+    q, k, v = _qkv(B, Hq, Hkv, Sq, Sk, d, dtype, device)
+    logits = _logits(q, k)
+    theta = _midpoint_theta(logits)
+    sdc_term = torch.rand(B, Hq, Sq, device=device) * 3
+    out, c = topθ_prefill(q, k, v, theta, config=cfg, k_keep=k_keep, sdc_term=sdc_term, **tuning)
+    ref, rc = topθ_prefill_ref(q, k, v, theta, config=cfg, k_keep=k_keep, sdc_term=sdc_term)
+    low, _ = topθ_prefill_ref(q, k, v, theta, config=cfg, k_keep=k_keep, sdc_term=sdc_term, upcast=False)
+    what = f"prefill Sq={Sq} Sk={Sk} Hq/Hkv={Hq}/{Hkv} {cfg.label()} {dtype}"
+    _check_out(out, ref, low, what)
+    L = torch.arange(Sk - Sq + 1, Sk + 1, device=device)
+    amb = _ambiguous(logits[:, :, L > k_keep], theta[:, :, L > k_keep])
+    _check_counts(c, rc, amb, Hkv, what)
+    return c, rc
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU, TRITON_INTERPRET=1, small shapes
+# ----------------------------------------------------------------------------------------------
+
+@cpu
+@pytest.mark.parametrize("N", [1, 17, 97, 130])
+@pytest.mark.parametrize("heads", [(2, 2), (4, 2)], ids=["mha", "gqa"])
+def test_decode_interpret(N, heads):
+    Hq, Hkv = heads
+    i = [1, 17, 97, 130].index(N) * 2 + (Hq != Hkv)
+    _run_decode(2, Hq, Hkv, N, 64, torch.float16, "cpu", VARIANTS[i % len(VARIANTS)], k_keep=8, num_splits=3,
+                block_n=16)
+
+
+@cpu
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"{v[0].value}-vmc{int(v[1])}-{v[2].value}")
+def test_decode_interpret_variants(variant):
+    _run_decode(1, 6, 2, 61, 64, torch.float16, "cpu", variant, k_keep=4, num_splits=2, block_n=16)
+
+
+@cpu
+@pytest.mark.parametrize("S", [(17, 17), (97, 97), (130, 130), (23, 130)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_prefill_interpret(S):
+    Sq, Sk = S
+    i = [17, 97, 130, 23].index(Sq)
+    heads = (4, 2) if i % 2 else (2, 2)
+    _run_prefill(1, *heads, Sq, Sk, 64, torch.float16, "cpu", VARIANTS[(3 * i + 1) % len(VARIANTS)], k_keep=8)
+
+
+@cpu
+@pytest.mark.parametrize("variant", VARIANTS[:4], ids=lambda v: f"{v[0].value}-vmc{int(v[1])}-{v[2].value}")
+def test_prefill_interpret_variants(variant):
+    _run_prefill(1, 4, 2, 40, 48, 64, torch.float16, "cpu", variant, k_keep=5)
+
+
+@cpu
+def test_dense_equals_sdpa_semantics_interpret():
+    """Degenerate setting: dense selection reproduces plain softmax attention."""
+    q, k, v = _qkv(1, 4, 2, 33, 33, 64, torch.float16, "cpu")
+    out, c = topθ_prefill(q, k, v, None, config=DENSE, k_keep=4)
+    ref = dense_attention_ref(q, k, v)
+    low = dense_attention_ref(q, k, v, upcast=False)
+    _check_out(out, ref, low, "dense prefill")
+    assert (c.kept == 33 * 34 // 2).all() and (c.kept_v_rows == 33).all() and (c.empty == 0).all()
+    qd = q[:, :, -1:]
+    outd, cd = topθ_decode(qd, k, v, None, config=DENSE, k_keep=4, num_splits=2, block_n=16)
+    _check_out(outd, out[:, :, -1:], low[:, :, -1:], "dense decode")
+    assert (cd.kept == 33).all()
+
+
+@cpu
+def test_row_samples_interpret():
+    q, k, _ = _qkv(1, 2, 1, 20, 37, 64, torch.float16, "cpu")
+    for kth in (9,):
+        t, d_u = row_samples(q, k, kth, block_m=16)
+        tr, dr = row_samples_causal_ref(q, k, kth)
+        assert torch.equal(torch.isnan(t), torch.isnan(tr))
+        ok = ~torch.isnan(tr)
+        torch.testing.assert_close(t[ok], tr[ok], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(d_u[ok], dr[ok], rtol=1e-4, atol=1e-5)
+
+
+def _dispatch_vs_reference(device, dtype, cfg, steps=2, Hq=4, Hkv=2, S=37, d=64, k_keep=6):
+    """Prefill + decode steps through ``dispatch.try_kernels`` vs the reference, outputs and metrics."""
+    from topθ_core.thresholds import ModelFingerprint, ThresholdStats
+
+    stats = ThresholdStats(1, Hq, bin_width=8, device="cpu")
+    lengths = torch.arange(1, S + steps + 1)
+    t = torch.randn(lengths.numel(), Hq) * 0.3 + 1.2
+    stats.add(0, lengths, t, torch.rand(lengths.numel(), Hq))
+    fp = ModelFingerprint("t", "0", 1, Hq, Hkv, d)
+    th = stats.finalize(0.0, fingerprint=fp, k=cfg.k, placement=cfg.placement)
+    q, k, v = _qkv(1, Hq, Hkv, S + steps, S + steps, d, dtype, device)
+    m_kernel, m_ref = SparsityMetrics(), SparsityMetrics()
+    st_kernel = RunState(config=cfg, thresholds=th, metrics=m_kernel)
+    outs = []
+    for n_q, n_k in [(S, S)] + [(1, S + i + 1) for i in range(steps)]:
+        qq, kk, vv = q[:, :, n_k - n_q:n_k], k[:, :, :n_k], v[:, :, :n_k]
+        vis = causal_visible(n_q, n_k, device, 1)
+        theta, sdc, _ = th.lookup(0, vis.sum(-1), cfg.lookup)
+        out = dispatch.try_kernels(qq, kk, vv, vis, True, theta, sdc, cfg, k_keep, None, None, st_kernel, 0, None)
+        assert out is not None, "dispatch declined a supported call"
+        obs = lambda block: m_ref(0, block)  # noqa: E731
+        ref = topθ_attention_ref(qq, kk, vv, config=cfg, k_keep=k_keep, visible=vis, theta=theta, sdc_term=sdc,
+                                 observer=obs)
+        low = topθ_attention_ref(qq, kk, vv, config=cfg, k_keep=k_keep, visible=vis, theta=theta, sdc_term=sdc,
+                                 upcast=False)
+        _check_out(out, ref, low, f"dispatch Sq={n_q} Sk={n_k} {cfg.label()}")
+        outs.append(out)
+    assert st_kernel.scratch[("topθ.vsum", 0)][0] == S + steps  # running V sum followed the cache
+    fk = m_kernel.to_frame().drop(columns=["extrapolated_rows"])
+    fr = m_ref.to_frame().drop(columns=["extrapolated_rows"])
+    cols = ["kept", "visible", "topk_equiv", "rows", "dense_rows", "empty_rows", "kept_v_rows", "kv_rows"]
+    diff = (fk[cols] - fr[cols]).abs()
+    print(fk[cols].sum(), fr[cols].sum())
+    assert (diff[["visible", "topk_equiv", "rows", "dense_rows", "kv_rows"]] == 0).all().all()
+    assert diff[["kept", "empty_rows", "kept_v_rows"]].to_numpy().max() <= 1  # ulp-level ties only
+    assert m_kernel.decode_steps[0] and len(m_kernel.decode_steps[0]) == steps
+
+
+@cpu
+def test_dispatch_interpret():
+    cfg = SparseConfig(sdc=SDC.OFFLINE, vmc=True)
+    _dispatch_vs_reference("cpu", torch.float16, cfg)
+
+
+@cpu
+def test_dispatch_declines_unsupported():
+    q, k, v = _qkv(1, 2, 2, 5, 5, 64, torch.float16, "cpu")
+    vis = causal_visible(5, 5, "cpu", 1)
+    st = RunState(config=SparseConfig())
+    theta = torch.zeros(1, 2, 5)
+    for cfg in (SparseConfig(selection="top-k", sdc="exact"), SparseConfig(placement="post", sdc="none"),
+                SparseConfig(capk=True)):
+        assert kernel_variant(cfg) is None
+        assert dispatch.try_kernels(q, k, v, vis, True, theta, theta, cfg, 2, None, None, st, 0, None) is None
+    assert dispatch.try_kernels(q, k, v, vis, True, theta, theta, SparseConfig(), 2, None, 30.0, st, 0, None) is None
+    assert dispatch.try_kernels(q.float(), k.float(), v.float(), vis, True, theta, theta, SparseConfig(), 2, None,
+                                None, st, 0, None) is None
+    padded = vis.clone()
+    padded[:, :, 0] = False
+    assert dispatch.try_kernels(q, k, v, padded, False, theta, theta, SparseConfig(), 2, None, None, st, 0, None) is None
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU, compiled, real shapes
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs CUDA (compiled Triton)")
+@pytest.mark.parametrize("N", [1, 97, 4096, 32768])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_decode_gpu(N, dtype):
+    for i, variant in enumerate(VARIANTS[:4]):
+        _run_decode(2, 32, 8, N, 128, dtype, "cuda", variant, k_keep=64)
+    _run_decode(3, 9, 3, N, 64, dtype, "cuda", VARIANTS[1], k_keep=64)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs CUDA (compiled Triton)")
+@pytest.mark.parametrize("S", [(1, 1), (217, 217), (1025, 1025), (4096, 4096), (1000, 5000)],
+                         ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_prefill_gpu(S, dtype):
+    Sq, Sk = S
+    for variant in VARIANTS[:4]:
+        _run_prefill(1, 32, 8, Sq, Sk, 128, dtype, "cuda", variant, k_keep=64)
+    _run_prefill(2, 9, 3, Sq, Sk, 64, dtype, "cuda", VARIANTS[2], k_keep=64)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs CUDA (compiled Triton)")
+@pytest.mark.parametrize("kth", [65, 513])
+def test_row_samples_gpu(kth):
+    q, k, _ = _qkv(1, 8, 2, 2048, 2048, 128, torch.bfloat16, "cuda")
+    t, d_u = row_samples(q, k, kth)
+    tr, dr = row_samples_causal_ref(q, k, kth)
+    assert torch.equal(torch.isnan(t), torch.isnan(tr))
+    ok = ~torch.isnan(tr)
+    torch.testing.assert_close(t[ok], tr[ok], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(d_u[ok], dr[ok], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs CUDA (compiled Triton)")
+@pytest.mark.parametrize("cfg", [SparseConfig(sdc=SDC.OFFLINE, vmc=True), SparseConfig(sdc=SDC.EXACT, vmc=False)],
+                         ids=lambda c: c.label())
+def test_dispatch_gpu(cfg):
+    _dispatch_vs_reference("cuda", torch.bfloat16, cfg, steps=3, Hq=32, Hkv=8, S=700, d=128, k_keep=64)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs CUDA (compiled Triton)")
+def test_model_generation_gpu():
+    """A tiny random Llama through transformers: kernels and reference give the same greedy tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from topθ_core.integration import prepare_model, sparse_run
+    from topθ_core.thresholds import ModelFingerprint, ThresholdStats
+    from topθ_core.integration import model_fingerprint
+
+    torch.manual_seed(0)
+    mc = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                     num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=2048)
+    model = prepare_model(LlamaForCausalLM(mc).to("cuda", torch.bfloat16).eval())
+    fp = model_fingerprint(model)
+    stats = ThresholdStats(2, 8, bin_width=16, device="cpu")
+    for layer in range(2):
+        lengths = torch.arange(1, 1025)
+        stats.add(layer, lengths, torch.full((1024, 8), 0.05), torch.full((1024, 8), 0.5))
+    cfg = SparseConfig(sdc=SDC.OFFLINE, vmc=True)
+    th = stats.finalize(0.0, fingerprint=fp, k=cfg.k, placement=cfg.placement)
+    ids = torch.randint(0, 256, (1, 600), device="cuda")
+    res = {}
+    for use_kernels in (True, False):
+        m = SparsityMetrics()
+        with torch.inference_mode(), sparse_run(cfg, th, model=model, metrics=m, use_kernels=use_kernels):
+            out = model.generate(ids, max_new_tokens=8, do_sample=False)
+        res[use_kernels] = (out, m.to_frame())
+    assert torch.equal(res[True][0], res[False][0])
+    for col in ("kept", "visible", "kept_v_rows", "kv_rows"):
+        a, b = res[True][1][col].sum(), res[False][1][col].sum()
+        assert abs(a - b) <= max(2, 1e-4 * b), (col, a, b)
