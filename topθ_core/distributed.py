@@ -266,12 +266,22 @@ def load_rank_model(spec: str | os.PathLike, *, device: torch.device | str | Non
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"could not load a causal LM from {path}: {e}") from None
-    placed = set(getattr(model, "hf_device_map", {}).values())
-    off = sorted(str(d) for d in placed if not (isinstance(d, int) and d in gpus))
+    placed = {_gpu_index(d) for d in getattr(model, "hf_device_map", {}).values()}
+    off = sorted(str(d) for d in placed if d not in gpus)
     if off:
         raise ModelLoadError(f"{name} does not fit on GPUs {list(gpus)} (parts went to {off}); "
                              "use more GPUs per rank (--gpus-per-rank)")
     return wrap_model(model, tok, name)
+
+
+def _gpu_index(d) -> int | str:
+    """accelerate's device-map value (0, 'cuda:0', torch.device('cuda', 0), 'cpu', 'disk') → GPU index or name."""
+    if isinstance(d, int):
+        return d
+    if isinstance(d, str) and not d.startswith("cuda"):
+        return d
+    dev = torch.device(d)
+    return (dev.index or 0) if dev.type == "cuda" else str(dev)
 
 
 # ---- the calibration ----------------------------------------------------------------------
