@@ -1,0 +1,241 @@
+"""Pure computations behind the pages (no Streamlit): data choices, k tables, sparsity snapshots.
+
+Everything here takes plain values and a :class:`~topθ_core.models.LoadedModel` and returns
+plain values or DataFrames, so it is tested without a browser or a script runner.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from topθ_core import tasks
+from topθ_core.config import DENSE, KSchedule, SparseConfig
+from topθ_core.integration import sparse_run
+from topθ_core.metrics import SparsityMetrics
+from topθ_core.thresholds import Thresholds
+
+MAP_CAP = 256  # at most MAP_CAP × MAP_CAP cells are drawn per attention map
+PAPER_NEAR_DENSE_K = 512
+
+
+# ---------------------------------------------------------------------------- data sources
+def bundled_sources() -> dict[str, list[str]]:
+    """Names the Calibrate page offers, by kind."""
+    return {"corpus": tasks.list_corpora(),
+            "task": [f"mc:{t}" for t in tasks.list_mc_tasks()] + [f"gen:{t}" for t in tasks.list_generation_tasks()]}
+
+
+def bundled_texts(kind: str, name: str, limit: int) -> list[str]:
+    """Texts of a bundled corpus (``kind="corpus"``) or task (``"mc:arc_easy"``, ``"gen:gsm8k"``).
+
+    Multiple-choice items become ``context + " " + gold choice`` (what the model reads when
+    it is scored); generation tasks give their prompts.  ``limit`` is capped at what exists.
+    """
+    if kind == "corpus":
+        texts = tasks.load_corpus(name)
+    elif name.startswith("mc:"):
+        texts = [it.context + it.continuations()[it.gold] for it in tasks.load_mc_task(name[3:])]
+    elif name.startswith("gen:"):
+        texts = tasks.load_generation_prompts(name[4:])
+    else:
+        raise ValueError(f"unknown bundled source {kind}:{name}")
+    return texts[: max(1, int(limit))]
+
+
+def sample_prompts() -> dict[str, str]:
+    """A few prompts for the Sparsity and Compare pages, label → text."""
+    out: dict[str, str] = {}
+    try:
+        out["Python docs (prose)"] = tasks.load_corpus("pydoc", limit=1)[0]
+        out["Fiction (LAMBADA)"] = tasks.load_corpus("lambada", limit=1)[0]
+        out["Python source"] = tasks.load_corpus("code", limit=1)[0]
+        out["GSM8K question"] = tasks.load_generation_prompts("gsm8k", limit=1)[0]
+        out["HumanEval prompt"] = tasks.load_generation_prompts("humaneval", limit=1)[0]
+    except (FileNotFoundError, ValueError):
+        pass
+    return out
+
+
+# ---------------------------------------------------------------------------- k schedules
+def k_table(n_layers: int, default: int, near_dense: bool) -> pd.DataFrame:
+    """Editable per-layer k table: ``default`` everywhere, 512 on layers 0 and 1 when ``near_dense``."""
+    ks = [PAPER_NEAR_DENSE_K if near_dense and layer < 2 else default for layer in range(n_layers)]
+    return pd.DataFrame({"layer": np.arange(n_layers, dtype=np.int64), "k": np.asarray(ks, dtype=np.int64)})
+
+
+def k_schedule_from_table(table: pd.DataFrame, default: int) -> KSchedule:
+    """The :class:`KSchedule` of an edited k table (layers whose k differs from ``default`` override it)."""
+    overrides = {}
+    for layer, k in zip(table["layer"], table["k"]):
+        if k is None or (isinstance(k, float) and math.isnan(k)):
+            continue
+        if int(k) != int(default):
+            overrides[int(layer)] = int(k)
+    return KSchedule(default=int(default), overrides=tuple(sorted(overrides.items())))
+
+
+def eta_text(done: int, total: int, elapsed: float) -> str:
+    """``"512/2,048 tokens · 3.1 s elapsed · ETA 9 s"``."""
+    text = f"{done:,}/{total:,} tokens · {elapsed:.1f} s elapsed"
+    if 0 < done < total and elapsed > 0:
+        text += f" · ETA {elapsed * (total - done) / done:.0f} s"
+    return text
+
+
+# ---------------------------------------------------------------------------- sparsity snapshot
+@dataclass
+class SparsitySnapshot:
+    """What the Sparsity page draws for one prompt and one config."""
+
+    tokens: list[str]
+    layer: int
+    metrics: pd.DataFrame  # SparsityMetrics.to_frame()
+    popularity: pd.DataFrame  # layer, position, count (prefill, all query heads)
+    decode: pd.DataFrame  # layer, step, kept_v_rows, kv_rows, kept_v_frac
+    generated: list[str]
+    dense: np.ndarray  # (H, n, n) dense softmax of the layer's scores, pooled (row mass kept)
+    sparse: np.ndarray  # (H, n, n) weights applied to V after selection and compensation, pooled
+    kept: np.ndarray  # (H, n, n) fraction of kept elements per cell
+    visible: np.ndarray  # (n, n) fraction of visible elements per cell
+    pool: int  # tokens per drawn cell along each axis
+    seconds: float
+    config_label: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+
+def _pool_cols(x: torch.Tensor, f: int, reduce: str) -> torch.Tensor:
+    """(..., N) → (..., ceil(N/f)) by sum or mean over groups of ``f`` columns."""
+    if f == 1:
+        return x
+    n = x.shape[-1]
+    pad = (-n) % f
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    x = x.reshape(*x.shape[:-1], -1, f)
+    return x.sum(-1) if reduce == "sum" else x.sum(-1) / f
+
+
+class _MapCapture:
+    """Observer that keeps one layer's prefill maps, column-pooled as chunks arrive."""
+
+    def __init__(self, layer: int, pool: int):
+        self.layer, self.pool = layer, pool
+        self.dense: list[torch.Tensor] = []
+        self.sparse: list[torch.Tensor] = []
+        self.kept: list[torch.Tensor] = []
+        self.visible: list[torch.Tensor] = []
+
+    def __call__(self, layer: int, block) -> None:
+        if layer != self.layer or block.q_len <= 1:
+            return
+        logits = block.logits[0].float()  # (H, R, N)
+        m = logits.amax(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        e = torch.exp(logits - m)
+        dense = e / e.sum(-1, keepdim=True).clamp_min(1e-30)
+        f = self.pool
+        self.dense.append(_pool_cols(dense, f, "sum"))
+        self.sparse.append(_pool_cols(block.probs[0].float(), f, "sum"))
+        self.kept.append(_pool_cols(block.kept[0].float(), f, "mean"))
+        self.visible.append(_pool_cols(block.visible[0, 0].float(), f, "mean"))
+
+    @staticmethod
+    def _rows(chunks: list[torch.Tensor], f: int) -> np.ndarray:
+        x = torch.cat(chunks, dim=-2)  # (..., n_rows, n_cols)
+        x = _pool_cols(x.transpose(-1, -2), f, "mean").transpose(-1, -2)
+        return x.numpy().astype(np.float32)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        f = self.pool
+        return (self._rows(self.dense, f), self._rows(self.sparse, f), self._rows(self.kept, f),
+                self._rows(self.visible, f))
+
+
+def pool_factor(n_tokens: int, cap: int = MAP_CAP) -> int:
+    return max(1, math.ceil(n_tokens / cap))
+
+
+def sparsity_snapshot(lm, text: str, config: SparseConfig, thresholds: Thresholds | None, *, layer: int,
+                      max_tokens: int = 256, decode_steps: int = 8, map_cap: int = MAP_CAP) -> SparsitySnapshot:
+    """One sparse prefill of ``text`` (truncated to ``max_tokens``) plus ``decode_steps`` greedy steps.
+
+    Records :class:`SparsityMetrics` (with V-row popularity) for every layer, and the maps of
+    ``layer`` (all query heads) for drawing, pooled to at most ``map_cap`` cells a side.
+    """
+    ids = lm.tokenizer(text, return_tensors="pt").input_ids[:, :max_tokens]
+    if ids.shape[1] < 2:
+        raise ValueError("the prompt needs at least two tokens")
+    n = int(ids.shape[1])
+    if not 0 <= layer < lm.n_layers:
+        raise ValueError(f"layer {layer} does not exist (the model has {lm.n_layers})")
+    metrics = SparsityMetrics(track_popularity=True)
+    capture = _MapCapture(layer, pool_factor(n, map_cap))
+    device = lm.device
+    generated: list[int] = []
+    t0 = time.perf_counter()
+    with torch.inference_mode(), sparse_run(config, thresholds if config.needs_thresholds else None,
+                                            model=lm.model, metrics=metrics, observers=(capture,)):
+        if decode_steps <= 0:
+            base = getattr(lm.model, lm.model.base_model_prefix, lm.model)
+            base(input_ids=ids.to(device), use_cache=False)
+        else:
+            out = lm.model(input_ids=ids.to(device), use_cache=True, logits_to_keep=1)
+            eos = getattr(lm.tokenizer, "eos_token_id", None)
+            for _ in range(decode_steps):
+                nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+                generated.append(int(nxt))
+                if eos is not None and int(nxt) == eos:
+                    break
+                out = lm.model(input_ids=nxt, use_cache=True, logits_to_keep=1, **_cache_kwargs(lm.model, out))
+    seconds = time.perf_counter() - t0
+    dense, sparse, kept, visible = capture.arrays()
+    pop_rows = [pd.DataFrame({"layer": lay, "position": np.arange(p.numel()), "count": p.cpu().numpy()})
+                for lay, p in sorted(metrics.popularity.items())]
+    popularity = (pd.concat(pop_rows, ignore_index=True) if pop_rows
+                  else pd.DataFrame(columns=["layer", "position", "count"]))
+    dec_rows = [{"layer": lay, "step": i, "kept_v_rows": kv, "kv_rows": tot}
+                for lay, steps in sorted(metrics.decode_steps.items()) for i, (kv, tot) in enumerate(steps)]
+    decode = pd.DataFrame(dec_rows, columns=["layer", "step", "kept_v_rows", "kv_rows"])
+    decode["kept_v_frac"] = decode["kept_v_rows"] / decode["kv_rows"].where(decode["kv_rows"] > 0)
+    return SparsitySnapshot(
+        tokens=lm.tokenizer.convert_ids_to_tokens(ids[0].tolist()), layer=layer, metrics=metrics.to_frame(),
+        popularity=popularity, decode=decode,
+        generated=[lm.tokenizer.decode([t]) for t in generated],
+        dense=dense, sparse=sparse, kept=kept, visible=visible[0] if visible.ndim == 3 else visible,
+        pool=capture.pool, seconds=seconds, config_label=config.label())
+
+
+def _cache_kwargs(model, out) -> dict:
+    """The previous step's KV cache, under the name this transformers version uses."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    cache = getattr(out, "cache", None)
+    if cache is None:
+        cache = getattr(out, "past_key_values", None)
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+
+
+def default_sparse_config(thresholds: Thresholds | None) -> SparseConfig:
+    """Top-θ with the run's k and placement and its saved SDC/VMC defaults; dense without thresholds."""
+    if thresholds is None:
+        return DENSE
+    d = thresholds.meta.get("app_defaults") or {}
+    placement = thresholds.placement
+    sdc = d.get("sdc", "offline" if placement.value == "pre" else "none")
+    vmc = bool(d.get("vmc", True))
+    try:
+        return SparseConfig(k=thresholds.k, placement=placement, sdc=sdc, vmc=vmc)
+    except ValueError:
+        return SparseConfig(k=thresholds.k, placement=placement,
+                            sdc="offline" if placement.value == "pre" else "none", vmc=True)

@@ -1,0 +1,78 @@
+"""Saved benchmark results under ``benchmarks/results/`` (pure: no Streamlit).
+
+Tables (``.csv``, ``.parquet``, ``.jsonl``, ``.json``) are read into DataFrames; Markdown
+reports are returned as text.  The card a result came from is read from a ``device``,
+``card``, ``gpu`` or ``device_name`` column (or a JSON field of that name).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+CARD_COLUMNS = ("card", "device_name", "gpu", "device")
+TABLE_EXT = (".csv", ".parquet", ".jsonl", ".json")
+
+
+@dataclass
+class ResultFile:
+    path: Path
+    kind: str  # "table" | "markdown"
+    table: pd.DataFrame | None = None
+    text: str | None = None
+    error: str | None = None
+
+    @property
+    def cards(self) -> list[str]:
+        if self.table is None:
+            return []
+        for c in CARD_COLUMNS:
+            if c in self.table.columns:
+                return sorted({str(x) for x in self.table[c].dropna().unique()})
+        return []
+
+
+def read_result(path: Path) -> ResultFile:
+    path = Path(path)
+    try:
+        if path.suffix == ".md":
+            return ResultFile(path, "markdown", text=path.read_text())
+        if path.suffix == ".csv":
+            df = pd.read_csv(path)
+        elif path.suffix == ".parquet":
+            df = pd.read_parquet(path)
+        elif path.suffix == ".jsonl":
+            df = pd.read_json(path, lines=True)
+        else:
+            obj = json.loads(path.read_text())
+            df = pd.json_normalize(obj if isinstance(obj, list) else obj.get("rows", [obj]))
+        return ResultFile(path, "table", table=df)
+    except Exception as e:  # a malformed file is reported, not raised
+        return ResultFile(path, "table", error=f"{path.name}: cannot be read ({type(e).__name__}: {e})")
+
+
+def list_results(root: Path | None = None) -> list[ResultFile]:
+    root = root or RESULTS_DIR
+    if not root.is_dir():
+        return []
+    files = sorted(p for p in root.rglob("*") if p.is_file() and (p.suffix in TABLE_EXT or p.suffix == ".md"))
+    return [read_result(p) for p in files]
+
+
+def numeric_columns(df: pd.DataFrame) -> list[str]:
+    return [c for c in df.columns if pd.api.types.is_numeric_dtype(df[c])]
+
+
+def find_benchmark_script(root: Path | None = None) -> Path | None:
+    """The kernel benchmark script the Kernels page runs when CUDA is present."""
+    bench = (root or ROOT) / "benchmarks"
+    for name in ("bench_kernels.py", "kernel_bench.py", "benchmark_kernels.py", "kernels.py"):
+        if (bench / name).is_file():
+            return bench / name
+    hits = sorted(bench.glob("*kernel*.py")) if bench.is_dir() else []
+    return hits[0] if hits else None

@@ -1,0 +1,68 @@
+"""Widgets shared by several pages: the sparse-config controls."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from topθ_core.config import SDC, ConfigError, EmptyRowFloor, KSchedule, Placement, Selection, SparseConfig
+from topθ_core.thresholds import Thresholds
+
+from . import analysis
+from . import session_keys as K
+
+SELECTION_LABELS = {"top-theta": "Top-θ", "top-k": "Top-k", "dense": "Dense"}
+
+
+def sparse_config_controls(prefix: str, thresholds: Thresholds | None, *, columns: int = 4,
+                           selections: tuple[str, ...] = ("top-theta", "top-k")) -> tuple[SparseConfig | None, str | None]:
+    """Selection, placement, SDC (+scale), VMC, capk, k and the empty-row floor.
+
+    Defaults come from the active threshold set (its k, placement and saved SDC/VMC defaults).
+    Returns ``(config, None)`` or ``(None, message)`` when the combination is invalid.
+    """
+    keys = K.config_keys(prefix)
+    base = analysis.default_sparse_config(thresholds)
+    if base.selection is Selection.DENSE:
+        base = SparseConfig(selection=Selection.TOP_K, sdc=SDC.EXACT, vmc=True)
+    available = [s for s in selections if s != "top-theta" or thresholds is not None]
+    defaults = {"selection": available[0], "placement": base.placement.value, "sdc": base.sdc.value,
+                "sdc_scale": float(base.sdc_scale), "vmc": bool(base.vmc), "capk": False,
+                "k": int(base.k.default), "empty_row": base.empty_row.value}
+    for f, key in keys.items():
+        if key not in st.session_state or (f == "selection" and st.session_state[key] not in available):
+            st.session_state[key] = defaults[f]
+    cols = st.columns(columns)
+    selection = cols[0].radio("Selection", available, key=keys["selection"], horizontal=False,
+                              format_func=lambda s: SELECTION_LABELS[s])
+    top_theta = selection == "top-theta"
+    if top_theta:
+        st.session_state[keys["placement"]] = thresholds.placement.value
+    placement = cols[1].radio("Placement", [p.value for p in Placement], key=keys["placement"], disabled=top_theta,
+                              format_func=lambda p: f"{p}-softmax",
+                              help="Top-θ uses the placement its thresholds were calibrated for.")
+    sdc_options = [s.value for s in SDC]
+    if selection == "top-k":
+        sdc_options = [SDC.NONE.value, SDC.EXACT.value]
+    if placement == Placement.POST.value:
+        sdc_options = [SDC.NONE.value]
+    if st.session_state[keys["sdc"]] not in sdc_options:
+        st.session_state[keys["sdc"]] = sdc_options[-1] if SDC.EXACT.value in sdc_options and not top_theta else sdc_options[0]
+    sdc = cols[2].selectbox("SDC", sdc_options, key=keys["sdc"], help="Softmax denominator compensation")
+    sdc_scale = cols[2].number_input("SDC scale s", min_value=0.0, max_value=4.0, step=0.25, key=keys["sdc_scale"],
+                                     disabled=sdc == SDC.NONE.value)
+    vmc = cols[3].checkbox("VMC", key=keys["vmc"], help="V-mean compensation (needs SDC or post-softmax)")
+    capk = cols[3].checkbox("capk", key=keys["capk"], disabled=not top_theta,
+                            help="keep at most k survivors per row, most recent first (Top-θ only)")
+    k_default = cols[1].number_input("k (default)", min_value=1, max_value=1 << 16, step=8, key=keys["k"],
+                                     help="Rows with L ≤ k stay dense. Top-θ: per-layer overrides come from the "
+                                          "threshold set.")
+    floor = cols[0].selectbox("Empty rows", [e.value for e in EmptyRowFloor], key=keys["empty_row"],
+                              disabled=not top_theta, help="what a row keeps when nothing passes θ")
+    overrides = thresholds.k.overrides if (thresholds is not None and top_theta) else ()
+    try:
+        config = SparseConfig(selection=selection, placement=placement, sdc=sdc, sdc_scale=float(sdc_scale),
+                              vmc=bool(vmc), capk=bool(capk and top_theta), empty_row=floor,
+                              k=KSchedule(default=int(k_default), overrides=overrides))
+    except ConfigError as e:
+        return None, str(e)
+    return config, None

@@ -1,0 +1,93 @@
+"""Cached loaders: models with ``st.cache_resource`` (shared, never mutated per session), tables with ``st.cache_data``.
+
+A loaded model is shared by every session.  Sessions never change it: sparse settings
+travel in :func:`topθ_core.integration.sparse_run`'s ContextVar, which is per thread, and
+Streamlit runs each session's script in its own thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from topθ_core.config import SparseConfig
+from topθ_core.models import BUNDLED, LoadedModel, load_model
+from topθ_core.thresholds import Thresholds, load_thresholds
+
+from . import analysis, runs
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def default_model_spec() -> str:
+    """``$TOPTHETA_APP_MODEL`` (a local checkpoint, e.g. a tiny test model) or the bundled model."""
+    return os.environ.get("TOPTHETA_APP_MODEL", "").strip() or BUNDLED
+
+
+def available_devices() -> list[str]:
+    import torch
+
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def dtypes_for(device: str) -> list[str]:
+    return ["float32", "bfloat16", "float16"] if device == "cuda" else ["float32", "bfloat16"]
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def get_model(spec: str, device: str, dtype: str) -> LoadedModel:
+    """One :class:`LoadedModel` per (spec, device, dtype), shared by every session."""
+    import torch
+
+    return load_model(spec, device=device, dtype=getattr(torch, DTYPES[dtype]))
+
+
+@st.cache_resource(show_spinner=False, max_entries=32)
+def get_thresholds(path: str, mtime: float) -> Thresholds:
+    """A threshold artifact, read once per (path, mtime); shared read-only."""
+    return load_thresholds(path)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def threshold_frame(path: str, mtime: float) -> pd.DataFrame:
+    return get_thresholds(path, mtime).to_frame()
+
+
+def artifact_mtime(path: str | Path) -> float:
+    try:
+        return (Path(path) / "meta.json").stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _list_runs(root: str, signature: tuple) -> pd.DataFrame:
+    return runs.list_runs(Path(root))
+
+
+def list_runs() -> pd.DataFrame:
+    root = runs.runs_dir()
+    return _list_runs(str(root), runs.runs_signature(root))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def bundled_texts(kind: str, name: str, limit: int) -> list[str]:
+    return analysis.bundled_texts(kind, name, limit)
+
+
+@st.cache_data(show_spinner=False)
+def sample_prompts() -> dict[str, str]:
+    return analysis.sample_prompts()
+
+
+@st.cache_data(show_spinner=False, max_entries=24)
+def sparsity_snapshot(_lm: LoadedModel, model_key: str, text: str, config_json: str, _thresholds: Thresholds | None,
+                      run_key: str, layer: int, max_tokens: int, decode_steps: int) -> analysis.SparsitySnapshot:
+    """Cached :func:`analysis.sparsity_snapshot`; the hashed arguments are the model key, the run key and the settings."""
+    config = SparseConfig.from_dict(json.loads(config_json))
+    return analysis.sparsity_snapshot(_lm, text, config, _thresholds, layer=layer, max_tokens=max_tokens,
+                                      decode_steps=decode_steps)

@@ -1,0 +1,85 @@
+"""Sparsity: one prompt → attention maps of a chosen head, kept fractions, kept V rows, popularity, decode strip."""
+
+import json
+
+import streamlit as st
+
+from explorer_ui import figures, services
+from explorer_ui import session_keys as K
+from explorer_ui.analysis import MAP_CAP
+from explorer_ui.controls import sparse_config_controls
+from explorer_ui.sidebar import require_model
+from topθ_core.metrics import summarize
+from topθ_core.thresholds import ThresholdsError
+
+ctx = require_model()
+lm = ctx.lm
+st.title("Sparsity")
+st.caption("What Top-θ keeps for one prompt: one prefill (all layers, all heads) and a few greedy decode steps.")
+
+samples = services.sample_prompts()
+c1, c2 = st.columns([3, 1])
+sample = c2.selectbox("Sample prompt", ["(custom)"] + list(samples), key=K.SP_SAMPLE)
+if sample != "(custom)" and st.session_state.get(K.SP_SAMPLE_APPLIED) != sample:
+    st.session_state[K.SP_PROMPT] = samples[sample]
+    st.session_state[K.SP_SAMPLE_APPLIED] = sample
+if K.SP_PROMPT not in st.session_state:
+    st.session_state[K.SP_PROMPT] = next(iter(samples.values()), "The quick brown fox jumps over the lazy dog. " * 20)
+prompt = c1.text_area("Prompt", key=K.SP_PROMPT, height=130)
+max_tokens = c2.number_input("Max prompt tokens", min_value=8, max_value=4096, value=256, step=64,
+                             key=K.SP_MAX_TOKENS, help=f"maps are drawn at most {MAP_CAP}×{MAP_CAP} cells; longer "
+                                                       "prompts are pooled into blocks")
+decode_steps = c2.number_input("Decode steps", min_value=0, max_value=64, value=8, key=K.SP_DECODE)
+
+with st.expander("Sparse settings", expanded=ctx.thresholds is None):
+    config, err = sparse_config_controls("sp", ctx.thresholds)
+if err:
+    st.error(err)
+    st.stop()
+if ctx.thresholds is None:
+    st.caption("No threshold set is active for this model, so Top-θ is unavailable: showing top-k. "
+               "Calibrate on the Calibrate page to see Top-θ.")
+
+l1, l2, _ = st.columns([1, 1, 2])
+if st.session_state.get(K.SP_LAYER, 0) >= lm.n_layers:
+    st.session_state[K.SP_LAYER] = 0
+if K.SP_LAYER not in st.session_state:
+    st.session_state[K.SP_LAYER] = min(2, lm.n_layers - 1)
+layer = l1.selectbox("Layer (maps)", list(range(lm.n_layers)), key=K.SP_LAYER)
+head = l2.selectbox("Head", list(range(lm.fingerprint.n_heads)), key=K.SP_HEAD)
+
+if not prompt.strip():
+    st.info("Enter a prompt.")
+    st.stop()
+try:
+    with st.spinner("Running the model…"):
+        snap = services.sparsity_snapshot(lm, ctx.model_key, prompt, json.dumps(config.to_dict(), sort_keys=True),
+                                          ctx.thresholds, ctx.run_key, int(layer), int(max_tokens), int(decode_steps))
+except (ValueError, ThresholdsError) as e:
+    st.error(f"Cannot run this prompt: {e}")
+    st.stop()
+
+pre = summarize(snap.metrics, "prefill")
+dec = summarize(snap.metrics, "decode") if decode_steps else None
+m = st.columns(5)
+m[0].metric("prompt tokens", snap.n_tokens)
+m[1].metric("kept attention (prefill)", f"{pre['kept_attention']:.1%}", help="kept / visible elements, all layers")
+m[2].metric("kept V rows (prefill)", f"{pre['kept_v_rows']:.1%}")
+m[3].metric("kept V rows (decode)", "–" if not dec or dec["kept_v_rows"] != dec["kept_v_rows"] else
+            f"{dec['kept_v_rows']:.1%}")
+m[4].metric("size factor vs top-k", f"{pre['size_factor']:.2f}", help="kept / what top-k would keep; 1 is on target")
+st.caption(f"{snap.config_label} · {snap.seconds:.2f} s · empty rows {pre['empty_rows']} · extrapolated rows "
+           f"{pre['extrapolated_rows']}")
+
+st.plotly_chart(figures.attention_maps(snap.dense, snap.sparse, snap.kept, snap.visible, head=int(head), pool=snap.pool,
+                                       title=f"layer {layer} · head {head}"
+                                             + (f" · {snap.pool} tokens per cell" if snap.pool > 1 else "")),
+                width="stretch", key="sp_maps")
+a, b = st.columns(2)
+a.plotly_chart(figures.layer_head_heatmap(snap.metrics, "kept_frac", "prefill"), width="stretch", key="sp_kept")
+b.plotly_chart(figures.kv_rows_heatmap(snap.metrics, "prefill"), width="stretch", key="sp_kv")
+st.plotly_chart(figures.popularity_bar(snap.popularity, int(layer), snap.tokens), width="stretch", key="sp_pop")
+if decode_steps:
+    st.plotly_chart(figures.decode_strip(snap.decode, snap.generated), width="stretch", key="sp_decode")
+with st.expander("Metrics table", expanded=False):
+    st.dataframe(snap.metrics, hide_index=True, width="stretch")

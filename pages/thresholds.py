@@ -1,0 +1,99 @@
+"""Thresholds: θ vs length per head, a clickable layer × head grid, histograms, two runs overlaid."""
+
+from pathlib import Path
+
+import streamlit as st
+
+from explorer_ui import figures, runs, services
+from explorer_ui import session_keys as K
+from explorer_ui.sidebar import NO_RUN, page_link_calibrate, require_model
+
+ctx = require_model()
+st.title("Thresholds")
+
+all_runs = ctx.runs
+if all_runs.empty:
+    st.info("No saved calibration runs yet. Run one on the **Calibrate** page.")
+    page_link_calibrate()
+    st.stop()
+
+names = list(all_runs["name"])
+default_run = ctx.run_name if ctx.run_name in names else names[0]
+if st.session_state.get(K.TH_RUN) not in names:
+    st.session_state[K.TH_RUN] = default_run
+c1, c2, c3 = st.columns([2, 2, 1])
+run_name = c1.selectbox("Run", names, key=K.TH_RUN, help="defaults to the active threshold set")
+overlay_name = c2.selectbox("Overlay a second run (distribution shift)", [NO_RUN] + [n for n in names if n != run_name],
+                            key=K.TH_OVERLAY, format_func=lambda n: "(none)" if n == NO_RUN else n)
+row = all_runs[all_runs["name"] == run_name].iloc[0]
+meta = runs.read_meta(Path(row["path"])) or {}
+sigma = c3.number_input("σ", value=float(meta.get("sigma", 0.1)), step=0.05, key=K.TH_SIGMA,
+                        help="θ = mean + σ·std, recomputed from the saved statistics (no recalibration)")
+
+df = figures.with_sigma(services.threshold_frame(row["path"], services.artifact_mtime(row["path"])), sigma)
+overlay = None
+if overlay_name != NO_RUN:
+    orow = all_runs[all_runs["name"] == overlay_name].iloc[0]
+    overlay = figures.with_sigma(services.threshold_frame(orow["path"], services.artifact_mtime(orow["path"])), sigma)
+    if orow["digest"] != row["digest"]:
+        st.warning(f"{overlay_name} was calibrated for another model ({orow['model']}); heads may not correspond.")
+
+with st.expander(f"Provenance of {run_name}", expanded=False):
+    st.markdown("\n".join(f"- {line}" for line in runs.provenance_lines(meta)))
+    st.download_button("Download thresholds (.zip)", data=runs.zip_run(row["path"]), file_name=f"{run_name}.zip",
+                       mime="application/zip", key="th_download", icon=":material/download:")
+
+if df.empty:
+    st.warning("This run has no calibrated cells (were all documents shorter than k?).")
+    st.stop()
+
+n_layers = int(meta.get("model", {}).get("n_layers", df["layer"].max() + 1))
+n_heads = int(meta.get("model", {}).get("n_heads", df["head"].max() + 1))
+layers_with_theta = sorted(int(x) for x in df["layer"].unique())
+
+# A click in the grid (previous rerun) opens that head: apply it before the widgets are drawn.
+grid_state = st.session_state.get(K.TH_GRID)
+points = (grid_state or {}).get("selection", {}).get("points", []) if isinstance(grid_state, dict) else (
+    getattr(getattr(grid_state, "selection", None), "points", None) or [])
+if points:
+    cd = points[0].get("customdata")
+    click = (int(cd[0]), int(cd[1])) if cd is not None else (int(points[0]["y"]), int(points[0]["x"]))
+    if click != st.session_state.get(K.TH_GRID_SEEN):
+        st.session_state[K.TH_GRID_SEEN] = click
+        st.session_state[K.TH_LAYER] = click[0]
+        st.session_state[K.TH_HEADS] = [click[1]]
+
+if st.session_state.get(K.TH_LAYER) not in layers_with_theta:
+    st.session_state[K.TH_LAYER] = layers_with_theta[min(len(layers_with_theta) - 1, 2)]
+heads_all = list(range(n_heads))
+if not st.session_state.get(K.TH_HEADS) or any(h not in heads_all for h in st.session_state[K.TH_HEADS]):
+    st.session_state[K.TH_HEADS] = heads_all[: min(4, n_heads)]
+
+lo, hi = int(df["length_lo"].min()), int(df["length_hi"].max())
+if st.session_state.get(K.TH_LENGTH) is None or not lo <= st.session_state[K.TH_LENGTH] <= hi:
+    st.session_state[K.TH_LENGTH] = int(df["length"].median())
+
+left, right = st.columns([3, 2])
+with right:
+    length = st.slider("Row length L for the grid", min_value=lo, max_value=hi, key=K.TH_LENGTH)
+    cells = figures.theta_at_length(df, float(length))
+    selected = (st.session_state[K.TH_LAYER], st.session_state[K.TH_HEADS][0])
+    st.plotly_chart(figures.theta_grid(cells, float(length), selected=selected), key=K.TH_GRID, on_select="rerun",
+                    selection_mode="points", width="stretch")
+with left:
+    s1, s2 = st.columns([1, 3])
+    layer = s1.selectbox("Layer", layers_with_theta, key=K.TH_LAYER)
+    heads = s2.multiselect("Heads", heads_all, key=K.TH_HEADS)
+    st.plotly_chart(figures.theta_vs_length(df, layer, heads, overlay, names=(run_name, overlay_name)),
+                    width="stretch", key="th_curve")
+    h1, h2 = st.columns(2)
+    h1.plotly_chart(figures.theta_histogram(df, layer, overlay, names=(run_name, overlay_name)), width="stretch",
+                    key="th_hist_layer")
+    h2.plotly_chart(figures.theta_histogram(df, None, overlay, names=(run_name, overlay_name)), width="stretch",
+                    key="th_hist_all")
+
+missing = sorted(set(range(n_layers)) - set(layers_with_theta))
+if missing:
+    st.caption(f"Layers without θ (every row had L ≤ k, so they stay dense): {missing}")
+with st.expander("Table", expanded=False):
+    st.dataframe(df[df["layer"] == layer], hide_index=True, width="stretch")
