@@ -1,11 +1,11 @@
 """Data-parallel calibration (topθ_core.distributed) against one process, on CPU with gloo.
 
-Two ``torchrun`` launches keep this file fast on a small machine:
-
-* 2 ranks through the command line (``-m topθ_core.distributed``) on a text file;
-* 3 ranks running this file as a worker (``--worker``) through several scenarios in one
-  process group: an existing output directory, an uneven split, a rank with no document,
-  a rank that raises, a rank that does not arrive within the timeout.
+* 2 ranks launched by ``torchrun`` through the command line (``-m topθ_core.distributed``)
+  on a text file, against :func:`calibrate` in this process;
+* 3 ranks forked from this process (no re-import) running several scenarios in one gloo
+  group: an existing output directory, an uneven split, a rank with no document, a rank
+  that raises, a rank that does not arrive within the timeout; and 2 forked ranks of which
+  one dies.
 
 The model is a tiny random Llama (3 layers, GQA 4/2 heads) with a word-level tokenizer,
 both built here.  ``sample_frac = 1``: counts must be exactly equal, θ and SDC terms equal
@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 120  # word tokens w0..w119 → ids 2..121
 CONFIG = CalibrationConfig(k=KSchedule(8, {0: 24}), bin_width=8, tac=True, sample_frac=1.0)
 DOC_LENGTHS = [150, 37, 5, 97, 64, 211, 1, 120, 73]
-FEW_LENGTHS = [150, 40]  # fewer documents than ranks: one rank calibrates nothing
+FEW_LENGTHS = [150, 40]
+SAMPLED = CalibrationConfig(k=CONFIG.k, bin_width=8, tac=True, sample_frac=0.5)  # fewer documents than ranks: one rank calibrates nothing
 
 
 def _documents(lengths: list[int], seed: int = 0) -> list[torch.Tensor]:
@@ -220,9 +221,9 @@ def _scenarios(rank: int, lm, work: Path) -> None:
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     report: dict = {}
 
-    def run(name: str, docs, out: Path, **kw) -> None:
+    def run(name: str, docs, out: Path, config=CONFIG, **kw) -> None:
         try:
-            th = calibrate_distributed(lm, docs, CONFIG, out, **kw)
+            th = calibrate_distributed(lm, docs, config, out, **kw)
             report[name] = {"error": None}
             torch.save({"count": th.count, "t_mean": th.t_mean, "t_std": th.t_std, "sdc_mean": th.sdc_mean,
                         "created": th.meta["created"]}, work / f"{name}_rank{rank}.pt")
@@ -233,6 +234,7 @@ def _scenarios(rank: int, lm, work: Path) -> None:
     run("exists", _documents(DOC_LENGTHS), work / "exists")
     run("uneven", _documents(DOC_LENGTHS), work / "uneven")
     run("few", _documents(FEW_LENGTHS), work / "few")
+    run("sampled", _documents(DOC_LENGTHS), work / "sampled", config=SAMPLED)
     bad = _documents(DOC_LENGTHS) + [torch.full((30,), 10_000)]  # token id beyond the vocabulary
     run("fail", bad, work / "fail")
 
@@ -268,6 +270,12 @@ def test_three_ranks_scenarios(tiny_lm, tmp_path):
                 torch.testing.assert_close(mine[key], getattr(got, key), rtol=0, atol=0)
             assert mine["created"] == got.meta["created"]
     assert 0 in json.loads((tmp_path / "few" / "meta.json").read_text())["distributed"]["rank_documents"]
+
+    # sample_frac < 1: which rows are sampled depends on the split, how many per call does not
+    ref = calibrate(tiny_lm, _documents(DOC_LENGTHS), SAMPLED)
+    got = load_thresholds(tmp_path / "sampled")
+    assert got.meta["rows_sampled"] == ref.meta["rows_sampled"]
+    assert torch.equal(got.count.sum(-1), ref.count.sum(-1))
 
     # a rank that raises: every rank reports it by rank number and error; nothing written
     for rep in reports:

@@ -204,7 +204,7 @@ class _Comm:
     def all_reduce_sum(self, t: torch.Tensor, stage: str) -> torch.Tensor:
         if self.world == 1:
             return t
-        comm_dev = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+        comm_dev = torch.device("cuda", torch.cuda.current_device()) if "nccl" in self.backend else torch.device("cpu")
         buf = t.to(comm_dev)
         try:
             dist.all_reduce(buf, op=dist.ReduceOp.SUM)
@@ -538,6 +538,20 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _progress_printer(every_s: float = 15.0) -> ProgressFn:
+    """Rank 0's shard progress on stderr, at most every ``every_s`` seconds, and at the end."""
+    last = [0.0]
+
+    def report(done: int, total: int) -> None:
+        now = time.monotonic()
+        if done == total or now - last[0] >= every_s:
+            last[0] = now
+            print(f"rank 0: {done}/{total} tokens of its shard ({100 * done / max(total, 1):.0f}%)",
+                  file=sys.stderr, flush=True)
+
+    return report
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     info = rank_info()
@@ -556,7 +570,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.model, args.data, config, args.out, add_special_tokens=not args.no_special_tokens,
             max_length=args.max_length, overwrite=args.overwrite, backend=args.backend, timeout=args.timeout,
             device_map=args.device_map, gpus_per_rank=args.gpus_per_rank, dtype=_DTYPES[args.dtype],
-            extra_meta={"sparse_config": intended.to_dict()})
+            extra_meta={"sparse_config": intended.to_dict()}, progress=_progress_printer() if info.rank == 0 else None)
     except DistributedCalibrationError as e:
         if info.rank == 0 or not e.agreed:
             print(f"error: {e}", file=sys.stderr)
