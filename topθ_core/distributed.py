@@ -52,7 +52,7 @@ from .integration import model_fingerprint
 from .thresholds import ThresholdStats, Thresholds
 
 __all__ = ["DistributedCalibrationError", "RankInfo", "calibrate_distributed", "load_rank_model",
-           "rank_info", "shard_documents", "main"]
+           "rank_info", "shard_documents", "summary_line", "main"]
 
 DEFAULT_TIMEOUT = timedelta(minutes=30)
 
@@ -149,11 +149,15 @@ class _Comm:
         return self.info.world_size
 
     def close(self) -> None:
-        if self.owns_group and dist.is_initialized():
-            try:
+        if not dist.is_initialized():
+            return
+        try:
+            if self.owns_group:
                 dist.destroy_process_group()
-            except Exception:  # a broken group after a failure: nothing left to release
-                pass
+            elif self.ctrl is not None:
+                dist.destroy_process_group(self.ctrl)
+        except Exception:  # a broken group after a failure: nothing left to release
+            pass
 
     def agree(self, stage: str, error: BaseException | None, payload: Any = None) -> list[Any]:
         """Synchronise every rank; if any rank failed, raise the same error on all of them.
@@ -538,6 +542,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def summary_line(th: Thresholds, out: str | os.PathLike | None = None) -> str:
+    """One line about a distributed calibration's result (what the command line prints on rank 0)."""
+    m = th.meta
+    d = m.get("distributed", {"world_size": 1, "backend": "none"})
+    bins = int((th.count > 0).any(0).any(0).sum())
+    rate = m["tokens"] / m["seconds"] if m.get("seconds") else float("nan")
+    where = f"wrote {out}" if out is not None else "calibrated"
+    return (f"{where}: {th.n_layers} layers x {th.n_heads} heads, {bins} length bins, {m['rows_sampled']} rows "
+            f"from {m['tokens']} tokens of {m['documents']} documents on {d['world_size']} rank(s) "
+            f"({d['backend']}) in {m['seconds']:.1f} s ({rate:.0f} tokens/s)")
+
+
 def _progress_printer(every_s: float = 15.0) -> ProgressFn:
     """Rank 0's shard progress on stderr, at most every ``every_s`` seconds, and at the end."""
     last = [0.0]
@@ -576,13 +592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
         return 1
     if info.rank == 0:
-        m = th.meta
-        d = m["distributed"]
-        bins = int((th.count > 0).any(0).any(0).sum())
-        rate = m["tokens"] / m["seconds"] if m["seconds"] > 0 else float("nan")
-        print(f"wrote {args.out}: {th.n_layers} layers x {th.n_heads} heads, {bins} length bins, "
-              f"{m['rows_sampled']} rows from {m['tokens']} tokens of {m['documents']} documents "
-              f"on {d['world_size']} rank(s) ({d['backend']}) in {m['seconds']:.1f} s ({rate:.0f} tokens/s)")
+        print(summary_line(th, args.out))
     return 0
 
 

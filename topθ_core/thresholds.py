@@ -300,15 +300,15 @@ class Thresholds:
         z = lambda: torch.zeros(n_layers, n_heads, n_bins, dtype=torch.float64)  # noqa: E731
         count, mean, std, sdc = z(), z(), z(), z()
         if len(df):
-            l = torch.as_tensor(df["layer"].to_numpy(), dtype=torch.long)
-            h = torch.as_tensor(df["head"].to_numpy(), dtype=torch.long)
-            b = torch.as_tensor(df["bin"].to_numpy(), dtype=torch.long)
+            l = torch.as_tensor(df["layer"].to_numpy().copy(), dtype=torch.long)
+            h = torch.as_tensor(df["head"].to_numpy().copy(), dtype=torch.long)
+            b = torch.as_tensor(df["bin"].to_numpy().copy(), dtype=torch.long)
             if int(l.max()) >= n_layers or int(h.max()) >= n_heads or int(b.max()) >= n_bins or int(l.min()) < 0:
                 raise ThresholdsError("threshold table indices fall outside the shape its meta.json declares")
-            count[l, h, b] = torch.as_tensor(df["count"].to_numpy(), dtype=torch.float64)
-            mean[l, h, b] = torch.as_tensor(df["t_mean"].to_numpy(), dtype=torch.float64)
-            std[l, h, b] = torch.as_tensor(df["t_std"].to_numpy(), dtype=torch.float64)
-            sdc[l, h, b] = torch.as_tensor(df["sdc_term"].to_numpy(), dtype=torch.float64)
+            count[l, h, b] = torch.as_tensor(df["count"].to_numpy().copy(), dtype=torch.float64)
+            mean[l, h, b] = torch.as_tensor(df["t_mean"].to_numpy().copy(), dtype=torch.float64)
+            std[l, h, b] = torch.as_tensor(df["t_std"].to_numpy().copy(), dtype=torch.float64)
+            sdc[l, h, b] = torch.as_tensor(df["sdc_term"].to_numpy().copy(), dtype=torch.float64)
         meta = {k: v for k, v in meta.items() if k != "shape"}
         return cls(count=count, t_mean=mean, t_std=std, sdc_mean=sdc, meta=meta)
 

@@ -1,0 +1,197 @@
+"""Calibration statistics, the threshold artifact, and length lookup."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from topθ_core.attention import RowBlock, topθ_attention_ref
+from topθ_core.calibration import CalibrationObserver, calibrate, row_samples_ref
+from topθ_core.config import CalibrationConfig, KSchedule, Lookup, Placement, SparseConfig
+from topθ_core.thresholds import ModelFingerprint, ThresholdStats, Thresholds, ThresholdsError, load_thresholds
+
+FP = ModelFingerprint(name="m", digest="d" * 64, n_layers=2, n_heads=3, n_kv_heads=3, head_dim=8)
+
+
+def synthetic_block(logits: torch.Tensor, k: int) -> RowBlock:
+    """A RowBlock built from given causal logits (B, H, R, N); only the fields calibration reads matter."""
+    B, H, R, N = logits.shape
+    vis = torch.ones(R, N, dtype=torch.bool).tril(N - R).view(1, 1, R, N).expand(B, 1, R, N)
+    lg = logits.masked_fill(~vis, float("-inf"))
+    e = torch.exp(lg - lg.amax(-1, keepdim=True))
+    return RowBlock(row_start=0, logits=lg, visible=vis, row_len=vis.sum(-1), kept=vis.expand(B, H, R, N),
+                    probs=e, dense_rows=vis.sum(-1) <= k, empty_rows=torch.zeros(B, H, R, dtype=torch.bool),
+                    n_kv_heads=H, k=k, q_len=R, kv_len=N)
+
+
+def test_calibration_recovers_known_kplus1_largest_values():
+    """With bin width 1, θ at σ=0 is exactly the mean of each length's (k+1)-th largest visible score."""
+    torch.manual_seed(0)
+    k, N = 3, 12
+    stats = ThresholdStats(2, 3, bin_width=1)
+    obs = CalibrationObserver(stats, CalibrationConfig(k=KSchedule(k), bin_width=1, sigma=0.0))
+    blocks = [torch.randn(1, 3, N, N, dtype=torch.float64) for _ in range(4)]
+    for lg in blocks:
+        obs(1, synthetic_block(lg, k))
+    th = stats.finalize(0.0, fingerprint=FP, k=KSchedule(k), placement=Placement.PRE)
+    for L in range(k + 1, N + 1):
+        expected = []
+        for lg in blocks:
+            row = lg[0, :, L - 1, :L].numpy()  # row with L visible keys
+            expected.append(np.sort(row, axis=-1)[:, -(k + 1)])
+        exp_mean = np.mean(expected, axis=0)
+        np.testing.assert_allclose(th.theta[1, :, L - 1].numpy(), exp_mean, rtol=1e-12)
+        assert (th.count[1, :, L - 1] == 4).all()
+    assert (th.count[1, :, :k] == 0).all()  # rows with L ≤ k are never sampled
+    assert (th.count[0] == 0).all()
+
+
+def test_theta_is_mean_plus_sigma_population_std():
+    stats = ThresholdStats(1, 1, bin_width=4)
+    t = torch.tensor([1.0, 2.0, 4.0, 7.0], dtype=torch.float64)
+    stats.add(0, torch.tensor([5, 6, 7, 8]), t.view(-1, 1), torch.zeros(4, 1))
+    th = stats.finalize(0.5, fingerprint=FP, k=KSchedule(4), placement=Placement.PRE)
+    assert th.theta[0, 0, 1].item() == pytest.approx(t.mean().item() + 0.5 * t.std(unbiased=False).item())
+
+
+def test_merged_statistics_equal_single_pass():
+    torch.manual_seed(1)
+    cfg = CalibrationConfig(k=KSchedule(2), bin_width=3)
+    blocks = [torch.randn(2, 3, 10, 10, dtype=torch.float64) for _ in range(5)]
+    one = ThresholdStats(2, 3, 3)
+    obs = CalibrationObserver(one, cfg)
+    for lg in blocks:
+        obs(0, synthetic_block(lg, 2))
+    parts = [ThresholdStats(2, 3, 3, n_bins=1), ThresholdStats(2, 3, 3, n_bins=7)]
+    for i, lg in enumerate(blocks):
+        CalibrationObserver(parts[i % 2], cfg)(0, synthetic_block(lg, 2))
+    merged = parts[0].merge(parts[1])
+    nb = max(merged.n_bins, one.n_bins)
+    one.ensure_bins(nb), merged.ensure_bins(nb)
+    pad = lambda t: torch.nn.functional.pad(t, (0, nb - t.shape[-1]))  # noqa: E731
+    assert torch.equal(pad(merged.count), pad(one.count)) and one.count.sum() > 0
+    for a, b in zip(merged.tensors()[1:], one.tensors()[1:]):
+        torch.testing.assert_close(pad(a), pad(b), rtol=1e-12, atol=1e-12)
+
+
+def test_row_samples_reference_post_softmax_and_dropped_mass():
+    lg = torch.tensor([[0.0, 1.0, 2.0, float("-inf"), 3.0]], dtype=torch.float64)
+    t, du = row_samples_ref(lg, 2, Placement.PRE)
+    assert t.item() == 2.0
+    assert du.item() == pytest.approx(math.exp(-3) + math.exp(-2) + math.exp(-1))
+    tp, _ = row_samples_ref(lg, 2, Placement.POST)
+    p = torch.softmax(lg, -1)
+    assert tp.item() == pytest.approx(p[0, 2].item())
+
+
+def test_sample_fraction_acts_and_prefers_unseen_lengths():
+    torch.manual_seed(0)
+    stats = ThresholdStats(1, 3, bin_width=1)
+    obs = CalibrationObserver(stats, CalibrationConfig(k=KSchedule(1), bin_width=1, sample_frac=0.5))
+    eligible = 0
+    for _ in range(6):
+        blk = synthetic_block(torch.randn(1, 3, 20, 20), 1)
+        eligible += int((blk.row_len > 1).sum())
+        obs(0, blk)
+    taken = int(stats.count[0, 0].sum())
+    assert taken == pytest.approx(eligible / 2, abs=6)
+    # biased to the least-seen bins: a length already seen 1000 times is almost never sampled again
+    before = stats.count[0, 0, 9].item()
+    stats.count[0, :, 9] += 1000
+    for _ in range(5):
+        obs(0, synthetic_block(torch.randn(1, 3, 20, 20), 1))
+    assert stats.count[0, 0, 9].item() - 1000 - before <= 1
+    assert (stats.count[0, 0, 1:20] > 0).all()
+
+
+def test_artifact_round_trip_and_atomic_write(tmp_path):
+    torch.manual_seed(0)
+    stats = ThresholdStats(2, 3, bin_width=4)
+    stats.add(0, torch.tensor([5, 9, 9, 30]), torch.randn(4, 3), torch.rand(4, 3))
+    stats.add(1, torch.tensor([6, 7]), torch.randn(2, 3), torch.rand(2, 3))
+    th = stats.finalize(0.1, fingerprint=FP, k=KSchedule(4, {0: 8}), placement=Placement.PRE, data="unit")
+    out = th.save(tmp_path / "th")
+    assert sorted(os.listdir(tmp_path)) == ["th"]  # no temp dirs left behind
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["model"]["name"] == "m" and meta["k"]["overrides"] == {"0": 8} and meta["sigma"] == 0.1
+    back = load_thresholds(out, expect_model=FP)
+    for a, b in ((back.count, th.count), (back.t_mean, th.t_mean), (back.t_std, th.t_std), (back.sdc_mean, th.sdc_mean)):
+        torch.testing.assert_close(a, b)
+    L = torch.tensor([[5, 9, 17, 30, 100]])
+    for lk in Lookup:
+        for x, y in zip(back.lookup(0, L, lk), th.lookup(0, L, lk)):
+            assert torch.equal(x, y)
+    with pytest.raises(FileExistsError):
+        th.save(out)
+    th.with_sigma(0.5).save(out, overwrite=True)
+    assert load_thresholds(out).sigma == 0.5
+    assert sorted(os.listdir(tmp_path)) == ["th"]
+
+
+def test_wrong_model_and_broken_artifacts_are_refused(tmp_path):
+    stats = ThresholdStats(2, 3, bin_width=4)
+    stats.add(0, torch.tensor([5]), torch.randn(1, 3), torch.rand(1, 3))
+    th = stats.finalize(0.1, fingerprint=FP, k=KSchedule(4), placement=Placement.PRE)
+    path = th.save(tmp_path / "th")
+    other = ModelFingerprint(name="other-model", digest="e" * 64, n_layers=2, n_heads=3, n_kv_heads=3, head_dim=8)
+    with pytest.raises(ThresholdsError, match=r"calibrated for m .*loaded model is other-model"):
+        load_thresholds(path, expect_model=other)
+    with pytest.raises(ThresholdsError, match="does not exist"):
+        load_thresholds(tmp_path / "nope")
+    (path / "meta.json").write_text("{not json")
+    with pytest.raises(ThresholdsError, match="not valid JSON"):
+        load_thresholds(path)
+    th.save(tmp_path / "th2")
+    (tmp_path / "th2" / "thresholds.parquet").write_bytes(b"garbage")
+    with pytest.raises(ThresholdsError, match="not a readable Parquet"):
+        load_thresholds(tmp_path / "th2")
+
+
+def test_lookup_interpolates_between_bins_nearest_snaps_and_extrapolation_is_flagged():
+    stats = ThresholdStats(1, 1, bin_width=10)
+    # bins 1 (lengths 11-20, centre 15.5) and 3 (31-40, centre 35.5); bin 2 is a gap
+    stats.add(0, torch.tensor([15, 35]), torch.tensor([[1.0], [3.0]], dtype=torch.float64), torch.tensor([[0.5], [1.5]]))
+    th = stats.finalize(0.0, fingerprint=FP, k=KSchedule(1), placement=Placement.PRE)
+    L = torch.tensor([[15, 25, 30, 36, 60, 5]])
+    theta, sdc, extrap = th.lookup(0, L, Lookup.INTERPOLATE)
+    # filled table: bin 0 flat at 1, bin 1 = 1, gap bin 2 = 2 (linear), bin 3 = 3; pos = (L − 5.5) / 10
+    np.testing.assert_allclose(theta[0, 0].numpy(), [1.0, 1.95, 2.45, 3.0, 3.0, 1.0], rtol=1e-6)
+    assert extrap[0, 0].tolist() == [False, False, False, False, True, True]
+    theta_n, _, _ = th.lookup(0, L, Lookup.NEAREST)
+    assert theta_n[0, 0].tolist() == [1.0, 1.0, 1.0, 3.0, 3.0, 1.0]  # gap bin 2 (21-30) takes bin 1 on a tie
+    np.testing.assert_allclose(sdc[0, 0, 3].item(), 1.5)
+
+
+def test_calibrate_end_to_end_on_tiny_model_and_bounded_memory(tiny_lm):
+    torch.manual_seed(0)
+    docs = [torch.randint(0, 300, (n,)) for n in (40, 64, 90)]
+    cfg = CalibrationConfig(k=KSchedule(8, {0: 64}), bin_width=8, tac=True)
+    progress = []
+    th = calibrate(tiny_lm, docs, cfg, progress=lambda d, t: progress.append((d, t)))
+    assert progress[0] == (0, 194) and progress[-1] == (194, 194)
+    df = th.to_frame()
+    assert set(df["layer"]) == {0, 1, 2}
+    assert df[df.layer == 0]["length_lo"].min() > 64 - 8  # layer 0 only sees rows longer than its k=64
+    assert th.meta["documents"] == 3 and th.meta["tokens"] == 194
+    with pytest.raises(ValueError, match="not longer than the smallest k"):
+        calibrate(tiny_lm, [torch.randint(0, 300, (5,))], cfg)
+    with pytest.raises(ValueError, match="empty"):
+        calibrate(tiny_lm, [], cfg)
+
+
+def test_chunked_scores_bound_memory_at_8192():
+    """At N = 8192 the score block per chunk stays at the budget (never (B, H, N, N) at once)."""
+    seen = []
+    N, H = 8192, 2
+    q = torch.randn(1, H, N, 16)
+    k = torch.randn(1, 1, N, 16)
+    v = torch.randn(1, 1, N, 16)
+    budget = 1 << 22
+    topθ_attention_ref(q[:, :, -300:], k, v, config=SparseConfig(selection="top-k", sdc="none", vmc=False),
+                       k_keep=64, block_elements=budget, observer=lambda b: seen.append(b.logits.numel()))
+    assert len(seen) > 1 and max(seen) <= budget

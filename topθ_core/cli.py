@@ -1,0 +1,249 @@
+"""``toptheta``: calibrate, evaluate and generate from the command line.
+
+    toptheta calibrate --model smollm2 --data FILE --k 64 --layer-k 0:512,1:512 --out DIR
+    toptheta evaluate  --model smollm2 --thresholds DIR --data FILE
+    toptheta evaluate  --model smollm2 --thresholds DIR --task arc_easy --limit 100
+    toptheta generate  --model smollm2 --thresholds DIR --prompt TEXT --max-new-tokens 32
+
+Errors (bad data file, missing model, thresholds for another model, invalid config)
+print one line ``toptheta: error: …`` and exit with status 2; nothing half-written stays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+
+from .config import SDC, CalibrationConfig, ConfigError, EmptyRowFloor, KSchedule, Lookup, Placement, Selection, SparseConfig
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2", help="'smollm2' (bundled) or a local checkpoint directory")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--no-special-tokens", action="store_true", help="tokenize without BOS/special tokens")
+
+
+def _add_sparse(p: argparse.ArgumentParser, calibrating: bool = False) -> None:
+    p.add_argument("--k", type=int, default=None, help="kept elements per row (default: the thresholds' k)")
+    p.add_argument("--layer-k", default=None, help="per-layer overrides, e.g. 0:512,1:512")
+    p.add_argument("--placement", choices=[e.value for e in Placement], default=None)
+    p.add_argument("--selection", choices=[e.value for e in Selection], default="top-theta")
+    p.add_argument("--sdc", choices=[e.value for e in SDC], default="offline")
+    p.add_argument("--sdc-scale", type=float, default=1.0)
+    p.add_argument("--vmc", dest="vmc", action="store_true", default=True)
+    p.add_argument("--no-vmc", dest="vmc", action="store_false")
+    p.add_argument("--capk", action="store_true")
+    p.add_argument("--empty-row", choices=[e.value for e in EmptyRowFloor], default="max")
+    p.add_argument("--lookup", choices=[e.value for e in Lookup], default="interpolate")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="toptheta", description="Top-θ attention: calibrate, evaluate, generate")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("calibrate", help="calibrate thresholds and write an artifact directory")
+    _add_model(c)
+    c.add_argument("--data", required=True, help=".txt/.jsonl/.csv/.parquet file, or bundled:NAME")
+    c.add_argument("--k", type=int, default=64)
+    c.add_argument("--layer-k", default="0:512,1:512")
+    c.add_argument("--placement", choices=[e.value for e in Placement], default="pre")
+    c.add_argument("--sigma", type=float, default=0.1)
+    c.add_argument("--tac", action="store_true", help="top-k at calibration")
+    c.add_argument("--sdc", choices=[e.value for e in SDC], default="offline",
+                   help="SDC the thresholds are meant for (recorded; offline terms are always calibrated)")
+    c.add_argument("--sdc-scale", type=float, default=1.0)
+    c.add_argument("--vmc", action="store_true", help="VMC on top-k-at-calibration rows")
+    c.add_argument("--capk", action="store_true", help="recorded as the intended inference setting")
+    c.add_argument("--sample-frac", type=float, default=1.0)
+    c.add_argument("--bin-width", type=int, default=16)
+    c.add_argument("--max-length", type=int, default=None, help="truncate documents to this many tokens")
+    c.add_argument("--limit", type=int, default=None, help="use the first N documents")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", required=True)
+    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--distributed", action="store_true", help="data-parallel under torchrun (see README)")
+
+    e = sub.add_parser("evaluate", help="dense vs sparse on a data file or a bundled task")
+    _add_model(e)
+    e.add_argument("--thresholds", default=None, help="artifact directory (needed for top-theta)")
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="data file for perplexity")
+    src.add_argument("--task", help="bundled task: perplexity, arc_easy, arc_challenge, hellaswag, piqa, boolq, "
+                                    "lambada, agreement")
+    e.add_argument("--limit", type=int, default=None)
+    e.add_argument("--max-length", type=int, default=None)
+    _add_sparse(e)
+
+    g = sub.add_parser("generate", help="dense and Top-θ continuations side by side")
+    _add_model(g)
+    g.add_argument("--thresholds", default=None)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    _add_sparse(g)
+    return ap
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _read_data(spec: str, limit: int | None = None) -> tuple[list[str], str]:
+    from .datafiles import read_texts
+
+    if spec.startswith("bundled:"):
+        from .tasks import load_corpus
+
+        texts = load_corpus(spec.split(":", 1)[1])
+    else:
+        texts = read_texts(spec)
+    if limit is not None:
+        if limit < 1:
+            raise ValueError("--limit must be at least 1")
+        texts = texts[:limit]
+    return texts, spec
+
+
+def _sparse_config(args, thresholds) -> SparseConfig:
+    if args.k is not None:
+        k = KSchedule.parse(args.k, args.layer_k)
+    elif thresholds is not None:
+        k = thresholds.k if args.layer_k is None else KSchedule.parse(thresholds.k.default, args.layer_k)
+    else:
+        k = KSchedule.parse(64, args.layer_k if args.layer_k is not None else "0:512,1:512")
+    placement = args.placement or (thresholds.placement.value if thresholds is not None else "pre")
+    selection = Selection(args.selection)
+    sdc = args.sdc
+    if selection is not Selection.TOP_THETA and sdc in ("offline", "exp-threshold"):
+        sdc = "exact" if placement == "pre" else "none"
+    if placement == "post" and sdc != "none":
+        sdc = "none"
+    return SparseConfig(selection=selection, placement=placement, sdc=sdc, sdc_scale=args.sdc_scale,
+                        vmc=args.vmc, capk=args.capk, empty_row=args.empty_row, k=k, lookup=args.lookup)
+
+
+def _load(args):
+    from .models import load_model
+
+    return load_model(args.model, device=args.device, dtype=_dtype(args.dtype))
+
+
+def _load_thresholds(args, lm):
+    if not args.thresholds:
+        return None
+    from .thresholds import load_thresholds
+
+    return load_thresholds(args.thresholds, expect_model=lm.fingerprint)
+
+
+def cmd_calibrate(args) -> int:
+    from .calibration import calibrate
+
+    cfg = CalibrationConfig(k=KSchedule.parse(args.k, args.layer_k), placement=args.placement, sigma=args.sigma,
+                            tac=args.tac, sample_frac=args.sample_frac, bin_width=args.bin_width, seed=args.seed,
+                            vmc=args.vmc)
+    # the inference variant the user intends; validated now so a bad combination fails before an hour of work
+    SparseConfig(placement=args.placement, sdc=args.sdc if args.placement == "pre" else "none",
+                 sdc_scale=args.sdc_scale, vmc=args.placement == "post" or args.sdc != "none", capk=args.capk, k=cfg.k)
+    texts, desc = _read_data(args.data, args.limit)
+    if args.distributed:
+        from .distributed import calibrate_distributed
+
+        th = calibrate_distributed(args.model, texts, cfg, args.out, max_length=args.max_length,
+                                   add_special_tokens=not args.no_special_tokens, data_description=desc,
+                                   overwrite=args.overwrite, device=args.device, dtype=_dtype(args.dtype))
+        if th is None:
+            return 0
+    else:
+        from pathlib import Path
+
+        if Path(args.out).exists() and not args.overwrite:
+            raise FileExistsError(f"{args.out} already exists (pass --overwrite to replace it)")
+        lm = _load(args)
+        th = calibrate(lm, texts, cfg, max_length=args.max_length, add_special_tokens=not args.no_special_tokens,
+                       data_description=desc)
+        th.meta["intended_sdc"] = args.sdc
+        th.save(args.out, overwrite=args.overwrite)
+    df = th.to_frame()
+    print(f"calibrated {th.meta.get('documents')} documents, {th.meta.get('tokens')} tokens in "
+          f"{th.meta.get('seconds')} s ({th.meta.get('tokens', 0) / max(th.meta.get('seconds') or 1e-9, 1e-9):.0f} tok/s): "
+          f"{len(df)} (layer, head, length-bin) thresholds, k={cfg.k.default}"
+          f"{' [' + cfg.k.to_text() + ']' if cfg.k.overrides else ''}, σ={cfg.sigma} → {args.out}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    lm = _load(args)
+    th = _load_thresholds(args, lm)
+    cfg = _sparse_config(args, th)
+    from . import evaluation
+
+    if args.data:
+        texts, _ = _read_data(args.data, args.limit)
+        res = evaluation.evaluate_perplexity(lm, texts, cfg, th, max_length=args.max_length,
+                                             add_special_tokens=not args.no_special_tokens)
+        print(json.dumps(_jsonable(res.to_dict())))
+    else:
+        res = evaluation.run_task(lm, args.task, args.limit, cfg, th)
+        summary = res.summary if hasattr(res, "summary") else res
+        print(json.dumps(_jsonable(summary.to_dict(orient="records") if hasattr(summary, "to_dict") else summary)))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .generation import compare_generate
+
+    lm = _load(args)
+    th = _load_thresholds(args, lm)
+    cfg = _sparse_config(args, th)
+    steps = list(compare_generate(lm, args.prompt, cfg, th, max_new_tokens=args.max_new_tokens, chat=args.chat))
+    d = "".join(x.dense_text for x in steps)
+    s = "".join(x.sparse_text for x in steps)
+    div = next((i for i, x in enumerate(steps) if x.dense_token != x.sparse_token), None)
+    print(f"prompt : {args.prompt}")
+    print(f"config : {cfg.label()}")
+    if div is None:
+        print(f"dense  : {d}\nsparse : {s}\nidentical over {len(steps)} tokens")
+    else:
+        dd = "".join(x.dense_text for x in steps[:div]) + "⟦" + "".join(x.dense_text for x in steps[div:]) + "⟧"
+        ss = "".join(x.sparse_text for x in steps[:div]) + "⟦" + "".join(x.sparse_text for x in steps[div:]) + "⟧"
+        print(f"dense  : {dd}\nsparse : {ss}\nfirst divergence at generated token {div} (⟦ marks it)")
+    kl = sum(x.kl for x in steps) / len(steps)
+    print(f"mean next-token KL(dense‖sparse) {kl:.4f} nats; dense {steps[-1].dense_tok_s:.1f} tok/s, "
+          f"sparse {steps[-1].sparse_tok_s:.1f} tok/s")
+    return 0
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
+        return None
+    if hasattr(obj, "item"):
+        return _jsonable(obj.item())
+    return obj
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .datafiles import DataFileError
+    from .models import ModelLoadError
+    from .thresholds import ThresholdsError
+
+    try:
+        return {"calibrate": cmd_calibrate, "evaluate": cmd_evaluate, "generate": cmd_generate}[args.command](args)
+    except (DataFileError, ModelLoadError, ThresholdsError, ConfigError, FileExistsError, ValueError) as e:
+        print(f"toptheta: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
