@@ -43,7 +43,8 @@ def tiny_model(family: str = "llama", seed: int = 0, **over):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, **over), attn_implementation="sdpa")
+    impl = "eager" if family == "gemma2" else "sdpa"  # gemma2 soft-caps logits, which sdpa cannot
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **over), attn_implementation=impl)
     return model.eval()
 
 

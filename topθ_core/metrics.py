@@ -132,9 +132,8 @@ class SparsityMetrics:
                     row["kept_v_rows"] = row["kv_rows"] = 0
                 rows.append(row)
         df = pd.DataFrame(rows, columns=["layer", "phase", "head", "kv_head", *_HEAD_FIELDS, "kept_v_rows", "kv_rows"])
-        with pd.option_context("mode.chained_assignment", None):
-            df["kept_frac"] = df["kept"] / df["visible"].where(df["visible"] > 0)
-            df["size_factor"] = df["kept"] / df["topk_equiv"].where(df["topk_equiv"] > 0)
+        df["kept_frac"] = df["kept"] / df["visible"].where(df["visible"] > 0)
+        df["size_factor"] = df["kept"] / df["topk_equiv"].where(df["topk_equiv"] > 0)
         return df
 
 

@@ -131,7 +131,7 @@ class ThresholdStats:
             "model": fingerprint.to_dict(),
             "k": k.to_dict(),
             "sigma": sigma,
-            "placement": placement.value,
+            "placement": Placement(placement).value,
             "bin_width": self.bin_width,
             "calibration": calibration.to_dict() if calibration else None,
             "data": data,
