@@ -23,6 +23,8 @@ import triton.language as tl
 
 from ._common import check_qkv, last_dim_contiguous, next_pow2
 
+MAX_KTH = 256  # largest kth the kernel keeps in registers (buffer of next_pow2(kth) scores per row)
+
 
 @triton.jit
 def _row_samples_kernel(
@@ -114,12 +116,18 @@ def row_samples(q: torch.Tensor, k: torch.Tensor, kth: int, *, scale: float | No
     Args:
         q: (B, Hq, Sq, d); k: (B, Hkv, Sk, d), Sk ≥ Sq, bottom-right causal (row i sees keys
             j ≤ Sk − Sq + i).  fp16/bf16, d ∈ {64, 128}.
-        kth: which largest score to return (k + 1 for a target of k kept elements).
+        kth: which largest score to return (k + 1 for a target of k kept elements).  Above
+            ``MAX_KTH`` (256) this falls back to the PyTorch path, which materialises the scores.
     Returns:
         ``t`` (B, Hq, Sq) the kth-largest visible logit (scaled by ``scale``) and ``d_u``
         (B, Hq, Sq) ``Σ_{a ≤ t} e^(a − m)``, float32; NaN on rows with fewer than kth keys.
     """
     check_qkv(q, k, k)
     d = q.shape[-1]
-    return torch.ops.toptheta.row_samples(q, k, int(kth), float(d ** -0.5 if scale is None else scale),
-                                          int(block_m), int(num_warps))
+    scale = float(d ** -0.5 if scale is None else scale)
+    if kth > MAX_KTH:  # the register buffer would not fit: the PyTorch path (dense scores + topk)
+        from .reference import row_samples_causal_ref
+
+        return row_samples_causal_ref(q, k, kth, scale=scale)
+    op = torch.ops.toptheta.row_samples if torch.compiler.is_compiling() else _row_samples_launch
+    return op(q, k, int(kth), scale, int(block_m), int(num_warps))

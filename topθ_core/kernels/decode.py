@@ -4,9 +4,11 @@ Flash-decoding layout: the grid is (batch·KV heads, splits).  One program handl
 query head of a KV head (GQA group, padded to 16 rows for the tensor cores) over one split
 of the sequence.  For each block of keys it computes the scores of all heads, compares each
 with θ of its head (one compare per element), and loads a V row only when some head of the
-group keeps it: the V load is predicated per row (a d=128 bf16 row is 256 contiguous bytes),
-and a block where nothing passes skips the V load and the P·V product entirely.  All of K is
-read (a threshold needs every score); only kept V rows are.
+group keeps it: the V load is predicated per row (a d=128 bf16 row is 256 contiguous bytes;
+a masked-off row issues no memory transaction).  All of K is read (a threshold needs every
+score); only kept V rows are.  The V load of a block is issued as soon as its keep mask is
+known and consumed one block later (software pipelining by hand), so its latency hides behind
+the next block's QKᵀ: a data-dependent load cannot be prefetched by the compiler.
 
 Each split writes partial statistics (running max ``m`` of all visible scores and its index,
 ``D_S``, the exact dropped mass ``D_U``, kept count, ``Σ p v``, kept-V-row count); a combine
@@ -70,6 +72,11 @@ def _decode_split_kernel(
     acc = tl.zeros([BLOCK_G, D], tl.float32)
     k_base = K + b * sk_b + hkv * sk_h
     v_base = V + b * sv_b + hkv * sv_h
+    # V loads are software-pipelined by hand: the (row-predicated) load of block i is issued
+    # right after its keep mask is known and consumed one iteration later, so its latency
+    # overlaps the next block's QKᵀ instead of stalling on it.
+    p_prev = tl.zeros([BLOCK_G, BLOCK_N], V.dtype.element_ty)
+    v_prev = tl.zeros([BLOCK_N, D], V.dtype.element_ty)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
@@ -79,24 +86,26 @@ def _decode_split_kernel(
         keep = s > th[:, None]
         tmax = tl.max(s, 1)
         nk += tl.sum(keep.to(tl.int32), 1)
-        if FLOOR:
+        if FLOOR:  # track the argmax only while a row is still empty
             upd = (nk == 0) & (tmax > m)
-            arg = tl.argmax(s, 1).to(tl.int32)
-            idx = tl.where(upd, n0 + arg, idx)
+            if tl.max(upd.to(tl.int32), 0) > 0:
+                arg = tl.argmax(s, 1).to(tl.int32)
+                idx = tl.where(upd, n0 + arg, idx)
         m_new = tl.maximum(m, tmax)
         alpha = tl.exp2(m - m_new)
         m = m_new
+        acc = tl.dot(p_prev, v_prev, acc) * alpha[:, None]  # previous block, then rescale
         p_all = tl.exp2(s - m[:, None])
         p = tl.where(keep, p_all, 0.0)
         ds = ds * alpha + tl.sum(p, 1)
         if EXACT:
-            du = du * alpha + tl.sum(tl.where(keep, 0.0, p_all), 1)
-        acc = acc * alpha[:, None]
+            du = du * alpha + tl.sum(p_all - p, 1)
         krow = tl.max(keep.to(tl.int32), 0)  # (BLOCK_N,) 1 where some head keeps the row
         kvc += krow
-        if tl.max(krow, 0) > 0:  # skip the V block (and P·V) when nothing passed θ
-            vt = tl.load(v_base + offs_n[:, None] * sv_n + offs_d[None, :], mask=(krow > 0)[:, None], other=0.0)
-            acc += tl.dot(p.to(vt.dtype), vt)
+        # only kept rows are read: a fully masked row issues no memory transaction
+        v_prev = tl.load(v_base + offs_n[:, None] * sv_n + offs_d[None, :], mask=(krow > 0)[:, None], other=0.0)
+        p_prev = p.to(V.dtype.element_ty)
+    acc += tl.dot(p_prev, v_prev)
 
     part = (b * Hq + h) * S + sid
     tl.store(PM + part, m, mask=mask_g)
@@ -115,7 +124,7 @@ def _decode_combine_kernel(
     OUT, KEPT, EMPTY, KVOUT,
     sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h,
     Hkv, N, S, scale_log2, sdc_scale,
-    G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, D: tl.constexpr,
+    G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr, D: tl.constexpr,
     SDC_MODE: tl.constexpr, FLOOR: tl.constexpr, VMC: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -138,10 +147,14 @@ def _decode_combine_kernel(
     du = tl.sum(tl.load(PDU + base[:, None] + offs_s[None, :], mask=mask_gs, other=0.0) * w, 1)
     nk = tl.sum(tl.load(PNK + base[:, None] + offs_s[None, :], mask=mask_gs, other=0), 1)
     acc = tl.zeros([BLOCK_G, D], tl.float32)
-    for s in range(0, S):
-        ws = tl.exp2(tl.load(PM + base + s, mask=mask_g, other=float("-inf")) - m)
-        a = tl.load(PACC + (base + s)[:, None] * D + offs_d[None, :], mask=mask_g[:, None], other=0.0)
-        acc += a * ws[:, None]
+    offs_c = tl.arange(0, CHUNK_S)
+    for s0 in range(0, S, CHUNK_S):  # CHUNK_S splits at a time: few dependent loads
+        sc = s0 + offs_c
+        msk = mask_g[:, None] & (sc < S)[None, :]
+        ws = tl.exp2(tl.load(PM + base[:, None] + sc[None, :], mask=msk, other=float("-inf")) - m[:, None])
+        a = tl.load(PACC + (base[:, None, None] + sc[None, :, None]) * D + offs_d[None, None, :],
+                    mask=msk[:, :, None], other=0.0)  # (G, CHUNK_S, D)
+        acc += tl.sum(a * ws[:, :, None], 1)
     th = tl.load(THETA + b * Hq + h, mask=mask_g, other=float("inf")) * 1.4426950408889634
     ndrop = N - nk
     kept = nk
@@ -255,7 +268,8 @@ def _decode_launch(q3: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: to
         q3.stride(0), q3.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1),
         Hkv, N, S, scale_log2, float(sdc_scale),
-        G=G, BLOCK_G=max(2, next_pow2(G)), BLOCK_S=max(2, next_pow2(S)), D=D,
+        G=G, BLOCK_G=max(2, next_pow2(G)), BLOCK_S=max(2, next_pow2(S)),
+        CHUNK_S=max(2, min(next_pow2(S), max(2, 64 // next_pow2(G)))), D=D,
         SDC_MODE=sdc_code, FLOOR=floor_max, VMC=vmc, num_warps=4,
     )
     return out, kept, empty, kvout
@@ -312,7 +326,8 @@ def topθ_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch
         raise ValueError("top-theta needs theta")
     theta = theta.reshape(B, Hq)
     sdc_term = sdc_term.reshape(B, Hq) if sdc_term is not None else None
-    out, kept, empty, kv = torch.ops.toptheta.decode(
+    op = torch.ops.toptheta.decode if torch.compiler.is_compiling() else _decode_launch
+    out, kept, empty, kv = op(
         q[:, :, 0, :], k, v, theta, sdc_term, v_sum, float(d ** -0.5 if scale is None else scale), var.sdc,
         var.sdc_scale, var.vmc, var.floor_max, int(num_splits), int(block_n), int(num_warps), int(num_stages))
     return out.unsqueeze(2), KernelCounts(kept=kept, empty=empty, kept_v_rows=kv)

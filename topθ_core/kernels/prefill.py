@@ -205,7 +205,8 @@ def _prefill_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: to
         kvm = torch.zeros(B, Hkv, Sk, dtype=torch.int8, device=dev)
     else:
         nk = torch.empty(1, 1, 1, dtype=torch.int32, device=dev)
-        empty = kvm = torch.empty(1, 1, 1, dtype=torch.int8, device=dev)
+        empty = torch.empty(1, 1, 1, dtype=torch.int8, device=dev)
+        kvm = torch.empty(1, 1, 1, dtype=torch.int8, device=dev)
     if _decode_mod.POISON_OUTPUTS:
         out.fill_(float("nan"))
         if counts:
@@ -220,7 +221,7 @@ def _prefill_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: to
         G=Hq // Hkv, BLOCK_M=block_m, BLOCK_N=block_n, D=D, SDC_MODE=sdc_code, EXACT=sdc_code == 1, FLOOR=floor_max,
         VMC=vmc, COUNTS=counts, num_warps=num_warps, num_stages=num_stages,
     )
-    v_total = vcum[:, :, -1] if vmc else theta.new_empty(0)
+    v_total = vcum[:, :, -1].clone() if vmc else theta.new_empty(0)
     return out, nk, empty, kvm, v_total
 
 
@@ -273,7 +274,8 @@ def topθ_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torc
         theta = q.new_full((B, Hq, Sq), float("-inf"), dtype=torch.float32)
     elif theta is None:
         raise ValueError("top-theta needs theta")
-    out, nk, empty, kvm, v_total = torch.ops.toptheta.prefill(
+    op = torch.ops.toptheta.prefill if torch.compiler.is_compiling() else _prefill_launch  # eager: no op overhead
+    out, nk, empty, kvm, v_total = op(
         q, k, v, theta, sdc_term, float(d ** -0.5 if scale is None else scale), int(k_keep), var.sdc, var.sdc_scale,
         var.vmc, var.floor_max, bool(counts), int(block_m), int(block_n), int(num_warps), int(num_stages))
     kc = None
