@@ -1,0 +1,296 @@
+"""The app's pure modules: figures, uploads, runs, analysis, rendering, benchmark results."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytest.importorskip("plotly")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from explorer_ui import analysis, bench_results, figures, render, runs, uploads  # noqa: E402
+from explorer_ui import session_keys as K  # noqa: E402
+
+
+# ---------------------------------------------------------------------------- fixtures
+def theta_frame(n_layers=3, n_heads=4, bins=(2, 3, 5), w=16, seed=0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for l in range(n_layers):
+        for h in range(n_heads):
+            for b in bins:
+                m, s = rng.normal(), abs(rng.normal()) * 0.1
+                rows.append({"layer": l, "head": h, "bin": b, "length_lo": b * w + 1, "length_hi": (b + 1) * w,
+                             "length": b * w + (w + 1) / 2, "theta": m + 0.1 * s, "t_mean": m, "t_std": s,
+                             "count": 10, "sdc_term": 1.0})
+    return pd.DataFrame(rows)
+
+
+def metrics_frame(n_layers=2, n_heads=4, n_kv=2) -> pd.DataFrame:
+    rows = []
+    g = n_heads // n_kv
+    for phase in ("prefill", "decode"):
+        for l in range(n_layers):
+            for h in range(n_heads):
+                first = h % g == 0
+                rows.append({"layer": l, "phase": phase, "head": h, "kv_head": h // g, "kept": 10 + h, "visible": 100,
+                             "topk_equiv": 20, "rows": 10, "dense_rows": 1, "empty_rows": 0, "extrapolated_rows": 0,
+                             "kept_v_rows": 30 if first else 0, "kv_rows": 100 if first else 0})
+    df = pd.DataFrame(rows)
+    df["kept_frac"] = df["kept"] / df["visible"]
+    df["size_factor"] = df["kept"] / df["topk_equiv"]
+    return df
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from explorer_ui.tiny_model import make_tiny_model
+    from topθ_core.models import load_model
+
+    return load_model(make_tiny_model(tmp_path_factory.mktemp("tiny")))
+
+
+# ---------------------------------------------------------------------------- figures
+def test_theta_at_length_interpolates_and_flags_extrapolation():
+    df = theta_frame()
+    mid = float(df[(df["layer"] == 0) & (df["head"] == 0) & (df["bin"] == 2)]["length"].iloc[0])
+    cells = figures.theta_at_length(df, mid)
+    assert len(cells) == 12 and set(cells.columns) == {"layer", "head", "theta", "extrapolated"}
+    exact = df[(df["layer"] == 0) & (df["head"] == 0) & (df["bin"] == 2)]["theta"].iloc[0]
+    assert cells.iloc[0]["theta"] == pytest.approx(exact)
+    assert not cells["extrapolated"].any()
+    assert figures.theta_at_length(df, 10_000)["extrapolated"].all()
+
+
+def test_theta_grid_is_square_scatter_with_layer_head_customdata():
+    fig = figures.theta_grid(figures.theta_at_length(theta_frame(), 60), 60, selected=(1, 2))
+    main = fig.data[0]
+    assert main.type == "scatter" and main.marker.symbol == "square"
+    assert [list(x) for x in main.customdata][:3] == [[0, 0], [0, 1], [0, 2]]
+    assert fig.data[1].x == (2,) and fig.data[1].y == (1,)
+    assert fig.layout.yaxis.autorange == "reversed"
+
+
+def test_theta_vs_length_overlay_and_empty():
+    df = theta_frame()
+    fig = figures.theta_vs_length(df, 1, [0, 2], overlay=theta_frame(seed=1), names=("a", "b"))
+    assert [t.name for t in fig.data] == ["a · head 0", "a · head 2", "b · head 0", "b · head 2"]
+    assert fig.data[2].line.dash == "dash"
+    empty = figures.theta_vs_length(df, 7, [0])
+    assert not empty.data and "no calibrated rows" in empty.layout.annotations[0].text
+
+
+def test_with_sigma_recomputes_theta():
+    df = theta_frame()
+    out = figures.with_sigma(df, 2.0)
+    assert np.allclose(out["theta"], df["t_mean"] + 2 * df["t_std"])
+    assert figures.with_sigma(df, None) is df
+
+
+def test_histogram_overlays_two_runs():
+    fig = figures.theta_histogram(theta_frame(), 0, theta_frame(seed=3), names=("x", "y"))
+    assert [t.name for t in fig.data] == ["x", "y"] and fig.layout.barmode == "overlay"
+
+
+def test_attention_maps_grey_dropped_and_blank_future():
+    n, H = 6, 2
+    vis = np.tril(np.ones((n, n), dtype=np.float32))
+    dense = np.tile(vis / vis.sum(-1, keepdims=True), (H, 1, 1))
+    kept = np.tile(np.eye(n, dtype=np.float32), (H, 1, 1))
+    fig = figures.attention_maps(dense, dense * kept, kept, vis, head=1)
+    dropped, sparse, dense_tr = fig.data
+    z_drop, z_sparse, z_dense = (np.array(t.z, dtype=float) for t in fig.data)
+    assert np.isnan(z_dense[0, 5]) and np.isnan(z_sparse[0, 5]) and np.isnan(z_drop[0, 5])  # future: blank
+    assert z_drop[5, 0] == 1.0 and np.isnan(z_sparse[5, 0])  # visible, dropped: grey
+    assert z_sparse[5, 5] == pytest.approx(np.log10(1 / 6))
+    assert "kept" in fig.layout.annotations[0].text
+
+
+def test_layer_head_and_kv_heatmaps():
+    m = metrics_frame()
+    fig = figures.layer_head_heatmap(m)
+    assert np.array(fig.data[0].z).shape == (2, 4)
+    assert np.array(fig.data[0].z)[0, 3] == pytest.approx(0.13)
+    kv = figures.kv_rows_frame(m)
+    assert list(kv["kept_v_frac"]) == [0.3] * 4
+    assert np.array(figures.kv_rows_heatmap(m).data[0].z).shape == (2, 2)
+    assert not figures.layer_head_heatmap(m, phase="nope").data
+
+
+def test_popularity_and_decode_strip():
+    pop = pd.DataFrame({"layer": [0, 0, 0, 1], "position": [0, 1, 2, 0], "count": [5, 3, 1, 2]})
+    fig = figures.popularity_bar(pop, 0, ["a", "b", "c"])
+    assert list(fig.data[0].y) == [5, 3, 1] and list(fig.data[0].hovertext) == ["a", "b", "c"]
+    dec = pd.DataFrame({"layer": [0, 0, 1, 1], "step": [0, 1, 0, 1], "kept_v_rows": [1, 2, 3, 4],
+                        "kv_rows": [10, 10, 10, 10]})
+    dec["kept_v_frac"] = dec["kept_v_rows"] / dec["kv_rows"]
+    strip = figures.decode_strip(dec, ["x", "y"])
+    assert list(strip.data[0].x) == ["0: 'x'", "1: 'y'"]
+    assert not figures.decode_strip(dec.iloc[:0]).data
+
+
+def test_compare_chart_marks_divergence():
+    steps = pd.DataFrame({"step": [0, 1, 2], "kl": [0.0, 0.1, 0.5], "diverged": [False, False, True],
+                          "dense_tok_s": [5, 6, 7], "sparse_tok_s": [4, 5, 6], "kept_v_rows": [np.nan, 0.3, 0.2]})
+    fig = figures.compare_steps_chart(steps)
+    assert len(fig.data) == 4
+    assert any(s.x0 == 2 for s in fig.layout.shapes)
+
+
+def test_delta_and_tradeoff_charts():
+    summary = pd.DataFrame({"task": ["arc", "arc"], "metric": ["acc", "acc_norm"], "dense": [0.5, 0.6],
+                            "sparse": [0.49, 0.61], "delta": [-0.01, 0.01], "ci_low": [-0.03, -0.01],
+                            "ci_high": [0.01, 0.03]})
+    fig = figures.delta_chart(summary)
+    assert list(fig.data[0].x) == ["arc · acc", "arc · acc_norm"]
+    assert list(fig.data[0].error_y.array) == pytest.approx([0.02, 0.02])
+    res = summary.assign(kept_attention=[0.2, 0.2], config=["top-theta k=64", "top-theta k=64"])
+    trade = figures.tradeoff_chart(res, metric="acc")
+    assert list(trade.data[0].text) == ["top-theta k=64"] and trade.data[0].name == "arc"
+    assert not figures.tradeoff_chart(pd.DataFrame()).data
+
+
+def test_k_schedule_bar_and_kernel_chart():
+    t = analysis.k_table(4, 64, True)
+    assert list(figures.k_schedule_bar(t).data[0].y) == [512, 512, 64, 64]
+    df = pd.DataFrame({"n": [1, 2, 1, 2], "ms": [1.0, 2.0, 0.5, 1.0], "variant": ["a", "a", "b", "b"]})
+    fig = figures.kernel_speed_chart(df, "n", "ms", "variant")
+    assert [t.name for t in fig.data] == ["a", "b"]
+
+
+# ---------------------------------------------------------------------------- uploads
+@pytest.mark.parametrize("name,data,problem", [
+    ("a.txt", b"", "empty"),
+    ("a.pdf", b"%PDF", "unsupported file type"),
+    ("a.jsonl", b'{"text": "ok"}\n{not json}\n', "line 2 is not valid JSON"),
+    ("a.jsonl", b'{"body": "x"}\n', "no field 'text'"),
+    ("a.csv", b"title\nx\n", "no column 'text'"),
+    ("a.txt", b"\xff\xfe\x00bad", "not valid UTF-8"),
+    ("a.parquet", b"PAR1garbage", "not a readable Parquet"),
+    ("a.txt", b"\n\n  \n", "no usable text"),
+])
+def test_upload_errors_name_the_problem(name, data, problem):
+    with pytest.raises(uploads.UploadError) as e:
+        uploads.parse_upload(name, data)
+    assert problem in str(e.value) and name in str(e.value)
+
+
+def test_upload_size_limit():
+    with pytest.raises(uploads.UploadError, match="over the"):
+        uploads.parse_upload("big.txt", b"x" * 2000, max_bytes=1000)
+
+
+def test_upload_formats():
+    assert uploads.parse_upload("a.txt", b"one doc\n\nsecond doc").texts == ("one doc", "second doc")
+    assert uploads.parse_upload("a.jsonl", b'{"text": "a"}\n\n{"text": "b"}\n').texts == ("a", "b")
+    assert uploads.parse_upload("a.csv", b"text,x\nhello,1\nworld,2\n").texts == ("hello", "world")
+    buf = io.BytesIO()
+    pd.DataFrame({"text": ["p", "q"]}).to_parquet(buf)
+    up = uploads.parse_upload("a.parquet", buf.getvalue())
+    assert up.texts == ("p", "q") and "2 documents" in up.describe()
+
+
+# ---------------------------------------------------------------------------- runs
+def test_run_names():
+    assert runs.validate_run_name(" ok-1.x ") == "ok-1.x"
+    for bad in ("", "../x", "a b", ".hidden", "-x", "x" * 81):
+        with pytest.raises(ValueError):
+            runs.validate_run_name(bad)
+    name = runs.default_run_name("corpus:pydoc", 64, now=0)
+    assert name.startswith("corpus-pydoc-k64-") and runs.validate_run_name(name)
+
+
+def test_calibration_cancel_and_failure_leave_nothing(tiny, tmp_path):
+    from topθ_core.calibration import CalibrationCancelled, calibrate
+    from topθ_core.config import CalibrationConfig, KSchedule
+
+    texts = analysis.bundled_texts("corpus", "pydoc", 2)
+    cfg = CalibrationConfig(k=KSchedule(16))
+    with pytest.raises(CalibrationCancelled):
+        calibrate(tiny, texts, cfg, max_length=64, should_stop=lambda: True)
+    th = calibrate(tiny, texts, cfg, max_length=64, data_description="pydoc")
+    path = runs.save_run(th, "r1", root=tmp_path, app_defaults={"sdc": "offline", "vmc": True})
+    with pytest.raises(FileExistsError):
+        runs.save_run(th, "r1", root=tmp_path)
+    listed = runs.list_runs(tmp_path)
+    assert list(listed["name"]) == ["r1"] and listed.iloc[0]["k"] == "k=16"
+    assert runs.unique_run_name("r1", tmp_path) == "r1-2"
+    (tmp_path / ".r2.tmp-abc").mkdir()  # a temporary folder of an unfinished save is never listed
+    assert list(runs.list_runs(tmp_path)["name"]) == ["r1"]
+    lines = runs.provenance_lines(json.loads((path / "meta.json").read_text()))
+    assert any("data: pydoc" in x for x in lines) and any("sdc=offline" in x for x in lines)
+    assert analysis.default_sparse_config(th).sdc.value == "offline"
+
+
+# ---------------------------------------------------------------------------- analysis
+def test_k_table_round_trip():
+    t = analysis.k_table(5, 32, near_dense=True)
+    assert list(t["k"]) == [512, 512, 32, 32, 32]
+    s = analysis.k_schedule_from_table(t, 32)
+    assert s.default == 32 and dict(s.overrides) == {0: 512, 1: 512}
+    t.loc[3, "k"] = 8
+    assert dict(analysis.k_schedule_from_table(t, 32).overrides) == {0: 512, 1: 512, 3: 8}
+
+
+def test_eta_text():
+    assert analysis.eta_text(50, 100, 10.0) == "50/100 tokens · 10.0 s elapsed · ETA 10 s"
+    assert "ETA" not in analysis.eta_text(0, 100, 0.0)
+
+
+def test_bundled_sources_and_texts():
+    src = analysis.bundled_sources()
+    assert "pydoc" in src["corpus"] and "mc:arc_easy" in src["task"] and "gen:gsm8k" in src["task"]
+    mc = analysis.bundled_texts("task", "mc:arc_easy", 2)
+    assert len(mc) == 2 and all(isinstance(t, str) and t for t in mc)
+    assert len(analysis.bundled_texts("corpus", "pydoc", 3)) == 3
+
+
+def test_sparsity_snapshot_pools_long_prompts(tiny):
+    from topθ_core.config import KSchedule, SparseConfig
+
+    cfg = SparseConfig(selection="top-k", sdc="exact", vmc=True, k=KSchedule(8))
+    snap = analysis.sparsity_snapshot(tiny, "word " * 300, cfg, None, layer=1, max_tokens=300, decode_steps=3,
+                                      map_cap=100)
+    assert snap.n_tokens == 300 and snap.pool == 3
+    assert snap.dense.shape == (4, 100, 100) and snap.visible.shape == (100, 100)
+    assert np.allclose(snap.dense.sum(-1), 1.0, atol=1e-4)  # pooled rows keep their mass
+    assert 0 < snap.kept.mean() < 1
+    assert len(snap.generated) == 3 and set(snap.decode["step"]) == {0, 1, 2}
+    assert set(snap.popularity["layer"]) == {0, 1, 2}
+    with pytest.raises(ValueError):
+        analysis.sparsity_snapshot(tiny, "hi", cfg, None, layer=9)
+
+
+# ---------------------------------------------------------------------------- render, bench results, keys
+def test_tokens_html_escapes_and_marks_divergence():
+    steps = [{"step": 0, "dense_text": "<a>", "sparse_text": "<a>", "kl": 0.0, "diverged": False},
+             {"step": 1, "dense_text": " x", "sparse_text": " y", "kl": 2.0, "diverged": True},
+             {"step": 2, "dense_text": " z", "sparse_text": " z", "kl": float("nan"), "diverged": True}]
+    df = render.steps_frame(steps)
+    html = render.tokens_html(df, "sparse")
+    assert "&lt;a&gt;" in html and "<a>" not in html
+    assert html.count("tt-first-divergence") == 1 and 'data-step="1"' in html
+    assert render.first_divergent_step(df) == 1
+    assert render.kl_color(None) == "rgba(0,0,0,0)" and render.kl_color(5.0).endswith("0.80)")
+
+
+def test_bench_results(tmp_path):
+    pd.DataFrame({"n": [1, 2], "ms": [0.1, 0.2], "card": ["NVIDIA H100", "NVIDIA H100"]}).to_csv(tmp_path / "a.csv")
+    (tmp_path / "b.md").write_text("# hi")
+    (tmp_path / "c.json").write_text("{broken")
+    files = {f.path.name: f for f in bench_results.list_results(tmp_path)}
+    assert files["a.csv"].cards == ["NVIDIA H100"] and files["b.md"].text == "# hi"
+    assert "cannot be read" in files["c.json"].error
+
+
+def test_session_keys_are_unique():
+    values = [v for k, v in vars(K).items() if k.isupper() and isinstance(v, str)]
+    assert len(values) == len(set(values))
+    assert K.config_keys("acc")["sdc"] == K.ACC_SDC
