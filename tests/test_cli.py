@@ -1,0 +1,139 @@
+"""The ``toptheta`` CLI end to end on a tiny checkpoint, and every bad input it must refuse clearly."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pandas as pd
+import pytest
+
+from topθ_core.cli import main
+from topθ_core.config import ConfigError, KSchedule, SparseConfig, CalibrationConfig, parse_layer_k
+from topθ_core.datafiles import DataFileError, read_texts
+
+DOCS = [
+    ("Attention keeps what matters and drops the rest. " * 6).strip(),
+    ("The quick brown fox jumps over the lazy dog, again and again. " * 5).strip(),
+    ("def add(a, b):\n    return a + b\n" * 6).strip(),
+]
+
+
+@pytest.fixture()
+def data_file(tmp_path):
+    p = tmp_path / "docs.txt"
+    p.write_text("\n\n".join(DOCS))
+    return p
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_calibrate_evaluate_generate_on_a_local_checkpoint(tiny_checkpoint, data_file, tmp_path, capsys):
+    out_dir = tmp_path / "th"
+    code, out, err = run(capsys, "calibrate", "--model", tiny_checkpoint, "--data", data_file, "--k", 8,
+                         "--layer-k", "0:16", "--tac", "--vmc", "--bin-width", 8, "--out", out_dir)
+    assert code == 0, err
+    assert "calibrated 3 documents" in out and str(out_dir) in out
+    assert sorted(os.listdir(out_dir)) == ["meta.json", "thresholds.parquet"]
+    meta = json.loads((out_dir / "meta.json").read_text())
+    assert meta["k"] == {"default": 8, "overrides": {"0": 16}} and meta["calibration"]["tac"] is True
+
+    code, out, err = run(capsys, "evaluate", "--model", tiny_checkpoint, "--thresholds", out_dir, "--data", data_file)
+    assert code == 0, err
+    res = json.loads(out)
+    for key in ("dense_nll", "dense_ppl", "sparse_nll", "sparse_ppl", "kept_attention", "kept_attention_sparse",
+                "kept_v_rows"):
+        assert key in res and res[key] is not None
+    assert 0 < res["kept_attention"] < 1 and res["sparse_ppl"] > 0
+
+    code, out, err = run(capsys, "generate", "--model", tiny_checkpoint, "--thresholds", out_dir,
+                         "--prompt", "The quick brown", "--max-new-tokens", 6)
+    assert code == 0, err
+    assert out.count("dense  :") == 1 and out.count("sparse :") == 1 and "KL" in out
+
+
+@pytest.mark.parametrize("content,name,message", [
+    (b"\xff\xfe not utf8", "bad.txt", "not valid UTF-8"),
+    (b"\n\n   \n", "empty.txt", "no usable text"),
+    (b'{"body": "x"}\n', "wrong.jsonl", "no field 'text'"),
+    (b'{"text": "x"\n', "broken.jsonl", "line 1 is not valid JSON"),
+    (b"body\nhello\n", "wrong.csv", "no column 'text'"),
+    (b"PAR1garbage", "bad.parquet", "not a readable Parquet"),
+    (b"hello", "notes.docx", "unsupported file type"),
+])
+def test_bad_data_files_are_clear_errors(tmp_path, content, name, message, tiny_checkpoint, capsys):
+    p = tmp_path / name
+    p.write_bytes(content)
+    with pytest.raises(DataFileError, match=message):
+        read_texts(p)
+    code, _, err = run(capsys, "calibrate", "--model", tiny_checkpoint, "--data", p, "--out", tmp_path / "o")
+    assert code == 2 and name in err and message.split("'")[0] in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_good_data_formats_read_the_same_documents(tmp_path):
+    texts = ["first document", "second one\nwith two lines"]
+    (tmp_path / "a.txt").write_text("\n\n".join(texts))
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in texts))
+    pd.DataFrame({"text": texts, "id": [1, 2]}).to_csv(tmp_path / "a.csv", index=False)
+    pd.DataFrame({"text": texts}).to_parquet(tmp_path / "a.parquet")
+    for ext in ("txt", "jsonl", "csv", "parquet"):
+        assert read_texts(tmp_path / f"a.{ext}") == texts
+
+
+def test_missing_paths_and_wrong_model_thresholds(tmp_path, tiny_checkpoint, data_file, capsys):
+    code, _, err = run(capsys, "calibrate", "--model", tmp_path / "no-model", "--data", data_file, "--out", tmp_path / "o")
+    assert code == 2 and "does not exist" in err
+    code, _, err = run(capsys, "calibrate", "--model", tiny_checkpoint, "--data", tmp_path / "nope.txt", "--out",
+                       tmp_path / "o")
+    assert code == 2 and "nope.txt: no such file" in err
+    code, _, err = run(capsys, "evaluate", "--model", tiny_checkpoint, "--thresholds", tmp_path / "missing",
+                       "--data", data_file)
+    assert code == 2 and "does not exist" in err
+    # thresholds made for another model
+    from conftest import tiny_model, tiny_tokenizer
+
+    other = tmp_path / "other-model"
+    m = tiny_model("llama", seed=11)
+    m.save_pretrained(other)
+    tiny_tokenizer().save_pretrained(other)
+    th = tmp_path / "th-other"
+    assert main(["calibrate", "--model", str(other), "--data", str(data_file), "--k", "8", "--layer-k", "",
+                 "--out", str(th)]) == 0
+    capsys.readouterr()
+    code, _, err = run(capsys, "evaluate", "--model", tiny_checkpoint, "--thresholds", th, "--data", data_file)
+    assert code == 2 and "other-model" in err and "calibrated for" in err
+    # k larger than every document: nothing to calibrate, said plainly, nothing written
+    code, _, err = run(capsys, "calibrate", "--model", tiny_checkpoint, "--data", data_file, "--k", 5000,
+                       "--layer-k", "", "--out", tmp_path / "big-k")
+    assert code == 2 and "smallest k" in err and not (tmp_path / "big-k").exists()
+
+
+def test_config_refuses_invalid_combinations():
+    with pytest.raises(ConfigError, match="VMC with pre-softmax placement and no SDC"):
+        SparseConfig(placement="pre", sdc="none", vmc=True)
+    with pytest.raises(ConfigError, match="needs calibrated thresholds, which top-k does not use"):
+        SparseConfig(selection="top-k", sdc="exp-threshold", vmc=False)
+    with pytest.raises(ConfigError, match="pre-softmax placement only"):
+        SparseConfig(placement="post", sdc="exact")
+    with pytest.raises(ConfigError, match="not one of"):
+        SparseConfig(sdc="approximate")
+    with pytest.raises(ConfigError, match="sample_frac"):
+        CalibrationConfig(sample_frac=0.0)
+    with pytest.raises(ConfigError, match="LAYER:K"):
+        parse_layer_k("0=512")
+    with pytest.raises(ConfigError, match="twice"):
+        parse_layer_k("0:512,0:64")
+    with pytest.raises(ConfigError, match="at least 1"):
+        KSchedule(0)
+    with pytest.raises(ConfigError, match="names layer"):
+        KSchedule(64, {40: 512}).as_list(30)
+    ks = KSchedule.parse(64, "0:512,1:512")
+    assert ks.as_list(4) == [512, 512, 64, 64] and KSchedule.from_dict(ks.to_dict()) == ks
+    cfg = SparseConfig(k=ks)
+    assert SparseConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.label() == "top-theta k=64 [0:512,1:512] pre sdc=offline vmc"
