@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 
 from .calibration import collect_stats, tokenize_documents
-from .config import CalibrationConfig, ConfigError, KSchedule, Placement, SparseConfig, Selection
+from .config import SDC, CalibrationConfig, ConfigError, KSchedule, Placement, SparseConfig, Selection
 from .datafiles import read_texts
 from .integration import model_fingerprint
 from .thresholds import ThresholdStats, Thresholds
@@ -299,10 +299,19 @@ def _data_digest(docs: Sequence[torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _documents(data, tokenizer, max_length: int | None, add_special_tokens: bool) -> list[torch.Tensor]:
-    """Same document rules as :func:`~topθ_core.calibration.calibrate`."""
-    if isinstance(data, (str, os.PathLike)):
+def _documents(data, tokenizer, max_length: int | None, add_special_tokens: bool,
+               limit: int | None = None) -> list[torch.Tensor]:
+    """Same document rules as :func:`~topθ_core.calibration.calibrate` (after ``limit``, as ``--limit``)."""
+    if isinstance(data, str) and data.startswith("bundled:"):
+        from .tasks import load_corpus
+
+        data = load_corpus(data.split(":", 1)[1])
+    elif isinstance(data, (str, os.PathLike)):
         data = read_texts(data)
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        data = data[:limit]
     if len(data) == 0:
         raise ValueError("calibration data is empty")
     if isinstance(data[0], str):
@@ -343,11 +352,13 @@ def calibrate_distributed(
     *,
     tokenizer=None,
     max_length: int | None = None,
+    limit: int | None = None,
     add_special_tokens: bool = True,
     data_description: str | None = None,
     overwrite: bool = False,
     backend: str | None = None,
     timeout: float | timedelta = DEFAULT_TIMEOUT,
+    device: str | torch.device | None = None,
     device_map: str | None = None,
     gpus_per_rank: int = 1,
     dtype: torch.dtype | None = None,
@@ -358,16 +369,22 @@ def calibrate_distributed(
 
     Args:
         model: a model spec (``"smollm2"`` or a checkpoint directory, loaded on this rank's
-            GPU ``cuda:LOCAL_RANK``, or on CPU when CUDA is absent), a
+            device, see ``device``), a
             :class:`~topθ_core.models.LoadedModel`, or a prepared transformers model
             (already placed by the caller, e.g. with ``device_map``).
-        data: texts, 1-D token-id tensors, or a data file path (read on every rank: every
-            node needs the same file; ranks that see different data are refused).
+        data: texts, 1-D token-id tensors, a data file path (read on every rank: every node
+            needs the same file; ranks that see different data are refused), or
+            ``"bundled:NAME"`` (a bundled corpus).
         config: the calibration config (defaults as :class:`CalibrationConfig`).
+        max_length, limit: truncate documents to ``max_length`` tokens; use the first ``limit``.
         out: artifact directory rank 0 writes atomically after a successful merge (None: no file).
         timeout: how long a rank waits for the others at a synchronisation point (the
             merge waits for the slowest rank's shard) and the process group's timeout.
-        device_map: ``"auto"`` spreads a model spec over ``gpus_per_rank`` GPUs per rank.
+        device: where a model spec is loaded: ``None`` (this rank's GPU ``cuda:LOCAL_RANK`` when
+            CUDA is available, else CPU), ``"cuda"`` (this rank's GPU), ``"cuda:N"`` or ``"cpu"``.
+            The backend follows: NCCL for CUDA, gloo for CPU, unless ``backend`` says otherwise.
+        device_map: ``"auto"`` spreads a model spec over this rank's ``gpus_per_rank`` GPUs
+            (``cuda:LOCAL_RANK·G`` … ``cuda:LOCAL_RANK·G+G−1``).
         dtype: weights dtype for a model spec (default bfloat16 on GPU, float32 on CPU).
         progress: ``progress(done_tokens, total_tokens)`` of this rank's shard.
         extra_meta: more provenance for the artifact's ``meta.json``.
@@ -386,22 +403,30 @@ def calibrate_distributed(
     is_spec = isinstance(model, (str, os.PathLike))
     gpus: list[int] = []
     if is_spec:
-        if torch.cuda.is_available() and backend != "gloo":
-            gpus = _rank_gpus(info, gpus_per_rank if device_map == "auto" else 1)
+        want = torch.device(device) if device is not None else None
+        if want is not None and want.type not in ("cpu", "cuda"):
+            raise ConfigError(f"device={device!r}: use 'cpu', 'cuda' or 'cuda:N'")
+        if device_map == "auto" or (want is None and torch.cuda.is_available()) or (want is not None and want.type == "cuda"):
+            if not torch.cuda.is_available():
+                raise ConfigError(f"device={device!r} / device_map={device_map!r} need CUDA, which is not available")
+            if want is not None and want.type == "cuda" and want.index is not None and device_map is None:
+                gpus = [want.index]
+            else:
+                gpus = _rank_gpus(info, gpus_per_rank if device_map == "auto" else 1)
         device = torch.device("cuda", gpus[0]) if gpus else torch.device("cpu")
     else:
         inner = model.model if hasattr(model, "model") and hasattr(model, "tokenizer") else model
         device = next(inner.parameters()).device
     comm = _Comm(backend, timeout, device)
     try:
-        return _run(comm, model, is_spec, data, config, out, device, gpus, tokenizer, max_length, add_special_tokens,
-                    data_description, overwrite, device_map, dtype, progress, extra_meta)
+        return _run(comm, model, is_spec, data, config, out, device, gpus, tokenizer, max_length, limit,
+                    add_special_tokens, data_description, overwrite, device_map, dtype, progress, extra_meta)
     finally:
         comm.close()
 
 
-def _run(comm: _Comm, model, is_spec, data, config, out, device, gpus, tokenizer, max_length, add_special_tokens,
-         data_description, overwrite, device_map, dtype, progress, extra_meta) -> Thresholds:
+def _run(comm: _Comm, model, is_spec, data, config, out, device, gpus, tokenizer, max_length, limit,
+         add_special_tokens, data_description, overwrite, device_map, dtype, progress, extra_meta) -> Thresholds:
     info = comm.info
     out = Path(out) if out is not None else None
 
@@ -434,7 +459,7 @@ def _run(comm: _Comm, model, is_spec, data, config, out, device, gpus, tokenizer
             net = lm
         fp = model_fingerprint(net)
         ks = config.k.as_list(fp.n_layers)
-        docs = _documents(data, tokenizer, max_length, add_special_tokens)
+        docs = _documents(data, tokenizer, max_length, add_special_tokens, limit)
         lengths = [int(d.numel()) for d in docs]
         if max(lengths) <= min(ks):
             raise ValueError(f"every calibration document is at most {max(lengths)} tokens, not longer than the "
@@ -511,19 +536,19 @@ def _parser() -> argparse.ArgumentParser:
         description="Data-parallel Top-θ calibration: every rank calibrates a shard, one all_reduce merges, "
                     "rank 0 writes the artifact.")
     p.add_argument("--model", default="smollm2", help="'smollm2' (bundled) or a transformers checkpoint directory")
-    p.add_argument("--data", required=True, help="calibration text: .txt, .jsonl, .csv or .parquet (same file on every node)")
+    p.add_argument("--data", required=True,
+                   help=".txt/.jsonl/.csv/.parquet file (same path on every node), or bundled:NAME")
+    p.add_argument("--limit", type=int, default=None, help="use the first N documents")
     p.add_argument("--k", type=int, default=64, help="kept elements per row (default layer k)")
-    p.add_argument("--layer-k", default=None, help="per-layer overrides, e.g. 0:512,1:512")
+    p.add_argument("--layer-k", default="0:512,1:512", help="per-layer overrides")
     p.add_argument("--placement", choices=[e.value for e in Placement], default="pre")
     p.add_argument("--sigma", type=float, default=0.1, help="θ = mean + σ·std")
-    p.add_argument("--tac", action=argparse.BooleanOptionalAction, default=True,
-                   help="top-k at calibration (default on)")
-    p.add_argument("--sdc", default="offline", choices=["none", "exact", "exp-threshold", "offline"],
-                   help="SDC the thresholds are meant for (validated, recorded in meta.json; offline SDC terms are always stored)")
+    p.add_argument("--tac", action="store_true", help="top-k at calibration")
+    p.add_argument("--sdc", default="offline", choices=[e.value for e in SDC],
+                   help="SDC the thresholds are meant for (validated and recorded; offline SDC terms are always stored)")
     p.add_argument("--sdc-scale", type=float, default=1.0)
-    p.add_argument("--vmc", action=argparse.BooleanOptionalAction, default=True,
-                   help="V-mean compensation on top-k-at-calibration rows (default on)")
-    p.add_argument("--capk", action="store_true", help="recorded with the intended inference config")
+    p.add_argument("--vmc", action="store_true", help="VMC on top-k-at-calibration rows")
+    p.add_argument("--capk", action="store_true", help="recorded as the intended inference setting")
     p.add_argument("--sample-frac", type=float, default=1.0,
                    help="fraction of rows sampled per call; results equal a single process only at 1.0")
     p.add_argument("--bin-width", type=int, default=CalibrationConfig.bin_width, help="length-bin width in tokens")
@@ -533,6 +558,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="artifact directory (written by rank 0, atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing artifact")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda (this rank's GPU, cuda:LOCAL_RANK) or cuda:N; default: this rank's GPU if any")
     p.add_argument("--device-map", choices=["auto"], default=None,
                    help="spread the model over --gpus-per-rank GPUs of each rank (accelerate)")
     p.add_argument("--gpus-per-rank", type=int, default=1)
@@ -576,17 +603,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = CalibrationConfig(k=k, placement=args.placement, sigma=args.sigma, tac=args.tac,
                                    sample_frac=args.sample_frac, bin_width=args.bin_width, seed=args.seed,
                                    vmc=args.vmc)
-        intended = SparseConfig(selection=Selection.TOP_THETA, placement=args.placement, sdc=args.sdc,
-                                sdc_scale=args.sdc_scale, vmc=args.vmc, capk=args.capk, k=k)
+        # the inference variant the user intends (as `toptheta calibrate`): fail before the work, not after
+        SparseConfig(selection=Selection.TOP_THETA, placement=args.placement,
+                     sdc=args.sdc if args.placement == "pre" else "none", sdc_scale=args.sdc_scale,
+                     vmc=args.placement == "post" or args.sdc != "none", capk=args.capk, k=k)
+        if args.limit is not None and args.limit < 1:
+            raise ConfigError("--limit must be at least 1")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         th = calibrate_distributed(
             args.model, args.data, config, args.out, add_special_tokens=not args.no_special_tokens,
-            max_length=args.max_length, overwrite=args.overwrite, backend=args.backend, timeout=args.timeout,
-            device_map=args.device_map, gpus_per_rank=args.gpus_per_rank, dtype=_DTYPES[args.dtype],
-            extra_meta={"sparse_config": intended.to_dict()}, progress=_progress_printer() if info.rank == 0 else None)
+            max_length=args.max_length, limit=args.limit, data_description=args.data, overwrite=args.overwrite, backend=args.backend,
+            timeout=args.timeout, device=args.device, device_map=args.device_map, gpus_per_rank=args.gpus_per_rank,
+            dtype=_DTYPES[args.dtype], extra_meta={"intended_sdc": args.sdc},
+            progress=_progress_printer() if info.rank == 0 else None)
     except DistributedCalibrationError as e:
         if info.rank == 0 or not e.agreed:
             print(f"error: {e}", file=sys.stderr)
