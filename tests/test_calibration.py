@@ -195,3 +195,16 @@ def test_chunked_scores_bound_memory_at_8192():
     topθ_attention_ref(q[:, :, -300:], k, v, config=SparseConfig(selection="top-k", sdc="none", vmc=False),
                        k_keep=64, block_elements=budget, observer=lambda b: seen.append(b.logits.numel()))
     assert len(seen) > 1 and max(seen) <= budget
+
+
+def test_decode_rows_are_calibrated_with_the_same_statistics(tiny_lm):
+    """Greedy decode steps add one row per step at the growing length; prefill rows are unchanged."""
+    torch.manual_seed(0)
+    docs = [torch.randint(2, 300, (30,))]
+    cfg = CalibrationConfig(k=KSchedule(4), bin_width=1, tac=False)
+    pre = calibrate(tiny_lm, docs, cfg)
+    both = calibrate(tiny_lm, docs, cfg, decode_tokens=6)
+    extra = both.count - pre.count
+    assert (extra[:, :, 30:35] == 1).all()  # lengths 31..35: one decode row per step after the prefill
+    assert (extra[:, :, :30] == 0).all()
+    torch.testing.assert_close(both.t_mean[:, :, :30], pre.t_mean[:, :, :30])

@@ -120,8 +120,12 @@ def tokenize_documents(tokenizer, texts: Sequence[str], max_length: int | None =
 
 def collect_stats(model: torch.nn.Module, documents: Sequence[torch.Tensor], config: CalibrationConfig, *,
                   stats: ThresholdStats | None = None, progress: ProgressFn | None = None,
-                  should_stop: Callable[[], bool] | None = None) -> ThresholdStats:
-    """Accumulate statistics over tokenized documents (one forward of the base model each)."""
+                  should_stop: Callable[[], bool] | None = None, decode_tokens: int = 0) -> ThresholdStats:
+    """Accumulate statistics over tokenized documents (one forward of the base model each).
+
+    With ``decode_tokens > 0`` each document is instead continued greedily for that many
+    tokens, so decode rows (one query row a step over the KV cache) are calibrated too.
+    """
     fp = model_fingerprint(model)
     config.k.as_list(fp.n_layers)  # validates the schedule against the model
     device = next(model.parameters()).device
@@ -138,7 +142,11 @@ def collect_stats(model: torch.nn.Module, documents: Sequence[torch.Tensor], con
         for ids in documents:
             if should_stop is not None and should_stop():
                 raise CalibrationCancelled("calibration cancelled")
-            base(input_ids=ids.view(1, -1).to(device), use_cache=False)
+            if decode_tokens > 0:
+                model.generate(ids.view(1, -1).to(device), max_new_tokens=decode_tokens, do_sample=False,
+                               min_new_tokens=decode_tokens, pad_token_id=0)
+            else:
+                base(input_ids=ids.view(1, -1).to(device), use_cache=False)
             done += int(ids.numel())
             if progress:
                 progress(done, total)
@@ -148,13 +156,14 @@ def collect_stats(model: torch.nn.Module, documents: Sequence[torch.Tensor], con
 def calibrate(model, data: Sequence[str] | Sequence[torch.Tensor], config: CalibrationConfig | None = None, *,
               tokenizer=None, max_length: int | None = None, add_special_tokens: bool = True,
               progress: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None,
-              data_description: str = "") -> Thresholds:
+              data_description: str = "", decode_tokens: int = 0) -> Thresholds:
     """Calibrate Top-θ thresholds for ``model`` on ``data``.
 
     ``model`` is a prepared transformers causal LM or a :class:`~topθ_core.models.LoadedModel`;
     ``data`` is a list of texts (tokenized with ``tokenizer`` or the LoadedModel's) or of 1-D
     token-id tensors.  ``progress(done_tokens, total_tokens)`` is called after each document;
     ``should_stop()`` returning True cancels with :class:`CalibrationCancelled`.
+    ``decode_tokens``: also calibrate that many greedy decode steps per document.
     """
     config = config or CalibrationConfig()
     if hasattr(model, "tokenizer") and hasattr(model, "model"):
@@ -177,7 +186,8 @@ def calibrate(model, data: Sequence[str] | Sequence[torch.Tensor], config: Calib
         raise ValueError(f"every calibration document is at most {longest} tokens, not longer than the smallest "
                          f"k ({min(ks)}): no row would be thresholded; use longer texts or a smaller k")
     t0 = time.perf_counter()
-    stats = collect_stats(model, docs, config, progress=progress, should_stop=should_stop)
+    stats = collect_stats(model, docs, config, progress=progress, should_stop=should_stop,
+                          decode_tokens=decode_tokens)
     seconds = time.perf_counter() - t0
     tokens = sum(int(d.numel()) for d in docs)
     return stats.finalize(config.sigma, fingerprint=fp, k=config.k, placement=config.placement, calibration=config,

@@ -65,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", required=True)
     c.add_argument("--overwrite", action="store_true")
-    c.add_argument("--distributed", action="store_true", help="data-parallel under torchrun (see README)")
+    c.add_argument("--distributed", action="store_true",
+                   help="data-parallel under torchrun; takes the flags of `python -m topθ_core.distributed` "
+                        "(--device-map, --gpus-per-rank, --backend, --timeout): see README")
 
     e = sub.add_parser("evaluate", help="dense vs sparse on a data file or a bundled task")
     _add_model(e)
@@ -152,24 +154,15 @@ def cmd_calibrate(args) -> int:
     SparseConfig(placement=args.placement, sdc=args.sdc if args.placement == "pre" else "none",
                  sdc_scale=args.sdc_scale, vmc=args.placement == "post" or args.sdc != "none", capk=args.capk, k=cfg.k)
     texts, desc = _read_data(args.data, args.limit)
-    if args.distributed:
-        from .distributed import calibrate_distributed
+    from pathlib import Path
 
-        th = calibrate_distributed(args.model, texts, cfg, args.out, max_length=args.max_length,
-                                   add_special_tokens=not args.no_special_tokens, data_description=desc,
-                                   overwrite=args.overwrite, device=args.device, dtype=_dtype(args.dtype))
-        if th is None:
-            return 0
-    else:
-        from pathlib import Path
-
-        if Path(args.out).exists() and not args.overwrite:
-            raise FileExistsError(f"{args.out} already exists (pass --overwrite to replace it)")
-        lm = _load(args)
-        th = calibrate(lm, texts, cfg, max_length=args.max_length, add_special_tokens=not args.no_special_tokens,
-                       data_description=desc)
-        th.meta["intended_sdc"] = args.sdc
-        th.save(args.out, overwrite=args.overwrite)
+    if Path(args.out).exists() and not args.overwrite:
+        raise FileExistsError(f"{args.out} already exists (pass --overwrite to replace it)")
+    lm = _load(args)
+    th = calibrate(lm, texts, cfg, max_length=args.max_length, add_special_tokens=not args.no_special_tokens,
+                   data_description=desc)
+    th.meta["intended_sdc"] = args.sdc
+    th.save(args.out, overwrite=args.overwrite)
     df = th.to_frame()
     print(f"calibrated {th.meta.get('documents')} documents, {th.meta.get('tokens')} tokens in "
           f"{th.meta.get('seconds')} s ({th.meta.get('tokens', 0) / max(th.meta.get('seconds') or 1e-9, 1e-9):.0f} tok/s): "
@@ -233,6 +226,11 @@ def _jsonable(obj):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["calibrate"] and "--distributed" in argv:
+        from .distributed import main as distributed_main  # one implementation of the distributed job
+
+        return distributed_main([a for a in argv[1:] if a != "--distributed"])
     args = build_parser().parse_args(argv)
     from .datafiles import DataFileError
     from .models import ModelLoadError

@@ -120,12 +120,14 @@ class ThresholdStats:
 
     def finalize(self, sigma: float, *, fingerprint: ModelFingerprint, k: KSchedule, placement: Placement,
                  calibration: CalibrationConfig | None = None, data: str = "", extra: dict | None = None) -> "Thresholds":
-        count = self.count.cpu()
+        used = torch.nonzero(self.count.sum((0, 1)))
+        nb = int(used.max()) + 1 if used.numel() else 1  # trailing empty bins carry nothing: shape is order-free
+        count, t_sum, t_sumsq, du_sum = (t[..., :nb].cpu() for t in self.tensors())
         n = count.clamp_min(1)
-        mean = self.t_sum.cpu() / n
-        var = (self.t_sumsq.cpu() / n - mean * mean).clamp_min(0.0)
+        mean = t_sum / n
+        var = (t_sumsq / n - mean * mean).clamp_min(0.0)
         std = var.sqrt()
-        du = self.du_sum.cpu() / n
+        du = du_sum / n
         meta = {
             "format_version": FORMAT_VERSION,
             "model": fingerprint.to_dict(),
