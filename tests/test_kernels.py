@@ -235,7 +235,8 @@ def _dispatch_vs_reference(device, dtype, cfg, steps=2, Hq=4, Hkv=2, S=37, d=64,
                                  upcast=False)
         _check_out(out, ref, low, f"dispatch Sq={n_q} Sk={n_k} {cfg.label()}")
         outs.append(out)
-    assert st_kernel.scratch[("topθ.vsum", 0)][0] == S + steps  # running V sum followed the cache
+    if cfg.vmc:
+        assert st_kernel.scratch[("topθ.vsum", 0)][0] == S + steps  # running V sum followed the cache
     fk = m_kernel.to_frame().drop(columns=["extrapolated_rows"])
     fr = m_ref.to_frame().drop(columns=["extrapolated_rows"])
     cols = ["kept", "visible", "topk_equiv", "rows", "dense_rows", "empty_rows", "kept_v_rows", "kv_rows"]
@@ -352,4 +353,4 @@ def test_model_generation_gpu():
     assert torch.equal(res[True][0], res[False][0])
     for col in ("kept", "visible", "kept_v_rows", "kv_rows"):
         a, b = res[True][1][col].sum(), res[False][1][col].sum()
-        assert abs(a - b) <= max(2, 1e-4 * b), (col, a, b)
+        assert abs(a - b) <= max(2, 1e-3 * b), (col, a, b)  # scores within rounding of θ only

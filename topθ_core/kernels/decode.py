@@ -84,13 +84,12 @@ def _decode_split_kernel(
         s = tl.dot(q, tl.trans(kt)) * scale_log2  # (G, BLOCK_N) fp32
         s = tl.where(mask_n[None, :], s, float("-inf"))
         keep = s > th[:, None]
-        tmax = tl.max(s, 1)
+        if FLOOR:  # running argmax (one row reduction gives max and index; first index on ties)
+            tmax, arg = tl.max(s, 1, return_indices=True)
+            idx = tl.where(tmax > m, n0 + arg.to(tl.int32), idx)
+        else:
+            tmax = tl.max(s, 1)
         nk += tl.sum(keep.to(tl.int32), 1)
-        if FLOOR:  # track the argmax only while a row is still empty
-            upd = (nk == 0) & (tmax > m)
-            if tl.max(upd.to(tl.int32), 0) > 0:
-                arg = tl.argmax(s, 1).to(tl.int32)
-                idx = tl.where(upd, n0 + arg, idx)
         m_new = tl.maximum(m, tmax)
         alpha = tl.exp2(m - m_new)
         m = m_new

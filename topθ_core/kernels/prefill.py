@@ -49,17 +49,17 @@ def _prefill_tiles(acc, ds, du, m, m_acc, nk, idx, q, th, rows_abs, k_base, v_ba
         s = tl.dot(q, tl.trans(kt)) * scale_log2  # (BLOCK_M, BLOCK_N), log2 domain
         if MASKED:
             s = tl.where((offs_n[None, :] <= rows_abs[:, None]) & (offs_n < Sk)[None, :], s, float("-inf"))
-        keep = s > th[:, None]
-        tmax = tl.max(s, 1)
-        nk += tl.sum(keep.to(tl.int32), 1)
-        if FLOOR:  # track the argmax only while a row is still empty
-            upd = (nk == 0) & (tmax > m)
-            if tl.max(upd.to(tl.int32), 0) > 0:
-                arg = tl.argmax(s, 1).to(tl.int32)
-                idx = tl.where(upd, n0 + arg, idx)
+        if FLOOR:  # running argmax (one row reduction gives max and index; first index on ties)
+            tmax, arg = tl.max(s, 1, return_indices=True)
+            idx = tl.where(tmax > m, n0 + arg.to(tl.int32), idx)
+        else:
+            tmax = tl.max(s, 1)
         m_new = tl.maximum(m, tmax)
-        krow = tl.max(keep.to(tl.int32), 0)  # (BLOCK_N,) keys kept by some row of the block
+        # the tile test: does any element pass θ?  One row-vector reduction, no mask needed.
+        any_keep = tl.max((tmax > th).to(tl.int32), 0) > 0
         if EXACT:
+            keep = s > th[:, None]
+            nk += tl.sum(keep.to(tl.int32), 1)
             alpha = tl.exp2(m - m_new)
             m = m_new
             p_all = tl.exp2(s - m[:, None])
@@ -67,21 +67,25 @@ def _prefill_tiles(acc, ds, du, m, m_acc, nk, idx, q, th, rows_abs, k_base, v_ba
             ds = ds * alpha + tl.sum(p, 1)
             du = du * alpha + tl.sum(p_all - p, 1)
             acc = acc * alpha[:, None]
-            if tl.max(krow, 0) > 0:
-                vt = tl.load(v_base + offs_n[:, None] * sv_n + offs_d[None, :], mask=(krow > 0)[:, None], other=0.0)
-                acc += tl.dot(p.to(vt.dtype), vt)
+            if any_keep:
+                vt = tl.load(v_base + offs_n[:, None] * sv_n + offs_d[None, :], mask=(offs_n < Sk)[:, None], other=0.0)
+                acc = tl.dot(p.to(vt.dtype), vt, acc)
                 if COUNTS:
+                    krow = tl.max(keep.to(tl.int32), 0)
                     tl.store(kvm_base + offs_n, krow.to(tl.int8), mask=krow > 0)
         else:
             m = m_new
-            if tl.max(krow, 0) > 0:  # the skip: no exp, no V load, no P·V when nothing passed θ
+            if any_keep:  # the skip: no compare mask, exp, V load or P·V when nothing passed θ
+                keep = s > th[:, None]
+                nk += tl.sum(keep.to(tl.int32), 1)
                 alpha = tl.exp2(m_acc - m)
                 m_acc = m
                 p = tl.where(keep, tl.exp2(s - m[:, None]), 0.0)
                 ds = ds * alpha + tl.sum(p, 1)
-                vt = tl.load(v_base + offs_n[:, None] * sv_n + offs_d[None, :], mask=(krow > 0)[:, None], other=0.0)
-                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+                vt = tl.load(v_base + offs_n[:, None] * sv_n + offs_d[None, :], mask=(offs_n < Sk)[:, None], other=0.0)
+                acc = tl.dot(p.to(vt.dtype), vt, acc * alpha[:, None])
                 if COUNTS:
+                    krow = tl.max(keep.to(tl.int32), 0)
                     tl.store(kvm_base + offs_n, krow.to(tl.int8), mask=krow > 0)
     return acc, ds, du, m, m_acc, nk, idx
 
