@@ -239,3 +239,32 @@ def default_sparse_config(thresholds: Thresholds | None) -> SparseConfig:
     except ValueError:
         return SparseConfig(k=thresholds.k, placement=placement,
                             sdc="offline" if placement.value == "pre" else "none", vmc=True)
+
+
+def grid_click(state) -> tuple[int, int] | None:
+    """(layer, head) of the first selected point of the θ grid chart's selection state, or None.
+
+    The state is Streamlit's plotly selection (a dict-like with ``selection.points``); each
+    point carries ``customdata`` ``[layer, head]`` (a list, or a dict keyed by position) and
+    ``x`` = head, ``y`` = layer as a fallback.
+    """
+    if state is None:
+        return None
+    try:
+        selection = state["selection"] if "selection" in state else getattr(state, "selection", None)
+        points = (selection or {}).get("points") or []
+    except (TypeError, KeyError, AttributeError):
+        return None
+    if not points:
+        return None
+    p = points[0]
+    cd = p.get("customdata")
+    try:
+        if isinstance(cd, dict):
+            vals = [cd[k] for k in sorted(cd, key=lambda k: int(k))]
+            return int(vals[0]), int(vals[1])
+        if isinstance(cd, (list, tuple)) and len(cd) >= 2:
+            return int(cd[0]), int(cd[1])
+        return int(p["y"]), int(p["x"])
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None

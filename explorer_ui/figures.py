@@ -71,6 +71,7 @@ def theta_vs_length(df: pd.DataFrame, layer: int, heads: list[int], overlay: pd.
                 hovertemplate="L≈%{x:.0f}<br>θ=%{y:.3f}<br>n=%{customdata[0]}<br>std=%{customdata[1]:.3f}<extra>"
                               + f"{name} · head {head}</extra>"))
     fig.update_layout(title=title, xaxis_title="row length L (bin centre)", yaxis_title="θ", legend_title="run · head",
+                      showlegend=True,
                       **_LAYOUT)
     return fig
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from explorer_ui import figures, runs, services
+from explorer_ui import analysis, figures, runs, services
 from explorer_ui import session_keys as K
 from explorer_ui.sidebar import NO_RUN, page_link_calibrate, require_model
 
@@ -52,14 +52,10 @@ n_heads = int(meta.get("model", {}).get("n_heads", df["head"].max() + 1))
 layers_with_theta = sorted(int(x) for x in df["layer"].unique())
 
 # A click in the grid (previous rerun) opens that head: apply it before the widgets are drawn.
-grid_state = st.session_state.get(K.TH_GRID)
-points = (grid_state or {}).get("selection", {}).get("points", []) if isinstance(grid_state, dict) else (
-    getattr(getattr(grid_state, "selection", None), "points", None) or [])
-if points:
-    cd = points[0].get("customdata")
-    click = (int(cd[0]), int(cd[1])) if cd is not None else (int(points[0]["y"]), int(points[0]["x"]))
-    if click != st.session_state.get(K.TH_GRID_SEEN):
-        st.session_state[K.TH_GRID_SEEN] = click
+click = analysis.grid_click(st.session_state.get(K.TH_GRID))
+if click is not None and click != st.session_state.get(K.TH_GRID_SEEN):
+    st.session_state[K.TH_GRID_SEEN] = click
+    if click[0] in layers_with_theta:
         st.session_state[K.TH_LAYER] = click[0]
         st.session_state[K.TH_HEADS] = [click[1]]
 

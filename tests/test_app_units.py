@@ -294,3 +294,15 @@ def test_session_keys_are_unique():
     values = [v for k, v in vars(K).items() if k.isupper() and isinstance(v, str)]
     assert len(values) == len(set(values))
     assert K.config_keys("acc")["sdc"] == K.ACC_SDC
+
+
+@pytest.mark.parametrize("state,expected", [
+    (None, None),
+    ({"selection": {"points": []}}, None),
+    ({"selection": {"points": [{"x": 3, "y": 2, "customdata": [2, 3]}]}}, (2, 3)),
+    ({"selection": {"points": [{"x": 3, "y": 2, "customdata": {"0": 2, "1": 3}}]}}, (2, 3)),
+    ({"selection": {"points": [{"x": 3, "y": 2}]}}, (2, 3)),
+    ({"selection": {"points": [{"customdata": "junk"}]}}, None),
+])
+def test_grid_click(state, expected):
+    assert analysis.grid_click(state) == expected
