@@ -40,8 +40,19 @@ def _prefill_tiles(acc, ds, du, m, m_acc, nk, idx, q, th, rows_abs, k_base, v_ba
                    BLOCK_N: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr, EXACT: tl.constexpr,
                    FLOOR: tl.constexpr, COUNTS: tl.constexpr):
     offs_d = tl.arange(0, D)
+    # V is software-pipelined by hand: the tile for the next iteration is loaded at the top of
+    # this one (a loop-carried register tile), so its latency overlaps QKᵀ; the compiler does
+    # not pipeline a load whose only use sits in the skip branch.  The bytes mostly come from
+    # L2: what a skipped tile saves is its exp and its P·V.
+    v_end = tl.minimum(hi, Sk)
+    offs_0 = lo + tl.arange(0, BLOCK_N)
+    vt_next = tl.load(v_base + offs_0[:, None] * sv_n + offs_d[None, :], mask=(offs_0 < v_end)[:, None], other=0.0)
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
+        vt = vt_next
+        offs_nx = offs_n + BLOCK_N
+        vt_next = tl.load(v_base + offs_nx[:, None] * sv_n + offs_d[None, :], mask=(offs_nx < v_end)[:, None],
+                          other=0.0)
         if MASKED:
             kt = tl.load(k_base + offs_n[:, None] * sk_n + offs_d[None, :], mask=(offs_n < Sk)[:, None], other=0.0)
         else:
@@ -68,21 +79,19 @@ def _prefill_tiles(acc, ds, du, m, m_acc, nk, idx, q, th, rows_abs, k_base, v_ba
             du = du * alpha + tl.sum(p_all - p, 1)
             acc = acc * alpha[:, None]
             if any_keep:
-                vt = tl.load(v_base + offs_n[:, None] * sv_n + offs_d[None, :], mask=(offs_n < Sk)[:, None], other=0.0)
                 acc = tl.dot(p.to(vt.dtype), vt, acc)
                 if COUNTS:
                     krow = tl.max(keep.to(tl.int32), 0)
                     tl.store(kvm_base + offs_n, krow.to(tl.int8), mask=krow > 0)
         else:
             m = m_new
-            if any_keep:  # the skip: no compare mask, exp, V load or P·V when nothing passed θ
+            if any_keep:  # the skip: no compare mask, exp or P·V when nothing passed θ
                 keep = s > th[:, None]
                 nk += tl.sum(keep.to(tl.int32), 1)
                 alpha = tl.exp2(m_acc - m)
                 m_acc = m
                 p = tl.where(keep, tl.exp2(s - m[:, None]), 0.0)
                 ds = ds * alpha + tl.sum(p, 1)
-                vt = tl.load(v_base + offs_n[:, None] * sv_n + offs_d[None, :], mask=(offs_n < Sk)[:, None], other=0.0)
                 acc = tl.dot(p.to(vt.dtype), vt, acc * alpha[:, None])
                 if COUNTS:
                     krow = tl.max(keep.to(tl.int32), 0)
