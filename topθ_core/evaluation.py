@@ -223,6 +223,8 @@ def evaluate_perplexity(
     stride: int | None = None,
     add_special_tokens: bool = True,
     progress: ProgressFn | None = None,
+    truncate: bool = False,
+    dense_cache: dict | None = None,
 ) -> PerplexityResult:
     """Token perplexity and bits per byte, dense and sparse, each document scored on its own.
 
@@ -230,7 +232,10 @@ def evaluate_perplexity(
     scored with sliding windows (:func:`sliding_windows`; ``stride`` default ``max_length // 2``;
     a stride equal to ``max_length`` is taken as ``max_length − 1`` so no token goes unscored).
     The first token of each document is context only.  Bits per byte divide by the UTF-8
-    length of the whole document.  ``progress(done_tokens, total_tokens)`` after each window.
+    length of the whole document (with ``truncate=True``: only the first ``max_length``
+    tokens are scored and bytes count the decoded kept tokens).
+    ``progress(done_tokens, total_tokens)`` after each window.  ``dense_cache`` (a dict the
+    caller keeps) reuses dense NLLs across calls on the same texts: sweeps pass one dict.
 
     Raises ValueError on an empty text list or when no document has two or more tokens,
     and the engine's errors for thresholds of another model or a bad k schedule.
@@ -250,8 +255,12 @@ def evaluate_perplexity(
     docs = []
     for i, text in enumerate(texts):
         ids = tok(text, add_special_tokens=add_special_tokens, return_tensors="pt").input_ids[0]
+        nbytes = len(text.encode("utf-8"))
+        if truncate and ids.numel() > max_length:
+            ids = ids[:max_length]
+            nbytes = len(tok.decode(ids.tolist()).encode("utf-8"))
         if ids.numel() >= 2:
-            docs.append((i, ids, len(text.encode("utf-8"))))
+            docs.append((i, ids, nbytes))
     if not docs:
         raise ValueError("no document has two or more tokens: nothing to score")
     plans = [(i, ids, nbytes, sliding_windows(ids.numel(), max_length, stride)) for i, ids, nbytes in docs]
@@ -270,7 +279,14 @@ def evaluate_perplexity(
             for begin, score_from, end in windows:
                 w = ids[begin:end]
                 t1 = time.perf_counter()
-                nll_d += float(token_nll(model, w, score_from - begin).sum())
+                key = (tuple(w.tolist()), score_from - begin)
+                if dense_cache is not None and key in dense_cache:
+                    nll_d += dense_cache[key]
+                else:
+                    val = float(token_nll(model, w, score_from - begin).sum())
+                    nll_d += val
+                    if dense_cache is not None:
+                        dense_cache[key] = val
                 t2 = time.perf_counter()
                 m = SparsityMetrics()
                 with sparse_run(config, thresholds, model=model, metrics=m):
@@ -664,7 +680,8 @@ def save_result(result: EvalResult, directory=None) -> "Path":
     d = results_dir(directory)
     d.mkdir(parents=True, exist_ok=True)
     stamp = result.info.get("created", "").replace(":", "").replace("-", "").replace("+0000", "Z")
-    path = d / f"{stamp}-{result.task}-{result.info.get('run_id', 'run')}.parquet"
+    safe_task = "".join(c if c.isalnum() or c in "_." else "_" for c in result.task)
+    path = d / f"{stamp}-{safe_task}-{result.info.get('run_id', 'run')}.parquet"
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".parquet", dir=d)
     os.close(fd)
     try:
@@ -766,6 +783,19 @@ def _score_both(lm, requests: list[Request], groups: list[int], config, threshol
     return out[False], out[True], counter, secs[False], secs[True]
 
 
+def harness_predictions(loglikelihoods: Sequence[float], choices: Sequence[str]) -> tuple[int, int]:
+    """lm-evaluation-harness multiple-choice predictions: ``(argmax ll, argmax ll / len(choice))``.
+
+    ``len(choice)`` counts characters of the choice *without* the leading target delimiter;
+    ties go to the first choice (``np.argmax``).
+    """
+    ll = np.asarray(loglikelihoods, dtype=np.float64)
+    if ll.shape != (len(choices),):
+        raise ValueError(f"{ll.size} log-likelihoods for {len(choices)} choices")
+    lens = np.array([float(len(c)) for c in choices])
+    return int(np.argmax(ll)), int(np.argmax(ll / lens))
+
+
 def evaluate_multiple_choice(lm, task, limit: int | None, config: SparseConfig, thresholds: Thresholds | None,
                              progress: ProgressFn | None = None, *, num_fewshot: int = 0, max_rows: int = 32,
                              max_tokens: int = 16384, n_boot: int = 2000, seed: int = 0) -> EvalResult:
@@ -820,14 +850,12 @@ def evaluate_multiple_choice(lm, task, limit: int | None, config: SparseConfig, 
     rows, k = [], 0
     for gi, item in enumerate(items):
         n_c = len(item.choices)
-        ll_d = np.array([dense[k + j][0] for j in range(n_c)])
-        ll_s = np.array([sparse[k + j][0] for j in range(n_c)])
+        ll_d = [dense[k + j][0] for j in range(n_c)]
+        ll_s = [sparse[k + j][0] for j in range(n_c)]
         k += n_c
-        lens = np.array([float(len(c)) for c in item.choices])
-        rows.append({"id": item.id, "gold": item.gold, "n_choices": n_c,
-                     "dense_pred": int(np.argmax(ll_d)), "sparse_pred": int(np.argmax(ll_s)),
-                     "dense_pred_norm": int(np.argmax(ll_d / lens)), "sparse_pred_norm": int(np.argmax(ll_s / lens)),
-                     "dense_ll": ll_d.tolist(), "sparse_ll": ll_s.tolist()})
+        (pd_, pdn), (ps, psn) = harness_predictions(ll_d, item.choices), harness_predictions(ll_s, item.choices)
+        rows.append({"id": item.id, "gold": item.gold, "n_choices": n_c, "dense_pred": pd_, "sparse_pred": ps,
+                     "dense_pred_norm": pdn, "sparse_pred_norm": psn, "dense_ll": ll_d, "sparse_ll": ll_s})
     df = pd.DataFrame(rows)
     for arm in ("dense", "sparse"):
         df[f"{arm}_acc"] = (df[f"{arm}_pred"] == df["gold"]).astype(float)
