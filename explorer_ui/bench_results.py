@@ -76,3 +76,15 @@ def find_benchmark_script(root: Path | None = None) -> Path | None:
             return bench / name
     hits = sorted(bench.glob("*kernel*.py")) if bench.is_dir() else []
     return hits[0] if hits else None
+
+
+def default_axes(df: pd.DataFrame) -> tuple[str | None, str | None, str | None]:
+    """Sensible (x, y, group) defaults for a benchmark table: speed-up against the kept fraction per kernel."""
+    nums = numeric_columns(df)
+    others = [c for c in df.columns if c not in nums]
+    pick = lambda prefs, pool: next((c for c in prefs if c in pool), None)  # noqa: E731
+    y = pick(("speedup", "speedup_graph", "ours_ms", "ms", "tokens_per_s"), nums) or (nums[1] if len(nums) > 1 else None)
+    x = pick(("f_kept_v", "f_target", "f_kept_elems", "N", "seq_len", "n"), [c for c in nums if c != y]) or \
+        next((c for c in nums if c != y), None)
+    group = pick(("kernel", "variant", "data", "config"), others)
+    return x, y, group

@@ -304,7 +304,7 @@ def tradeoff_chart(results: pd.DataFrame, x: str = "kept_attention", metric: str
                                  hovertemplate="%{text}<br>" + x + "=%{x:.3f}<br>Δ=%{y:.4f}<extra>" + str(task)
                                                + "</extra>"))
     fig.add_hline(y=0, line_color="#444")
-    fig.update_layout(title=title, xaxis=dict(title=x.replace("_", " "), tickformat=".0%"),
+    fig.update_layout(title=title, xaxis=dict(title=x.replace("_", " "), tickformat=".0%", range=[0, 1.02]),
                       yaxis_title="Δ (sparse − dense)", height=420, **_LAYOUT)
     return fig
 
@@ -319,7 +319,7 @@ def kernel_speed_chart(df: pd.DataFrame, x: str, y: str, color: str | None = Non
     groups = df.groupby(color, sort=True) if color and color in df else [("all", df)]
     for i, (name, g) in enumerate(groups):
         g = g.sort_values(x)
-        fig.add_trace(go.Scatter(x=g[x], y=g[y], mode="lines+markers", name=str(name),
-                                 line=dict(color=PALETTE[i % len(PALETTE)])))
+        fig.add_trace(go.Scatter(x=g[x], y=g[y], mode="markers", name=str(name),
+                                 marker=dict(size=8, color=PALETTE[i % len(PALETTE)])))
     fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, height=380, **_LAYOUT)
     return fig

@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import math
 
+import numpy as np
 import pandas as pd
 
 STEP_COLUMNS = ["step", "dense_token", "dense_text", "sparse_token", "sparse_text", "kl", "diverged",
@@ -32,6 +33,13 @@ def kl_color(kl: float | None, scale: float = 1.0) -> str:
         return "rgba(0,0,0,0)"
     a = max(0.0, min(1.0, float(kl) / scale))
     return f"rgba(214,39,40,{0.08 + 0.72 * a:.2f})"
+
+
+def kl_scale(df: pd.DataFrame, floor: float = 0.05) -> float:
+    """Colour scale for a run: its largest finite KL, at least ``floor`` nats (so tiny KL stays pale)."""
+    kl = pd.to_numeric(df["kl"], errors="coerce") if len(df) else pd.Series(dtype=float)
+    kl = kl[np.isfinite(kl)] if len(kl) else kl
+    return max(floor, float(kl.max())) if len(kl) else floor
 
 
 def first_divergent_step(df: pd.DataFrame) -> int | None:

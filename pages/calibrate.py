@@ -42,6 +42,8 @@ if source == "upload":
     texts = texts[: int(n_docs)]
 else:
     if source == "corpus":
+        if st.session_state.get(K.CAL_CORPUS) not in sources["corpus"]:
+            st.session_state[K.CAL_CORPUS] = "pydoc" if "pydoc" in sources["corpus"] else sources["corpus"][0]
         name = c1.selectbox("Corpus", sources["corpus"], key=K.CAL_CORPUS,
                             help="pydoc: English prose · lambada: fiction · code: Python source · humaneval: short "
                                  "Python functions")

@@ -59,8 +59,10 @@ chart_box = st.empty()
 
 
 def draw(df: pd.DataFrame, final: bool) -> None:
+    scale = render.kl_scale(df)
     dense_box.html(render.tokens_html(df, "dense"))
-    sparse_box.html(render.tokens_html(df, "sparse"))
+    sparse_box.html(render.tokens_html(df, "sparse", kl_scale=scale)
+                    + f'<div style="font-size:0.75rem;color:#888">colour: KL 0 → {scale:.3g} nats</div>')
     first = render.first_divergent_step(df)
     kv = df["kept_v_rows"].dropna()
     with metrics_box.container():

@@ -52,10 +52,14 @@ for i, r in enumerate(results):
             st.dataframe(df, hide_index=True, width="stretch")
             nums = bench_results.numeric_columns(df)
             if len(df) > 1 and len(nums) >= 2:
-                c1, c2, c3 = st.columns(3)
-                x = c1.selectbox("x", nums, key=f"ker_x_{i}")
-                y = c2.selectbox("y", [c for c in nums if c != x], key=f"ker_y_{i}")
+                dx, dy, dg = bench_results.default_axes(df)
                 others = [c for c in df.columns if c not in nums]
-                color = c3.selectbox("group by", ["(none)"] + others, key=f"ker_c_{i}")
+                c1, c2, c3 = st.columns(3)
+                x = c1.selectbox("x", nums, index=nums.index(dx) if dx in nums else 0, key=f"ker_x_{i}")
+                ys = [c for c in nums if c != x]
+                y = c2.selectbox("y", ys, index=ys.index(dy) if dy in ys else 0, key=f"ker_y_{i}")
+                groups = ["(none)"] + others
+                color = c3.selectbox("group by", groups, index=groups.index(dg) if dg in groups else 0,
+                                     key=f"ker_c_{i}")
                 st.plotly_chart(figures.kernel_speed_chart(df, x, y, None if color == "(none)" else color),
                                 width="stretch", key=f"ker_chart_{i}")

@@ -306,3 +306,16 @@ def test_session_keys_are_unique():
 ])
 def test_grid_click(state, expected):
     assert analysis.grid_click(state) == expected
+
+
+def test_kl_scale():
+    df = render.steps_frame([{"step": 0, "kl": 0.001}, {"step": 1, "kl": float("nan")}, {"step": 2, "kl": 0.3}])
+    assert render.kl_scale(df) == pytest.approx(0.3)
+    assert render.kl_scale(df.iloc[:1]) == 0.05
+    assert render.kl_scale(render.steps_frame([])) == 0.05
+
+
+def test_bench_default_axes():
+    df = pd.DataFrame({"card": ["H200"] * 2, "kernel": ["decode", "prefill"], "N": [1, 2], "f_kept_v": [0.3, 0.1],
+                       "speedup": [1.2, 1.5]})
+    assert bench_results.default_axes(df) == ("f_kept_v", "speedup", "kernel")

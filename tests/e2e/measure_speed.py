@@ -1,0 +1,202 @@
+"""Measure the app's speed targets in a real browser on the bundled SmolLM2 and write
+``benchmarks/results/app_speed.md``.
+
+    python tests/e2e/measure_speed.py [--runs 3]
+
+Targets (issue 4, 2-core CPU, model cached): page switch and widget changes that need no
+model call < 1 s; Sparsity page for a 256-token prompt < 3 s; app start to first render
+with the cached model < 5 s.  Each time is wall clock from the user's action until the page
+shows the result and the app is idle again (so it includes the browser's rendering).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import harness  # noqa: E402
+from harness import goto_page, set_number, wait_idle  # noqa: E402
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--out", default=str(harness.ROOT / "benchmarks" / "results" / "app_speed.md"))
+    args = ap.parse_args()
+    from playwright.sync_api import sync_playwright
+
+    from topθ_core.models import bundled_checkpoint
+
+    bundled_checkpoint()  # converts the GGUF once if this machine has no cached copy
+    tmp = Path(tempfile.mkdtemp(prefix="app-speed-"))
+    env = {"TOPTHETA_APP_MODEL": "smollm2", "TOPTHETA_RUNS_DIR": str(tmp / "runs"),
+           "TOPTHETA_RESULTS_DIR": str(tmp / "results")}
+    rows: list[tuple[str, str, float, str]] = []  # (what, target, seconds, note)
+    load_before = os.getloadavg()
+    t_proc = time.perf_counter()
+    with harness.streamlit_server(env, harness.OUTPUT / "speed-server.log") as (url, health_s), \
+            sync_playwright() as p:
+        browser = harness.launch_browser(p)
+
+        def session():
+            ctx = browser.new_context(viewport={"width": 1400, "height": 1600})
+            page = ctx.new_page()
+            page.set_default_timeout(300_000)
+            return ctx, page
+
+        def first_render(page) -> tuple[float, float]:
+            t0 = time.perf_counter()
+            page.goto(url)
+            page.locator("h1").filter(has_text="Calibrate").first.wait_for()
+            shell = time.perf_counter() - t0
+            page.get_by_text("30 layers").first.wait_for()  # sidebar status: model loaded
+            wait_idle(page, 300_000)
+            return shell, time.perf_counter() - t0
+
+        ctx, page = session()
+        shell, ready = first_render(page)
+        cold_total = time.perf_counter() - t_proc
+        rows.append(("server process start → /_stcore/health", "–", health_s, "imports streamlit"))
+        rows.append(("cold start: first page drawn (fresh server)", "–", shell, "sidebar + page shell"))
+        rows.append(("cold start: model loaded from disk cache, page complete", "–", ready,
+                     f"process start → ready {cold_total:.1f} s"))
+        ctx.close()
+        warm = []
+        for _ in range(args.runs):
+            c, pg = session()
+            warm.append(first_render(pg))
+            c.close()
+        rows.append(("app start → first render, model cached (new session)", "< 5 s",
+                     statistics.median(w[1] for w in warm), f"median of {args.runs}; first element after "
+                                                            f"{statistics.median(w[0] for w in warm):.2f} s"))
+
+        ctx, page = session()
+        first_render(page)
+        # a small calibration so the other pages have thresholds (k=64, layers 0-1 at 512)
+        set_number(page, "Documents", 4)
+        set_number(page, "Max tokens per document", 256)
+        box = page.get_by_label("Run name")
+        box.fill("speed-k64")
+        box.press("Enter")
+        wait_idle(page)
+        cal = timed(lambda: (page.get_by_role("button", name="Run calibration").click(),
+                             page.get_by_text("Saved speed-k64").wait_for(timeout=600_000), wait_idle(page)))
+        rows.append(("calibration, 4 pydoc documents × 256 tokens (for reference)", "–", cal, "k=64, TAC on"))
+
+        switches = []
+        for _ in range(args.runs):
+            for title in ("Thresholds", "Kernels", "Calibrate", "Compare"):
+                switches.append((title, timed(lambda: goto_page(page, title))))
+        for title in ("Thresholds", "Kernels", "Calibrate", "Compare"):
+            vals = [s for t, s in switches if t == title]
+            rows.append((f"page switch → {title}", "< 1 s", statistics.median(vals),
+                         f"median of {len(vals)}, max {max(vals):.2f} s"))
+
+        goto_page(page, "Thresholds")
+        changes = []
+        for layer in ("3", "4", "5")[: args.runs]:
+            def pick(layer=layer):
+                page.get_by_label("Layer", exact=True).click()
+                page.get_by_role("option", name=layer, exact=True).click()
+                page.locator(".js-plotly-plot").filter(has_text=f"θ vs row length · layer {layer}").first.wait_for()
+                wait_idle(page)
+            changes.append(timed(pick))
+        rows.append(("widget change (Thresholds: layer), no model call", "< 1 s", statistics.median(changes),
+                     f"median of {len(changes)}, max {max(changes):.2f} s"))
+        slider = []
+        for sig in ("0.2", "0.3", "0.4")[: args.runs]:
+            slider.append(timed(lambda sig=sig: set_number(page, "σ", sig)))
+        rows.append(("widget change (Thresholds: σ), no model call", "< 1 s", statistics.median(slider),
+                     f"median of {len(slider)}"))
+
+        goto_page(page, "Sparsity")  # first visit computes the default prompt (256 tokens, 8 decode steps)
+        page.get_by_text("kept attention (prefill)").wait_for()
+        sp = []
+        for i in range(args.runs):
+            def run_prompt(i=i):
+                box = page.get_by_label("Prompt")
+                box.fill(f"Variant {i}. " + harness_prompt())
+                box.press("Control+Enter")
+                page.locator("[data-testid='stMetricValue']").filter(has_text="256").first.wait_for()
+                page.get_by_text("decode steps · kept V rows").first.wait_for()
+                wait_idle(page, 300_000)
+            sp.append(timed(run_prompt))
+        rows.append(("Sparsity page, new 256-token prompt (prefill + 8 decode steps, all charts)", "< 3 s",
+                     statistics.median(sp), f"median of {len(sp)}, max {max(sp):.2f} s"))
+        set_number(page, "Decode steps", 0)
+        sp0 = []
+        for i in range(args.runs):
+            def run_prompt0(i=i):
+                box = page.get_by_label("Prompt")
+                box.fill(f"Other {i}. " + harness_prompt())
+                box.press("Control+Enter")
+                page.locator("[data-testid='stMetricValue']").filter(has_text="256").first.wait_for()
+                wait_idle(page, 300_000)
+            sp0.append(timed(run_prompt0))
+        rows.append(("Sparsity page, new 256-token prompt (prefill only)", "< 3 s", statistics.median(sp0),
+                     f"median of {len(sp0)}"))
+        heads = []
+        for h in ("1", "2", "3")[: args.runs]:
+            def pick_head(h=h):
+                page.get_by_label("Head", exact=True).click()
+                page.get_by_role("option", name=h, exact=True).click()
+                page.locator(".js-plotly-plot").filter(has_text=f"· head {h}").first.wait_for()
+                wait_idle(page)
+            heads.append(timed(pick_head))
+        rows.append(("widget change (Sparsity: head), cached, no model call", "< 1 s", statistics.median(heads),
+                     f"median of {len(heads)}"))
+        ctx.close()
+        browser.close()
+    load_after = os.getloadavg()
+    write_report(Path(args.out), rows, load_before, load_after)
+    print(Path(args.out).read_text())
+
+
+def harness_prompt() -> str:
+    from topθ_core.tasks import load_corpus
+
+    return load_corpus("pydoc", limit=2)[1]
+
+
+def write_report(path: Path, rows, load_before, load_after) -> None:
+    import torch
+
+    lines = [
+        "# App speed (issue 4 targets)",
+        "",
+        f"Measured {time.strftime('%Y-%m-%d %H:%M')} with `python tests/e2e/measure_speed.py` in Debian Chromium "
+        "(Playwright), bundled SmolLM2-135M-Instruct, CPU float32, "
+        f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), torch {torch.__version__} "
+        f"with {torch.get_num_threads()} threads.",
+        f"Load average before/after: {load_before[0]:.1f} / {load_after[0]:.1f} (other jobs shared the 2 cores).",
+        "Each time is wall clock from the action to the result drawn and the app idle again, browser rendering "
+        "included.",
+        "",
+        "| what | target | seconds | met | note |",
+        "| --- | --- | ---: | :---: | --- |",
+    ]
+    for what, target, secs, note in rows:
+        met = "–"
+        if target.startswith("<"):
+            met = "yes" if secs < float(target.split()[1]) else "no"
+        lines.append(f"| {what} | {target} | {secs:.2f} | {met} | {note} |")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
