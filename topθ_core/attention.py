@@ -22,7 +22,7 @@ import torch
 
 from .compensation import SDC_ESTIMATES, RowTerms, v_mean_compensation
 from .config import SDC, EmptyRowFloor, Placement, SparseConfig, Selection
-from .selection import SELECTIONS, cap_k_recent, floor_empty_rows, top_k_with_next
+from .selection import SELECTIONS, always_kept, cap_k_recent, floor_empty_rows, top_k_with_next
 
 # Score-block budget in elements (B·Hq·rows·Sk) per chunk: ~64 MB per fp32 temporary.
 DEFAULT_BLOCK_ELEMENTS = 1 << 24
@@ -164,6 +164,8 @@ def _attend_rows(q, k, v, vis, row_start, theta, sdc_term, cfg: SparseConfig, k_
         kept, empty = floor_empty_rows(kept, scores, vis)
     else:
         empty = ~kept.any(-1) & has_keys
+    if cfg.selection is Selection.TOP_THETA and (cfg.sink_tokens or cfg.recent_tokens):
+        kept = kept | always_kept(vis, cfg.sink_tokens, cfg.recent_tokens)  # position rule, after the floor
     kept = kept | (vis & dense_rows.unsqueeze(-1))  # short rows are dense
     empty = empty & ~dense_rows
 

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import torch
 
 from .attention import RowBlock
-from .config import CalibrationConfig, Placement, SparseConfig, Selection
+from .config import CalibrationConfig, Placement, SdcSource, SparseConfig, Selection
 from .integration import model_fingerprint, sparse_run
 from .thresholds import ThresholdStats, Thresholds
 
@@ -94,6 +94,69 @@ class CalibrationObserver:
         self.stats.add(layer, lengths, t, d_u)
 
 
+class DroppedMassObserver:
+    """Observer for the second calibration pass (``sdc_source=theta``): the dropped mass of Top-θ.
+
+    For every thresholded row (``L > k``) it records ``D_U = Σ_{visible j ∉ S} e^(a_ij − m_i)``
+    of the set the running selection actually dropped (floor and always-kept positions
+    included), into ``stats.du_sum`` / ``stats.count`` per (layer, head, length bin).
+    """
+
+    def __init__(self, stats: ThresholdStats):
+        self.stats = stats
+
+    def __call__(self, layer: int, block: RowBlock) -> None:
+        L = block.row_len[:, 0]  # (B, R)
+        eligible = torch.nonzero(L > block.k, as_tuple=False)
+        if eligible.numel() == 0 or block.exp_scores is None:
+            return
+        b, r = eligible[:, 0], eligible[:, 1]
+        dropped = block.visible & ~block.kept  # (B, H, R, N)
+        d_u = (block.exp_scores * dropped).sum(-1)  # (B, H, R)
+        d_u = d_u[b, :, r]  # (n, H)
+        self.stats.add(layer, L[b, r], torch.zeros_like(d_u), d_u)
+
+
+def calibrate_sdc_under_theta(model, documents: Sequence[torch.Tensor], thresholds: Thresholds,
+                              config: SparseConfig | None = None, *, progress: ProgressFn | None = None,
+                              should_stop: Callable[[], bool] | None = None) -> Thresholds:
+    """Second calibration pass: run Top-θ with ``thresholds`` and recalibrate the offline SDC term.
+
+    ``C[ℓ, h, L]`` becomes the mean dropped mass ``D_U`` of the set Top-θ itself drops (not
+    the exact top-k's): the compensation then matches what inference leaves out.  ``config``
+    is the Top-θ inference config to run (default: pre-softmax, offline SDC with the current
+    terms, the thresholds' k schedule and VMC).  Returns new :class:`Thresholds` with the
+    same θ statistics and ``meta["sdc_source"] = "theta"``.
+    """
+    if hasattr(model, "tokenizer") and hasattr(model, "model"):
+        model = model.model
+    fp = model_fingerprint(model)
+    thresholds.check_model(fp)
+    if config is None:
+        config = SparseConfig(selection=Selection.TOP_THETA, placement=Placement.PRE, sdc="offline", vmc=True,
+                              k=thresholds.k)
+    if config.selection is not Selection.TOP_THETA or config.placement is not Placement.PRE:
+        raise ValueError("the SDC pass runs pre-softmax Top-θ selection")
+    device = next(model.parameters()).device
+    stats = ThresholdStats(fp.n_layers, fp.n_heads, thresholds.bin_width, device=device)
+    observer = DroppedMassObserver(stats)
+    base = getattr(model, model.base_model_prefix, model)
+    total, done = sum(int(d.numel()) for d in documents), 0
+    with torch.inference_mode(), sparse_run(config, thresholds, observers=(observer,)):
+        for ids in documents:
+            if should_stop is not None and should_stop():
+                raise CalibrationCancelled("calibration cancelled")
+            base(input_ids=ids.view(1, -1).to(device), use_cache=False)
+            done += int(ids.numel())
+            if progress:
+                progress(done, total)
+    count, du_sum = stats.count.cpu(), stats.du_sum.cpu()
+    nb = min(count.shape[-1], thresholds.sdc_mean.shape[-1])
+    old = thresholds.sdc_mean[..., :nb]
+    new = torch.where(count[..., :nb] > 0, du_sum[..., :nb] / count[..., :nb].clamp_min(1), old)
+    return thresholds.with_sdc(new, "theta", sdc_pass_config=config.to_dict())
+
+
 @dataclass
 class CalibrationReport:
     documents: int
@@ -156,7 +219,8 @@ def collect_stats(model: torch.nn.Module, documents: Sequence[torch.Tensor], con
 def calibrate(model, data: Sequence[str] | Sequence[torch.Tensor], config: CalibrationConfig | None = None, *,
               tokenizer=None, max_length: int | None = None, add_special_tokens: bool = True,
               progress: ProgressFn | None = None, should_stop: Callable[[], bool] | None = None,
-              data_description: str = "", decode_tokens: int = 0) -> Thresholds:
+              data_description: str = "", decode_tokens: int = 0,
+              sdc_config: SparseConfig | None = None) -> Thresholds:
     """Calibrate Top-θ thresholds for ``model`` on ``data``.
 
     ``model`` is a prepared transformers causal LM or a :class:`~topθ_core.models.LoadedModel`;
@@ -164,6 +228,9 @@ def calibrate(model, data: Sequence[str] | Sequence[torch.Tensor], config: Calib
     token-id tensors.  ``progress(done_tokens, total_tokens)`` is called after each document;
     ``should_stop()`` returning True cancels with :class:`CalibrationCancelled`.
     ``decode_tokens``: also calibrate that many greedy decode steps per document.
+    With ``config.sdc_source = theta`` a second pass (:func:`calibrate_sdc_under_theta`) runs
+    ``sdc_config`` (default :meth:`CalibrationConfig.theta_pass_config`) over the same documents
+    and replaces the offline SDC terms.
     """
     config = config or CalibrationConfig()
     if hasattr(model, "tokenizer") and hasattr(model, "model"):
@@ -188,8 +255,11 @@ def calibrate(model, data: Sequence[str] | Sequence[torch.Tensor], config: Calib
     t0 = time.perf_counter()
     stats = collect_stats(model, docs, config, progress=progress, should_stop=should_stop,
                           decode_tokens=decode_tokens)
-    seconds = time.perf_counter() - t0
     tokens = sum(int(d.numel()) for d in docs)
-    return stats.finalize(config.sigma, fingerprint=fp, k=config.k, placement=config.placement, calibration=config,
-                          data=data_description, extra={"documents": len(docs), "tokens": tokens,
-                                                        "seconds": round(seconds, 3)})
+    th = stats.finalize(config.sigma, fingerprint=fp, k=config.k, placement=config.placement, calibration=config,
+                        data=data_description, extra={"documents": len(docs), "tokens": tokens})
+    if config.sdc_source is SdcSource.THETA:
+        th = calibrate_sdc_under_theta(model, docs, th, sdc_config or config.theta_pass_config(),
+                                       should_stop=should_stop)
+    th.meta["seconds"] = round(time.perf_counter() - t0, 3)
+    return th

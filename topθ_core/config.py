@@ -59,6 +59,14 @@ class Lookup(str, enum.Enum):
 
     INTERPOLATE = "interpolate"  # linear in L between calibrated bins, flat beyond
     NEAREST = "nearest"  # the nearest calibrated length bin (research-code parity)
+    FIT_LOG = "fit-log"  # θ(L) = a + b·ln L per (layer, head), count-weighted least squares on the bins
+
+
+class SdcSource(str, enum.Enum):
+    """Which dropped set the offline SDC term ``C[layer, head, L]`` is the mean mass of."""
+
+    TOP_K = "top-k"  # D_U of the exact top-k (one calibration pass; the paper's)
+    THETA = "theta"  # D_U of the set Top-θ actually drops (a second pass under Top-θ selection)
 
 
 class Aggregation(str, enum.Enum):
@@ -147,6 +155,13 @@ class SparseConfig:
     ``sdc_scale`` is the scale ``s`` of SDC: ``p̂ = e^(a−m) / (D_S + s·D̃_U)``.
     ``capk`` keeps at most k survivors per row, preferring the most recent positions.
     Rows with ``L ≤ k[layer]`` are always dense.
+
+    Beyond the paper (all neutral by default unless stated; see ``kernel_compatible``):
+    ``sink_tokens``: the first n visible positions of every thresholded row are always kept
+    (attention sinks).  ``recent_tokens``: the last n visible positions (the diagonal is
+    ``recent_tokens=1``) are always kept.  Both are position rules, tile-local in a kernel.
+    ``theta_smoothing``: half-width in length bins of a count-weighted moving average of θ
+    (and the SDC term) over neighbouring bins before lookup; 0 = none.
     """
 
     selection: Selection = Selection.TOP_THETA
@@ -158,8 +173,15 @@ class SparseConfig:
     empty_row: EmptyRowFloor = EmptyRowFloor.MAX
     k: KSchedule = field(default_factory=lambda: PAPER_K)
     lookup: Lookup = Lookup.INTERPOLATE
+    sink_tokens: int = 0
+    recent_tokens: int = 0
+    theta_smoothing: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("sink_tokens", "recent_tokens", "theta_smoothing"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
         for name, enum_cls in (
             ("selection", Selection),
             ("placement", Placement),
@@ -196,6 +218,19 @@ class SparseConfig:
             )
         if self.selection is Selection.TOP_K and self.capk:
             raise ConfigError("capk only applies to top-theta selection (top-k already keeps k)")
+        if self.selection is not Selection.TOP_THETA and (self.sink_tokens or self.recent_tokens):
+            raise ConfigError("sink_tokens / recent_tokens apply to top-theta selection only")
+
+    @property
+    def kernel_compatible(self) -> bool:
+        """True when the Triton kernels compute exactly this config's attention.
+
+        The kernels implement the paper's semantics only; any option that changes which
+        elements are kept beyond them (always-kept sink or recent positions) must run the
+        reference.  Options that only change θ or the SDC term values (lookup, smoothing,
+        σ, the SDC source) are computed before the kernel and stay compatible.
+        """
+        return self.sink_tokens == 0 and self.recent_tokens == 0
 
     @property
     def needs_thresholds(self) -> bool:
@@ -220,6 +255,14 @@ class SparseConfig:
             parts.append("capk")
         if self.empty_row is EmptyRowFloor.NONE:
             parts.append("nofloor")
+        if self.selection is Selection.TOP_THETA and self.lookup is not Lookup.INTERPOLATE:
+            parts.append(self.lookup.value)
+        if self.theta_smoothing:
+            parts.append(f"smooth={self.theta_smoothing}")
+        if self.sink_tokens:
+            parts.append(f"sink={self.sink_tokens}")
+        if self.recent_tokens:
+            parts.append(f"recent={self.recent_tokens}")
         return " ".join(parts)
 
     def to_dict(self) -> dict:
@@ -233,6 +276,9 @@ class SparseConfig:
             "empty_row": self.empty_row.value,
             "k": self.k.to_dict(),
             "lookup": self.lookup.value,
+            "sink_tokens": self.sink_tokens,
+            "recent_tokens": self.recent_tokens,
+            "theta_smoothing": self.theta_smoothing,
         }
 
     @classmethod
@@ -253,7 +299,9 @@ class CalibrationConfig:
     row is replaced by its exact top-k so later layers see sparse activations).
     ``sample_frac``: fraction of eligible rows sampled per attention call, biased to the
     length bins seen least so far.  ``bin_width``: length-bin width in tokens
-    (1 = per exact length, research-code parity).
+    (1 = per exact length, research-code parity).  ``sdc_source``: the offline SDC term is
+    the mean dropped mass of top-k (one pass) or of Top-θ itself (a second pass that runs
+    Top-θ with the first pass's θ and records ``D_U`` of the set it actually drops).
     """
 
     k: KSchedule = field(default_factory=lambda: PAPER_K)
@@ -265,11 +313,13 @@ class CalibrationConfig:
     aggregation: Aggregation = Aggregation.MEAN_STD
     seed: int = 0
     vmc: bool = True  # compensation used on TAC rows while calibrating (exact SDC stands in)
+    sdc_source: SdcSource = SdcSource.TOP_K
 
     def __post_init__(self) -> None:
         try:
             object.__setattr__(self, "placement", Placement(self.placement))
             object.__setattr__(self, "aggregation", Aggregation(self.aggregation))
+            object.__setattr__(self, "sdc_source", SdcSource(self.sdc_source))
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if not isinstance(self.k, KSchedule):
@@ -280,6 +330,8 @@ class CalibrationConfig:
             raise ConfigError(f"bin_width must be at least 1, got {self.bin_width}")
         if not (-10.0 <= self.sigma <= 10.0):
             raise ConfigError(f"sigma={self.sigma} is outside the sensible range [-10, 10]")
+        if self.sdc_source is SdcSource.THETA and self.placement is Placement.POST:
+            raise ConfigError("sdc_source=theta calibrates the pre-softmax SDC term; post-softmax uses no SDC")
 
     def tac_config(self) -> SparseConfig:
         """The sparse config that top-k at calibration runs with (exact SDC stands in for offline)."""
@@ -288,6 +340,12 @@ class CalibrationConfig:
                                 vmc=self.vmc, k=self.k)
         return SparseConfig(selection=Selection.TOP_K, placement=Placement.PRE, sdc=SDC.EXACT,
                             vmc=self.vmc, k=self.k)
+
+    def theta_pass_config(self, **overrides) -> SparseConfig:
+        """The Top-θ config the second (``sdc_source=theta``) pass runs with."""
+        cfg = SparseConfig(selection=Selection.TOP_THETA, placement=Placement.PRE, sdc=SDC.OFFLINE,
+                           vmc=self.vmc, k=self.k)
+        return cfg.with_(**overrides) if overrides else cfg
 
     def to_dict(self) -> dict:
         return {
@@ -300,6 +358,7 @@ class CalibrationConfig:
             "aggregation": self.aggregation.value,
             "seed": self.seed,
             "vmc": self.vmc,
+            "sdc_source": self.sdc_source.value,
         }
 
     @classmethod

@@ -154,12 +154,12 @@ def top_theta_attention_forward(
     theta = sdc_term = None
     row_len = visible.sum(-1)  # (B, Sq)
     if cfg.needs_thresholds:
-        theta, sdc_term, extrap = state.thresholds.lookup(layer, row_len, cfg.lookup)
+        theta, sdc_term, extrap = state.thresholds.lookup(layer, row_len, cfg.lookup, cfg.theta_smoothing)
         if state.metrics is not None:
             phase = "prefill" if Sq > 1 else "decode"
             state.metrics.add_extrapolated(layer, phase, extrap & (row_len > k_keep).unsqueeze(1))
     out = None
-    if state.use_kernels and query.is_cuda:
+    if state.use_kernels and query.is_cuda and cfg.kernel_compatible:  # new options run the reference
         from . import dispatch  # the GPU kernels, loaded only on CUDA
 
         out = dispatch.try_kernels(query, key, value, visible, attention_mask is None, theta, sdc_term, cfg, k_keep,

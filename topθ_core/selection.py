@@ -80,6 +80,21 @@ def floor_empty_rows(kept: torch.Tensor, scores: torch.Tensor, visible: torch.Te
     return kept, empty
 
 
+def always_kept(visible: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
+    """Position rule: the first ``sink`` and the last ``recent`` visible keys of each row, (B, 1, R, N) bool.
+
+    Ranks count visible keys only (padding and masked keys are skipped), so in a causal row
+    ``recent=1`` is the diagonal and ``sink=1`` the first token.  Both depend only on
+    positions, never on scores: a tiled kernel can apply them tile by tile.
+    """
+    out = torch.zeros_like(visible)
+    if sink > 0:
+        out |= visible & (visible.to(torch.int32).cumsum(-1) <= sink)
+    if recent > 0:
+        out |= visible & (visible.flip(-1).to(torch.int32).cumsum(-1).flip(-1) <= recent)
+    return out
+
+
 def empty_rows(kept: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
     """Rows with visible keys and no survivor, (B, H, R)."""
     return ~kept.any(-1) & visible.any(-1)

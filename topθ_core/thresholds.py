@@ -200,6 +200,20 @@ class Thresholds:
         meta = dict(self.meta, sigma=float(sigma))
         return Thresholds(self.count, self.t_mean, self.t_std, self.sdc_mean, meta)
 
+    @property
+    def sdc_source(self) -> str:
+        """What the offline SDC term is the mean dropped mass of: ``"top-k"`` (old artifacts) or ``"theta"``."""
+        return str(self.meta.get("sdc_source", "top-k"))
+
+    def with_sdc(self, sdc_mean: torch.Tensor, source: str, **meta) -> "Thresholds":
+        """The same θ statistics with another offline SDC term table (n_layers, n_heads, n_bins).
+
+        Bins beyond ``sdc_mean``'s last one keep the current term."""
+        new = self.sdc_mean.clone()
+        nb = min(new.shape[-1], sdc_mean.shape[-1])
+        new[..., :nb] = sdc_mean[..., :nb].to(new)
+        return Thresholds(self.count, self.t_mean, self.t_std, new, dict(self.meta, sdc_source=source, **meta))
+
     def check_model(self, fingerprint: ModelFingerprint) -> None:
         mine = self.fingerprint
         if mine.digest != fingerprint.digest or (mine.n_layers, mine.n_heads) != (fingerprint.n_layers, fingerprint.n_heads):
@@ -209,24 +223,33 @@ class Thresholds:
             )
 
     # ---- lookup -----------------------------------------------------------------------
-    def _filled(self, lookup: Lookup, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        key = (lookup, str(device), self.sigma)
+    def _filled(self, lookup: Lookup, device, smoothing: int = 0) -> tuple[torch.Tensor, ...]:
+        key = (lookup, str(device), self.sigma, smoothing)
         if key not in self._tables:
-            th, sdc, lo_bin, hi_bin = _fill_tables(self.theta, self.sdc_mean, self.count, lookup)
+            theta, sdc = self.theta, self.sdc_mean
+            if smoothing:
+                theta, sdc = smooth_bins(theta, sdc, self.count, smoothing)
+            table_lookup = Lookup.INTERPOLATE if lookup is Lookup.FIT_LOG else lookup
+            th, sdc, lo_bin, hi_bin = _fill_tables(theta, sdc, self.count, table_lookup)
             w = self.bin_width
             lo_len, hi_len = lo_bin * w + 1, (hi_bin + 1) * w  # calibrated length range per head
-            self._tables[key] = tuple(t.to(device) for t in (th, sdc, lo_len, hi_len))
+            a, b = fit_log_length(theta, self.count, w)
+            self._tables[key] = tuple(t.to(device) for t in (th, sdc, lo_len, hi_len, a, b))
         return self._tables[key]
 
-    def lookup(self, layer: int, row_len: torch.Tensor, lookup: Lookup = Lookup.INTERPOLATE
+    def lookup(self, layer: int, row_len: torch.Tensor, lookup: Lookup = Lookup.INTERPOLATE, smoothing: int = 0
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """θ and the offline SDC term for rows of a layer.
 
         ``row_len`` (B, R) int → ``theta`` (B, H, R) float32, ``sdc`` (B, H, R) float32 and
         ``extrapolated`` (B, H, R) bool (length outside the calibrated range of that head, or
         a head never calibrated at this layer: such rows get θ = −∞, i.e. they stay dense).
+        ``smoothing``: half-width in bins of a count-weighted moving average applied first
+        (:func:`smooth_bins`).  ``Lookup.FIT_LOG`` reads θ from the per-head fit
+        ``a + b·ln L`` (:func:`fit_log_length`), which extrapolates in ln L beyond the
+        calibrated range; its SDC term is interpolated (flat beyond).
         """
-        theta_t, sdc_t, lo, hi = self._filled(lookup, row_len.device)
+        theta_t, sdc_t, lo, hi, fa, fb = self._filled(lookup, row_len.device, smoothing)
         th, sd = theta_t[layer], sdc_t[layer]  # (H, nb)
         nb = th.shape[-1]
         w = self.bin_width
@@ -241,6 +264,9 @@ class Thresholds:
             f = (pos - b0.to(pos.dtype)).clamp(0, 1)
             theta = th[:, b0] + f * (th[:, b1] - th[:, b0])
             sdc = sd[:, b0] + f * (sd[:, b1] - sd[:, b0])
+            if lookup is Lookup.FIT_LOG:
+                a, bb = fa[layer].view(-1, 1, 1), fb[layer].view(-1, 1, 1)  # (H, 1, 1); NaN where uncalibrated
+                theta = a + bb * torch.log(L.clamp_min(1.0)).unsqueeze(0)
         theta, sdc = theta.permute(1, 0, 2), sdc.permute(1, 0, 2)  # (B, H, R)
         lo_l, hi_l = lo[layer].view(1, -1, 1), hi[layer].view(1, -1, 1)
         extrap = (row_len.unsqueeze(1) < lo_l) | (row_len.unsqueeze(1) > hi_l)
@@ -348,6 +374,54 @@ def load_thresholds(path: str | os.PathLike, expect_model: ModelFingerprint | No
     if expect_model is not None:
         th.check_model(expect_model)
     return th
+
+
+def smooth_bins(theta: torch.Tensor, sdc: torch.Tensor, count: torch.Tensor, half_width: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Count-weighted moving average over ±``half_width`` length bins, per (layer, head).
+
+    ``θ'[b] = Σ_{|b'−b|≤w} n[b']·θ[b'] / Σ_{|b'−b|≤w} n[b']`` (same for the SDC term), at
+    calibrated bins only (uncalibrated bins stay NaN for θ).  Shapes (n_layers, n_heads, n_bins).
+    """
+    if half_width <= 0:
+        return theta, sdc
+    n = count.to(torch.float64)
+    cal = n > 0
+    kernel = torch.ones(1, 1, 2 * half_width + 1, dtype=torch.float64)
+
+    def conv(x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, 1, x.shape[-1])
+        return torch.nn.functional.conv1d(flat, kernel, padding=half_width).reshape(x.shape)
+
+    den = conv(n)
+    th = torch.where(cal, theta.to(torch.float64), 0.0)
+    out_th = conv(n * th) / den.clamp_min(1e-300)
+    out_sd = conv(n * sdc.to(torch.float64)) / den.clamp_min(1e-300)
+    nan = torch.full_like(out_th, float("nan"))
+    return torch.where(cal, out_th, nan), torch.where(cal, out_sd, torch.zeros_like(out_sd))
+
+
+def fit_log_length(theta: torch.Tensor, count: torch.Tensor, bin_width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (layer, head) weighted least-squares fit ``θ ≈ a + b·ln L`` over calibrated bins.
+
+    ``L`` is the bin centre, the weight of a bin its sample count.  Returns ``a`` and ``b``
+    (n_layers, n_heads) float32; a head with one calibrated bin gets ``b = 0``, one with none NaN.
+    """
+    n_bins = theta.shape[-1]
+    centre = torch.arange(n_bins, dtype=torch.float64) * bin_width + (bin_width + 1) / 2
+    x = torch.log(centre).expand_as(theta)
+    w = count.to(torch.float64) * (count > 0)
+    y = torch.where(count > 0, theta.to(torch.float64), 0.0)
+    sw = w.sum(-1)
+    mx = (w * x).sum(-1) / sw.clamp_min(1e-300)
+    my = (w * y).sum(-1) / sw.clamp_min(1e-300)
+    sxx = (w * (x - mx.unsqueeze(-1)) ** 2).sum(-1)
+    sxy = (w * (x - mx.unsqueeze(-1)) * (y - my.unsqueeze(-1))).sum(-1)
+    b = torch.where(sxx > 1e-12, sxy / sxx.clamp_min(1e-300), torch.zeros_like(sxx))
+    a = my - b * mx
+    none = sw <= 0
+    a = torch.where(none, torch.full_like(a, float("nan")), a)
+    return a.float(), b.float()
 
 
 def _fill_tables(theta: torch.Tensor, sdc: torch.Tensor, count: torch.Tensor, lookup: Lookup):

@@ -1,0 +1,480 @@
+"""Fidelity ablations: is Top-θ as accurate as exact top-k at the same kept fraction? (issue 7)
+
+Set-up (fixed, deterministic): the bundled SmolLM2-135M-Instruct; the bundled ``pydoc`` corpus
+split by :func:`topθ_core.evaluation.heldout_documents` (even documents calibrate, odd ones are
+held out), each half's topics joined in corpus order and cut into consecutive 2,048-token pieces;
+8 calibration documents (16 for the "more data" row), 6 held-out documents.  Calibration:
+pre-softmax, σ 0.1, top-k at calibration, offline SDC + VMC, layers 0-1 at k = 512, bin width
+16, seed 0 (``torch.manual_seed(0)``; row sampling fraction 1, so no sampling randomness).
+
+Measured per variant on the 6 held-out documents (one forward each; the dense side is computed
+once and cached): perplexity change (pooled NLL), next-token KL(dense‖sparse) (mean over all
+positions, via :func:`topθ_core.evaluation._kl_top1`), kept attention fraction in layers 2-29
+(prefill, causal triangle), kept V rows, rows with nothing above θ, extrapolated rows, and the
+spread of the kept count per thresholded row (L > k) relative to k in layers 2-29 (coefficient
+of variation, p10/p50/p90).  Multiple choice (ARC-Easy, HellaSwag; ``--mc-items`` items, few-shot
+prefixes so prompts reach ~1-1.5k tokens) through :func:`topθ_core.evaluation.evaluate_multiple_choice`.
+
+Every Top-θ variant runs the PyTorch reference attention (observers force it), so kernel and
+reference paths never mix within a comparison.
+
+    python benchmarks/fidelity.py run --device cuda --out DIR      # measurements → DIR/*.csv
+    python benchmarks/fidelity.py report --raw DIR                 # → benchmarks/results/fidelity.{md,csv,html}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from topθ_core.config import (SDC, CalibrationConfig, EmptyRowFloor, KSchedule, Lookup, Selection,  # noqa: E402
+                              SparseConfig)
+
+RESULTS = ROOT / "benchmarks" / "results"
+SEQ = 2048
+SPARSE_LAYERS = list(range(2, 30))
+N_CAL, N_CAL_MORE, N_EVAL = 8, 16, 6
+
+
+# --------------------------------------------------------------------------- data
+def documents(tok, part: str, n: int, seq: int = SEQ) -> list[torch.Tensor]:
+    """The first ``n`` consecutive ``seq``-token pieces of one half of the pydoc corpus.
+
+    The half's topics (in corpus order) are joined by blank lines, tokenized once and cut
+    into consecutive pieces, so every document is exactly ``seq`` tokens of running text."""
+    from topθ_core.evaluation import heldout_documents
+
+    text = "\n\n".join(heldout_documents("pydoc", None, part=part))
+    ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    if ids.numel() < n * seq:
+        raise ValueError(f"the pydoc {part} half has {ids.numel()} tokens, fewer than {n} × {seq}")
+    return [ids[i * seq:(i + 1) * seq].clone() for i in range(n)]
+
+
+MC_POOL = 500  # items handed to evaluate_multiple_choice: the first --mc-items are scored, the rest are the few-shot pool
+
+
+def build_inputs(tok, seq: int = SEQ) -> dict:
+    """Everything the run reads from the bundled data (so a machine without Parquet support can run it)."""
+    from topθ_core.tasks import load_mc_task
+
+    return {"seq": seq, "cal": documents(tok, "calibration", N_CAL_MORE, seq),
+            "eval": documents(tok, "heldout", N_EVAL, seq),
+            "arc_easy": load_mc_task("arc_easy", MC_POOL), "hellaswag": load_mc_task("hellaswag", MC_POOL)}
+
+
+# --------------------------------------------------------------------------- per-row spread
+class RowSpread:
+    """Observer: kept count per thresholded row (L > k) relative to k, in the given layers."""
+
+    def __init__(self, layers):
+        self.layers = set(layers)
+        self.hist = torch.zeros(4097, dtype=torch.float64)  # ratio·64, clamped at 64×
+        self.n = self.s = self.ss = 0.0
+
+    def __call__(self, layer, block) -> None:
+        if layer not in self.layers:
+            return
+        L = block.row_len[:, 0]  # (B, R)
+        mask = (L > block.k).unsqueeze(1).expand(block.kept.shape[:3])  # (B, H, R)
+        if not bool(mask.any()):
+            return
+        r = (block.kept.sum(-1)[mask].to(torch.float64) / block.k).cpu()
+        self.n += r.numel()
+        self.s += float(r.sum())
+        self.ss += float((r * r).sum())
+        self.hist += torch.bincount((r * 64).round().clamp(max=4096).long(), minlength=4097).double()
+
+    def summary(self) -> dict:
+        if self.n == 0:
+            return {"row_cv": float("nan"), "row_p10": float("nan"), "row_p50": float("nan"),
+                    "row_p90": float("nan"), "row_mean": float("nan")}
+        mean = self.s / self.n
+        std = math.sqrt(max(0.0, self.ss / self.n - mean * mean))
+        cdf = self.hist.cumsum(0) / self.hist.sum()
+        q = lambda p: float(torch.searchsorted(cdf, torch.tensor([p], dtype=torch.float64))[0]) / 64  # noqa: E731
+        return {"row_mean": mean, "row_cv": std / mean if mean else float("nan"),
+                "row_p10": q(0.10), "row_p50": q(0.50), "row_p90": q(0.90)}
+
+
+# --------------------------------------------------------------------------- measurement
+@dataclass
+class Dense:
+    logits: list[torch.Tensor]
+    nll: float
+    tokens: int
+
+
+class Bench:
+    def __init__(self, lm, cal_docs, eval_docs, log=print):
+        self.lm, self.cal_docs, self.eval_docs, self.log = lm, cal_docs, eval_docs, log
+        from topθ_core.evaluation import _base, _lm_head
+
+        self.base, self.project = _base(lm.model), _lm_head(lm.model)
+        self.device = next(lm.model.parameters()).device
+        self.dense = self._dense()
+
+    def _forward(self, ids):
+        return self.project(self.base(input_ids=ids.view(1, -1).to(self.device), use_cache=False).last_hidden_state[0])
+
+    @torch.inference_mode()
+    def _dense(self) -> Dense:
+        logits, nll, n = [], 0.0, 0
+        for ids in self.eval_docs:
+            lg = self._forward(ids).float()
+            nll += float(F.cross_entropy(lg[:-1], ids[1:].to(lg.device), reduction="sum"))
+            n += ids.numel() - 1
+            logits.append(lg)
+        return Dense(logits, nll / n, n)
+
+    @torch.inference_mode()
+    def evaluate(self, cfg: SparseConfig, th) -> dict:
+        from topθ_core.evaluation import _kl_top1
+        from topθ_core.integration import sparse_run
+        from topθ_core.metrics import SparsityMetrics
+
+        t0 = time.perf_counter()
+        kl_all, agree_all, nll, frames = [], [], 0.0, []
+        spread = RowSpread(SPARSE_LAYERS)
+        for ids, ld in zip(self.eval_docs, self.dense.logits):
+            m = SparsityMetrics()
+            with sparse_run(cfg, th, model=self.lm.model, metrics=m, observers=(spread,)):
+                ls = self._forward(ids).float()
+            nll += float(F.cross_entropy(ls[:-1], ids[1:].to(ls.device), reduction="sum"))
+            kl, ag = _kl_top1(ld, ls)
+            kl_all.append(kl[:-1].cpu())  # positions that predict a scored token
+            agree_all.append(ag[:-1].cpu())
+            frames.append(m.to_frame())
+        import pandas as pd
+
+        df = pd.concat(frames).groupby(["layer", "phase", "head", "kv_head"], as_index=False).sum(numeric_only=True)
+        d = df[df["phase"] == "prefill"]
+        ds = d[d["layer"].isin(SPARSE_LAYERS)]
+        kl = torch.cat(kl_all).numpy()
+        sparse_nll = nll / self.dense.tokens
+        return {
+            "ppl_change": math.exp(sparse_nll - self.dense.nll) - 1.0,
+            "kl_mean": float(kl.mean()), "kl_p95": float(np.quantile(kl, 0.95)),
+            "top1": float(torch.cat(agree_all).float().mean()),
+            "kept_sparse_layers": float(ds["kept"].sum() / ds["visible"].sum()),
+            "kept_all_layers": float(d["kept"].sum() / d["visible"].sum()),
+            "size_factor": float(ds["kept"].sum() / ds["topk_equiv"].sum()),
+            "kept_v_rows": float(ds["kept_v_rows"].sum() / ds["kv_rows"].sum()),
+            "empty_rows": int(d["empty_rows"].sum()), "extrapolated_rows": int(d["extrapolated_rows"].sum()),
+            **spread.summary(), "dense_ppl": math.exp(self.dense.nll), "sparse_ppl": math.exp(sparse_nll),
+            "eval_seconds": time.perf_counter() - t0,
+        }
+
+
+def cal_config(k: int, **kw) -> CalibrationConfig:
+    return CalibrationConfig(k=KSchedule(k, {0: 512, 1: 512}), sigma=0.1, tac=True, bin_width=16, seed=0, **kw)
+
+
+def theta_cfg(k: int, **kw) -> SparseConfig:
+    base = dict(selection=Selection.TOP_THETA, sdc=SDC.OFFLINE, vmc=True, k=KSchedule(k, {0: 512, 1: 512}),
+                lookup=Lookup.NEAREST, empty_row=EmptyRowFloor.MAX)
+    base.update(kw)
+    return SparseConfig(**base)
+
+
+def topk_cfg(k: int, **kw) -> SparseConfig:
+    base = dict(selection=Selection.TOP_K, sdc=SDC.NONE, vmc=False, k=KSchedule(k, {0: 512, 1: 512}))
+    base.update(kw)
+    return SparseConfig(**base)
+
+
+# --------------------------------------------------------------------------- the run
+def run(args) -> None:
+    import pandas as pd
+
+    from topθ_core.calibration import calibrate_sdc_under_theta, collect_stats
+    from topθ_core.evaluation import evaluate_multiple_choice
+    from topθ_core.integration import model_fingerprint
+    from topθ_core.models import load_model
+    torch.manual_seed(0)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    logf = open(out / "fidelity_log.txt", "a")
+
+    def log(msg):
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        logf.write(line + "\n")
+        logf.flush()
+
+    lm = load_model(args.model, device=args.device)
+    if args.debug_layers:  # smoke tests only: keep the first n decoder layers
+        from topθ_core.models import wrap_model
+
+        lm.model.model.layers = lm.model.model.layers[: args.debug_layers]
+        lm.model.config.num_hidden_layers = args.debug_layers
+        lm = wrap_model(lm.model, lm.tokenizer, lm.name)
+    fp = model_fingerprint(lm.model)
+    inputs = torch.load(args.inputs, weights_only=False) if args.inputs else build_inputs(lm.tokenizer, args.seq)
+    seq = int(inputs["seq"])
+    cal_docs, eval_docs = inputs["cal"], inputs["eval"]
+    if args.quick:
+        cal_docs, eval_docs = [d[:160] for d in cal_docs[:4]], [d[:160] for d in eval_docs[:2]]
+        seq = 160
+        for task in ("arc_easy", "hellaswag"):
+            inputs[task] = inputs[task][:20]
+    n_cal = len(cal_docs) // 2
+    log(f"model {fp.describe()} on {args.device}; {len(cal_docs)} cal docs, {len(eval_docs)} eval docs of {seq} tokens")
+    bench = Bench(lm, cal_docs, eval_docs, log)
+    log(f"dense ppl {math.exp(bench.dense.nll):.3f}")
+
+    # ---- calibrations (statistics reused across σ, lookup, smoothing)
+    stats, th = {}, {}
+
+    def calib(name, k, docs, **kw):
+        t0 = time.perf_counter()
+        cc = cal_config(k, **kw)
+        s = collect_stats(lm.model, docs, cc)
+        th[name] = s.finalize(cc.sigma, fingerprint=fp, k=cc.k, placement=cc.placement, calibration=cc,
+                              data=f"pydoc calibration half, {len(docs)} docs × {docs[0].numel()} tokens")
+        stats[name] = (s, cc)
+        log(f"calibrated {name} in {time.perf_counter() - t0:.1f}s")
+
+    def more(name, src, docs):
+        s, cc = stats[src]
+        t0 = time.perf_counter()
+        s = collect_stats(lm.model, docs, cc, stats=s)  # continues (merges into) the same statistics
+        th[name] = s.finalize(cc.sigma, fingerprint=fp, k=cc.k, placement=cc.placement, calibration=cc,
+                              data=f"pydoc calibration half, {2 * len(docs)} docs")
+        log(f"calibrated {name} in {time.perf_counter() - t0:.1f}s")
+
+    ks = (32, 64)
+    for k in ks:
+        calib(f"k{k}", k, cal_docs[:n_cal])
+    calib("k64-len1024", 64, [d[: seq // 2] for d in cal_docs[:n_cal]])
+    import copy
+
+    stats["k64-more"] = (copy.deepcopy(stats["k64"][0]), stats["k64"][1])
+    more("k64-16docs", "k64-more", cal_docs[n_cal:])
+
+    sdc_cache = {}
+
+    def sdc_theta(name, cfg, sigma=0.1):
+        key = (name, cfg.to_dict().__repr__(), sigma)
+        if key not in sdc_cache:
+            t0 = time.perf_counter()
+            sdc_cache[key] = calibrate_sdc_under_theta(lm.model, cal_docs[:n_cal], th[name].with_sigma(sigma), cfg)
+            log(f"SDC pass under θ for {cfg.label()} σ={sigma} in {time.perf_counter() - t0:.1f}s")
+        return sdc_cache[key]
+
+    rows = []
+    raw_csv = out / "fidelity_raw.csv"
+
+    t_start = time.perf_counter()
+    sections = set(args.sections.split(","))
+
+    class OutOfTime(Exception):
+        pass
+
+    def record(group, variant, cfg, thr, k, sigma=None, cal="8 docs × 2048", mc=False, curve=False):
+        if time.perf_counter() - t_start > args.budget_s:
+            raise OutOfTime
+        mc = mc and "mc" in sections
+        if "table" not in sections and not mc and not (curve and "curves" in sections):
+            return None
+        if callable(thr):
+            thr = thr()
+        r = bench.evaluate(cfg, thr)
+        row = {"group": group, "variant": variant, "k": k, "selection": cfg.selection.value,
+               "sigma": sigma, "calibration": cal, "config": cfg.label(),
+               "kernel_compatible": cfg.kernel_compatible, "curve": curve, **r}
+        if mc and args.mc_items:
+            for task, shots in (("arc_easy", args.arc_shots), ("hellaswag", args.hs_shots)):
+                t0 = time.perf_counter()
+                items = inputs[task]
+                res = evaluate_multiple_choice(lm, items, args.mc_items, cfg, thr, num_fewshot=shots, max_rows=64,
+                                               n_boot=500)
+                row[f"{task}_dense"] = res.value("acc_norm", "dense")
+                row[f"{task}_sparse"] = res.value("acc_norm", "sparse")
+                row[f"{task}_delta"] = res.value("acc_norm", "delta")
+                row[f"{task}_kept"] = res.summary.iloc[0]["kept_attention_sparse"]
+                row[f"{task}_prompt_tokens"] = res.info.get("mean_prompt_tokens")
+                log(f"  {task}: {row[f'{task}_dense']:.3f} → {row[f'{task}_sparse']:.3f} "
+                    f"({time.perf_counter() - t0:.1f}s)")
+        rows.append(row)
+        pd.DataFrame(rows).to_csv(raw_csv, index=False)
+        log(f"{group:>12} | {variant:<40} ppl {r['ppl_change']:+.2%} KL {r['kl_mean']:.4f} "
+            f"kept 1/{1 / r['kept_sparse_layers']:.1f} empty {r['empty_rows']} cv {r['row_cv']:.2f} "
+            f"({r['eval_seconds']:.1f}s)")
+        return row
+
+    try:
+        measure(record, th, ks, sdc_theta, theta_cfg, topk_cfg, args, sections)
+    except OutOfTime:
+        log("time budget reached: stopping")
+    log("done")
+
+
+def measure(record, th, ks, sdc_theta, theta_cfg, topk_cfg, args, sections) -> None:
+    """The ablation list: one change at a time from the issue's configuration, then combinations."""
+    # ---- 1. reproduction of the issue's table
+    for k in ks:
+        record("baseline", f"top-k k={k}", topk_cfg(k), None, k, mc=True, curve=True)
+        record("baseline", f"top-k k={k} + exact SDC + VMC", topk_cfg(k, sdc=SDC.EXACT, vmc=True), None, k)
+        record("baseline", f"Top-θ k={k} (issue: nearest, σ 0.1)", theta_cfg(k), th[f"k{k}"], k, 0.1, mc=True)
+    # ---- 2. ablations, one change at a time from the baseline (k = 64, key ones at k = 32 too)
+    for k in ks:
+        base = theta_cfg(k)
+        t = th[f"k{k}"]
+        record("floor", "empty-row floor none", base.with_(empty_row=EmptyRowFloor.NONE), t, k, 0.1)
+        record("lookup", "interpolate", base.with_(lookup=Lookup.INTERPOLATE), t, k, 0.1)
+        record("lookup", "interpolate + smoothing ±2 bins", base.with_(lookup=Lookup.INTERPOLATE, theta_smoothing=2), t, k, 0.1)
+        record("lookup", "fit θ = a + b·ln L", base.with_(lookup=Lookup.FIT_LOG), t, k, 0.1)
+        for sig in (-0.5, -0.25, 0.0, 0.25, 0.5):
+            record("sigma", f"σ = {sig:g}", base, t.with_sigma(sig), k, sig)
+        record("sdc", "SDC calibrated under θ", base, lambda: sdc_theta(f"k{k}", base), k, 0.1)
+        for sc in (0.5, 2.0):
+            record("sdc", f"SDC scale {sc:g}", base.with_(sdc_scale=sc), t, k, 0.1)
+        record("keep", "sink: first token", base.with_(sink_tokens=1), t, k, 0.1)
+        record("keep", "diagonal (recent 1)", base.with_(recent_tokens=1), t, k, 0.1)
+        record("keep", "first token + diagonal", base.with_(sink_tokens=1, recent_tokens=1), t, k, 0.1)
+        record("keep", "first 4 + recent 8", base.with_(sink_tokens=4, recent_tokens=8), t, k, 0.1)
+    record("data", "16 calibration docs", theta_cfg(64), th["k64-16docs"], 64, 0.1, cal="16 docs × 2048")
+    record("data", "16 docs + fit θ(L)", theta_cfg(64, lookup=Lookup.FIT_LOG), th["k64-16docs"], 64, 0.1,
+           cal="16 docs × 2048")
+    for lk in (Lookup.NEAREST, Lookup.INTERPOLATE, Lookup.FIT_LOG):
+        record("coverage", f"calibrated ≤1024, evaluated 2048: {lk.value}", theta_cfg(64, lookup=lk),
+               th["k64-len1024"], 64, 0.1, cal="8 docs × 1024")
+
+    # ---- 3. combinations (decided up front; the table shows each part's effect above)
+    combos = {
+        "combo A: interp+smooth2, sink1+diag": dict(lookup=Lookup.INTERPOLATE, theta_smoothing=2, sink_tokens=1,
+                                                    recent_tokens=1),
+        "combo B: A + SDC under θ": dict(lookup=Lookup.INTERPOLATE, theta_smoothing=2, sink_tokens=1,
+                                         recent_tokens=1, _sdc=True),
+        "combo C: fit θ(L) + sink1+diag + SDC under θ": dict(lookup=Lookup.FIT_LOG, sink_tokens=1, recent_tokens=1,
+                                                             _sdc=True),
+        "combo D: interp+smooth2 + SDC under θ (kernel-compatible)": dict(lookup=Lookup.INTERPOLATE,
+                                                                          theta_smoothing=2, _sdc=True),
+    }
+    sigmas_curve = (-0.5, -0.25, 0.0, 0.1, 0.25, 0.5, 1.0)
+    for k in ks:
+        for name, kw in combos.items():
+            kw = dict(kw)
+            use_sdc = kw.pop("_sdc", False)
+            cfg = theta_cfg(k, **kw)
+            for sig in sigmas_curve:
+                if use_sdc:
+                    t = (lambda c=cfg, s=sig, kk=k: sdc_theta(f"k{kk}", c, s))
+                else:
+                    t = th[f"k{k}"].with_sigma(sig)
+                if sig == 0.1:
+                    record("combo", name, cfg, t, k, sig, mc=True, curve=True)
+                else:
+                    record("curve", name, cfg, t, k, sig, curve=True)
+        for sig in sigmas_curve:  # the paper baseline's curve
+            if sig != 0.1:
+                record("curve", "Top-θ baseline (issue)", theta_cfg(k), th[f"k{k}"].with_sigma(sig), k, sig,
+                       curve=True)
+    for k in (16, 24, 48, 96, 128):
+        record("curve", f"top-k k={k}", topk_cfg(k), None, k, curve=True)
+
+
+# --------------------------------------------------------------------------- report
+TABLE_COLS = [("ppl_change", "Δ perplexity", "{:+.1%}"), ("kl_mean", "KL(dense‖sparse)", "{:.4f}"),
+              ("arc_easy_delta", "Δ ARC-Easy", "{:+.1%}"), ("hellaswag_delta", "Δ HellaSwag", "{:+.1%}"),
+              ("kept_sparse_layers", "kept, layers 2-29", None), ("size_factor", "× top-k", "{:.2f}"),
+              ("kept_v_rows", "kept V rows", "{:.3f}"), ("row_cv", "kept/row CV", "{:.2f}"),
+              ("row_p10", "p10", "{:.2f}"), ("row_p90", "p90", "{:.2f}"), ("empty_rows", "empty rows", "{:,}")]
+
+
+def _fmt(v, f):
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    if f is None:
+        return f"1/{1 / v:.1f}"
+    return f.format(v)
+
+
+def report(args) -> None:
+    import pandas as pd
+
+    raw = pd.read_csv(Path(args.raw) / "fidelity_raw.csv")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    table = raw[(raw["group"] != "curve") & ((raw["group"] != "combo") | (raw["sigma"].fillna(0.1) == 0.1))]
+    table = table.drop(columns=["curve"])
+    table.to_csv(RESULTS / "fidelity.csv", index=False)
+    raw.to_csv(RESULTS / "fidelity_curves.csv", index=False)
+    lines = ["| k | group | variant | " + " | ".join(c[1] for c in TABLE_COLS) + " |",
+             "|---|---|---|" + "---|" * len(TABLE_COLS)]
+    for _, r in table.sort_values(["k"], kind="stable").iterrows():
+        cells = [_fmt(r.get(c), f) for c, _, f in TABLE_COLS]
+        lines.append(f"| {r['k']} | {r['group']} | {r['variant']} | " + " | ".join(cells) + " |")
+    (Path(args.raw) / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    _plot(raw)
+
+
+def _plot(raw) -> None:
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    topk = raw[(raw["selection"] == "top-k") & raw["variant"].str.fullmatch(r"top-k k=\d+")].sort_values("kept_sparse_layers")
+    fig.add_trace(go.Scatter(x=topk["kept_sparse_layers"], y=topk["kl_mean"], mode="lines+markers", name="exact top-k",
+                             text=[f"k={k}" for k in topk["k"]], line=dict(color="black", width=3)))
+    th = raw[(raw["selection"] == "top-theta") & raw["curve"]]
+    for (variant, k), g in th.groupby(["variant", "k"]):
+        g = g.sort_values("kept_sparse_layers")
+        fig.add_trace(go.Scatter(x=g["kept_sparse_layers"], y=g["kl_mean"], mode="lines+markers",
+                                 name=f"{variant} (k={k})", text=[f"σ={s:g}" for s in g["sigma"]]))
+    fig.update_layout(title="SmolLM2-135M, pydoc 2,048-token documents: kept fraction (layers 2-29) vs KL(dense‖sparse)",
+                      xaxis_title="kept attention fraction, layers 2-29", yaxis_title="mean next-token KL (nats)",
+                      xaxis_type="log", yaxis_type="log", template="plotly_white")
+    fig.write_html(RESULTS / "fidelity_tradeoff.html", include_plotlyjs="cdn")
+    try:
+        fig.write_image(RESULTS / "fidelity_tradeoff.png")
+    except Exception as e:  # kaleido missing: HTML + CSV only
+        print(f"PNG not written ({type(e).__name__}); HTML and CSV written")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--model", default="smollm2")
+    r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    r.add_argument("--out", default="/tmp/fidelity")
+    r.add_argument("--seq", type=int, default=SEQ)
+    r.add_argument("--mc-items", type=int, default=200)
+    r.add_argument("--arc-shots", type=int, default=25)
+    r.add_argument("--hs-shots", type=int, default=10)
+    r.add_argument("--sections", default="table,mc,curves", help="comma list of table, mc, curves")
+    r.add_argument("--budget-s", type=float, default=1e9, help="start no new measurement after this many seconds")
+    r.add_argument("--debug-layers", type=int, default=0, help="smoke tests only: truncate the model")
+    r.add_argument("--quick", action="store_true", help="smoke test: 2+2 calibration docs, 2 eval docs")
+    r.add_argument("--inputs", default=None, help="a file written by `prepare` (else read the bundled data)")
+    q = sub.add_parser("prepare")
+    q.add_argument("--out", default="/tmp/fidelity_inputs.pt")
+    p = sub.add_parser("report")
+    p.add_argument("--raw", default="/tmp/fidelity")
+    args = ap.parse_args()
+    if args.cmd == "prepare":
+        from transformers import AutoTokenizer
+
+        from topθ_core.models import bundled_checkpoint
+
+        torch.save(build_inputs(AutoTokenizer.from_pretrained(bundled_checkpoint())), args.out, pickle_protocol=4)
+        print(f"wrote {args.out}")
+    else:
+        run(args) if args.cmd == "run" else report(args)
+
+
+if __name__ == "__main__":
+    main()
