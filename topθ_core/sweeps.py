@@ -241,8 +241,9 @@ class DroppedMassObserver:
         top = probs.topk(kmax, dim=-1).values.cumsum(-1)  # (B, H, R, kmax)
         for j, k in enumerate(self.candidates):
             kk = min(k, kmax)
-            mass = top[..., kk - 1]
-            self.dropped[layer, j] += float((1.0 - mass).clamp_min(0).sum())
+            dropped = (1.0 - top[..., kk - 1]).clamp_min(0)
+            dropped = torch.where(L <= k, torch.zeros_like(dropped), dropped)  # short rows stay dense: nothing dropped
+            self.dropped[layer, j] += float(dropped.sum())
             self.kept[layer, j] += float(torch.minimum(L, torch.full_like(L, k)).sum() * H)
         self.visible[layer] += float(L.sum() * H)
 
@@ -315,10 +316,11 @@ def greedy_schedule_path(sens: pd.DataFrame, *, fixed: dict[int, int] | None = N
 
 
 def schedule_from_ks(ks: dict[int, int], default: int | None = None) -> KSchedule:
-    """A KSchedule from a full per-layer map (the most common k becomes the default)."""
+    """A KSchedule from a full per-layer map (the most common k, ties to the smaller, becomes the default)."""
     from collections import Counter
 
-    default = default or Counter(ks.values()).most_common(1)[0][0]
+    counts = Counter(ks.values())
+    default = default or max(counts, key=lambda k: (counts[k], -k))  # ties: the smaller k
     return KSchedule(default, {l: k for l, k in ks.items() if k != default})
 
 
