@@ -10,18 +10,29 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-from plotly.subplots import make_subplots
 
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf"]
-_LAYOUT = dict(template="plotly_white", margin=dict(l=50, r=20, t=50, b=45))
+# No plotly template: st.plotly_chart applies the Streamlit theme, and templates cost ~50 ms a figure.
+_LAYOUT = dict(margin=dict(l=50, r=20, t=50, b=45))
+
+
+def _figure(data: list[dict], **layout) -> go.Figure:
+    """One ``go.Figure`` from trace dicts (building from dicts in one go is several times faster)."""
+    return go.Figure(data=data, layout={**_LAYOUT, **layout})
 
 
 def _empty(title: str, message: str) -> go.Figure:
-    fig = go.Figure()
-    fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
-    fig.update_layout(title=title, xaxis_visible=False, yaxis_visible=False, **_LAYOUT)
-    return fig
+    return _figure([], title=title, xaxis=dict(visible=False), yaxis=dict(visible=False),
+                   annotations=[dict(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")])
+
+
+def _hline(y: float, color: str = "#444", xref: str = "paper", yref: str = "y") -> dict:
+    return dict(type="line", xref=xref, yref=yref, x0=0, x1=1, y0=y, y1=y, line=dict(color=color, width=1))
+
+
+def _vline(x: float, yref: str = "paper", xref: str = "x", y0: float = 0, y1: float = 1) -> dict:
+    return dict(type="line", xref=xref, yref=yref, x0=x, x1=x, y0=y0, y1=y1, line=dict(color="#d62728", dash="dot"))
 
 
 # ---------------------------------------------------------------------------- thresholds
@@ -39,13 +50,26 @@ def theta_at_length(df: pd.DataFrame, length: float) -> pd.DataFrame:
 
     Returns columns layer, head, theta, extrapolated (length outside the head's calibrated range).
     """
-    rows = []
-    for (layer, head), g in df.groupby(["layer", "head"], sort=True):
-        g = g.sort_values("length")
-        x, y = g["length"].to_numpy(float), g["theta"].to_numpy(float)
-        rows.append({"layer": int(layer), "head": int(head), "theta": float(np.interp(length, x, y)),
-                     "extrapolated": bool(length < g["length_lo"].min() or length > g["length_hi"].max())})
-    return pd.DataFrame(rows, columns=["layer", "head", "theta", "extrapolated"])
+    cols = ["layer", "head", "theta", "extrapolated"]
+    if df.empty:
+        return pd.DataFrame(columns=cols)
+    d = df.sort_values(["layer", "head", "length"])
+    key = d["layer"].to_numpy(np.int64) * 100_000 + d["head"].to_numpy(np.int64)
+    x, y = d["length"].to_numpy(float), d["theta"].to_numpy(float)
+    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    ends = np.r_[starts[1:], len(key)]
+    # per group: the last calibrated bin at or left of `length` (lo) and the next one (hi)
+    idx = np.where(x <= length, np.arange(len(x)), -1)
+    last_left = np.maximum.reduceat(idx, starts)
+    lo = np.where(last_left >= starts, last_left, starts)
+    hi = np.where(last_left >= starts, np.minimum(last_left + 1, ends - 1), starts)
+    x0, x1, y0, y1 = x[lo], x[hi], y[lo], y[hi]
+    w = np.where(x1 > x0, np.clip((length - x0) / np.where(x1 > x0, x1 - x0, 1.0), 0.0, 1.0), 0.0)
+    theta = y0 + w * (y1 - y0)
+    lo_len = d.groupby(["layer", "head"], sort=True)["length_lo"].min().to_numpy()
+    hi_len = d.groupby(["layer", "head"], sort=True)["length_hi"].max().to_numpy()
+    return pd.DataFrame({"layer": d["layer"].to_numpy()[starts].astype(int), "head": d["head"].to_numpy()[starts].astype(int),
+                         "theta": theta, "extrapolated": (length < lo_len) | (length > hi_len)}, columns=cols)
 
 
 def theta_vs_length(df: pd.DataFrame, layer: int, heads: list[int], overlay: pd.DataFrame | None = None,
@@ -55,25 +79,21 @@ def theta_vs_length(df: pd.DataFrame, layer: int, heads: list[int], overlay: pd.
     d = df[(df["layer"] == layer) & (df["head"].isin(heads))]
     if d.empty:
         return _empty(title, "no calibrated rows for this layer (rows with L ≤ k stay dense)")
-    fig = go.Figure()
-    for frame, name, dash in ((d, names[0], "solid"),
-                              (None if overlay is None else overlay[(overlay["layer"] == layer)
-                                                                    & (overlay["head"].isin(heads))],
-                               names[1], "dash")):
+    data = []
+    o = None if overlay is None else overlay[(overlay["layer"] == layer) & (overlay["head"].isin(heads))]
+    for frame, name, dash in ((d, names[0], "solid"), (o, names[1], "dash")):
         if frame is None or frame.empty:
             continue
         for head, g in frame.groupby("head", sort=True):
             g = g.sort_values("length")
-            fig.add_trace(go.Scatter(
-                x=g["length"], y=g["theta"], mode="lines+markers", name=f"{name} · head {head}",
-                line=dict(color=PALETTE[int(head) % len(PALETTE)], dash=dash), marker=dict(size=4),
-                customdata=np.stack([g["count"], g["t_std"]], axis=-1),
+            data.append(dict(
+                type="scatter", x=g["length"].to_numpy(), y=g["theta"].to_numpy(), mode="lines+markers",
+                name=f"{name} · head {head}", line=dict(color=PALETTE[int(head) % len(PALETTE)], dash=dash),
+                marker=dict(size=4), customdata=np.stack([g["count"].to_numpy(), g["t_std"].to_numpy()], axis=-1),
                 hovertemplate="L≈%{x:.0f}<br>θ=%{y:.3f}<br>n=%{customdata[0]}<br>std=%{customdata[1]:.3f}<extra>"
                               + f"{name} · head {head}</extra>"))
-    fig.update_layout(title=title, xaxis_title="row length L (bin centre)", yaxis_title="θ", legend_title="run · head",
-                      showlegend=True,
-                      **_LAYOUT)
-    return fig
+    return _figure(data, title=title, xaxis=dict(title="row length L (bin centre)"), yaxis=dict(title="θ"),
+                   legend=dict(title="run · head"), showlegend=True)
 
 
 def theta_grid(cells: pd.DataFrame, length: float, selected: tuple[int, int] | None = None) -> go.Figure:
@@ -87,48 +107,46 @@ def theta_grid(cells: pd.DataFrame, length: float, selected: tuple[int, int] | N
     n_layers = int(cells["layer"].max()) + 1
     n_heads = int(cells["head"].max()) + 1
     size = max(8, min(28, int(520 / max(n_layers, n_heads * 2))))
-    fig = go.Figure(go.Scatter(
-        x=cells["head"], y=cells["layer"], mode="markers",
-        marker=dict(symbol="square", size=size, color=cells["theta"], colorscale="Viridis", showscale=True,
-                    colorbar=dict(title="θ"), line=dict(width=[1 if e else 0 for e in cells["extrapolated"]],
-                                                        color="#888")),
+    data = [dict(
+        type="scatter", x=cells["head"].to_numpy(), y=cells["layer"].to_numpy(), mode="markers", name="θ",
+        marker=dict(symbol="square", size=size, color=cells["theta"].to_numpy(), colorscale="Viridis", showscale=True,
+                    colorbar=dict(title=dict(text="θ")),
+                    line=dict(width=[1 if e else 0 for e in cells["extrapolated"]], color="#888")),
         customdata=cells[["layer", "head"]].to_numpy(),
-        hovertemplate="layer %{y}, head %{x}<br>θ=%{marker.color:.3f}<extra></extra>", name="θ"))
+        hovertemplate="layer %{y}, head %{x}<br>θ=%{marker.color:.3f}<extra></extra>")]
     if selected is not None:
-        fig.add_trace(go.Scatter(x=[selected[1]], y=[selected[0]], mode="markers", hoverinfo="skip", showlegend=False,
-                                 marker=dict(symbol="square-open", size=size + 6, color="#d62728", line=dict(width=3))))
-    fig.update_layout(title=title, xaxis=dict(title="query head", dtick=1, range=[-0.7, n_heads - 0.3]),
-                      yaxis=dict(title="layer", dtick=1 if n_layers <= 32 else None, autorange="reversed"),
-                      height=max(320, min(900, 60 + n_layers * (size + 4))), showlegend=False, clickmode="event+select",
-                      **_LAYOUT)
-    return fig
+        data.append(dict(type="scatter", x=[selected[1]], y=[selected[0]], mode="markers", hoverinfo="skip",
+                         showlegend=False,
+                         marker=dict(symbol="square-open", size=size + 6, color="#d62728", line=dict(width=3))))
+    return _figure(data, title=title, xaxis=dict(title="query head", dtick=1, range=[-0.7, n_heads - 0.3]),
+                   yaxis=dict(title="layer", dtick=1 if n_layers <= 32 else None, autorange="reversed"),
+                   height=max(320, min(900, 60 + n_layers * (size + 4))), showlegend=False, clickmode="event+select")
 
 
 def theta_histogram(df: pd.DataFrame, layer: int | None = None, overlay: pd.DataFrame | None = None,
                     names: tuple[str, str] = ("active", "overlay")) -> go.Figure:
     """Distribution of θ over (head, length bin) of one layer (all layers when ``None``), two runs overlaid."""
     title = "θ distribution · " + ("all layers" if layer is None else f"layer {layer}")
-    fig = go.Figure()
+    data = []
     for frame, name, color in ((df, names[0], PALETTE[0]), (overlay, names[1], PALETTE[1])):
         if frame is None or frame.empty:
             continue
         d = frame if layer is None else frame[frame["layer"] == layer]
         if d.empty:
             continue
-        fig.add_trace(go.Histogram(x=d["theta"], name=name, opacity=0.6, marker_color=color, nbinsx=40))
-    if not fig.data:
+        data.append(dict(type="histogram", x=d["theta"].to_numpy(), name=name, opacity=0.6, marker=dict(color=color),
+                         nbinsx=40))
+    if not data:
         return _empty(title, "no calibrated rows")
-    fig.update_layout(title=title, barmode="overlay", xaxis_title="θ", yaxis_title="(head, length bin) cells",
-                      **_LAYOUT)
-    return fig
+    return _figure(data, title=title, barmode="overlay", xaxis=dict(title="θ"),
+                   yaxis=dict(title="(head, length bin) cells"))
 
 
 def k_schedule_bar(table: pd.DataFrame) -> go.Figure:
     """Target k per layer (the Calibrate page's k table)."""
-    fig = go.Figure(go.Bar(x=table["layer"], y=table["k"], marker_color=PALETTE[0],
-                           hovertemplate="layer %{x}: k=%{y}<extra></extra>"))
-    fig.update_layout(title="k per layer", xaxis_title="layer", yaxis_title="k", height=220, **_LAYOUT)
-    return fig
+    return _figure([dict(type="bar", x=table["layer"].to_numpy(), y=table["k"].to_numpy(),
+                         marker=dict(color=PALETTE[0]), hovertemplate="layer %{x}: k=%{y}<extra></extra>")],
+                   title="k per layer", xaxis=dict(title="layer"), yaxis=dict(title="k"), height=220)
 
 
 # ---------------------------------------------------------------------------- sparsity
@@ -143,27 +161,35 @@ def attention_maps(dense: np.ndarray, sparse: np.ndarray, kept: np.ndarray, visi
     d, s, k = dense[head], sparse[head], kept[head]
     vis = visible > 0
     floor = -6.0
-    log_dense = np.where(vis, np.log10(np.maximum(d, 10 ** floor)), np.nan)
-    log_sparse = np.where(vis & (k > 0), np.log10(np.maximum(s, 10 ** floor)), np.nan)
-    dropped = np.where(vis & (k == 0), 1.0, np.nan)
+    grey = floor - 1.0  # one value below the colour range: dropped cells
+    log_dense = np.where(vis, np.log10(np.maximum(d, 10 ** floor)), np.nan).astype(np.float32)
+    log_sparse = np.where(vis & (k > 0), np.log10(np.maximum(s, 10 ** floor)), np.where(vis, grey, np.nan))
+    log_sparse = log_sparse.astype(np.float32)
+    # Viridis over [floor, 0]; the bottom 1/7 of [grey, 0] is flat grey for dropped cells
+    cut = 1.0 / 7.0
+    viridis = ["#440154", "#482878", "#3e4989", "#31688e", "#26828e", "#1f9e89", "#35b779", "#6ece58", "#b5de2b",
+               "#fde725"]
+    scale = [[0.0, "#d9d9d9"], [cut - 1e-6, "#d9d9d9"]] + [
+        [cut + (1 - cut) * i / (len(viridis) - 1), c] for i, c in enumerate(viridis)]
     unit = "token" if pool == 1 else f"{pool}-token block"
-    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.08, shared_yaxes=True,
-                        subplot_titles=(f"Top-θ: kept weights (grey = dropped), {k[vis].mean() if vis.any() else 0:.1%} kept",
-                                        "dense softmax probabilities"))
-    fig.add_trace(go.Heatmap(z=dropped, colorscale=[[0, "#d9d9d9"], [1, "#d9d9d9"]], showscale=False,
-                             hoverinfo="skip", name="dropped"), row=1, col=1)
-    fig.add_trace(go.Heatmap(z=log_sparse, customdata=k, zmin=floor, zmax=0, colorscale="Viridis", showscale=False,
-                             hovertemplate="query %{y}, key %{x}<br>log10 w=%{z:.2f}<br>kept %{customdata:.0%}"
-                                           "<extra>Top-θ</extra>", name="Top-θ"), row=1, col=1)
-    fig.add_trace(go.Heatmap(z=log_dense, zmin=floor, zmax=0, colorscale="Viridis",
-                             colorbar=dict(title="log10 p", x=1.02),
-                             hovertemplate="query %{y}, key %{x}<br>log10 p=%{z:.2f}<extra>dense</extra>",
-                             name="dense"), row=1, col=2)
-    fig.update_yaxes(autorange="reversed", title_text=f"query ({unit})", row=1, col=1)
-    fig.update_yaxes(autorange="reversed", row=1, col=2)
-    fig.update_xaxes(title_text=f"key ({unit})", scaleanchor=None)
-    fig.update_layout(title=title or f"head {head}", height=480, **_LAYOUT)
-    return fig
+    kept_share = float(k[vis].mean()) if vis.any() else 0.0
+    data = [
+        dict(type="heatmap", z=log_sparse, customdata=k.astype(np.float32), zmin=grey, zmax=0, colorscale=scale,
+             showscale=False, xaxis="x", yaxis="y", name="Top-θ",
+             hovertemplate="query %{y}, key %{x}<br>log10 w=%{z:.2f}<br>kept %{customdata:.0%}<extra>Top-θ</extra>"),
+        dict(type="heatmap", z=log_dense, zmin=floor, zmax=0, colorscale="Viridis", xaxis="x2", yaxis="y2",
+             colorbar=dict(title=dict(text="log10 p"), x=1.02), name="dense",
+             hovertemplate="query %{y}, key %{x}<br>log10 p=%{z:.2f}<extra>dense</extra>"),
+    ]
+    ann = [dict(text=f"Top-θ: kept weights (grey = dropped), {kept_share:.1%} kept", x=0.23, y=1.0, xref="paper",
+                yref="paper", showarrow=False, yanchor="bottom"),
+           dict(text="dense softmax probabilities", x=0.77, y=1.0, xref="paper", yref="paper", showarrow=False,
+                yanchor="bottom")]
+    return _figure(data, title=title or f"head {head}", height=480, annotations=ann,
+                   xaxis=dict(domain=[0.0, 0.46], title=f"key ({unit})"),
+                   xaxis2=dict(domain=[0.54, 1.0], title=f"key ({unit})"),
+                   yaxis=dict(autorange="reversed", title=f"query ({unit})"),
+                   yaxis2=dict(autorange="reversed", anchor="x2", matches="y", showticklabels=False))
 
 
 def layer_head_heatmap(metrics: pd.DataFrame, value: str = "kept_frac", phase: str = "prefill",
@@ -174,13 +200,12 @@ def layer_head_heatmap(metrics: pd.DataFrame, value: str = "kept_frac", phase: s
     if d.empty:
         return _empty(title, f"no {phase} calls recorded")
     z = d.pivot_table(index="layer", columns="head", values=value, aggfunc="mean")
-    fig = go.Figure(go.Heatmap(z=z.to_numpy(), x=z.columns, y=z.index, colorscale="Blues", zmin=0,
-                               zmax=max(1e-9, float(np.nanmax(z.to_numpy()))) if value != "kept_frac" else 1,
-                               colorbar=dict(title=value),
-                               hovertemplate="layer %{y}, head %{x}<br>%{z:.3f}<extra></extra>"))
-    fig.update_layout(title=title, xaxis=dict(title="query head", dtick=1), yaxis=dict(title="layer", autorange="reversed"),
-                      height=max(300, 40 + 16 * len(z.index)), **_LAYOUT)
-    return fig
+    zmax = 1 if value == "kept_frac" else max(1e-9, float(np.nanmax(z.to_numpy())))
+    return _figure([dict(type="heatmap", z=z.to_numpy(), x=z.columns.to_numpy(), y=z.index.to_numpy(),
+                         colorscale="Blues", zmin=0, zmax=zmax, colorbar=dict(title=dict(text=value)),
+                         hovertemplate="layer %{y}, head %{x}<br>%{z:.3f}<extra></extra>")],
+                   title=title, xaxis=dict(title="query head", dtick=1),
+                   yaxis=dict(title="layer", autorange="reversed"), height=max(300, 40 + 16 * len(z.index)))
 
 
 def kv_rows_frame(metrics: pd.DataFrame, phase: str = "prefill") -> pd.DataFrame:
@@ -197,12 +222,11 @@ def kv_rows_heatmap(metrics: pd.DataFrame, phase: str = "prefill") -> go.Figure:
     if g.empty:
         return _empty(title, f"no {phase} calls recorded")
     z = g.pivot_table(index="layer", columns="kv_head", values="kept_v_frac")
-    fig = go.Figure(go.Heatmap(z=z.to_numpy(), x=z.columns, y=z.index, colorscale="Oranges", zmin=0, zmax=1,
-                               colorbar=dict(title="kept V"),
-                               hovertemplate="layer %{y}, KV head %{x}<br>%{z:.1%} of V rows read<extra></extra>"))
-    fig.update_layout(title=title, xaxis=dict(title="KV head", dtick=1), yaxis=dict(title="layer", autorange="reversed"),
-                      height=max(300, 40 + 16 * len(z.index)), **_LAYOUT)
-    return fig
+    return _figure([dict(type="heatmap", z=z.to_numpy(), x=z.columns.to_numpy(), y=z.index.to_numpy(),
+                         colorscale="Oranges", zmin=0, zmax=1, colorbar=dict(title=dict(text="kept V")),
+                         hovertemplate="layer %{y}, KV head %{x}<br>%{z:.1%} of V rows read<extra></extra>")],
+                   title=title, xaxis=dict(title="KV head", dtick=1), yaxis=dict(title="layer", autorange="reversed"),
+                   height=max(300, 40 + 16 * len(z.index)))
 
 
 def popularity_bar(popularity: pd.DataFrame, layer: int, tokens: list[str] | None = None) -> go.Figure:
@@ -214,11 +238,11 @@ def popularity_bar(popularity: pd.DataFrame, layer: int, tokens: list[str] | Non
     text = None
     if tokens is not None and len(tokens) >= len(d):
         text = [tokens[int(p)] for p in d["position"]]
-    fig = go.Figure(go.Bar(x=d["position"], y=d["count"], marker_color=PALETTE[2], hovertext=text,
-                           hovertemplate="position %{x}<br>kept by %{y} (head,row) pairs<br>%{hovertext}<extra></extra>"))
-    fig.update_layout(title=title, xaxis_title="key position", yaxis_title="kept by (head, row) pairs", height=300,
-                      bargap=0, **_LAYOUT)
-    return fig
+    return _figure([dict(type="bar", x=d["position"].to_numpy(), y=d["count"].to_numpy(),
+                         marker=dict(color=PALETTE[2]), hovertext=text,
+                         hovertemplate="position %{x}<br>kept by %{y} (head,row) pairs<br>%{hovertext}<extra></extra>")],
+                   title=title, xaxis=dict(title="key position"), yaxis=dict(title="kept by (head, row) pairs"),
+                   height=300, bargap=0)
 
 
 def decode_strip(decode: pd.DataFrame, generated: list[str] | None = None) -> go.Figure:
@@ -228,12 +252,11 @@ def decode_strip(decode: pd.DataFrame, generated: list[str] | None = None) -> go
         return _empty(title, "no decode steps recorded (set decode steps > 0)")
     z = decode.pivot_table(index="layer", columns="step", values="kept_v_frac")
     labels = [f"{s}: {generated[s]!r}" if generated and s < len(generated) else str(s) for s in z.columns]
-    fig = go.Figure(go.Heatmap(z=z.to_numpy(), x=labels, y=z.index, colorscale="Oranges", zmin=0, zmax=1,
-                               colorbar=dict(title="kept V"),
-                               hovertemplate="layer %{y}, step %{x}<br>%{z:.1%} of V rows read<extra></extra>"))
-    fig.update_layout(title=title, xaxis=dict(title="decode step (token produced)"),
-                      yaxis=dict(title="layer", autorange="reversed"), height=max(260, 40 + 12 * len(z.index)), **_LAYOUT)
-    return fig
+    return _figure([dict(type="heatmap", z=z.to_numpy(), x=labels, y=z.index.to_numpy(), colorscale="Oranges",
+                         zmin=0, zmax=1, colorbar=dict(title=dict(text="kept V")),
+                         hovertemplate="layer %{y}, step %{x}<br>%{z:.1%} of V rows read<extra></extra>")],
+                   title=title, xaxis=dict(title="decode step (token produced)"),
+                   yaxis=dict(title="layer", autorange="reversed"), height=max(260, 40 + 12 * len(z.index)))
 
 
 # ---------------------------------------------------------------------------- compare
@@ -242,24 +265,28 @@ def compare_steps_chart(steps: pd.DataFrame) -> go.Figure:
     title = "per-step agreement and cost"
     if steps.empty:
         return _empty(title, "no steps yet")
-    fig = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.06,
-                        subplot_titles=("next-token KL(dense‖Top-θ)", "tokens/s", "kept V rows"))
-    fig.add_trace(go.Bar(x=steps["step"], y=steps["kl"], name="KL", marker_color=PALETTE[3]), row=1, col=1)
-    fig.add_trace(go.Scatter(x=steps["step"], y=steps["dense_tok_s"], name="dense tok/s", mode="lines",
-                             line=dict(color=PALETTE[0])), row=2, col=1)
-    fig.add_trace(go.Scatter(x=steps["step"], y=steps["sparse_tok_s"], name="Top-θ tok/s", mode="lines",
-                             line=dict(color=PALETTE[1])), row=2, col=1)
-    fig.add_trace(go.Scatter(x=steps["step"], y=steps["kept_v_rows"], name="kept V rows", mode="lines",
-                             line=dict(color=PALETTE[2])), row=3, col=1)
+    x = steps["step"].to_numpy()
+    data = [
+        dict(type="bar", x=x, y=steps["kl"].to_numpy(float), name="KL", marker=dict(color=PALETTE[3]),
+             xaxis="x", yaxis="y"),
+        dict(type="scatter", x=x, y=steps["dense_tok_s"].to_numpy(float), name="dense tok/s", mode="lines",
+             line=dict(color=PALETTE[0]), xaxis="x", yaxis="y2"),
+        dict(type="scatter", x=x, y=steps["sparse_tok_s"].to_numpy(float), name="Top-θ tok/s", mode="lines",
+             line=dict(color=PALETTE[1]), xaxis="x", yaxis="y2"),
+        dict(type="scatter", x=x, y=steps["kept_v_rows"].to_numpy(float), name="kept V rows", mode="lines",
+             line=dict(color=PALETTE[2]), xaxis="x", yaxis="y3"),
+    ]
+    doms = {"y": [0.70, 1.0], "y2": [0.36, 0.64], "y3": [0.0, 0.30]}
+    ann = [dict(text=t, x=0.5, y=doms[a][1], xref="paper", yref="paper", showarrow=False, yanchor="bottom")
+           for a, t in (("y", "next-token KL(dense‖Top-θ)"), ("y2", "tokens/s"), ("y3", "kept V rows"))]
+    shapes = []
     first = steps.index[steps["diverged"]] if "diverged" in steps else []
     if len(first):
-        x0 = int(steps.loc[first[0], "step"])
-        for r in (1, 2, 3):
-            fig.add_vline(x=x0, line_dash="dot", line_color="#d62728", row=r, col=1)
-    fig.update_yaxes(tickformat=".0%", range=[0, 1.05], row=3, col=1)
-    fig.update_xaxes(title_text="step", row=3, col=1)
-    fig.update_layout(title=title, height=520, **_LAYOUT)
-    return fig
+        shapes.append(_vline(float(steps.loc[first[0], "step"])))
+    return _figure(data, title=title, height=520, annotations=ann, shapes=shapes,
+                   xaxis=dict(title="step", anchor="y3"),
+                   yaxis=dict(domain=doms["y"]), yaxis2=dict(domain=doms["y2"]),
+                   yaxis3=dict(domain=doms["y3"], tickformat=".0%", range=[0, 1.05]))
 
 
 # ---------------------------------------------------------------------------- accuracy
@@ -268,16 +295,16 @@ def delta_chart(summary: pd.DataFrame) -> go.Figure:
     title = "Top-θ − dense (with interval)"
     if summary is None or summary.empty:
         return _empty(title, "no results yet")
-    d = summary.copy()
-    d["label"] = d["task"].astype(str) + " · " + d["metric"].astype(str)
-    err_hi = (d["ci_high"] - d["delta"]).abs() if "ci_high" in d else None
-    err_lo = (d["delta"] - d["ci_low"]).abs() if "ci_low" in d else None
-    fig = go.Figure(go.Bar(x=d["label"], y=d["delta"], marker_color=np.where(d["delta"] >= 0, PALETTE[2], PALETTE[3]),
-                           error_y=dict(type="data", array=err_hi, arrayminus=err_lo, visible=err_hi is not None),
-                           hovertemplate="%{x}<br>Δ=%{y:.4f}<extra></extra>"))
-    fig.add_hline(y=0, line_color="#444")
-    fig.update_layout(title=title, yaxis_title="Δ (sparse − dense)", height=340, **_LAYOUT)
-    return fig
+    d = summary
+    labels = (d["task"].astype(str) + " · " + d["metric"].astype(str)).to_numpy()
+    delta = d["delta"].to_numpy(float)
+    error = None
+    if "ci_low" in d and "ci_high" in d:
+        error = dict(type="data", array=np.abs(d["ci_high"].to_numpy(float) - delta),
+                     arrayminus=np.abs(delta - d["ci_low"].to_numpy(float)), visible=True)
+    return _figure([dict(type="bar", x=labels, y=delta, marker=dict(color=np.where(delta >= 0, PALETTE[2], PALETTE[3])),
+                         error_y=error, hovertemplate="%{x}<br>Δ=%{y:.4f}<extra></extra>")],
+                   title=title, yaxis=dict(title="Δ (sparse − dense)"), height=340, shapes=[_hline(0)])
 
 
 def tradeoff_chart(results: pd.DataFrame, x: str = "kept_attention", metric: str | None = None) -> go.Figure:
@@ -285,41 +312,38 @@ def tradeoff_chart(results: pd.DataFrame, x: str = "kept_attention", metric: str
     title = f"trade-off: Δ accuracy vs {x.replace('_', ' ')}"
     if results is None or results.empty or x not in results:
         return _empty(title, "no saved results yet: run an evaluation")
-    d = results.copy()
+    d = results
     if metric is not None and "metric" in d:
         d = d[d["metric"] == metric]
     d = d.dropna(subset=[x, "delta"])
     if d.empty:
         return _empty(title, "no saved results with these columns")
     label_col = "config" if "config" in d else ("label" if "label" in d else None)
-    fig = go.Figure()
+    data = []
     for i, (task, g) in enumerate(d.groupby("task", sort=True)):
-        labels = g[label_col].astype(str) if label_col else None
+        delta = g["delta"].to_numpy(float)
         err = None
         if "ci_low" in g and "ci_high" in g:
-            err = dict(type="data", array=(g["ci_high"] - g["delta"]).abs(), arrayminus=(g["delta"] - g["ci_low"]).abs())
-        fig.add_trace(go.Scatter(x=g[x], y=g["delta"], mode="markers+text", name=str(task), text=labels,
-                                 textposition="top center", textfont=dict(size=9), error_y=err,
-                                 marker=dict(size=9, color=PALETTE[i % len(PALETTE)]),
-                                 hovertemplate="%{text}<br>" + x + "=%{x:.3f}<br>Δ=%{y:.4f}<extra>" + str(task)
-                                               + "</extra>"))
-    fig.add_hline(y=0, line_color="#444")
-    fig.update_layout(title=title, xaxis=dict(title=x.replace("_", " "), tickformat=".0%", range=[0, 1.02]),
-                      yaxis_title="Δ (sparse − dense)", height=420, **_LAYOUT)
-    return fig
+            err = dict(type="data", array=np.abs(g["ci_high"].to_numpy(float) - delta),
+                       arrayminus=np.abs(delta - g["ci_low"].to_numpy(float)))
+        data.append(dict(type="scatter", x=g[x].to_numpy(float), y=delta, mode="markers+text", name=str(task),
+                         text=g[label_col].astype(str).to_numpy() if label_col else None, textposition="top center",
+                         textfont=dict(size=9), error_y=err, marker=dict(size=9, color=PALETTE[i % len(PALETTE)]),
+                         hovertemplate="%{text}<br>" + x + "=%{x:.3f}<br>Δ=%{y:.4f}<extra>" + str(task) + "</extra>"))
+    return _figure(data, title=title, xaxis=dict(title=x.replace("_", " "), tickformat=".0%", range=[0, 1.02]),
+                   yaxis=dict(title="Δ (sparse − dense)"), height=420, shapes=[_hline(0)])
 
 
 # ---------------------------------------------------------------------------- kernels
 def kernel_speed_chart(df: pd.DataFrame, x: str, y: str, color: str | None = None) -> go.Figure:
-    """A generic benchmark line chart (e.g. speed-up vs sequence length per variant)."""
+    """A benchmark scatter (e.g. speed-up vs kept fraction per kernel)."""
     title = f"{y} vs {x}"
     if df.empty or x not in df or y not in df:
         return _empty(title, "no benchmark rows")
-    fig = go.Figure()
     groups = df.groupby(color, sort=True) if color and color in df else [("all", df)]
+    data = []
     for i, (name, g) in enumerate(groups):
         g = g.sort_values(x)
-        fig.add_trace(go.Scatter(x=g[x], y=g[y], mode="markers", name=str(name),
-                                 marker=dict(size=8, color=PALETTE[i % len(PALETTE)])))
-    fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, height=380, **_LAYOUT)
-    return fig
+        data.append(dict(type="scatter", x=g[x].to_numpy(), y=g[y].to_numpy(), mode="markers", name=str(name),
+                         marker=dict(size=8, color=PALETTE[i % len(PALETTE)])))
+    return _figure(data, title=title, xaxis=dict(title=x), yaxis=dict(title=y), height=380)

@@ -18,7 +18,7 @@ from topθ_core.config import SparseConfig
 from topθ_core.models import BUNDLED, LoadedModel, load_model
 from topθ_core.thresholds import Thresholds, load_thresholds
 
-from . import analysis, runs
+from . import analysis, bench_results, runs
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -91,3 +91,15 @@ def sparsity_snapshot(_lm: LoadedModel, model_key: str, text: str, config_json: 
     config = SparseConfig.from_dict(json.loads(config_json))
     return analysis.sparsity_snapshot(_lm, text, config, _thresholds, layer=layer, max_tokens=max_tokens,
                                       decode_steps=decode_steps)
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def _bench_results(signature: tuple) -> list:
+    return bench_results.list_results()
+
+
+def benchmark_results() -> list:
+    """Saved benchmark results, re-read only when a file under benchmarks/results/ changes."""
+    root = bench_results.RESULTS_DIR
+    sig = tuple(sorted((str(p), p.stat().st_mtime) for p in root.rglob("*") if p.is_file())) if root.is_dir() else ()
+    return _bench_results(sig)

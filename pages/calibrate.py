@@ -1,6 +1,7 @@
 """Calibrate: choose data and settings, run with progress/ETA/Cancel, save under data/runs/."""
 
 import time
+from functools import partial
 
 import streamlit as st
 
@@ -156,8 +157,9 @@ if last and (runs.runs_dir() / last["name"]).is_dir():
     m1.metric("calibrated (layer, head, bin) cells", f"{len(frame):,}")
     m2.metric("layers with θ", int(frame["layer"].nunique()) if len(frame) else 0)
     m3.metric("mean θ", f"{frame['theta'].mean():.3f}" if len(frame) else "–")
-    st.download_button("Download thresholds (.zip)", data=runs.zip_run(last["path"]), file_name=f"{last['name']}.zip",
-                       mime="application/zip", key="cal_download", icon=":material/download:")
+    st.download_button("Download thresholds (.zip)", data=partial(runs.zip_run, last["path"]),
+                       file_name=f"{last['name']}.zip", mime="application/zip", key="cal_download",
+                       icon=":material/download:", on_click="ignore")
 
 with st.expander("Saved runs", expanded=False):
     table_runs = ctx.runs.drop(columns=["path", "mtime", "digest"]) if len(ctx.runs) else ctx.runs

@@ -5,7 +5,7 @@ import sys
 
 import streamlit as st
 
-from explorer_ui import bench_results, figures
+from explorer_ui import bench_results, figures, services
 from explorer_ui import session_keys as K
 
 st.title("Kernels")
@@ -35,7 +35,7 @@ if cuda:
 else:
     st.info("No CUDA device here: showing the saved results in benchmarks/results/ with the card they came from.")
 
-results = bench_results.list_results()
+results = services.benchmark_results()
 if not results:
     st.warning("No saved benchmark results yet (benchmarks/results/ is empty).")
     st.stop()

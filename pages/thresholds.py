@@ -1,5 +1,6 @@
 """Thresholds: θ vs length per head, a clickable layer × head grid, histograms, two runs overlaid."""
 
+from functools import partial
 from pathlib import Path
 
 import streamlit as st
@@ -40,8 +41,9 @@ if overlay_name != NO_RUN:
 
 with st.expander(f"Provenance of {run_name}", expanded=False):
     st.markdown("\n".join(f"- {line}" for line in runs.provenance_lines(meta)))
-    st.download_button("Download thresholds (.zip)", data=runs.zip_run(row["path"]), file_name=f"{run_name}.zip",
-                       mime="application/zip", key="th_download", icon=":material/download:")
+    st.download_button("Download thresholds (.zip)", data=partial(runs.zip_run, row["path"]),
+                       file_name=f"{run_name}.zip", mime="application/zip", key="th_download",
+                       icon=":material/download:", on_click="ignore")
 
 if df.empty:
     st.warning("This run has no calibrated cells (were all documents shorter than k?).")

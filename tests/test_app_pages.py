@@ -155,8 +155,18 @@ def test_calibrate_upload_errors_and_success(env):
     at = new_app().run()
     at.radio(key="cal_source").set_value("upload").run()
     assert_clean(at)
-    # the upload itself is parsed by explorer_ui.uploads (tested in test_app_units); here the page renders
+    assert at.button(key="cal_run").disabled  # nothing uploaded yet
+    at.get("file_uploader")[0].upload("broken.jsonl", b'{"text": "fine"}\n{nope\n').run()
+    assert_clean(at)
+    assert any("Cannot use this file: broken.jsonl: line 2 is not valid JSON" in e for e in texts(at.error))
     assert at.button(key="cal_run").disabled
+    doc = ("Calibration text from an upload. " * 30 + "\n\n") * 3
+    at.get("file_uploader")[0].upload("good.txt", doc.encode()).run()
+    assert_clean(at)
+    assert any("good.txt: 3 documents" in s for s in texts(at.success))
+    calibrate(at, 16, docs=3, name="from-upload")
+    meta = json.loads((env["runs"] / "from-upload" / "meta.json").read_text())
+    assert meta["data"].startswith("upload:good.txt") and meta["documents"] == 3
 
 
 def test_thresholds_page(calibrated):

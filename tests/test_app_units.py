@@ -105,11 +105,12 @@ def test_attention_maps_grey_dropped_and_blank_future():
     dense = np.tile(vis / vis.sum(-1, keepdims=True), (H, 1, 1))
     kept = np.tile(np.eye(n, dtype=np.float32), (H, 1, 1))
     fig = figures.attention_maps(dense, dense * kept, kept, vis, head=1)
-    dropped, sparse, dense_tr = fig.data
-    z_drop, z_sparse, z_dense = (np.array(t.z, dtype=float) for t in fig.data)
-    assert np.isnan(z_dense[0, 5]) and np.isnan(z_sparse[0, 5]) and np.isnan(z_drop[0, 5])  # future: blank
-    assert z_drop[5, 0] == 1.0 and np.isnan(z_sparse[5, 0])  # visible, dropped: grey
-    assert z_sparse[5, 5] == pytest.approx(np.log10(1 / 6))
+    z_sparse, z_dense = (np.array(t.z, dtype=float) for t in fig.data)
+    assert np.isnan(z_dense[0, 5]) and np.isnan(z_sparse[0, 5])  # future: blank on both sides
+    assert z_sparse[5, 0] == fig.data[0].zmin == -7.0  # visible but dropped: the grey band below the colours
+    assert fig.data[0].colorscale[0][1] == "#d9d9d9"
+    assert z_sparse[5, 5] == pytest.approx(np.log10(1 / 6), rel=1e-5)
+    assert z_dense[5, 0] == pytest.approx(np.log10(1 / 6), rel=1e-5)
     assert "kept" in fig.layout.annotations[0].text
 
 

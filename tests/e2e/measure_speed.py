@@ -128,7 +128,7 @@ def main() -> None:
         sp = []
         for i in range(args.runs):
             def run_prompt(i=i):
-                box = page.get_by_label("Prompt")
+                box = page.get_by_label("Prompt", exact=True)
                 box.fill(f"Variant {i}. " + harness_prompt())
                 box.press("Control+Enter")
                 page.locator("[data-testid='stMetricValue']").filter(has_text="256").first.wait_for()
@@ -141,7 +141,7 @@ def main() -> None:
         sp0 = []
         for i in range(args.runs):
             def run_prompt0(i=i):
-                box = page.get_by_label("Prompt")
+                box = page.get_by_label("Prompt", exact=True)
                 box.fill(f"Other {i}. " + harness_prompt())
                 box.press("Control+Enter")
                 page.locator("[data-testid='stMetricValue']").filter(has_text="256").first.wait_for()

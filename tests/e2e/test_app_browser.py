@@ -92,7 +92,19 @@ def test_full_tour(app, browser):
         dl.value.save_as(str(target))
         assert sorted(zipfile.ZipFile(target).namelist()) == ["e2e-k16/meta.json", "e2e-k16/thresholds.parquet"]
 
-        # 3. upload a broken file: a message, never a traceback
+        # 3. cancel a long calibration: a message, and nothing is written
+        page.get_by_label("Corpus", exact=True).click()
+        page.get_by_role("option", name="lambada", exact=True).click()
+        wait_idle(page)
+        run_calibration(page, 16, "to-cancel", docs=400)
+        page.get_by_text("ETA").first.wait_for()
+        page.get_by_role("button", name="Cancel").click()
+        page.get_by_text("Calibration cancelled; nothing was saved.").wait_for()
+        assert not (app["runs"] / "to-cancel").exists()
+        assert not [p for p in app["runs"].iterdir() if p.name.startswith(".")]  # no temporary folder left
+        screenshot(page, "03a-calibrate-cancelled")
+
+        # 4. upload a broken file: a message, never a traceback
         page.get_by_text("Upload a file").click()
         wait_idle(page)
         page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(
@@ -103,7 +115,7 @@ def test_full_tour(app, browser):
         assert page.locator('[data-testid="stException"]').count() == 0
         screenshot(page, "03-calibrate-upload-error")
 
-        # 4. thresholds: open a head by clicking a grid cell
+        # 5. thresholds: open a head by clicking a grid cell
         goto_page(page, "Thresholds")
         grid = page.locator(".js-plotly-plot").filter(has_text="θ at L").first
         grid.wait_for()
@@ -127,14 +139,14 @@ def test_full_tour(app, browser):
         assert "head 1" in curve.inner_text()
         screenshot(page, "04-thresholds")
 
-        # 5. sparsity page renders the maps and heatmaps
+        # 6. sparsity page renders the maps and heatmaps
         goto_page(page, "Sparsity")
         page.get_by_text("kept attention (prefill)").wait_for()
         page.locator(".js-plotly-plot").filter(has_text="layer 2 · head 0").first.wait_for()
         assert page.locator(".js-plotly-plot").count() >= 5
         screenshot(page, "05-sparsity")
 
-        # 6. a comparison streams both generations
+        # 7. a comparison streams both generations
         goto_page(page, "Compare")
         set_number(page, "New tokens", 6)
         page.get_by_role("button", name="Generate").click()
@@ -145,7 +157,7 @@ def test_full_tour(app, browser):
         assert page.locator('.tt-stream [data-step="5"]').count() == 2
         screenshot(page, "06-compare")
 
-        # 7. accuracy: a 3-item run, then the trade-off tab
+        # 8. accuracy: a 3-item run, then the trade-off tab
         goto_page(page, "Accuracy")
         set_number(page, "Items / documents", 3)
         page.get_by_role("button", name="Run evaluation").click()
@@ -156,7 +168,7 @@ def test_full_tour(app, browser):
         page.locator(".js-plotly-plot").filter(has_text="trade-off").first.wait_for()
         screenshot(page, "08-accuracy-tradeoff")
 
-        # 8. kernels
+        # 9. kernels
         goto_page(page, "Kernels")
         screenshot(page, "09-kernels")
         assert page.locator('[data-testid="stException"]').count() == 0
