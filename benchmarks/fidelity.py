@@ -230,6 +230,10 @@ def run(args) -> None:
         seq = 160
         for task in ("arc_easy", "hellaswag"):
             inputs[task] = inputs[task][:20]
+    if args.n_cal:
+        cal_docs = cal_docs[: 2 * args.n_cal]
+    if args.n_eval:
+        eval_docs = eval_docs[: args.n_eval]
     n_cal = len(cal_docs) // 2
     log(f"model {fp.describe()} on {args.device}; {len(cal_docs)} cal docs, {len(eval_docs)} eval docs of {seq} tokens")
     bench = Bench(lm, cal_docs, eval_docs, log)
@@ -255,9 +259,16 @@ def run(args) -> None:
                               data=f"pydoc calibration half, {2 * len(docs)} docs")
         log(f"calibrated {name} in {time.perf_counter() - t0:.1f}s")
 
-    ks = (32, 64)
+    ks = tuple(int(x) for x in args.ks.split(","))
     for k in ks:
         calib(f"k{k}", k, cal_docs[:n_cal])
+    if args.plan == "cpu":
+        try:
+            measure_small(record, th, ks, sdc_theta, stats, calib, more, cal_docs, n_cal, seq, log)
+        except OutOfTime:
+            log("time budget reached: stopping")
+        log("done")
+        return
     calib("k64-len1024", 64, [d[: seq // 2] for d in cal_docs[:n_cal]])
     import copy
 
@@ -320,6 +331,43 @@ def run(args) -> None:
     except OutOfTime:
         log("time budget reached: stopping")
     log("done")
+
+
+def measure_small(record, th, ks, sdc_theta, stats, calib, more, cal_docs, n_cal, seq, log) -> None:
+    """The priority-ordered subset that fits a loaded 2-core CPU (one k per process)."""
+    import copy
+
+    cal = f"{n_cal} docs × {seq}"
+    for k in ks:
+        base, t = theta_cfg(k), th[f"k{k}"]
+        record("baseline", f"top-k k={k}", topk_cfg(k), None, k, cal=cal, curve=True)
+        record("baseline", f"Top-θ k={k} (issue: nearest, σ 0.1)", base, t, k, 0.1, cal=cal, curve=True)
+        record("floor", "empty-row floor none", base.with_(empty_row=EmptyRowFloor.NONE), t, k, 0.1, cal=cal)
+        record("lookup", "interpolate", base.with_(lookup=Lookup.INTERPOLATE), t, k, 0.1, cal=cal)
+        record("lookup", "interpolate + smoothing ±2 bins", base.with_(lookup=Lookup.INTERPOLATE, theta_smoothing=2),
+               t, k, 0.1, cal=cal)
+        record("lookup", "fit θ = a + b·ln L", base.with_(lookup=Lookup.FIT_LOG), t, k, 0.1, cal=cal)
+        record("sdc", "SDC calibrated under θ", base, lambda: sdc_theta(f"k{k}", base), k, 0.1, cal=cal)
+        record("keep", "first token + diagonal", base.with_(sink_tokens=1, recent_tokens=1), t, k, 0.1, cal=cal)
+        combo = base.with_(lookup=Lookup.INTERPOLATE, theta_smoothing=2, sink_tokens=1, recent_tokens=1)
+        record("combo", "combo: interp+smooth2, sink1+diag, SDC under θ", combo,
+               lambda: sdc_theta(f"k{k}", combo), k, 0.1, cal=cal, curve=True)
+        for sig in (0.0, -0.25, 0.25):
+            record("sigma", f"σ = {sig:g}", base, t.with_sigma(sig), k, sig, cal=cal, curve=True)
+        record("sdc", "SDC scale 0.5", base.with_(sdc_scale=0.5), t, k, 0.1, cal=cal)
+        record("keep", "sink: first token", base.with_(sink_tokens=1), t, k, 0.1, cal=cal)
+        for kk in (k * 3 // 4, k * 3 // 2):
+            record("curve", f"top-k k={kk}", topk_cfg(kk), None, kk, cal=cal, curve=True)
+        for sig in (0.0, 0.25):
+            record("curve", "combo: interp+smooth2, sink1+diag, SDC under θ", combo,
+                   lambda s=sig: sdc_theta(f"k{k}", combo, s), k, sig, cal=cal, curve=True)
+        calib(f"k{k}-half", k, [d[: seq // 2] for d in cal_docs[:n_cal]])
+        for lk in (Lookup.NEAREST, Lookup.FIT_LOG):
+            record("coverage", f"calibrated ≤{seq // 2}, evaluated {seq}: {lk.value}", theta_cfg(k, lookup=lk),
+                   th[f"k{k}-half"], k, 0.1, cal=f"{n_cal} docs × {seq // 2}")
+        stats[f"k{k}-more"] = (copy.deepcopy(stats[f"k{k}"][0]), stats[f"k{k}"][1])
+        more(f"k{k}-2x", f"k{k}-more", cal_docs[n_cal:])
+        record("data", f"{2 * n_cal} calibration docs", base, th[f"k{k}-2x"], k, 0.1, cal=f"{2 * n_cal} docs × {seq}")
 
 
 def measure(record, th, ks, sdc_theta, theta_cfg, topk_cfg, args, sections) -> None:
@@ -455,6 +503,10 @@ def main() -> None:
     r.add_argument("--mc-items", type=int, default=200)
     r.add_argument("--arc-shots", type=int, default=25)
     r.add_argument("--hs-shots", type=int, default=10)
+    r.add_argument("--plan", choices=("full", "cpu"), default="full")
+    r.add_argument("--ks", default="32,64")
+    r.add_argument("--n-cal", type=int, default=0, help="calibration documents (0: 8; the 'more data' row doubles it)")
+    r.add_argument("--n-eval", type=int, default=0, help="held-out documents (0: 6)")
     r.add_argument("--sections", default="table,mc,curves", help="comma list of table, mc, curves")
     r.add_argument("--budget-s", type=float, default=1e9, help="start no new measurement after this many seconds")
     r.add_argument("--debug-layers", type=int, default=0, help="smoke tests only: truncate the model")
