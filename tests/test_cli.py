@@ -137,3 +137,22 @@ def test_config_refuses_invalid_combinations():
     cfg = SparseConfig(k=ks)
     assert SparseConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.label() == "top-theta k=64 [0:512,1:512] pre sdc=offline vmc"
+
+
+def test_evaluate_bundled_task_writes_results_and_refuses_bad_tasks(tiny_checkpoint, data_file, tmp_path, capsys,
+                                                                    monkeypatch):
+    import topθ_core.models as models
+
+    monkeypatch.setattr(models, "DATA_DIR", tmp_path / "data")
+    code, out, err = run(capsys, "evaluate", "--model", tiny_checkpoint, "--selection", "top-k", "--k", 4,
+                         "--layer-k", "", "--task", "arc_easy", "--limit", 3)
+    assert code == 0, err
+    res = json.loads(out)
+    table = pd.read_parquet(res["results"])
+    assert set(table["metric"]) >= {"acc", "acc_norm"} and (table["n"] == 3).all()
+    assert str(tmp_path / "data" / "results") in res["results"]
+    code, _, err = run(capsys, "evaluate", "--model", tiny_checkpoint, "--task", "mmlu", "--selection", "dense")
+    assert code == 2 and "unknown task 'mmlu'" in err
+    code, _, err = run(capsys, "evaluate", "--model", tiny_checkpoint, "--task", "arc_easy", "--limit", 100000,
+                       "--selection", "dense")
+    assert code == 2 and "100000" in err

@@ -184,8 +184,8 @@ def cmd_evaluate(args) -> int:
         print(json.dumps(_jsonable(res.to_dict())))
     else:
         res = evaluation.run_task(lm, args.task, args.limit, cfg, th)
-        summary = res.summary if hasattr(res, "summary") else res
-        print(json.dumps(_jsonable(summary.to_dict(orient="records") if hasattr(summary, "to_dict") else summary)))
+        path = res.save()  # results Parquet under data/results/, read by the app and sweeps
+        print(json.dumps(_jsonable({"results": str(path), "summary": res.summary.to_dict(orient="records")})))
     return 0
 
 
