@@ -26,9 +26,10 @@ if evaluation is None:
     st.stop()
 
 has = {name: hasattr(evaluation, name) for name in
-       ("evaluate_multiple_choice", "evaluate_perplexity", "evaluate_cloze", "save_result", "load_results")}
+       ("evaluate_multiple_choice", "evaluate_perplexity", "evaluate_cloze", "save_result", "load_results",
+        "run_task")}
 kinds = [k for k, fn in (("mc", "evaluate_multiple_choice"), ("cloze", "evaluate_cloze"),
-                         ("perplexity", "evaluate_perplexity")) if has[fn]]
+                         ("perplexity", "evaluate_perplexity"), ("agreement", "run_task")) if has[fn]]
 if not kinds:
     st.warning("No evaluation function is available yet in topθ_core.evaluation.")
     st.stop()
@@ -39,13 +40,15 @@ with tab_run:
                "paired bootstrap 95% interval.")
     c1, c2, c3 = st.columns([1, 2, 1])
     kind = c1.radio("Kind", kinds, key=K.ACC_KIND, format_func={"mc": "Multiple choice", "cloze": "Cloze (LAMBADA)",
-                                                                "perplexity": "Perplexity"}.get)
+                                                                "perplexity": "Perplexity",
+                                                                "agreement": "Agreement (KL, greedy match)"}.get)
     if kind == "mc":
         task = c2.selectbox("Task", tasks.list_mc_tasks(), key=K.ACC_TASK)
     elif kind == "cloze":
         task = c2.selectbox("Task", tasks.list_cloze_tasks(), key=K.ACC_TASK)
     else:
-        task = c2.selectbox("Corpus", tasks.list_corpora(), key=K.ACC_TASK)
+        task = c2.selectbox("Corpus", tasks.list_corpora(), key=K.ACC_TASK,
+                            help="held-out documents of the corpus" if has["run_task"] else None)
     limit = int(c3.number_input("Items / documents", min_value=1, max_value=2000, value=20, key=K.ACC_LIMIT))
     st.markdown("**Top-θ settings**")
     config, err = sparse_config_controls("acc", ctx.thresholds)
@@ -69,6 +72,8 @@ with tab_run:
                 result = evaluation.evaluate_multiple_choice(lm, task, limit, config, th, progress=progress)
             elif kind == "cloze":
                 result = evaluation.evaluate_cloze(lm, task, limit, config, th, progress=progress)
+            elif has["run_task"]:  # held-out documents, an EvalResult that can be saved
+                result = evaluation.run_task(lm, kind, limit, config, th, progress, corpus=task)
             else:
                 texts = analysis.bundled_texts("corpus", task, limit)
                 result = evaluation.evaluate_perplexity(lm, texts, config, th, progress=progress)

@@ -312,3 +312,19 @@ def test_kernels_page(env):
     at.switch_page(PAGE["kernels"]).run()
     assert_clean(at)
     assert "Kernels" in texts(at.title)
+
+
+def test_accuracy_perplexity(calibrated, env):
+    at = calibrated
+    at.switch_page(PAGE["accuracy"]).run()
+    if any("not available" in w for w in texts(at.warning)):
+        pytest.skip("topθ_core.evaluation is not complete yet")
+    at.radio(key="acc_kind").set_value("perplexity").run()
+    at.selectbox(key="acc_task").set_value("pydoc")
+    at.number_input(key="acc_limit").set_value(2)
+    at.button(key="acc_run").click().run()
+    assert_clean(at)
+    assert not at.error, texts(at.error)
+    df = at.dataframe[0].value
+    assert "ppl" in set(df["metric"])
+    assert (df.loc[df["metric"] == "ppl", "dense"] > 1).all()

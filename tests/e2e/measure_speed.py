@@ -36,6 +36,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--out", default=str(harness.ROOT / "benchmarks" / "results" / "app_speed.md"))
+    ap.add_argument("--note", default="", help="a line added to the report (e.g. how the machine was shared)")
     args = ap.parse_args()
     from playwright.sync_api import sync_playwright
 
@@ -87,7 +88,7 @@ def main() -> None:
         ctx, page = session()
         first_render(page)
         # a small calibration so the other pages have thresholds (k=64, layers 0-1 at 512)
-        set_number(page, "Documents", 4)
+        set_number(page, "Documents", 2)
         set_number(page, "Max tokens per document", 256)
         box = page.get_by_label("Run name")
         box.fill("speed-k64")
@@ -95,7 +96,7 @@ def main() -> None:
         wait_idle(page)
         cal = timed(lambda: (page.get_by_role("button", name="Run calibration").click(),
                              page.get_by_text("Saved speed-k64").wait_for(timeout=600_000), wait_idle(page)))
-        rows.append(("calibration, 4 pydoc documents × 256 tokens (for reference)", "–", cal, "k=64, TAC on"))
+        rows.append(("calibration, 2 pydoc documents × 256 tokens (for reference)", "–", cal, "k=64, TAC on"))
 
         switches = []
         for _ in range(args.runs):
@@ -162,7 +163,7 @@ def main() -> None:
         ctx.close()
         browser.close()
     load_after = os.getloadavg()
-    write_report(Path(args.out), rows, load_before, load_after)
+    write_report(Path(args.out), rows, load_before, load_after, args.note, os.nice(0))
     print(Path(args.out).read_text())
 
 
@@ -172,7 +173,7 @@ def harness_prompt() -> str:
     return load_corpus("pydoc", limit=2)[1]
 
 
-def write_report(path: Path, rows, load_before, load_after) -> None:
+def write_report(path: Path, rows, load_before, load_after, note: str = "", niceness: int = 0) -> None:
     import torch
 
     lines = [
@@ -182,7 +183,9 @@ def write_report(path: Path, rows, load_before, load_after) -> None:
         "(Playwright), bundled SmolLM2-135M-Instruct, CPU float32, "
         f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), torch {torch.__version__} "
         f"with {torch.get_num_threads()} threads.",
-        f"Load average before/after: {load_before[0]:.1f} / {load_after[0]:.1f} (other jobs shared the 2 cores).",
+        f"Load average before/after: {load_before[0]:.1f} / {load_after[0]:.1f} (other jobs shared the 2 cores); "
+        f"app and browser ran at niceness {niceness}.",
+        *( [note] if note else [] ),
         "Each time is wall clock from the action to the result drawn and the app idle again, browser rendering "
         "included.",
         "",
