@@ -76,12 +76,27 @@ def paper_cal(k: int, placement: Placement = Placement.PRE) -> CalibrationConfig
 
 
 def thresholds_getter(lm, corpus: str, calibrate: bool):
+    """Cached thresholds for a calibration config; with ``calibrate`` False an artifact made
+    with the same corpus, k schedule, placement and σ by an older engine version is reused
+    (the cache key covers every calibration field, which grows as the engine does)."""
+    import json
+
+    from topθ_core.thresholds import load_thresholds
+
     def get(cal: CalibrationConfig):
-        path_exists = any(sw.CACHE_DIR.glob(f"{corpus}-k{cal.k.default}-{cal.placement.value}-"
-                                            f"{sw._cache_key(lm, corpus, cal, 6, 1024, 4000)}"))
-        if not path_exists and not calibrate:
-            return None
-        return sw.cached_thresholds(lm, corpus, cal, log=log)
+        if calibrate:
+            return sw.cached_thresholds(lm, corpus, cal, log=log)
+        for d in sorted(sw.CACHE_DIR.glob(f"{corpus}-k{cal.k.default}-{cal.placement.value}-*"), reverse=True):
+            try:
+                meta = json.loads((d / "meta.json").read_text())
+            except (OSError, ValueError):
+                continue
+            c = meta.get("calibration", {})
+            if (KSchedule.from_dict(meta["k"]) == cal.k and c.get("sigma") == cal.sigma and c.get("tac") == cal.tac
+                    and meta.get("placement") == cal.placement.value):
+                log(f"using cached thresholds {d.name}")
+                return load_thresholds(d, expect_model=lm.fingerprint)
+        return None
 
     return get
 
@@ -128,9 +143,10 @@ def stage_sweep(lm, args, variants: bool) -> None:
 
 
 def stage_headline(lm, args) -> None:
-    rows = []
+    prev = OUT / "headline_fewshot.csv"
+    rows = pd.read_csv(prev).to_dict("records") if prev.exists() and args.append else []
     for k in args.ks:
-        for sel in ("top-theta", "top-k"):
+        for sel in args.selections:
             if sel == "top-theta":
                 th = thresholds_getter(lm, "pydoc", args.calibrate)(paper_cal(k))
                 if th is None:
@@ -222,6 +238,8 @@ def main(argv=None) -> int:
     p.add_argument("--calibrate", action="store_true", help="calibrate thresholds that are not cached yet")
     p.add_argument("--corpora", nargs="+", default=["pydoc", "code"])
     p.add_argument("--eval-corpora", nargs="+", default=["pydoc", "code"])
+    p.add_argument("--selections", nargs="+", default=["top-theta", "top-k"], choices=["top-theta", "top-k"])
+    p.add_argument("--append", action="store_true", help="headline: keep rows of earlier runs in the CSV")
     p.add_argument("--budget", type=float, default=0.02)
     p.add_argument("--uniform", type=int, nargs="+", default=[32, 64, 128])
     args = p.parse_args(argv)
