@@ -320,6 +320,8 @@ def test_accuracy_perplexity(calibrated, env):
     if any("not available" in w for w in texts(at.warning)):
         pytest.skip("topθ_core.evaluation is not complete yet")
     at.radio(key="acc_kind").set_value("perplexity").run()
+    at.radio(key="acc_selection").set_value("top-theta").run()
+    at.selectbox(key="acc_sdc").set_value("offline").run()  # an earlier test left an invalid combination
     at.selectbox(key="acc_task").set_value("pydoc")
     at.number_input(key="acc_limit").set_value(2)
     at.button(key="acc_run").click().run()
