@@ -262,18 +262,12 @@ def run(args) -> None:
     ks = tuple(int(x) for x in args.ks.split(","))
     for k in ks:
         calib(f"k{k}", k, cal_docs[:n_cal])
-    if args.plan == "cpu":
-        try:
-            measure_small(record, th, ks, sdc_theta, stats, calib, more, cal_docs, n_cal, seq, log)
-        except OutOfTime:
-            log("time budget reached: stopping")
-        log("done")
-        return
-    calib("k64-len1024", 64, [d[: seq // 2] for d in cal_docs[:n_cal]])
-    import copy
+    if args.plan == "full":
+        calib("k64-len1024", 64, [d[: seq // 2] for d in cal_docs[:n_cal]])
+        import copy
 
-    stats["k64-more"] = (copy.deepcopy(stats["k64"][0]), stats["k64"][1])
-    more("k64-16docs", "k64-more", cal_docs[n_cal:])
+        stats["k64-more"] = (copy.deepcopy(stats["k64"][0]), stats["k64"][1])
+        more("k64-16docs", "k64-more", cal_docs[n_cal:])
 
     sdc_cache = {}
 
@@ -327,7 +321,10 @@ def run(args) -> None:
         return row
 
     try:
-        measure(record, th, ks, sdc_theta, theta_cfg, topk_cfg, args, sections)
+        if args.plan == "cpu":
+            measure_small(record, th, ks, sdc_theta, stats, calib, more, cal_docs, n_cal, seq, log)
+        else:
+            measure(record, th, ks, sdc_theta, theta_cfg, topk_cfg, args, sections)
     except OutOfTime:
         log("time budget reached: stopping")
     log("done")
@@ -454,7 +451,7 @@ def _fmt(v, f):
 def report(args) -> None:
     import pandas as pd
 
-    raw = pd.read_csv(Path(args.raw) / "fidelity_raw.csv")
+    raw = pd.concat([pd.read_csv(Path(d) / "fidelity_raw.csv") for d in args.raw.split(",")], ignore_index=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     table = raw[(raw["group"] != "curve") & ((raw["group"] != "combo") | (raw["sigma"].fillna(0.1) == 0.1))]
     table = table.drop(columns=["curve"])
@@ -465,7 +462,7 @@ def report(args) -> None:
     for _, r in table.sort_values(["k"], kind="stable").iterrows():
         cells = [_fmt(r.get(c), f) for c, _, f in TABLE_COLS]
         lines.append(f"| {r['k']} | {r['group']} | {r['variant']} | " + " | ".join(cells) + " |")
-    (Path(args.raw) / "table.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / "fidelity_table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     _plot(raw)
 
@@ -515,7 +512,7 @@ def main() -> None:
     q = sub.add_parser("prepare")
     q.add_argument("--out", default="/tmp/fidelity_inputs.pt")
     p = sub.add_parser("report")
-    p.add_argument("--raw", default="/tmp/fidelity")
+    p.add_argument("--raw", default="/tmp/fidelity", help="comma list of run output folders")
     args = ap.parse_args()
     if args.cmd == "prepare":
         from transformers import AutoTokenizer
