@@ -156,3 +156,17 @@ def test_evaluate_bundled_task_writes_results_and_refuses_bad_tasks(tiny_checkpo
     code, _, err = run(capsys, "evaluate", "--model", tiny_checkpoint, "--task", "arc_easy", "--limit", 100000,
                        "--selection", "dense")
     assert code == 2 and "100000" in err
+
+
+def test_fidelity_flags_reach_the_config(tiny_checkpoint, data_file, tmp_path, capsys):
+    out_dir = tmp_path / "th"
+    code, out, err = run(capsys, "calibrate", "--model", tiny_checkpoint, "--data", data_file, "--k", 8,
+                         "--layer-k", "", "--tac", "--vmc", "--sdc-source", "theta", "--out", out_dir)
+    assert code == 0, err
+    meta = json.loads((out_dir / "meta.json").read_text())
+    assert meta["calibration"]["sdc_source"] == "theta"
+    code, out, err = run(capsys, "generate", "--model", tiny_checkpoint, "--thresholds", out_dir, "--prompt", "The quick",
+                         "--max-new-tokens", 3, "--sink-tokens", 1, "--recent-tokens", 1, "--theta-smoothing", 1,
+                         "--lookup", "fit-log")
+    assert code == 0, err
+    assert "sink" in out or "recent" in out or "fit-log" in out  # the config label names the options

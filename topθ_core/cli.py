@@ -39,6 +39,9 @@ def _add_sparse(p: argparse.ArgumentParser, calibrating: bool = False) -> None:
     p.add_argument("--capk", action="store_true")
     p.add_argument("--empty-row", choices=[e.value for e in EmptyRowFloor], default="max")
     p.add_argument("--lookup", choices=[e.value for e in Lookup], default="interpolate")
+    p.add_argument("--theta-smoothing", type=int, default=0, help="moving average of θ over ±N length bins")
+    p.add_argument("--sink-tokens", type=int, default=0, help="always keep the first N positions (reference path)")
+    p.add_argument("--recent-tokens", type=int, default=0, help="always keep the last N positions (reference path)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--sdc-scale", type=float, default=1.0)
     c.add_argument("--vmc", action="store_true", help="VMC on top-k-at-calibration rows")
     c.add_argument("--capk", action="store_true", help="recorded as the intended inference setting")
+    c.add_argument("--sdc-source", choices=["top-k", "theta"], default="top-k",
+                   help="offline SDC term from the top-k dropped set, or from a second pass under Top-θ")
     c.add_argument("--sample-frac", type=float, default=1.0)
     c.add_argument("--bin-width", type=int, default=16)
     c.add_argument("--max-length", type=int, default=None, help="truncate documents to this many tokens")
@@ -127,7 +132,9 @@ def _sparse_config(args, thresholds) -> SparseConfig:
     if placement == "post" and sdc != "none":
         sdc = "none"
     return SparseConfig(selection=selection, placement=placement, sdc=sdc, sdc_scale=args.sdc_scale,
-                        vmc=args.vmc, capk=args.capk, empty_row=args.empty_row, k=k, lookup=args.lookup)
+                        vmc=args.vmc, capk=args.capk, empty_row=args.empty_row, k=k, lookup=args.lookup,
+                        theta_smoothing=args.theta_smoothing, sink_tokens=args.sink_tokens,
+                        recent_tokens=args.recent_tokens)
 
 
 def _load(args):
@@ -149,7 +156,7 @@ def cmd_calibrate(args) -> int:
 
     cfg = CalibrationConfig(k=KSchedule.parse(args.k, args.layer_k), placement=args.placement, sigma=args.sigma,
                             tac=args.tac, sample_frac=args.sample_frac, bin_width=args.bin_width, seed=args.seed,
-                            vmc=args.vmc)
+                            vmc=args.vmc, sdc_source=args.sdc_source)
     # the inference variant the user intends; validated now so a bad combination fails before an hour of work
     SparseConfig(placement=args.placement, sdc=args.sdc if args.placement == "pre" else "none",
                  sdc_scale=args.sdc_scale, vmc=args.placement == "post" or args.sdc != "none", capk=args.capk, k=cfg.k)

@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 
 from .calibration import collect_stats, tokenize_documents
-from .config import SDC, CalibrationConfig, ConfigError, KSchedule, Placement, SparseConfig, Selection
+from .config import SdcSource, SDC, CalibrationConfig, ConfigError, KSchedule, Placement, SparseConfig, Selection
 from .datafiles import read_texts
 from .integration import model_fingerprint
 from .thresholds import ThresholdStats, Thresholds
@@ -395,6 +395,9 @@ def calibrate_distributed(
     Without torchrun (no ``WORLD_SIZE``) it runs as a job of one process.
     """
     config = config or CalibrationConfig()
+    if config.sdc_source is not SdcSource.TOP_K:
+        raise ValueError("distributed calibration computes the top-k SDC term only (sdc_source=top-k); "
+                         "run calibrate_sdc_under_theta on the merged thresholds for sdc_source=theta")
     if not isinstance(timeout, timedelta):
         timeout = timedelta(seconds=float(timeout))
     if gpus_per_rank < 1:
