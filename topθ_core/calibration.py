@@ -181,6 +181,22 @@ def tokenize_documents(tokenizer, texts: Sequence[str], max_length: int | None =
     return docs
 
 
+def prepare_documents(data, tokenizer=None, max_length: int | None = None,
+                      add_special_tokens: bool = True) -> list[torch.Tensor]:
+    """Texts (tokenized) or token-id sequences → 1-D LongTensors truncated to ``max_length``."""
+    if len(data) == 0:
+        raise ValueError("calibration data is empty")
+    if isinstance(data[0], str):
+        if tokenizer is None:
+            raise ValueError("text data needs a tokenizer")
+        docs = tokenize_documents(tokenizer, data, max_length, add_special_tokens)
+    else:
+        docs = [torch.as_tensor(d).view(-1)[:max_length] for d in data]
+    if not docs:
+        raise ValueError("calibration data has no document of two or more tokens")
+    return docs
+
+
 def collect_stats(model: torch.nn.Module, documents: Sequence[torch.Tensor], config: CalibrationConfig, *,
                   stats: ThresholdStats | None = None, progress: ProgressFn | None = None,
                   should_stop: Callable[[], bool] | None = None, decode_tokens: int = 0) -> ThresholdStats:
@@ -236,16 +252,7 @@ def calibrate(model, data: Sequence[str] | Sequence[torch.Tensor], config: Calib
     if hasattr(model, "tokenizer") and hasattr(model, "model"):
         tokenizer = tokenizer or model.tokenizer
         model = model.model
-    if len(data) == 0:
-        raise ValueError("calibration data is empty")
-    if isinstance(data[0], str):
-        if tokenizer is None:
-            raise ValueError("text data needs a tokenizer")
-        docs = tokenize_documents(tokenizer, data, max_length, add_special_tokens)
-    else:
-        docs = [d if max_length is None else d[:max_length] for d in data]
-    if not docs:
-        raise ValueError("calibration data has no document of two or more tokens")
+    docs = prepare_documents(data, tokenizer, max_length, add_special_tokens)
     longest = max(int(d.numel()) for d in docs)
     fp = model_fingerprint(model)
     ks = config.k.as_list(fp.n_layers)

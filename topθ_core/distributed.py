@@ -45,7 +45,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from .calibration import collect_stats, tokenize_documents
+from .calibration import collect_stats, prepare_documents
 from .config import SdcSource, SDC, CalibrationConfig, ConfigError, KSchedule, Placement, SparseConfig, Selection
 from .datafiles import read_texts
 from .integration import model_fingerprint
@@ -312,17 +312,7 @@ def _documents(data, tokenizer, max_length: int | None, add_special_tokens: bool
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")
         data = data[:limit]
-    if len(data) == 0:
-        raise ValueError("calibration data is empty")
-    if isinstance(data[0], str):
-        if tokenizer is None:
-            raise ValueError("text data needs a tokenizer")
-        docs = tokenize_documents(tokenizer, data, max_length, add_special_tokens)
-    else:
-        docs = [torch.as_tensor(d).view(-1) if max_length is None else torch.as_tensor(d).view(-1)[:max_length]
-                for d in data]
-    if not docs:
-        raise ValueError("calibration data has no document of two or more tokens")
+    docs = prepare_documents(data, tokenizer, max_length, add_special_tokens)
     return docs
 
 
