@@ -12,19 +12,13 @@ from explorer_ui.sidebar import require_model
 from topθ_core.config import ConfigError
 from topθ_core.thresholds import ThresholdsError
 
-try:
-    from topθ_core.generation import compare_generate
-except ImportError as e:  # the engine module is not there yet
-    compare_generate, _gen_error = None, str(e)
+from topθ_core.generation import compare_generate
 
 ctx = require_model()
 lm = ctx.lm
 st.title("Compare")
 st.caption("Greedy dense and Top-θ continuations of one prompt on the same model. The Top-θ side is coloured by the "
            "next-token KL(dense‖Top-θ) on its own prefix; the first divergent token is outlined.")
-if compare_generate is None:
-    st.warning(f"Side-by-side generation is not available yet (topθ_core.generation: {_gen_error}).")
-    st.stop()
 
 samples = services.sample_prompts()
 c1, c2 = st.columns([3, 1])

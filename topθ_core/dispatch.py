@@ -89,7 +89,7 @@ def try_kernels(query, key, value, visible, is_causal, theta, sdc_term, cfg, k_k
                 layer, module):
     """Run the Triton kernel for this attention call, or return ``None`` (the reference runs).
 
-    ``query`` (B, Hq, Sq, d), ``key``/``value`` (B, Hkv, Sk, d), ``visible`` (B, Sq, Sk) bool,
+    ``query`` (B, Hq, Sq, d), ``key``/``value`` (B, Hkv, Sk, d), ``visible`` (B, Sq, Sk) bool (``None`` when ``is_causal``),
     ``is_causal`` True when transformers passed no mask (plain causal), ``theta``/``sdc_term``
     (B, Hq, Sq) float32 or ``None``.  Returns (B, Hq, Sq, d) in ``query``'s dtype.
     """

@@ -148,11 +148,15 @@ def top_theta_attention_forward(
     layer = int(getattr(module, "layer_idx", 0))
     B, Hq, Sq, _ = query.shape
     Sk = key.shape[2]
-    visible = _visible_from_mask(attention_mask, Sq, Sk, B, query.device)
+    if attention_mask is None:  # plain causal: lengths are known, no (B, Sq, Sk) mask is built or scanned
+        visible = None
+        row_len = torch.arange(Sk - Sq + 1, Sk + 1, device=query.device).expand(B, Sq)
+    else:
+        visible = _visible_from_mask(attention_mask, Sq, Sk, B, query.device)
+        row_len = visible.sum(-1)  # (B, Sq)
     cfg = state.config
     k_keep = state.k_for(layer)
     theta = sdc_term = None
-    row_len = visible.sum(-1)  # (B, Sq)
     if cfg.needs_thresholds:
         theta, sdc_term, extrap = state.thresholds.lookup(layer, row_len, cfg.lookup, cfg.theta_smoothing)
         if state.metrics is not None:
