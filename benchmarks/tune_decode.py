@@ -1,0 +1,134 @@
+"""Decode kernel launch-configuration search on one GPU (bandwidth-bound Llama-3-8B shapes).
+
+    python benchmarks/tune_decode.py [--out DIR]
+
+Stage 1 times every configuration (per-lane vs per-row statistics, block size, warps, stages,
+waves of programs per SM) at B=32, N=32k for f = 1 and 0.15, checks each output against the
+fp32 reference, and stage 2 re-times the best few on every bandwidth-bound shape and f, with
+SDPA measured in the same run on the same inputs.  Writes ``decode_tuning_<card>.csv`` and
+prints the chosen configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench_kernels import CFG, bench, card, log, row_quantile_theta, sdpa_ms  # noqa: E402
+
+from topθ_core.kernels import topθ_decode  # noqa: E402
+from topθ_core.kernels.decode import decode_splits  # noqa: E402
+from topθ_core.kernels.reference import topθ_decode_ref  # noqa: E402
+
+CONFIGS = [  # (lane_stats, block_n, num_warps, num_stages, waves)
+    (False, 128, 4, 3, 4),  # the shipped configuration
+    (True, 128, 4, 3, 4),
+    (False, 64, 4, 3, 4),
+    (True, 64, 4, 3, 4),
+    (False, 64, 2, 3, 8),
+    (True, 64, 2, 3, 8),
+    (False, 32, 1, 3, 16),
+    (True, 32, 1, 3, 16),
+    (False, 64, 1, 3, 16),
+    (True, 64, 1, 3, 16),
+    (True, 32, 1, 4, 16),
+    (True, 32, 2, 3, 8),
+    (True, 128, 2, 3, 8),
+    (True, 64, 2, 4, 8),
+    (True, 32, 1, 3, 32),
+    (True, 64, 4, 4, 8),
+]
+
+
+def make(B, N, f, Hq=32, Hkv=8, d=128):
+    g = Hq // Hkv
+    q = torch.randn(B, Hq, 1, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(B, Hkv, N, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(B, Hkv, N, d, device="cuda", dtype=torch.bfloat16)
+    scores = (q.float() @ k.float().repeat_interleave(g, 1).transpose(-1, -2)) * d ** -0.5
+    theta = {ff: (torch.full((B, Hq, 1), float("-inf"), device="cuda") if ff >= 1
+                  else row_quantile_theta(scores, 1 - (1 - ff) ** (1 / g))) for ff in f}
+    del scores
+    return q, k, v, theta, torch.rand(B, Hq, 1, device="cuda"), v.float().sum(2)
+
+
+def run_cfg(q, k, v, th, sdc, vsum, c):
+    lane, bn, nw, ns, waves = c
+    B, Hkv, N = k.shape[0], k.shape[1], k.shape[2]
+    splits = decode_splits(B, Hkv, N, bn, q.device, waves=waves)
+    return lambda: topθ_decode(q, k, v, th, config=CFG, k_keep=64, sdc_term=sdc, v_sum=vsum, num_splits=splits,
+                               block_n=bn, num_warps=nw, num_stages=ns, lane_stats=lane)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "benchmarks" / "results")))
+    ap.add_argument("--top", type=int, default=4)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = card()
+    rows = []
+    fs = (1.0, 1 / 3, 0.15, 0.05)
+    # stage 1
+    B, N = 32, 32768
+    q, k, v, theta, sdc, vsum = make(B, N, fs)
+    base, be = sdpa_ms(q, k, v, False)
+    log(f"[{name}] stage 1 B={B} N={N}: sdpa {base*1e3:.0f} us ({be})")
+    refs = {}
+    for f in (1.0, 0.15):
+        ref, _ = topθ_decode_ref(q[:4], k[:4], v[:4], theta[f][:4], config=CFG, k_keep=64, sdc_term=sdc[:4])
+        refs[f] = ref
+    score = {}
+    for c in CONFIGS:
+        tot = 0.0
+        for f in (1.0, 0.15):
+            fn = run_cfg(q, k, v, theta[f], sdc, vsum, c)
+            try:
+                out, _ = fn()
+                err = (out[:4].float() - refs[f]).abs().max().item()
+                t = bench(fn)
+            except Exception as e:  # a configuration that does not compile (registers, shared memory)
+                log(f"  {c} f={f}: failed: {type(e).__name__}: {str(e)[:160]}")
+                tot = float("inf")
+                break
+            tot += t
+            rows.append(dict(card=name, stage=1, lane_stats=c[0], block_n=c[1], num_warps=c[2], num_stages=c[3],
+                             waves=c[4], B=B, N=N, f=f, sdpa_us=base * 1e3, ours_us=t * 1e3, speedup=base / t,
+                             max_err=err))
+            log(f"  {c} f={f:.2f}: {t*1e3:.0f} us  x{base/t:.2f}  err {err:.2e}")
+        score[c] = tot
+    best = sorted(score, key=score.get)[: args.top]
+    log(f"stage 1 best: {best}")
+    del q, k, v, theta
+    torch.cuda.empty_cache()
+    # stage 2
+    for B, N in ((32, 32768), (32, 16384), (8, 32768), (8, 16384), (32, 4096)):
+        q, k, v, theta, sdc, vsum = make(B, N, fs)
+        base, be = sdpa_ms(q, k, v, False)
+        for c in best:
+            for f in fs:
+                t = bench(run_cfg(q, k, v, theta[f], sdc, vsum, c))
+                rows.append(dict(card=name, stage=2, lane_stats=c[0], block_n=c[1], num_warps=c[2], num_stages=c[3],
+                                 waves=c[4], B=B, N=N, f=f, sdpa_us=base * 1e3, ours_us=t * 1e3, speedup=base / t,
+                                 max_err=float("nan")))
+                log(f"  B={B} N={N} {c} f={f:.2f}: {t*1e3:.0f} us vs sdpa {base*1e3:.0f} ({be})  x{base/t:.2f}")
+        del q, k, v, theta
+        torch.cuda.empty_cache()
+    path = args.out / f"decode_tuning_{name}.csv"
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    log(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
