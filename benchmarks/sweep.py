@@ -48,7 +48,8 @@ def machine() -> str:
     except OSError:
         load = float("nan")
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), load average at start {load:.1f} (CPU shared with other jobs)")
+            f"({torch.get_num_threads()} threads), load average at start {load:.1f}"
+            + (" (CPU shared with other jobs)" if load > 1.5 else " (machine otherwise idle)"))
 
 
 def markdown_table(df: pd.DataFrame) -> str:

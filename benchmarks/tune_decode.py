@@ -2,8 +2,7 @@
 
     python benchmarks/tune_decode.py [--out DIR]
 
-Stage 1 times every configuration (per-lane vs per-row statistics, block size, warps, stages,
-waves of programs per SM) at B=32, N=32k for f = 1 and 0.15, checks each output against the
+Stage 1 times every configuration (block size, warps, stages, waves of programs per SM) at B=32, N=32k for f = 1 and 0.15, checks each output against the
 fp32 reference, and stage 2 re-times the best few on every bandwidth-bound shape and f, with
 SDPA measured in the same run on the same inputs.  Writes ``decode_tuning_<card>.csv`` and
 prints the chosen configuration.
@@ -28,23 +27,17 @@ from topθ_core.kernels import topθ_decode  # noqa: E402
 from topθ_core.kernels.decode import decode_splits  # noqa: E402
 from topθ_core.kernels.reference import topθ_decode_ref  # noqa: E402
 
-CONFIGS = [  # (lane_stats, block_n, num_warps, num_stages, waves)
-    (False, 128, 4, 3, 4),  # the shipped configuration
-    (True, 128, 4, 3, 4),
-    (False, 64, 4, 3, 4),
-    (True, 64, 4, 3, 4),
-    (False, 64, 2, 3, 8),
-    (True, 64, 2, 3, 8),
-    (False, 32, 1, 3, 16),
-    (True, 32, 1, 3, 16),
-    (False, 64, 1, 3, 16),
-    (True, 64, 1, 3, 16),
-    (True, 32, 1, 4, 16),
-    (True, 32, 2, 3, 8),
-    (True, 128, 2, 3, 8),
-    (True, 64, 2, 4, 8),
-    (True, 32, 1, 3, 32),
-    (True, 64, 4, 4, 8),
+CONFIGS = [  # (block_n, num_warps, num_stages, waves of programs per SM)
+    # A per-lane-statistics variant (D_S, D_U, counts and argmax accumulated elementwise and
+    # reduced once per split) was timed here on 2026-11-27 and was 10-50 % slower at every
+    # configuration (register pressure); results/decode_tuning_H200.csv keeps its rows.
+    (128, 4, 3, 4),
+    (64, 4, 3, 4),
+    (64, 2, 3, 8),  # the kernel's default since that run
+    (32, 1, 3, 16),
+    (64, 2, 3, 16),
+    (64, 2, 4, 8),
+    (128, 2, 3, 8),
 ]
 
 
@@ -61,11 +54,11 @@ def make(B, N, f, Hq=32, Hkv=8, d=128):
 
 
 def run_cfg(q, k, v, th, sdc, vsum, c):
-    lane, bn, nw, ns, waves = c
+    bn, nw, ns, waves = c
     B, Hkv, N = k.shape[0], k.shape[1], k.shape[2]
     splits = decode_splits(B, Hkv, N, bn, q.device, waves=waves)
     return lambda: topθ_decode(q, k, v, th, config=CFG, k_keep=64, sdc_term=sdc, v_sum=vsum, num_splits=splits,
-                               block_n=bn, num_warps=nw, num_stages=ns, lane_stats=lane)
+                               block_n=bn, num_warps=nw, num_stages=ns)
 
 
 def main():
@@ -100,8 +93,7 @@ def main():
                 tot = float("inf")
                 break
             tot += t
-            rows.append(dict(card=name, stage=1, lane_stats=c[0], block_n=c[1], num_warps=c[2], num_stages=c[3],
-                             waves=c[4], B=B, N=N, f=f, sdpa_us=base * 1e3, ours_us=t * 1e3, speedup=base / t,
+            rows.append(dict(card=name, stage=1, block_n=c[0], num_warps=c[1], num_stages=c[2], waves=c[3], B=B, N=N, f=f, sdpa_us=base * 1e3, ours_us=t * 1e3, speedup=base / t,
                              max_err=err))
             log(f"  {c} f={f:.2f}: {t*1e3:.0f} us  x{base/t:.2f}  err {err:.2e}")
         score[c] = tot
@@ -116,8 +108,7 @@ def main():
         for c in best:
             for f in fs:
                 t = bench(run_cfg(q, k, v, theta[f], sdc, vsum, c))
-                rows.append(dict(card=name, stage=2, lane_stats=c[0], block_n=c[1], num_warps=c[2], num_stages=c[3],
-                                 waves=c[4], B=B, N=N, f=f, sdpa_us=base * 1e3, ours_us=t * 1e3, speedup=base / t,
+                rows.append(dict(card=name, stage=2, block_n=c[0], num_warps=c[1], num_stages=c[2], waves=c[3], B=B, N=N, f=f, sdpa_us=base * 1e3, ours_us=t * 1e3, speedup=base / t,
                                  max_err=float("nan")))
                 log(f"  B={B} N={N} {c} f={f:.2f}: {t*1e3:.0f} us vs sdpa {base*1e3:.0f} ({be})  x{base/t:.2f}")
         del q, k, v, theta

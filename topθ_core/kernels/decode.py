@@ -47,7 +47,7 @@ def _decode_split_kernel(
     sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
     Hkv, N, split_len, S, scale_log2,
     G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-    EXACT: tl.constexpr, FLOOR: tl.constexpr, LANE_STATS: tl.constexpr,
+    EXACT: tl.constexpr, FLOOR: tl.constexpr,
 ):
     pid = tl.program_id(0)  # b · Hkv + kv head
     sid = tl.program_id(1)  # split
@@ -77,78 +77,34 @@ def _decode_split_kernel(
     # overlaps the next block's QKᵀ instead of stalling on it.
     p_prev = tl.zeros([BLOCK_G, BLOCK_N], V.dtype.element_ty)
     v_prev = tl.zeros([BLOCK_N, D], V.dtype.element_ty)
-    if LANE_STATS:
-        # Per-lane statistics: D_S, D_U, the kept count and the running argmax are kept as
-        # (BLOCK_G, BLOCK_N) tensors updated elementwise and reduced once per split.  Per key
-        # block only two reductions remain: the row max (online softmax) and the
-        # any-head-keeps test that predicates the V load.
-        ds_l = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
-        du_l = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
-        nk_l = tl.zeros([BLOCK_G, BLOCK_N], tl.int32)
-        best_s = tl.full([BLOCK_G, BLOCK_N], float("-inf"), tl.float32)
-        best_i = tl.zeros([BLOCK_G, BLOCK_N], tl.int32)
-        for n0 in range(start, end, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            mask_n = offs_n < end
-            kt = tl.load(k_base + offs_n[:, None] * sk_n + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(kt)) * scale_log2
-            s = tl.where(mask_n[None, :], s, float("-inf"))
-            keep = s > th[:, None]
-            if FLOOR:  # strict '>' keeps the earliest position per lane
-                upd = s > best_s
-                best_s = tl.where(upd, s, best_s)
-                best_i = tl.where(upd, offs_n[None, :], best_i)
-            nk_l += keep.to(tl.int32)
-            m_new = tl.maximum(m, tl.max(s, 1))
-            alpha = tl.exp2(m - m_new)
-            m = m_new
-            acc = tl.dot(p_prev, v_prev, acc) * alpha[:, None]
-            p_all = tl.exp2(s - m[:, None])
-            p = tl.where(keep, p_all, 0.0)
-            ds_l = ds_l * alpha[:, None] + p
-            if EXACT:
-                du_l = du_l * alpha[:, None] + (p_all - p)
-            krow = tl.max(keep.to(tl.int32), 0)
-            kvc += krow
-            v_prev = tl.load(v_base + offs_n[:, None] * sv_n + offs_d[None, :], mask=(krow > 0)[:, None], other=0.0)
-            p_prev = p.to(V.dtype.element_ty)
-        acc += tl.dot(p_prev, v_prev)
-        ds = tl.sum(ds_l, 1)
-        du = tl.sum(du_l, 1)
-        nk = tl.sum(nk_l, 1)
-        if FLOOR:  # first position among the lanes holding the row max
-            hit = (best_s == m[:, None]) & (best_s > float("-inf"))
-            idx = tl.min(tl.where(hit, best_i, 2147483647), 1)
-            idx = tl.where(idx == 2147483647, 0, idx)
-    else:
-        for n0 in range(start, end, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            mask_n = offs_n < end
-            kt = tl.load(k_base + offs_n[:, None] * sk_n + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(kt)) * scale_log2  # (G, BLOCK_N) fp32
-            s = tl.where(mask_n[None, :], s, float("-inf"))
-            keep = s > th[:, None]
-            if FLOOR:  # running argmax (one row reduction gives max and index; first index on ties)
-                tmax, arg = tl.max(s, 1, return_indices=True)
-                idx = tl.where(tmax > m, n0 + arg.to(tl.int32), idx)
-            else:
-                tmax = tl.max(s, 1)
-            nk += tl.sum(keep.to(tl.int32), 1)
-            m_new = tl.maximum(m, tmax)
-            alpha = tl.exp2(m - m_new)
-            m = m_new
-            acc = tl.dot(p_prev, v_prev, acc) * alpha[:, None]  # previous block, then rescale
-            p_all = tl.exp2(s - m[:, None])
-            p = tl.where(keep, p_all, 0.0)
-            ds = ds * alpha + tl.sum(p, 1)
-            if EXACT:
-                du = du * alpha + tl.sum(p_all - p, 1)
-            krow = tl.max(keep.to(tl.int32), 0)  # (BLOCK_N,) 1 where some head keeps the row
-            kvc += krow
-            # only kept rows are read: a fully masked row issues no memory transaction
-            v_prev = tl.load(v_base + offs_n[:, None] * sv_n + offs_d[None, :], mask=(krow > 0)[:, None], other=0.0)
-            p_prev = p.to(V.dtype.element_ty)
-        acc += tl.dot(p_prev, v_prev)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        kt = tl.load(k_base + offs_n[:, None] * sk_n + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(kt)) * scale_log2  # (G, BLOCK_N) fp32
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        keep = s > th[:, None]
+        if FLOOR:  # running argmax (one row reduction gives max and index; first index on ties)
+            tmax, arg = tl.max(s, 1, return_indices=True)
+            idx = tl.where(tmax > m, n0 + arg.to(tl.int32), idx)
+        else:
+            tmax = tl.max(s, 1)
+        nk += tl.sum(keep.to(tl.int32), 1)
+        m_new = tl.maximum(m, tmax)
+        alpha = tl.exp2(m - m_new)
+        m = m_new
+        acc = tl.dot(p_prev, v_prev, acc) * alpha[:, None]  # previous block, then rescale
+        p_all = tl.exp2(s - m[:, None])
+        p = tl.where(keep, p_all, 0.0)
+        ds = ds * alpha + tl.sum(p, 1)
+        if EXACT:
+            du = du * alpha + tl.sum(p_all - p, 1)
+        krow = tl.max(keep.to(tl.int32), 0)  # (BLOCK_N,) 1 where some head keeps the row
+        kvc += krow
+        # only kept rows are read: a fully masked row issues no memory transaction
+        v_prev = tl.load(v_base + offs_n[:, None] * sv_n + offs_d[None, :], mask=(krow > 0)[:, None], other=0.0)
+        p_prev = p.to(V.dtype.element_ty)
+    acc += tl.dot(p_prev, v_prev)
 
     part = (b * Hq + h) * S + sid
     tl.store(PM + part, m, mask=mask_g)
@@ -254,7 +210,7 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[i]
 
 
-def decode_splits(B: int, Hkv: int, N: int, block_n: int, device: torch.device, waves: int = 4) -> int:
+def decode_splits(B: int, Hkv: int, N: int, block_n: int, device: torch.device, waves: int = 8) -> int:
     """Number of sequence splits: about ``waves`` programs per SM, at least one key block per split."""
     target = waves * _sm_count(device)
     return max(1, min(triton.cdiv(N, block_n), triton.cdiv(target, B * Hkv)))
@@ -263,7 +219,7 @@ def decode_splits(B: int, Hkv: int, N: int, block_n: int, device: torch.device, 
 def _decode_launch(q3: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor,
                    sdc_term: torch.Tensor | None, v_sum: torch.Tensor | None, scale: float, sdc_code: int,
                    sdc_scale: float, vmc: bool, floor_max: bool, num_splits: int, block_n: int, num_warps: int,
-                   num_stages: int, lane_stats: bool = False
+                   num_stages: int
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     B, Hq, D = q3.shape
     _, Hkv, N, _ = k.shape
@@ -280,7 +236,9 @@ def _decode_launch(q3: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: to
     theta = theta.to(torch.float32).contiguous()
     sdc_t = sdc_term.to(torch.float32).contiguous() if sdc_term is not None else theta
     vsum = v_sum.to(torch.float32).contiguous() if v_sum is not None else theta
-    block_n = block_n or 128  # tuned on H200 (bench_kernels.tune_decode): 128 beat 64 by 10 %
+    # tuned on H200 (benchmarks/tune_decode.py, results/decode_tuning_H200.csv): 64 keys, 2 warps,
+    # 8 programs per SM beat 128 keys, 4 warps, 4 per SM by 3-4 % on bandwidth-bound shapes
+    block_n = block_n or 64
     if num_splits <= 0:
         num_splits = decode_splits(B, Hkv, N, block_n, q3.device)
     split_len = triton.cdiv(triton.cdiv(N, num_splits), block_n) * block_n
@@ -305,7 +263,7 @@ def _decode_launch(q3: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: to
         q3.stride(0), q3.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         Hkv, N, split_len, S, scale_log2,
         G=G, BLOCK_G=block_g, BLOCK_N=block_n, D=D, EXACT=sdc_code == 1, FLOOR=floor_max,
-        LANE_STATS=bool(lane_stats), num_warps=num_warps or 4, num_stages=num_stages or 3,
+        num_warps=num_warps or 2, num_stages=num_stages or 3,
     )
     _decode_combine_kernel[(B * Hkv,)](
         q3, k, v, theta, sdc_t, vsum, pm, pi, pds, pdu, pnk, pacc, pkv, out, kept, empty, kvout,
@@ -323,14 +281,14 @@ def _decode_launch(q3: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: to
 def _decode_op(q3: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor,
                sdc_term: torch.Tensor | None, v_sum: torch.Tensor | None, scale: float, sdc_code: int,
                sdc_scale: float, vmc: bool, floor_max: bool, num_splits: int, block_n: int, num_warps: int,
-               num_stages: int, lane_stats: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+               num_stages: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _decode_launch(q3, k, v, theta, sdc_term, v_sum, scale, sdc_code, sdc_scale, vmc, floor_max, num_splits,
-                          block_n, num_warps, num_stages, lane_stats)
+                          block_n, num_warps, num_stages)
 
 
 @_decode_op.register_fake
 def _(q3, k, v, theta, sdc_term, v_sum, scale, sdc_code, sdc_scale, vmc, floor_max, num_splits, block_n,
-      num_warps, num_stages, lane_stats):
+      num_warps, num_stages):
     B, Hq, D = q3.shape
     Hkv = k.shape[1]
     i32 = dict(dtype=torch.int32, device=q3.device)
@@ -341,7 +299,7 @@ def _(q3, k, v, theta, sdc_term, v_sum, scale, sdc_code, sdc_scale, vmc, floor_m
 def topθ_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor | None, *,
                 config: SparseConfig, k_keep: int, sdc_term: torch.Tensor | None = None,
                 v_sum: torch.Tensor | None = None, scale: float | None = None, num_splits: int = 0,
-                block_n: int = 128, num_warps: int = 4, num_stages: int = 3, lane_stats: bool = False
+                block_n: int = 64, num_warps: int = 2, num_stages: int = 3
                 ) -> tuple[torch.Tensor, KernelCounts]:
     """Top-θ attention of one new query token per sequence against the whole cache.
 
@@ -373,6 +331,5 @@ def topθ_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch
     op = torch.ops.toptheta.decode if torch.compiler.is_compiling() else _decode_launch
     out, kept, empty, kv = op(
         q[:, :, 0, :], k, v, theta, sdc_term, v_sum, float(d ** -0.5 if scale is None else scale), var.sdc,
-        var.sdc_scale, var.vmc, var.floor_max, int(num_splits), int(block_n), int(num_warps), int(num_stages),
-        bool(lane_stats))
+        var.sdc_scale, var.vmc, var.floor_max, int(num_splits), int(block_n), int(num_warps), int(num_stages))
     return out.unsqueeze(2), KernelCounts(kept=kept, empty=empty, kept_v_rows=kv)
