@@ -37,11 +37,11 @@ sys.path.insert(0, str(ROOT))
 import triton  # noqa: E402
 from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
 
-from topθ_core.config import SparseConfig  # noqa: E402
+from topθ_core.config import SDC, SparseConfig  # noqa: E402
 from topθ_core.kernels import row_samples, topθ_decode, topθ_prefill  # noqa: E402
 from topθ_core.kernels.reference import row_samples_causal_ref, topθ_decode_ref, topθ_prefill_ref  # noqa: E402
 
-CFG = SparseConfig()  # top-θ, pre-softmax, offline SDC, VMC, floor max: the engine's default
+CFG = SparseConfig(sdc=SDC.OFFLINE)  # top-θ, pre-softmax, offline SDC (the paper's), VMC, floor max
 ROWS: list[dict] = []
 NOTES: list[str] = []
 

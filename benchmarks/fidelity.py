@@ -262,7 +262,7 @@ def run(args) -> None:
     ks = tuple(int(x) for x in args.ks.split(","))
     for k in ks:
         calib(f"k{k}", k, cal_docs[:n_cal])
-    if args.plan == "full":
+    if args.plan == "full" and 64 in ks:
         calib("k64-len1024", 64, [d[: seq // 2] for d in cal_docs[:n_cal]])
         import copy
 
@@ -323,6 +323,8 @@ def run(args) -> None:
     try:
         if args.plan == "cpu":
             measure_small(record, th, ks, sdc_theta, stats, calib, more, cal_docs, n_cal, seq, log)
+        elif args.plan == "exact":
+            measure_exact(record, th, ks, theta_cfg, topk_cfg)
         else:
             measure(record, th, ks, sdc_theta, theta_cfg, topk_cfg, args, sections)
     except OutOfTime:
@@ -368,68 +370,86 @@ def measure_small(record, th, ks, sdc_theta, stats, calib, more, cal_docs, n_cal
 
 
 def measure(record, th, ks, sdc_theta, theta_cfg, topk_cfg, args, sections) -> None:
-    """The ablation list: one change at a time from the issue's configuration, then combinations."""
+    """The ablation list, most decisive first (a time budget may cut the tail): the issue's table,
+    the candidate fix, the trade-off curves, then one change at a time, then combinations."""
+    sigmas_curve = (-0.5, -0.25, 0.0, 0.1, 0.25, 0.5, 1.0)
     # ---- 1. reproduction of the issue's table
     for k in ks:
         record("baseline", f"top-k k={k}", topk_cfg(k), None, k, mc=True, curve=True)
-        record("baseline", f"top-k k={k} + exact SDC + VMC", topk_cfg(k, sdc=SDC.EXACT, vmc=True), None, k)
-        record("baseline", f"Top-θ k={k} (issue: nearest, σ 0.1)", theta_cfg(k), th[f"k{k}"], k, 0.1, mc=True)
-    # ---- 2. ablations, one change at a time from the baseline (k = 64, key ones at k = 32 too)
+        record("baseline", f"Top-θ k={k} (issue: nearest, σ 0.1)", theta_cfg(k), th[f"k{k}"], k, 0.1, mc=True,
+               curve=True)
+    # ---- 2. the candidate fix (the 512-token ablation's one clear win): SDC calibrated under θ
+    for k in ks:
+        base = theta_cfg(k)
+        record("sdc", "SDC calibrated under θ", base, lambda b=base, kk=k: sdc_theta(f"k{kk}", b), k, 0.1, mc=True,
+               curve=True)
+    # ---- 3. trade-off curves: top-k over k; Top-θ (issue) and Top-θ + SDC under θ over σ
+    for k in (16, 24, 48, 96, 128):
+        record("curve", f"top-k k={k}", topk_cfg(k), None, k, curve=True)
+    for k in ks:
+        base = theta_cfg(k)
+        for sig in sigmas_curve:
+            if sig == 0.1:
+                continue
+            record("sigma", f"σ = {sig:g}", base, th[f"k{k}"].with_sigma(sig), k, sig, curve=True)
+            record("curve", "SDC calibrated under θ", base,
+                   lambda b=base, kk=k, sg=sig: sdc_theta(f"k{kk}", b, sg), k, sig, curve=True)
+    # ---- 4. one change at a time from the baseline
     for k in ks:
         base = theta_cfg(k)
         t = th[f"k{k}"]
+        record("baseline", f"top-k k={k} + exact SDC + VMC", topk_cfg(k, sdc=SDC.EXACT, vmc=True), None, k)
         record("floor", "empty-row floor none", base.with_(empty_row=EmptyRowFloor.NONE), t, k, 0.1)
         record("lookup", "interpolate", base.with_(lookup=Lookup.INTERPOLATE), t, k, 0.1)
         record("lookup", "interpolate + smoothing ±2 bins", base.with_(lookup=Lookup.INTERPOLATE, theta_smoothing=2), t, k, 0.1)
         record("lookup", "fit θ = a + b·ln L", base.with_(lookup=Lookup.FIT_LOG), t, k, 0.1)
-        for sig in (-0.5, -0.25, 0.0, 0.25, 0.5):
-            record("sigma", f"σ = {sig:g}", base, t.with_sigma(sig), k, sig)
-        record("sdc", "SDC calibrated under θ", base, lambda: sdc_theta(f"k{k}", base), k, 0.1)
         for sc in (0.5, 2.0):
             record("sdc", f"SDC scale {sc:g}", base.with_(sdc_scale=sc), t, k, 0.1)
         record("keep", "sink: first token", base.with_(sink_tokens=1), t, k, 0.1)
         record("keep", "diagonal (recent 1)", base.with_(recent_tokens=1), t, k, 0.1)
         record("keep", "first token + diagonal", base.with_(sink_tokens=1, recent_tokens=1), t, k, 0.1)
         record("keep", "first 4 + recent 8", base.with_(sink_tokens=4, recent_tokens=8), t, k, 0.1)
-    record("data", "16 calibration docs", theta_cfg(64), th["k64-16docs"], 64, 0.1, cal="16 docs × 2048")
-    record("data", "16 docs + fit θ(L)", theta_cfg(64, lookup=Lookup.FIT_LOG), th["k64-16docs"], 64, 0.1,
-           cal="16 docs × 2048")
-    for lk in (Lookup.NEAREST, Lookup.INTERPOLATE, Lookup.FIT_LOG):
-        record("coverage", f"calibrated ≤1024, evaluated 2048: {lk.value}", theta_cfg(64, lookup=lk),
-               th["k64-len1024"], 64, 0.1, cal="8 docs × 1024")
+    if "k64" in th:
+        record("data", "16 calibration docs", theta_cfg(64), th["k64-16docs"], 64, 0.1, cal="16 docs × 2048")
+        record("data", "16 docs + fit θ(L)", theta_cfg(64, lookup=Lookup.FIT_LOG), th["k64-16docs"], 64, 0.1,
+               cal="16 docs × 2048")
+        for lk in (Lookup.NEAREST, Lookup.INTERPOLATE, Lookup.FIT_LOG):
+            record("coverage", f"calibrated ≤1024, evaluated 2048: {lk.value}", theta_cfg(64, lookup=lk),
+                   th["k64-len1024"], 64, 0.1, cal="8 docs × 1024")
 
-    # ---- 3. combinations (decided up front; the table shows each part's effect above)
+    # ---- 5. combinations (decided up front; the table shows each part's effect above)
     combos = {
         "combo A: interp+smooth2, sink1+diag": dict(lookup=Lookup.INTERPOLATE, theta_smoothing=2, sink_tokens=1,
                                                     recent_tokens=1),
         "combo B: A + SDC under θ": dict(lookup=Lookup.INTERPOLATE, theta_smoothing=2, sink_tokens=1,
                                          recent_tokens=1, _sdc=True),
-        "combo C: fit θ(L) + sink1+diag + SDC under θ": dict(lookup=Lookup.FIT_LOG, sink_tokens=1, recent_tokens=1,
-                                                             _sdc=True),
         "combo D: interp+smooth2 + SDC under θ (kernel-compatible)": dict(lookup=Lookup.INTERPOLATE,
                                                                           theta_smoothing=2, _sdc=True),
     }
-    sigmas_curve = (-0.5, -0.25, 0.0, 0.1, 0.25, 0.5, 1.0)
     for k in ks:
         for name, kw in combos.items():
             kw = dict(kw)
             use_sdc = kw.pop("_sdc", False)
             cfg = theta_cfg(k, **kw)
-            for sig in sigmas_curve:
-                if use_sdc:
-                    t = (lambda c=cfg, s=sig, kk=k: sdc_theta(f"k{kk}", c, s))
-                else:
-                    t = th[f"k{k}"].with_sigma(sig)
-                if sig == 0.1:
-                    record("combo", name, cfg, t, k, sig, mc=True, curve=True)
-                else:
-                    record("curve", name, cfg, t, k, sig, curve=True)
-        for sig in sigmas_curve:  # the paper baseline's curve
-            if sig != 0.1:
-                record("curve", "Top-θ baseline (issue)", theta_cfg(k), th[f"k{k}"].with_sigma(sig), k, sig,
-                       curve=True)
-    for k in (16, 24, 48, 96, 128):
-        record("curve", f"top-k k={k}", topk_cfg(k), None, k, curve=True)
+            t = (lambda c=cfg, kk=k: sdc_theta(f"k{kk}", c, 0.1)) if use_sdc else th[f"k{k}"]
+            record("combo", name, cfg, t, k, 0.1, mc=True, curve=True)
+
+
+def measure_exact(record, th, ks, theta_cfg, topk_cfg) -> None:
+    """Exact SDC (the dropped mass summed per row, as top-k's own compensation) with VMC, for
+    Top-θ over σ and for top-k over k: the full plan showed the offline SDC term, not the
+    selection, dominating Top-θ's loss (σ barely moves perplexity; SDC scale 0.5 halves it)."""
+    for k in ks:
+        record("baseline", f"top-k k={k}", topk_cfg(k), None, k, mc=True, curve=True)
+        record("exact", "Top-θ + exact SDC + VMC", theta_cfg(k, sdc=SDC.EXACT), th[f"k{k}"], k, 0.1, mc=True,
+               curve=True)
+    for k in ks:
+        for sig in (-0.25, 0.0, 0.25, 0.5, 1.0):
+            record("exact-curve", "Top-θ + exact SDC + VMC", theta_cfg(k, sdc=SDC.EXACT), th[f"k{k}"].with_sigma(sig),
+                   k, sig, mc=sig == 0.5, curve=True)
+    for k in (16, 24, 32, 48, 64, 96, 128):
+        record("exact-curve", f"top-k k={k} + exact SDC + VMC", topk_cfg(k, sdc=SDC.EXACT, vmc=True), None, k,
+               curve=True, mc=k in ks)
 
 
 # --------------------------------------------------------------------------- report
@@ -452,33 +472,54 @@ def report(args) -> None:
     import pandas as pd
 
     raw = pd.concat([pd.read_csv(Path(d) / "fidelity_raw.csv") for d in args.raw.split(",")], ignore_index=True)
+    raw = raw.drop_duplicates(subset=["group", "variant", "k", "sigma", "calibration"], keep="last")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    table = raw[(raw["group"] != "curve") & ((raw["group"] != "combo") | (raw["sigma"].fillna(0.1) == 0.1))]
+    curve_only = raw["group"].str.endswith("curve") & ~((raw["group"] == "exact-curve") & (raw["sigma"] == 0.5))
+    table = raw[~curve_only & ((raw["group"] != "combo") | (raw["sigma"].fillna(0.1) == 0.1))]
     table = table.drop(columns=["curve"])
     table.to_csv(RESULTS / "fidelity.csv", index=False)
     raw.to_csv(RESULTS / "fidelity_curves.csv", index=False)
-    lines = ["| k | group | variant | " + " | ".join(c[1] for c in TABLE_COLS) + " |",
-             "|---|---|---|" + "---|" * len(TABLE_COLS)]
+    lines = ["| k | group | variant | σ | " + " | ".join(c[1] for c in TABLE_COLS) + " |",
+             "|---|---|---|---|" + "---|" * len(TABLE_COLS)]
     for _, r in table.sort_values(["k"], kind="stable").iterrows():
         cells = [_fmt(r.get(c), f) for c, _, f in TABLE_COLS]
-        lines.append(f"| {r['k']} | {r['group']} | {r['variant']} | " + " | ".join(cells) + " |")
+        sig = "" if pd.isna(r.get("sigma")) else f"{r['sigma']:g}"
+        lines.append(f"| {r['k']} | {r['group']} | {r['variant']} | {sig} | " + " | ".join(cells) + " |")
     (RESULTS / "fidelity_table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     _plot(raw)
 
 
+def curve_name(row) -> str:
+    """Which trade-off curve a measured point belongs to (σ varies along Top-θ curves, k along top-k)."""
+    v = row["variant"]
+    if row["selection"] == "top-k":
+        return "top-k + exact SDC + VMC" if "exact SDC" in v else "top-k (plain)"
+    if row["group"] == "sigma" or v.startswith("Top-θ k="):
+        return "Top-θ, offline SDC (paper)"
+    if v == "SDC calibrated under θ":
+        return "Top-θ, offline SDC calibrated under θ"
+    if v == "Top-θ + exact SDC + VMC":
+        return "Top-θ, exact SDC"
+    return v
+
+
 def _plot(raw) -> None:
     import plotly.graph_objects as go
 
+    pts = raw[raw["curve"]].copy()
+    pts["curve_name"] = pts.apply(curve_name, axis=1)
     fig = go.Figure()
-    topk = raw[(raw["selection"] == "top-k") & raw["variant"].str.fullmatch(r"top-k k=\d+")].sort_values("kept_sparse_layers")
-    fig.add_trace(go.Scatter(x=topk["kept_sparse_layers"], y=topk["kl_mean"], mode="lines+markers", name="exact top-k",
-                             text=[f"k={k}" for k in topk["k"]], line=dict(color="black", width=3)))
-    th = raw[(raw["selection"] == "top-theta") & raw["curve"]]
-    for (variant, k), g in th.groupby(["variant", "k"]):
+    styles = {"top-k (plain)": dict(color="black", width=3), "top-k + exact SDC + VMC": dict(color="gray", width=3, dash="dash")}
+    for name in ("top-k (plain)", "top-k + exact SDC + VMC"):
+        g = pts[pts["curve_name"] == name].sort_values("kept_sparse_layers")
+        fig.add_trace(go.Scatter(x=g["kept_sparse_layers"], y=g["kl_mean"], mode="lines+markers", name=name,
+                                 text=[f"k={k}" for k in g["k"]], line=styles[name]))
+    th = pts[pts["selection"] == "top-theta"]
+    for (name, k), g in th.groupby(["curve_name", "k"]):
         g = g.sort_values("kept_sparse_layers")
         fig.add_trace(go.Scatter(x=g["kept_sparse_layers"], y=g["kl_mean"], mode="lines+markers",
-                                 name=f"{variant} (k={k})", text=[f"σ={s:g}" for s in g["sigma"]]))
+                                 name=f"{name} (k={k})", text=[f"σ={s:g}" for s in g["sigma"]]))
     fig.update_layout(title="SmolLM2-135M, pydoc 2,048-token documents: kept fraction (layers 2-29) vs KL(dense‖sparse)",
                       xaxis_title="kept attention fraction, layers 2-29", yaxis_title="mean next-token KL (nats)",
                       xaxis_type="log", yaxis_type="log", template="plotly_white")
@@ -500,7 +541,7 @@ def main() -> None:
     r.add_argument("--mc-items", type=int, default=200)
     r.add_argument("--arc-shots", type=int, default=25)
     r.add_argument("--hs-shots", type=int, default=10)
-    r.add_argument("--plan", choices=("full", "cpu"), default="full")
+    r.add_argument("--plan", choices=("full", "cpu", "exact"), default="full")
     r.add_argument("--ks", default="32,64")
     r.add_argument("--n-cal", type=int, default=0, help="calibration documents (0: 8; the 'more data' row doubles it)")
     r.add_argument("--n-eval", type=int, default=0, help="held-out documents (0: 6)")

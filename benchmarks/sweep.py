@@ -43,6 +43,8 @@ def log(msg: str) -> None:
 
 
 def machine() -> str:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}, float32"
     try:
         load = os.getloadavg()[0]
     except OSError:
@@ -243,10 +245,11 @@ def main(argv=None) -> int:
     p.add_argument("--append", action="store_true", help="headline: keep rows of earlier runs in the CSV")
     p.add_argument("--budget", type=float, default=0.02)
     p.add_argument("--uniform", type=int, nargs="+", default=[32, 64, 128])
+    p.add_argument("--device", default="cpu", help="cpu or cuda (accuracy stages; the ARC timing is a CPU number)")
     args = p.parse_args(argv)
     from topθ_core.models import load_model
 
-    lm = load_model("smollm2")
+    lm = load_model("smollm2", device=args.device)
     log(f"{args.stage}: {machine()}")
     {"arc": stage_arc, "sweep": lambda lm, a: stage_sweep(lm, a, False),
      "variants": lambda lm, a: stage_sweep(lm, a, True), "headline": stage_headline, "shift": stage_shift,

@@ -232,13 +232,13 @@ def default_sparse_config(thresholds: Thresholds | None) -> SparseConfig:
         return DENSE
     d = thresholds.meta.get("app_defaults") or {}
     placement = thresholds.placement
-    sdc = d.get("sdc", "offline" if placement.value == "pre" else "none")
+    sdc = d.get("sdc", "exact" if placement.value == "pre" else "none")
     vmc = bool(d.get("vmc", True))
     try:
         return SparseConfig(k=thresholds.k, placement=placement, sdc=sdc, vmc=vmc)
     except ValueError:
         return SparseConfig(k=thresholds.k, placement=placement,
-                            sdc="offline" if placement.value == "pre" else "none", vmc=True)
+                            sdc="exact" if placement.value == "pre" else "none", vmc=True)
 
 
 def grid_click(state) -> tuple[int, int] | None:

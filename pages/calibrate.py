@@ -75,7 +75,7 @@ tac = s3.checkbox("Top-k at calibration (TAC)", value=True, key=K.CAL_TAC)
 sample_frac = s3.slider("Row sample fraction", min_value=0.05, max_value=1.0, value=1.0, step=0.05,
                         key=K.CAL_SAMPLE_FRAC)
 bin_width = s3.number_input("Length bin width", min_value=1, max_value=256, value=16, key=K.CAL_BIN_WIDTH)
-sdc_opts = ["offline", "exp-threshold", "exact", "none"] if placement == "pre" else ["none"]
+sdc_opts = ["exact", "offline", "exp-threshold", "none"] if placement == "pre" else ["none"]
 sdc_default = s4.selectbox("Default SDC for inference", sdc_opts, key=K.CAL_SDC)
 vmc_default = s4.checkbox("Default VMC for inference", value=True, key=K.CAL_VMC)
 

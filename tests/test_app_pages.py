@@ -117,7 +117,7 @@ def test_calibrate_saves_run_and_activates_it(calibrated, env):
     assert any("Saved **k16**" in s for s in texts(at.success))
     meta = json.loads((env["runs"] / "k16" / "meta.json").read_text())
     assert meta["k"]["default"] == 16 and meta["k"]["overrides"] == {}
-    assert meta["app_defaults"] == {"sdc": "offline", "vmc": True}
+    assert meta["app_defaults"] == {"sdc": "exact", "vmc": True}
     assert meta["data"].startswith("corpus:")
     assert at.sidebar.selectbox(key="sb_active_run").value == "k16"
     assert "k16" in " ".join(texts(at.sidebar.success))

@@ -123,6 +123,24 @@ def test_variants_match_float64_hand_computation(cfg):
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("cfg", VARIANTS, ids=lambda c: c.label())
+def test_plain_causal_chunked_rows_match_float64_hand_computation(cfg):
+    """``visible=None`` (plain causal: VMC's row means come from a prefix sum of V), query rows at
+    an offset into the keys (chunked prefill) and split into chunks of 3 rows."""
+    q, k, v = rand_inputs(Sq=7, Sk=11, seed=5)
+    B, Hq, Sq, _ = q.shape
+    gen = torch.Generator().manual_seed(2)
+    if cfg.placement is Placement.POST:
+        theta = torch.rand(B, Hq, Sq, generator=gen, dtype=torch.float64) * 0.25
+    else:
+        theta = torch.randn(B, Hq, Sq, generator=gen, dtype=torch.float64) * 0.5 + 0.3
+    offline = torch.rand(B, Hq, Sq, generator=gen, dtype=torch.float64) * 2
+    out = topθ_attention_ref(q, k, v, config=cfg, k_keep=3, theta=theta, sdc_term=offline,
+                             block_elements=B * Hq * 11 * 3)
+    ref, _ = naive_attention(q, k, v, causal_visible(Sq, 11, batch=B), cfg, 3, theta, offline)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
 def test_theta_minus_inf_without_compensation_is_dense_sdpa():
     q, k, v = rand_inputs(Sq=13, Sk=13)
     cfg = SparseConfig(selection="top-theta", sdc="none", vmc=False)

@@ -136,7 +136,7 @@ def test_config_refuses_invalid_combinations():
     assert ks.as_list(4) == [512, 512, 64, 64] and KSchedule.from_dict(ks.to_dict()) == ks
     cfg = SparseConfig(k=ks)
     assert SparseConfig.from_dict(cfg.to_dict()) == cfg
-    assert cfg.label() == "top-theta k=64 [0:512,1:512] pre sdc=offline vmc"
+    assert cfg.label() == "top-theta k=64 [0:512,1:512] pre sdc=exact vmc"
 
 
 def test_evaluate_bundled_task_writes_results_and_refuses_bad_tasks(tiny_checkpoint, data_file, tmp_path, capsys,

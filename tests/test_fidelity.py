@@ -101,7 +101,7 @@ def test_sink_and_diagonal_attention_matches_float64_reference():
     q, k, v = (torch.randn(B, H, S, d, dtype=torch.float64) for _ in range(3))
     theta = torch.randn(B, H, S, dtype=torch.float64) + 1.5  # high: many rows keep only the floor + positions
     c = torch.rand(B, H, S, dtype=torch.float64)
-    cfg = SparseConfig(k=KSchedule(kk), sink_tokens=1, recent_tokens=2)
+    cfg = SparseConfig(k=KSchedule(kk), sdc=SDC.OFFLINE, sink_tokens=1, recent_tokens=2)
     got = topθ_attention_ref(q, k, v, config=cfg, k_keep=kk, theta=theta, sdc_term=c)
     ref = _ref_sink_attention(q.numpy(), k.numpy(), v.numpy(), theta.numpy(), c.numpy(), kk, 1, 2)
     err = np.abs(got.numpy() - ref).max()

@@ -64,6 +64,7 @@ class RowBlock:
     kv_len: int
     kth_next: torch.Tensor | None = None  # (B, Hq, R) (k+1)-th largest score, when top-k computed it
     exp_scores: torch.Tensor | None = None  # (B, Hq, R, N) e^(a − m), 0 at invisible keys
+    dropped_mass: torch.Tensor | None = None  # (B, Hq, R) D_U = Σ_{visible, not kept} e, when exact SDC computed it
 
 
 class Observer(Protocol):
@@ -106,14 +107,17 @@ def topθ_attention_ref(
     if k_keep < 1:
         raise ValueError(f"k_keep must be at least 1, got {k_keep}")
     g = Hq // Hkv
-    if visible is None:
+    causal = visible is None
+    if causal:
         visible = causal_visible(Sq, Sk, q.device, B)
     if visible.shape != (B, Sq, Sk):
         visible = visible.expand(B, Sq, Sk)
     scale = d ** -0.5 if scale is None else scale
     cdtype = torch.promote_types(q.dtype, torch.float32) if upcast else q.dtype
-    qc, kc, vc = q.to(cdtype), k.to(cdtype), v.to(cdtype)
+    qc, kc, vc = q.to(cdtype) * scale, k.to(cdtype), v.to(cdtype)  # scale folded into q: (R, d), not (R, N)
     out = torch.empty(B, Hq, Sq, v.shape[-1], dtype=q.dtype, device=q.device)
+    # VMC's row means: with plain causal visibility a prefix sum of V gives every row's visible sum
+    v_cum = vc.cumsum(2) if causal and config.vmc and config.selection is not Selection.DENSE else None
     rows = max(1, block_elements // max(1, B * Hq * Sk))
     for r0 in range(0, Sq, rows):
         r1 = min(Sq, r0 + rows)
@@ -121,7 +125,8 @@ def topθ_attention_ref(
             qc[:, :, r0:r1], kc, vc, visible[:, r0:r1].unsqueeze(1), r0,
             None if theta is None else theta[:, :, r0:r1].to(cdtype),
             None if sdc_term is None else sdc_term[:, :, r0:r1].to(cdtype),
-            config, k_keep, scale, softcap, g, observer, Sq, Sk,
+            config, k_keep, softcap, g, observer, Sq, Sk,
+            None if v_cum is None else v_cum[:, :, Sk - Sq + r0:Sk - Sq + r1],
         ).to(q.dtype)
     return out
 
@@ -133,19 +138,21 @@ def _grouped_matmul(x: torch.Tensor, y: torch.Tensor, g: int) -> torch.Tensor:
     return (x.reshape(B, Hkv, g * R, a) @ y).reshape(B, Hq, R, y.shape[-1])
 
 
-def _attend_rows(q, k, v, vis, row_start, theta, sdc_term, cfg: SparseConfig, k_keep, scale, softcap,
-                 g, observer, q_len, kv_len):
+def _attend_rows(q, k, v, vis, row_start, theta, sdc_term, cfg: SparseConfig, k_keep, softcap, g, observer,
+                 q_len, kv_len, v_cum):
+    """One chunk of query rows.  ``q`` is already scaled; ``v_cum`` (B, Hkv, R, d) is each row's
+    sum of visible V rows when the caller has it from a causal prefix sum (VMC), else ``None``."""
     B, Hq, R, d = q.shape
     Hkv = k.shape[1]
-    logits = _grouped_matmul(q, k.transpose(-1, -2), g) * scale  # (B, Hq, R, N)
+    logits = _grouped_matmul(q, k.transpose(-1, -2), g)  # (B, Hq, R, N)
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
-    logits = logits + torch.zeros(vis.shape, dtype=logits.dtype, device=logits.device).masked_fill_(~vis, float("-inf"))
+    logits.masked_fill_(~vis, float("-inf"))
     row_len = vis.sum(-1)  # (B, 1, R)
     has_keys = row_len > 0
     m = logits.amax(-1)  # (B, Hq, R)
     m = torch.where(has_keys, m, torch.zeros_like(m))
-    e = torch.exp(logits - m.unsqueeze(-1))  # 0 at invisible keys
+    e = (logits - m.unsqueeze(-1)).exp_()  # 0 at invisible keys
     dense_rows = row_len <= k_keep
 
     if cfg.placement is Placement.POST:
@@ -162,36 +169,53 @@ def _attend_rows(q, k, v, vis, row_start, theta, sdc_term, cfg: SparseConfig, k_
         kept = cap_k_recent(kept, k_keep)
     if cfg.selection is Selection.TOP_THETA and cfg.empty_row is EmptyRowFloor.MAX:
         kept, empty = floor_empty_rows(kept, scores, vis)
-    else:
+    elif cfg.selection is Selection.TOP_THETA:
         empty = ~kept.any(-1) & has_keys
+    else:  # dense and top-k keep at least one element of every row with keys
+        empty = torch.zeros(kept.shape[:-1], dtype=torch.bool, device=kept.device)
     if cfg.selection is Selection.TOP_THETA and (cfg.sink_tokens or cfg.recent_tokens):
         kept = kept | always_kept(vis, cfg.sink_tokens, cfg.recent_tokens)  # position rule, after the floor
-    kept = kept | (vis & dense_rows.unsqueeze(-1))  # short rows are dense
+    if cfg.selection is not Selection.DENSE and bool(dense_rows.any()):
+        kept = kept | (vis & dense_rows.unsqueeze(-1))  # short rows are dense
     empty = empty & ~dense_rows
 
+    d_u = None
     if cfg.placement is Placement.POST:
         probs = p_dense * kept
+        p_sum = probs.sum(-1)
     else:
         e_kept = e * kept
         d_s = e_kept.sum(-1)
-        theta_logit = theta if cfg.selection is Selection.TOP_THETA else None
-        terms = RowTerms(e=e, dropped=vis & ~kept, m=m, theta=theta_logit, offline=sdc_term)
-        d_u = SDC_ESTIMATES[SDC.NONE if cfg.selection is Selection.DENSE else cfg.sdc](terms)
+        sdc = SDC.NONE if cfg.selection is Selection.DENSE else cfg.sdc
+        if sdc is SDC.NONE:
+            d_u = torch.zeros_like(d_s)
+        else:
+            if cfg.selection is Selection.TOP_K:  # exactly min(k, L) kept: no need to count
+                n_dropped = (row_len - k_keep).clamp_min(0).expand(d_s.shape)
+            else:
+                n_dropped = row_len - kept.sum(-1)
+            theta_logit = theta if cfg.selection is Selection.TOP_THETA else None
+            d_u = SDC_ESTIMATES[sdc](RowTerms(e=e, d_s=d_s, n_dropped=n_dropped, m=m, theta=theta_logit,
+                                              offline=sdc_term))
         denom = d_s + cfg.sdc_scale * d_u
-        probs = e_kept / torch.where(denom > 0, denom, torch.ones_like(denom)).unsqueeze(-1)
+        denom = torch.where(denom > 0, denom, torch.ones_like(denom))
+        probs = e_kept.div_(denom.unsqueeze(-1))
+        p_sum = d_s / denom
+        if sdc is not SDC.EXACT:
+            d_u = None  # only the exact dropped mass is worth handing to observers
 
     o = _grouped_matmul(probs, v, g)  # (B, Hq, R, d)
     if cfg.vmc and cfg.selection is not Selection.DENSE:
-        visf = vis.to(v.dtype).expand(B, Hkv, R, kv_len)
-        v_sum = visf @ v  # (B, Hkv, R, d)
-        v_mean = v_sum / row_len.clamp_min(1).unsqueeze(-1).to(v.dtype)
+        if v_cum is None:
+            v_cum = vis.to(v.dtype).expand(B, Hkv, R, kv_len) @ v  # (B, Hkv, R, d) visible sums
+        v_mean = v_cum / row_len.clamp_min(1).unsqueeze(-1).to(v.dtype)
         v_mean = v_mean.repeat_interleave(g, dim=1)
-        p_sum = torch.where(has_keys, probs.sum(-1), torch.ones_like(m))
+        p_sum = torch.where(has_keys, p_sum, torch.ones_like(m))
         o = v_mean_compensation(o, p_sum, v_mean)
     if observer is not None:
         observer(RowBlock(row_start=row_start, logits=logits, visible=vis, row_len=row_len, kept=kept,
                           probs=probs, dense_rows=dense_rows, empty_rows=empty, n_kv_heads=Hkv, k=k_keep,
-                          q_len=q_len, kv_len=kv_len, kth_next=kth_next, exp_scores=e))
+                          q_len=q_len, kv_len=kv_len, kth_next=kth_next, exp_scores=e, dropped_mass=d_u))
     return o
 
 

@@ -32,7 +32,7 @@ def _add_sparse(p: argparse.ArgumentParser, calibrating: bool = False) -> None:
     p.add_argument("--layer-k", default=None, help="per-layer overrides, e.g. 0:512,1:512")
     p.add_argument("--placement", choices=[e.value for e in Placement], default=None)
     p.add_argument("--selection", choices=[e.value for e in Selection], default="top-theta")
-    p.add_argument("--sdc", choices=[e.value for e in SDC], default="offline")
+    p.add_argument("--sdc", choices=[e.value for e in SDC], default="exact")
     p.add_argument("--sdc-scale", type=float, default=1.0)
     p.add_argument("--vmc", dest="vmc", action="store_true", default=True)
     p.add_argument("--no-vmc", dest="vmc", action="store_false")
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--placement", choices=[e.value for e in Placement], default="pre")
     c.add_argument("--sigma", type=float, default=0.1)
     c.add_argument("--tac", action="store_true", help="top-k at calibration")
-    c.add_argument("--sdc", choices=[e.value for e in SDC], default="offline",
+    c.add_argument("--sdc", choices=[e.value for e in SDC], default="exact",
                    help="SDC the thresholds are meant for (recorded; offline terms are always calibrated)")
     c.add_argument("--sdc-scale", type=float, default=1.0)
     c.add_argument("--vmc", action="store_true", help="VMC on top-k-at-calibration rows")

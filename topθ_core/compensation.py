@@ -26,7 +26,8 @@ class RowTerms:
     """What an SDC estimate may read for a block of rows (all (B, H, R) unless noted)."""
 
     e: torch.Tensor  # (B, H, R, N) exp(a − m) on visible keys, 0 elsewhere
-    dropped: torch.Tensor  # (B, H, R, N) bool: visible and not kept
+    d_s: torch.Tensor  # D_S = Σ_S e
+    n_dropped: torch.Tensor  # |U|: visible elements not kept (int)
     m: torch.Tensor  # row max of the logits over visible keys
     theta: "torch.Tensor | None"  # θ per row (logit space), None when not thresholded
     offline: "torch.Tensor | None"  # C[layer, head, L] per row, None when not calibrated
@@ -41,15 +42,19 @@ def sdc_none(t: RowTerms) -> torch.Tensor:
 
 
 def sdc_exact(t: RowTerms) -> torch.Tensor:
-    """D̃_U = D_U = Σ_{j∈U} e^(a_ij − m_i): with s = 1 kept probabilities equal their dense values."""
-    return (t.e * t.dropped).sum(-1)
+    """D̃_U = D_U = Σ_{j∈U} e^(a_ij − m_i): with s = 1 kept probabilities equal their dense values.
+
+    Computed as ``Σ_visible e − D_S`` (one reduction instead of a mask and a product; ``e`` is 0
+    at invisible keys), and exactly 0 where nothing was dropped.
+    """
+    return torch.where(t.n_dropped > 0, (t.e.sum(-1) - t.d_s).clamp_min(0.0), 0.0)
 
 
 def sdc_exp_threshold(t: RowTerms) -> torch.Tensor:
     """D̃_U = |U| · e^(θ − m): an upper bound; |U| counts visible dropped elements only."""
     if t.theta is None:
         raise ValueError("exp-threshold SDC needs θ")
-    n_dropped = t.dropped.sum(-1).to(t.m.dtype)
+    n_dropped = t.n_dropped.to(t.m.dtype)
     return torch.where(n_dropped > 0, n_dropped * torch.exp(t.theta - t.m), 0.0)
 
 
@@ -57,8 +62,7 @@ def sdc_offline(t: RowTerms) -> torch.Tensor:
     """D̃_U = C[ℓ, h, L]: the calibration-time mean of D_U for that layer, head and length."""
     if t.offline is None:
         raise ValueError("offline SDC needs calibrated SDC terms (thresholds without them?)")
-    has_dropped = t.dropped.any(-1)
-    return torch.where(has_dropped, t.offline.to(t.m.dtype), 0.0)
+    return torch.where(t.n_dropped > 0, t.offline.to(t.m.dtype), 0.0)
 
 
 SDC_ESTIMATES: dict[SDC, SdcFn] = {

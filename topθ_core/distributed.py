@@ -537,7 +537,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--placement", choices=[e.value for e in Placement], default="pre")
     p.add_argument("--sigma", type=float, default=0.1, help="θ = mean + σ·std")
     p.add_argument("--tac", action="store_true", help="top-k at calibration")
-    p.add_argument("--sdc", default="offline", choices=[e.value for e in SDC],
+    p.add_argument("--sdc", default="exact", choices=[e.value for e in SDC],
                    help="SDC the thresholds are meant for (validated and recorded; offline SDC terms are always stored)")
     p.add_argument("--sdc-scale", type=float, default=1.0)
     p.add_argument("--vmc", action="store_true", help="VMC on top-k-at-calibration rows")

@@ -34,13 +34,14 @@ def select_top_k(scores: torch.Tensor, visible: torch.Tensor, theta, k: int) -> 
 def top_k_with_next(scores: torch.Tensor, visible: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Top-k kept mask plus the ``(k+1)``-th largest score per row (B, H, R), from one ``topk``.
 
-    The second value is ``None`` when rows are too short to have a (k+1)-th element.
+    ``scores`` must already rank invisible keys lowest (``-inf`` logits, 0 probabilities), as
+    the attention hands them over.  The second value is ``None`` when rows are too short to
+    have a (k+1)-th element.
     """
     n = scores.shape[-1]
     if k >= n:
         return visible.expand(scores.shape).clone(), None
-    masked = scores.masked_fill(~visible, float("-inf"))
-    values, idx = masked.topk(min(k + 1, n), dim=-1)
+    values, idx = scores.topk(min(k + 1, n), dim=-1)
     kept = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     kept.scatter_(-1, idx[..., :k], True)
     nxt = values[..., k] if values.shape[-1] > k else None
