@@ -169,7 +169,7 @@ def test_two_ranks_cli_equals_one_process(tiny_dir, dist_lm, tmp_path):
     got = load_thresholds(out, expect_model=dist_lm.fingerprint)
     ref = calibrate(dist_lm, texts[:6], CONFIG)
     _assert_same(ref, got, "2 ranks (CLI)")
-    assert got.meta["data"] == str(data) and got.meta["intended_sdc"] == "offline"
+    assert got.meta["data"] == str(data) and got.meta["intended_sdc"] == "exact"  # the default
     per_rank = got.meta["distributed"]["rank_documents"]
     assert sum(per_rank) == 6 and min(per_rank) > 0, per_rank
 
