@@ -209,3 +209,35 @@ def test_decode_rows_are_calibrated_with_the_same_statistics(tiny_lm):
     assert (extra[:, :, 30:35] == 1).all()  # lengths 31..35: one decode row per step after the prefill
     assert (extra[:, :, :30] == 0).all()
     torch.testing.assert_close(both.t_mean[:, :, :30], pre.t_mean[:, :, :30])
+
+
+def test_causal_key_prefix_chunks_give_the_same_statistics_as_full_width_rows():
+    """Observers that accept a key prefix let causal row chunks skip the masked upper triangle;
+    the recorded samples (and the attention output) must not change."""
+    torch.manual_seed(3)
+    B, Hq, Hkv, S, d = 2, 4, 2, 300, 16
+    q, kk, v = torch.randn(B, Hq, S, d), torch.randn(B, Hkv, S, d), torch.randn(B, Hkv, S, d)
+    cc = CalibrationConfig(k=KSchedule(8), bin_width=4, tac=True, vmc=True)
+    cfg = cc.tac_config()
+    trimmed, full = ThresholdStats(1, Hq, 4), ThresholdStats(1, Hq, 4)
+    obs_trim, obs_full = CalibrationObserver(trimmed, cc), CalibrationObserver(full, cc)
+    assert obs_trim.accepts_key_prefix
+    widths_t, widths_f = [], []
+
+    class Prefix:  # declares it reads per-row values only
+        accepts_key_prefix = True
+
+        def __call__(self, block):
+            widths_t.append(block.logits.shape[-1])
+            obs_trim(0, block)
+
+    def full_width(block):  # a plain function: no accepts_key_prefix, so every chunk is full width
+        widths_f.append(block.logits.shape[-1])
+        obs_full(0, block)
+
+    out_t = topθ_attention_ref(q, kk, v, config=cfg, k_keep=8, observer=Prefix())
+    out_f = topθ_attention_ref(q, kk, v, config=cfg, k_keep=8, observer=full_width)
+    torch.testing.assert_close(out_t, out_f)
+    for a, b in zip(trimmed.tensors(), full.tensors()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert set(widths_f) == {S} and min(widths_t) < S and max(widths_t) == S and len(widths_t) > 1

@@ -61,7 +61,7 @@ class RowBlock:
     n_kv_heads: int
     k: int
     q_len: int
-    kv_len: int
+    kv_len: int  # keys in this block (the call's keys, or the causal prefix the chunk can see)
     kth_next: torch.Tensor | None = None  # (B, Hq, R) (k+1)-th largest score, when top-k computed it
     exp_scores: torch.Tensor | None = None  # (B, Hq, R, N) e^(a − m), 0 at invisible keys
     dropped_mass: torch.Tensor | None = None  # (B, Hq, R) D_U = Σ_{visible, not kept} e, when exact SDC computed it
@@ -119,13 +119,21 @@ def topθ_attention_ref(
     # VMC's row means: with plain causal visibility a prefix sum of V gives every row's visible sum
     v_cum = vc.cumsum(2) if causal and config.vmc and config.selection is not Selection.DENSE else None
     rows = max(1, block_elements // max(1, B * Hq * Sk))
+    # Plain causal rows see a key prefix: row chunk [r0, r1) needs keys [0, Sk − Sq + r1) only.
+    # Cutting each chunk's keys there skips the masked upper triangle (about half the block
+    # work) when nothing downstream needs full-width rows (observers may declare
+    # ``accepts_key_prefix``: the calibration observers do; the metrics and maps do not).
+    trim = causal and Sq > 1 and (observer is None or getattr(observer, "accepts_key_prefix", False))
+    if trim:
+        rows = min(rows, max(64, -(-Sq // 4)))
     for r0 in range(0, Sq, rows):
         r1 = min(Sq, r0 + rows)
+        n = Sk - Sq + r1 if trim else Sk
         out[:, :, r0:r1] = _attend_rows(
-            qc[:, :, r0:r1], kc, vc, visible[:, r0:r1].unsqueeze(1), r0,
+            qc[:, :, r0:r1], kc[:, :, :n], vc[:, :, :n], visible[:, r0:r1, :n].unsqueeze(1), r0,
             None if theta is None else theta[:, :, r0:r1].to(cdtype),
             None if sdc_term is None else sdc_term[:, :, r0:r1].to(cdtype),
-            config, k_keep, softcap, g, observer, Sq, Sk,
+            config, k_keep, softcap, g, observer, Sq, n,
             None if v_cum is None else v_cum[:, :, Sk - Sq + r0:Sk - Sq + r1],
         ).to(q.dtype)
     return out

@@ -57,6 +57,8 @@ def row_samples_ref(logits: torch.Tensor, kth: int, placement: Placement = Place
 class CalibrationObserver:
     """Observer that feeds :class:`ThresholdStats` from the attention's row blocks."""
 
+    accepts_key_prefix = True  # per-row samples: causal chunks may hand over only their visible key prefix
+
     def __init__(self, stats: ThresholdStats, config: CalibrationConfig, generator: torch.Generator | None = None):
         self.stats, self.config = stats, config
         self.generator = generator or torch.Generator().manual_seed(config.seed)
@@ -104,6 +106,8 @@ class DroppedMassObserver:
     of the set the running selection actually dropped (floor and always-kept positions
     included), into ``stats.du_sum`` / ``stats.count`` per (layer, head, length bin).
     """
+
+    accepts_key_prefix = True
 
     def __init__(self, stats: ThresholdStats):
         self.stats = stats

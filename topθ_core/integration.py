@@ -186,6 +186,7 @@ def _observer_for(state: RunState, layer: int):
         for fn in fns:
             fn(layer, block)
 
+    observe.accepts_key_prefix = all(getattr(fn, "accepts_key_prefix", False) for fn in fns)
     return observe
 
 
