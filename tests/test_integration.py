@@ -209,3 +209,39 @@ def test_smollm2_theta_minus_inf_matches_sdpa_logits_and_greedy_tokens(smollm2):
     print("max |Δlogit|", (got - want).abs().max().item())
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
     assert torch.equal(gen, gen_ref)
+
+
+def test_metrics_on_causal_key_prefix_chunks_equal_full_width_chunks():
+    """SparsityMetrics accepts key-prefix chunks (causal rows skip the masked triangle); every
+    count and the V-row popularity must equal those from full-width rows."""
+    import pandas as pd
+
+    from topθ_core.attention import topθ_attention_ref
+
+    torch.manual_seed(4)
+    B, Hq, Hkv, S, d = 2, 4, 2, 290, 8
+    q, k, v = torch.randn(B, Hq, S, d), torch.randn(B, Hkv, S, d), torch.randn(B, Hkv, S, d)
+    theta = torch.randn(B, Hq, S) * 0.3 + 1.0
+    cfg = SparseConfig(k=KSchedule(8))
+    prefix, full = SparsityMetrics(track_popularity=True), SparsityMetrics(track_popularity=True)
+    assert prefix.accepts_key_prefix
+    widths_p, widths_f = [], []
+
+    class Prefix:
+        accepts_key_prefix = True
+
+        def __call__(self, block):
+            widths_p.append(block.logits.shape[-1])
+            prefix(0, block)
+
+    def full_width(block):  # no accepts_key_prefix: full-width chunks
+        widths_f.append(block.logits.shape[-1])
+        full(0, block)
+
+    out_p = topθ_attention_ref(q, k, v, config=cfg, k_keep=8, theta=theta, observer=Prefix())
+    out_f = topθ_attention_ref(q, k, v, config=cfg, k_keep=8, theta=theta, observer=full_width,
+                               block_elements=B * Hq * S * 100)  # 100 rows per chunk: several chunks
+    torch.testing.assert_close(out_p, out_f)
+    assert set(widths_f) == {S} and len(widths_f) > 1 and min(widths_p) < S and max(widths_p) == S
+    pd.testing.assert_frame_equal(prefix.to_frame(), full.to_frame())
+    torch.testing.assert_close(prefix.popularity[0], full.popularity[0])

@@ -26,8 +26,19 @@ _HEAD_FIELDS = ("kept", "visible", "topk_equiv", "rows", "dense_rows", "empty_ro
 _KV_FIELDS = ("kept_v_rows", "kv_rows", "calls")
 
 
+def _pad_to(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Zero/False-pad the last dimension of ``x`` to ``n`` (causal row chunks see growing key prefixes)."""
+    return x if x.shape[-1] >= n else torch.nn.functional.pad(x, (0, n - x.shape[-1]))
+
+
 class SparsityMetrics:
-    """Accumulates kept counts.  Call as an observer: ``metrics(layer, block)``."""
+    """Accumulates kept counts.  Call as an observer: ``metrics(layer, block)``.
+
+    Row chunks of one call may cover key prefixes of growing width (causal attention hands
+    each chunk only the keys it can see); per-key tallies are padded to the widest chunk.
+    """
+
+    accepts_key_prefix = True
 
     def __init__(self, track_popularity: bool = False):
         self.track_popularity = track_popularity
@@ -71,10 +82,10 @@ class SparsityMetrics:
         if block.row_start == 0 or layer not in self._union:
             self._union[layer] = union
         else:
-            self._union[layer] = self._union[layer] | union
+            self._union[layer] = _pad_to(self._union[layer], N) | union
         if self.track_popularity and phase == "prefill":
             pop = block.kept.sum((0, 1, 2))
-            self.popularity[layer] = pop if block.row_start == 0 else self.popularity[layer] + pop
+            self.popularity[layer] = pop if block.row_start == 0 else _pad_to(self.popularity[layer], N) + pop
         if block.row_start + R == block.q_len:  # last chunk of the call
             kv_seen = vis.any(2).squeeze(1)  # (B, N): keys visible to any row
             u = self._union.pop(layer) & kv_seen.unsqueeze(1)
