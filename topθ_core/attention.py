@@ -125,7 +125,7 @@ def topθ_attention_ref(
     # ``accepts_key_prefix``: the calibration observers do; the metrics and maps do not).
     trim = causal and Sq > 1 and (observer is None or getattr(observer, "accepts_key_prefix", False))
     if trim:
-        rows = min(rows, max(64, -(-Sq // 4)))
+        rows = min(rows, max(64, -(-Sq // 8)))
     for r0 in range(0, Sq, rows):
         r1 = min(Sq, r0 + rows)
         n = Sk - Sq + r1 if trim else Sk
