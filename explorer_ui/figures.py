@@ -173,10 +173,17 @@ def attention_maps(dense: np.ndarray, sparse: np.ndarray, kept: np.ndarray, visi
         [cut + (1 - cut) * i / (len(viridis) - 1), c] for i, c in enumerate(viridis)]
     unit = "token" if pool == 1 else f"{pool}-token block"
     kept_share = float(k[vis].mean()) if vis.any() else 0.0
+    # Pooled cells carry their kept share for the hover; single tokens are kept or dropped (grey), which the
+    # colour already says, so they send no customdata (a third of the payload at 256 × 256).
+    sparse_map = dict(type="heatmap", z=log_sparse, zmin=grey, zmax=0, colorscale=scale, showscale=False, xaxis="x",
+                      yaxis="y", name="Top-θ",
+                      hovertemplate=f"query %{{y}}, key %{{x}}<br>log10 w=%{{z:.2f}} ({grey:.0f}: dropped)"
+                                    "<extra>Top-θ</extra>")
+    if pool > 1:
+        sparse_map.update(customdata=k.astype(np.float32), hovertemplate="query %{y}, key %{x}<br>log10 w=%{z:.2f}"
+                                                                         "<br>kept %{customdata:.0%}<extra>Top-θ</extra>")
     data = [
-        dict(type="heatmap", z=log_sparse, customdata=k.astype(np.float32), zmin=grey, zmax=0, colorscale=scale,
-             showscale=False, xaxis="x", yaxis="y", name="Top-θ",
-             hovertemplate="query %{y}, key %{x}<br>log10 w=%{z:.2f}<br>kept %{customdata:.0%}<extra>Top-θ</extra>"),
+        sparse_map,
         dict(type="heatmap", z=log_dense, zmin=floor, zmax=0, colorscale="Viridis", xaxis="x2", yaxis="y2",
              colorbar=dict(title=dict(text="log10 p"), x=1.02), name="dense",
              hovertemplate="query %{y}, key %{x}<br>log10 p=%{z:.2f}<extra>dense</extra>"),

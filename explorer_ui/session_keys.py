@@ -44,6 +44,8 @@ TH_HEADS = "th_heads"
 TH_LENGTH = "th_length"
 TH_SIGMA = "th_sigma"
 TH_GRID = "th_grid"  # plotly chart selection state
+TH_TABLE_OPEN = "th_table_open"  # expander open state
+TH_HIST_OPEN = "th_hist_open"  # expander open state (histograms)
 TH_GRID_SEEN = "th_grid_seen"  # not a widget: the last grid click already applied
 
 # ---- Sparsity ---------------------------------------------------------------------------
@@ -53,6 +55,7 @@ SP_MAX_TOKENS = "sp_max_tokens"
 SP_LAYER = "sp_layer"
 SP_HEAD = "sp_head"
 SP_DECODE = "sp_decode_steps"
+SP_TABLE_OPEN = "sp_table_open"  # expander open state
 SP_SAMPLE_APPLIED = "sp_sample_applied"  # not a widget: the sample last copied into the prompt
 
 # ---- Accuracy ---------------------------------------------------------------------------
@@ -81,6 +84,7 @@ CMP_LAST = "cmp_last"  # not a widget: list of GenStep rows of this session's la
 
 # ---- Kernels ----------------------------------------------------------------------------
 KER_RUN = "ker_run"  # button
+KER_OPEN = "ker_open"  # prefix of the result expanders' keys (open state)
 
 
 # ---- sparse-config controls (shared by Sparsity, Accuracy, Compare) ---------------------

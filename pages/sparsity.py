@@ -40,13 +40,12 @@ if ctx.thresholds is None:
     st.caption("No threshold set is active for this model, so Top-θ is unavailable: showing top-k. "
                "Calibrate on the Calibrate page to see Top-θ.")
 
-l1, l2, _ = st.columns([1, 1, 2])
+l1, _ = st.columns([1, 3])
 if st.session_state.get(K.SP_LAYER, 0) >= lm.n_layers:
     st.session_state[K.SP_LAYER] = 0
 if K.SP_LAYER not in st.session_state:
     st.session_state[K.SP_LAYER] = min(2, lm.n_layers - 1)
 layer = l1.selectbox("Layer (maps)", list(range(lm.n_layers)), key=K.SP_LAYER)
-head = l2.selectbox("Head", list(range(lm.fingerprint.n_heads)), key=K.SP_HEAD)
 
 if not prompt.strip():
     st.info("Enter a prompt.")
@@ -71,15 +70,28 @@ m[4].metric("size factor vs top-k", f"{pre['size_factor']:.2f}", help="kept / wh
 st.caption(f"{snap.config_label} · {snap.seconds:.2f} s · empty rows {pre['empty_rows']} · extrapolated rows "
            f"{pre['extrapolated_rows']}")
 
-st.plotly_chart(figures.attention_maps(snap.dense, snap.sparse, snap.kept, snap.visible, head=int(head), pool=snap.pool,
-                                       title=f"layer {layer} · head {head}"
-                                             + (f" · {snap.pool} tokens per cell" if snap.pool > 1 else "")),
-                width="stretch", key="sp_maps")
+
+@st.fragment
+def _maps(snap, layer: int, n_heads: int) -> None:
+    """Head picker and the attention maps: changing the head reruns only this part (no model call)."""
+    if st.session_state.get(K.SP_HEAD, 0) not in range(n_heads):
+        st.session_state[K.SP_HEAD] = 0
+    h1, _ = st.columns([1, 3])
+    head = h1.selectbox("Head", list(range(n_heads)), key=K.SP_HEAD)
+    st.plotly_chart(figures.attention_maps(snap.dense, snap.sparse, snap.kept, snap.visible, head=int(head),
+                                           pool=snap.pool, title=f"layer {layer} · head {head}"
+                                           + (f" · {snap.pool} tokens per cell" if snap.pool > 1 else "")),
+                    width="stretch", key="sp_maps")
+
+
+_maps(snap, int(layer), lm.fingerprint.n_heads)
 a, b = st.columns(2)
 a.plotly_chart(figures.layer_head_heatmap(snap.metrics, "kept_frac", "prefill"), width="stretch", key="sp_kept")
 b.plotly_chart(figures.kv_rows_heatmap(snap.metrics, "prefill"), width="stretch", key="sp_kv")
 st.plotly_chart(figures.popularity_bar(snap.popularity, int(layer), snap.tokens), width="stretch", key="sp_pop")
 if decode_steps:
     st.plotly_chart(figures.decode_strip(snap.decode, snap.generated), width="stretch", key="sp_decode")
-with st.expander("Metrics table", expanded=False):
-    st.dataframe(snap.metrics, hide_index=True, width="stretch")
+table = st.expander("Metrics table", expanded=False, key=K.SP_TABLE_OPEN, on_change="rerun")
+if table.open:  # drawn only when opened: a data grid costs the browser even when collapsed
+    with table:
+        st.dataframe(snap.metrics, hide_index=True, width="stretch")

@@ -53,45 +53,57 @@ n_layers = int(meta.get("model", {}).get("n_layers", df["layer"].max() + 1))
 n_heads = int(meta.get("model", {}).get("n_heads", df["head"].max() + 1))
 layers_with_theta = sorted(int(x) for x in df["layer"].unique())
 
-# A click in the grid (previous rerun) opens that head: apply it before the widgets are drawn.
-click = analysis.grid_click(st.session_state.get(K.TH_GRID))
-if click is not None and click != st.session_state.get(K.TH_GRID_SEEN):
-    st.session_state[K.TH_GRID_SEEN] = click
-    if click[0] in layers_with_theta:
-        st.session_state[K.TH_LAYER] = click[0]
-        st.session_state[K.TH_HEADS] = [click[1]]
-
-if st.session_state.get(K.TH_LAYER) not in layers_with_theta:
-    st.session_state[K.TH_LAYER] = layers_with_theta[min(len(layers_with_theta) - 1, 2)]
 heads_all = list(range(n_heads))
-if not st.session_state.get(K.TH_HEADS) or any(h not in heads_all for h in st.session_state[K.TH_HEADS]):
-    st.session_state[K.TH_HEADS] = heads_all[: min(4, n_heads)]
-
 lo, hi = int(df["length_lo"].min()), int(df["length_hi"].max())
-if st.session_state.get(K.TH_LENGTH) is None or not lo <= st.session_state[K.TH_LENGTH] <= hi:
-    st.session_state[K.TH_LENGTH] = int(df["length"].median())
-
-left, right = st.columns([3, 2])
-with right:
-    length = st.slider("Row length L for the grid", min_value=lo, max_value=hi, key=K.TH_LENGTH)
-    cells = figures.theta_at_length(df, float(length))
-    selected = (st.session_state[K.TH_LAYER], st.session_state[K.TH_HEADS][0])
-    st.plotly_chart(figures.theta_grid(cells, float(length), selected=selected), key=K.TH_GRID, on_select="rerun",
-                    selection_mode="points", width="stretch")
-with left:
-    s1, s2 = st.columns([1, 3])
-    layer = s1.selectbox("Layer", layers_with_theta, key=K.TH_LAYER)
-    heads = s2.multiselect("Heads", heads_all, key=K.TH_HEADS)
-    st.plotly_chart(figures.theta_vs_length(df, layer, heads, overlay, names=(run_name, overlay_name)),
-                    width="stretch", key="th_curve")
-    h1, h2 = st.columns(2)
-    h1.plotly_chart(figures.theta_histogram(df, layer, overlay, names=(run_name, overlay_name)), width="stretch",
-                    key="th_hist_layer")
-    h2.plotly_chart(figures.theta_histogram(df, None, overlay, names=(run_name, overlay_name)), width="stretch",
-                    key="th_hist_all")
-
 missing = sorted(set(range(n_layers)) - set(layers_with_theta))
-if missing:
-    st.caption(f"Layers without θ (every row had L ≤ k, so they stay dense): {missing}")
-with st.expander("Table", expanded=False):
-    st.dataframe(df[df["layer"] == layer], hide_index=True, width="stretch")
+
+
+@st.fragment
+def _explore(df, overlay, names, layers_with_theta, heads_all, lo, hi, missing) -> None:
+    """Grid, layer/head pickers, curve and histograms: a change here reruns only this part of the page."""
+    # A click in the grid (previous rerun) opens that head: apply it before the widgets are drawn.
+    click = analysis.grid_click(st.session_state.get(K.TH_GRID))
+    if click is not None and click != st.session_state.get(K.TH_GRID_SEEN):
+        st.session_state[K.TH_GRID_SEEN] = click
+        if click[0] in layers_with_theta:
+            st.session_state[K.TH_LAYER] = click[0]
+            st.session_state[K.TH_HEADS] = [click[1]]
+
+    if st.session_state.get(K.TH_LAYER) not in layers_with_theta:
+        st.session_state[K.TH_LAYER] = layers_with_theta[min(len(layers_with_theta) - 1, 2)]
+    if not st.session_state.get(K.TH_HEADS) or any(h not in heads_all for h in st.session_state[K.TH_HEADS]):
+        st.session_state[K.TH_HEADS] = heads_all[: min(4, len(heads_all))]
+    if st.session_state.get(K.TH_LENGTH) is None or not lo <= st.session_state[K.TH_LENGTH] <= hi:
+        st.session_state[K.TH_LENGTH] = int(df["length"].median())
+
+    left, right = st.columns([3, 2])
+    with right:
+        length = st.slider("Row length L for the grid", min_value=lo, max_value=hi, key=K.TH_LENGTH)
+        cells = figures.theta_at_length(df, float(length))
+        selected = (st.session_state[K.TH_LAYER], st.session_state[K.TH_HEADS][0])
+        st.plotly_chart(figures.theta_grid(cells, float(length), selected=selected), key=K.TH_GRID,
+                        on_select="rerun", selection_mode="points", width="stretch")
+    with left:
+        s1, s2 = st.columns([1, 3])
+        layer = s1.selectbox("Layer", layers_with_theta, key=K.TH_LAYER)
+        heads = s2.multiselect("Heads", heads_all, key=K.TH_HEADS)
+        st.plotly_chart(figures.theta_vs_length(df, layer, heads, overlay, names=names), width="stretch",
+                        key="th_curve")
+        hist = st.expander("θ distributions (this layer, all layers)", expanded=False, key=K.TH_HIST_OPEN,
+                           on_change="rerun")
+        if hist.open:  # drawn only when opened: two more charts made every page switch and layer change slower
+            h1, h2 = hist.columns(2)
+            h1.plotly_chart(figures.theta_histogram(df, layer, overlay, names=names), width="stretch",
+                            key="th_hist_layer")
+            h2.plotly_chart(figures.theta_histogram(df, None, overlay, names=names), width="stretch",
+                            key="th_hist_all")
+
+    if missing:
+        st.caption(f"Layers without θ (every row had L ≤ k, so they stay dense): {missing}")
+    table = st.expander("Table", expanded=False, key=K.TH_TABLE_OPEN, on_change="rerun")
+    if table.open:  # drawn only when opened: a data grid costs the browser even when collapsed
+        with table:
+            st.dataframe(df[df["layer"] == layer], hide_index=True, width="stretch")
+
+
+_explore(df, overlay, (run_name, overlay_name), layers_with_theta, heads_all, lo, hi, missing)

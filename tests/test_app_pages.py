@@ -181,6 +181,15 @@ def test_thresholds_page(calibrated):
     assert any(t.startswith("θ vs row length") for t in titles)
     grid = next(s for s in specs if s["layout"]["title"]["text"].startswith("θ at L"))
     assert grid["data"][0]["marker"]["symbol"] == "square"
+    # the histograms and the table are drawn only once their (collapsed) expanders are opened
+    assert not any(t.startswith("θ distribution") for t in titles) and not at.dataframe
+    at.session_state["th_hist_open"] = True
+    at.session_state["th_table_open"] = True
+    at.run()
+    assert_clean(at)
+    titles = [s["layout"]["title"]["text"] for s in plotly_specs(at)]
+    assert "θ distribution · all layers" in titles and any(t.startswith("θ distribution · layer") for t in titles)
+    assert len(at.dataframe) == 1
     # change layer and heads: the curve follows
     layer = at.selectbox(key="th_layer")
     assert layer.options == ["0", "1", "2"]
@@ -215,7 +224,9 @@ def test_thresholds_overlay_two_runs(calibrated, env):
     calibrate(at, 16, name="k16-lambada")
     at.switch_page(PAGE["thresholds"]).run()
     at.selectbox(key="th_run").set_value("k16").run()
-    at.selectbox(key="th_overlay").set_value("k16-lambada").run()
+    at.selectbox(key="th_overlay").set_value("k16-lambada")
+    at.session_state["th_hist_open"] = True
+    at.run()
     assert_clean(at)
     hist = next(s for s in plotly_specs(at) if s["layout"]["title"]["text"].startswith("θ distribution · layer"))
     assert [t["name"] for t in hist["data"]] == ["k16", "k16-lambada"]
@@ -312,6 +323,20 @@ def test_kernels_page(env):
     at.switch_page(PAGE["kernels"]).run()
     assert_clean(at)
     assert "Kernels" in texts(at.title)
+    # one expander per saved result; only the first (open) one is drawn, the others when opened
+    labels = [e.label for e in at.main.expander]
+    results = ROOT / "benchmarks" / "results"
+    files = [p for p in results.rglob("*") if p.is_file() and p.suffix in (".csv", ".parquet", ".jsonl", ".json", ".md")]
+    assert len(labels) == len(files) and labels[0].startswith("benchmarks/results/kernels")
+    assert all(len(e.children) == 0 for e in at.main.expander[1:]) and len(at.main.expander[0].children)
+    table = next(i for i, p in enumerate(sorted(files, key=lambda p: ("kernel" not in p.name, str(p))))
+                 if p.suffix == ".csv")
+    rel = sorted(files, key=lambda p: ("kernel" not in p.name, str(p)))[table].relative_to(ROOT)
+    at.session_state[f"ker_open_{rel}"] = True
+    at.run()
+    assert_clean(at)
+    opened = at.main.expander[table]
+    assert opened.label.startswith(str(rel)) and opened.dataframe
 
 
 def test_accuracy_perplexity(calibrated, env):

@@ -112,6 +112,11 @@ def test_attention_maps_grey_dropped_and_blank_future():
     assert z_sparse[5, 5] == pytest.approx(np.log10(1 / 6), rel=1e-5)
     assert z_dense[5, 0] == pytest.approx(np.log10(1 / 6), rel=1e-5)
     assert "kept" in fig.layout.annotations[0].text
+    # single tokens: kept or dropped is the colour, so no per-cell customdata is sent; pooled cells carry their share
+    assert fig.data[0].customdata is None and "dropped" in fig.data[0].hovertemplate
+    pooled = figures.attention_maps(dense, dense * kept, kept * 0.5, vis, head=1, pool=2)
+    assert np.array(pooled.data[0].customdata, dtype=float)[5, 5] == 0.5
+    assert "kept %{customdata" in pooled.data[0].hovertemplate
 
 
 def test_layer_head_and_kv_heatmaps():

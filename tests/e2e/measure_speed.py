@@ -197,8 +197,14 @@ def write_report(path: Path, rows, load_before, load_after, note: str = "", nice
         if target.startswith("<"):
             met = "yes" if secs < float(target.split()[1]) else "no"
         lines.append(f"| {what} | {target} | {secs:.2f} | {met} | {note} |")
+    # Keep the hand-written analysis below the table ("## Where the time goes" and what follows).
+    kept = ""
+    if path.is_file():
+        old = path.read_text()
+        at = old.find("\n## ")
+        kept = old[at:] if at >= 0 else ""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n" + kept)
 
 
 if __name__ == "__main__":
