@@ -150,13 +150,47 @@ def k_schedule_bar(table: pd.DataFrame) -> go.Figure:
 
 
 # ---------------------------------------------------------------------------- sparsity
+_VIRIDIS = ["#440154", "#482878", "#3e4989", "#31688e", "#26828e", "#1f9e89", "#35b779", "#6ece58", "#b5de2b",
+            "#fde725"]
+DROPPED_GREY = "#d9d9d9"
+IMAGE_CELLS = 96  # maps larger than this many cells a side are sent as PNG images (fast to draw)
+
+
+def _rgb(hex_colour: str) -> tuple[int, int, int]:
+    return tuple(int(hex_colour[i:i + 2], 16) for i in (1, 3, 5))
+
+
+def colour_map(values: np.ndarray, lo: float, hi: float, stops: list[str] = _VIRIDIS) -> np.ndarray:
+    """(n, m) values → (n, m, 3) uint8 colours, piecewise linear over ``stops`` on [lo, hi] (clipped)."""
+    t = np.clip((np.nan_to_num(values, nan=lo) - lo) / (hi - lo), 0.0, 1.0) * (len(stops) - 1)
+    i = np.minimum(t.astype(np.int64), len(stops) - 2)
+    f = (t - i)[..., None]
+    pal = np.array([_rgb(c) for c in stops], dtype=np.float64)
+    return np.rint(pal[i] * (1 - f) + pal[i + 1] * f).astype(np.uint8)
+
+
+def png_data_uri(rgb: np.ndarray) -> str:
+    """An (n, m, 3|4) uint8 array as a ``data:image/png;base64,…`` URI."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG", optimize=False)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
 def attention_maps(dense: np.ndarray, sparse: np.ndarray, kept: np.ndarray, visible: np.ndarray, *, head: int,
-                   pool: int = 1, title: str = "") -> go.Figure:
+                   pool: int = 1, title: str = "", image: bool | None = None) -> go.Figure:
     """Side by side for one head: the Top-θ map (weights applied to V, dropped cells grey) and the dense softmax.
 
     ``dense``/``sparse``/``kept``: (H, n, n) arrays (pooled: ``pool`` tokens per cell);
     ``visible`` (n, n).  Colour is log10 of the weight; cells with nothing kept are grey on
-    the left, future (masked) cells are blank on both sides.
+    the left, future (masked) cells are blank on both sides.  Maps of more than
+    :data:`IMAGE_CELLS` cells a side (or ``image=True``) are drawn as PNG images coloured here:
+    a browser draws two images far faster than two large heatmaps; hover then shows the cell's
+    position only (the values are in the metrics table and the popularity chart).
     """
     d, s, k = dense[head], sparse[head], kept[head]
     vis = visible > 0
@@ -165,29 +199,46 @@ def attention_maps(dense: np.ndarray, sparse: np.ndarray, kept: np.ndarray, visi
     log_dense = np.where(vis, np.log10(np.maximum(d, 10 ** floor)), np.nan).astype(np.float32)
     log_sparse = np.where(vis & (k > 0), np.log10(np.maximum(s, 10 ** floor)), np.where(vis, grey, np.nan))
     log_sparse = log_sparse.astype(np.float32)
-    # Viridis over [floor, 0]; the bottom 1/7 of [grey, 0] is flat grey for dropped cells
-    cut = 1.0 / 7.0
-    viridis = ["#440154", "#482878", "#3e4989", "#31688e", "#26828e", "#1f9e89", "#35b779", "#6ece58", "#b5de2b",
-               "#fde725"]
-    scale = [[0.0, "#d9d9d9"], [cut - 1e-6, "#d9d9d9"]] + [
-        [cut + (1 - cut) * i / (len(viridis) - 1), c] for i, c in enumerate(viridis)]
     unit = "token" if pool == 1 else f"{pool}-token block"
     kept_share = float(k[vis].mean()) if vis.any() else 0.0
-    # Pooled cells carry their kept share for the hover; single tokens are kept or dropped (grey), which the
-    # colour already says, so they send no customdata (a third of the payload at 256 × 256).
-    sparse_map = dict(type="heatmap", z=log_sparse, zmin=grey, zmax=0, colorscale=scale, showscale=False, xaxis="x",
-                      yaxis="y", name="Top-θ",
-                      hovertemplate=f"query %{{y}}, key %{{x}}<br>log10 w=%{{z:.2f}} ({grey:.0f}: dropped)"
-                                    "<extra>Top-θ</extra>")
-    if pool > 1:
-        sparse_map.update(customdata=k.astype(np.float32), hovertemplate="query %{y}, key %{x}<br>log10 w=%{z:.2f}"
-                                                                         "<br>kept %{customdata:.0%}<extra>Top-θ</extra>")
-    data = [
-        sparse_map,
-        dict(type="heatmap", z=log_dense, zmin=floor, zmax=0, colorscale="Viridis", xaxis="x2", yaxis="y2",
-             colorbar=dict(title=dict(text="log10 p"), x=1.02), name="dense",
-             hovertemplate="query %{y}, key %{x}<br>log10 p=%{z:.2f}<extra>dense</extra>"),
-    ]
+    if image is None:
+        image = max(d.shape) > IMAGE_CELLS
+    if image:
+        white = np.array(_rgb("#ffffff"), dtype=np.uint8)
+        img_d = np.where(vis[..., None], colour_map(log_dense, floor, 0.0), white)
+        img_s = np.where((vis & (k > 0))[..., None], colour_map(log_sparse, floor, 0.0),
+                         np.where(vis[..., None], np.array(_rgb(DROPPED_GREY), dtype=np.uint8), white))
+        hover = "query %{y}, key %{x}<extra>{name}</extra>"
+        data = [
+            dict(type="image", source=png_data_uri(img_s.astype(np.uint8)), xaxis="x", yaxis="y", name="Top-θ",
+                 hovertemplate=hover.replace("{name}", "Top-θ")),
+            dict(type="image", source=png_data_uri(img_d.astype(np.uint8)), xaxis="x2", yaxis="y2", name="dense",
+                 hovertemplate=hover.replace("{name}", "dense")),
+            dict(type="scatter", x=[None], y=[None], mode="markers", showlegend=False, hoverinfo="skip",
+                 marker=dict(colorscale="Viridis", cmin=floor, cmax=0, color=[floor], showscale=True,
+                             colorbar=dict(title=dict(text="log10 p"), x=1.02))),
+        ]
+    else:
+        # Viridis over [floor, 0]; the bottom 1/7 of [grey, 0] is flat grey for dropped cells
+        cut = 1.0 / 7.0
+        scale = [[0.0, DROPPED_GREY], [cut - 1e-6, DROPPED_GREY]] + [
+            [cut + (1 - cut) * i / (len(_VIRIDIS) - 1), c] for i, c in enumerate(_VIRIDIS)]
+        # Pooled cells carry their kept share for the hover; single tokens are kept or dropped (grey), which the
+        # colour already says, so they send no customdata (a third of the payload at 256 × 256).
+        sparse_map = dict(type="heatmap", z=log_sparse, zmin=grey, zmax=0, colorscale=scale, showscale=False,
+                          xaxis="x", yaxis="y", name="Top-θ",
+                          hovertemplate=f"query %{{y}}, key %{{x}}<br>log10 w=%{{z:.2f}} ({grey:.0f}: dropped)"
+                                        "<extra>Top-θ</extra>")
+        if pool > 1:
+            sparse_map.update(customdata=k.astype(np.float32),
+                              hovertemplate="query %{y}, key %{x}<br>log10 w=%{z:.2f}"
+                                            "<br>kept %{customdata:.0%}<extra>Top-θ</extra>")
+        data = [
+            sparse_map,
+            dict(type="heatmap", z=log_dense, zmin=floor, zmax=0, colorscale="Viridis", xaxis="x2", yaxis="y2",
+                 colorbar=dict(title=dict(text="log10 p"), x=1.02), name="dense",
+                 hovertemplate="query %{y}, key %{x}<br>log10 p=%{z:.2f}<extra>dense</extra>"),
+        ]
     ann = [dict(text=f"Top-θ: kept weights (grey = dropped), {kept_share:.1%} kept", x=0.23, y=1.0, xref="paper",
                 yref="paper", showarrow=False, yanchor="bottom"),
            dict(text="dense softmax probabilities", x=0.77, y=1.0, xref="paper", yref="paper", showarrow=False,
