@@ -1,4 +1,4 @@
-"""Widgets shared by several pages: the sparse-config controls."""
+"""Widgets shared by several pages: the sparse-config controls and the sample-prompt picker."""
 
 from __future__ import annotations
 
@@ -66,3 +66,17 @@ def sparse_config_controls(prefix: str, thresholds: Thresholds | None, *, column
     except ConfigError as e:
         return None, str(e)
     return config, None
+
+
+def sample_prompt_picker(container, *, prompt_key: str, sample_key: str, applied_key: str) -> dict[str, str]:
+    """A "Sample prompt" select box in ``container`` that copies the chosen sample into the
+    prompt text area (session key ``prompt_key``) once per choice, so later edits stay.
+    Returns the bundled samples (name → text)."""
+    from . import services
+
+    samples = services.sample_prompts()
+    sample = container.selectbox("Sample prompt", ["(custom)"] + list(samples), key=sample_key)
+    if sample != "(custom)" and st.session_state.get(applied_key) != sample:
+        st.session_state[prompt_key] = samples[sample]
+        st.session_state[applied_key] = sample
+    return samples

@@ -2,37 +2,20 @@
 
 import time
 
-import pandas as pd
 import streamlit as st
 
-from explorer_ui import analysis, figures, runs
+from explorer_ui import figures, runs
 from explorer_ui import session_keys as K
 from explorer_ui.controls import sparse_config_controls
 from explorer_ui.sidebar import require_model
-from topθ_core import tasks
+from topθ_core import evaluation, tasks
 from topθ_core.config import ConfigError
 from topθ_core.thresholds import ThresholdsError
-
-try:
-    from topθ_core import evaluation
-except ImportError as e:  # the engine module is not there yet
-    evaluation, _eval_error = None, str(e)
 
 ctx = require_model()
 lm = ctx.lm
 st.title("Accuracy")
-if evaluation is None:
-    st.warning(f"Evaluation is not available yet (topθ_core.evaluation: {_eval_error}).")
-    st.stop()
-
-has = {name: hasattr(evaluation, name) for name in
-       ("evaluate_multiple_choice", "evaluate_perplexity", "evaluate_cloze", "save_result", "load_results",
-        "run_task")}
-kinds = [k for k, fn in (("mc", "evaluate_multiple_choice"), ("cloze", "evaluate_cloze"),
-                         ("perplexity", "evaluate_perplexity"), ("agreement", "run_task")) if has[fn]]
-if not kinds:
-    st.warning("No evaluation function is available yet in topθ_core.evaluation.")
-    st.stop()
+kinds = ["mc", "cloze", "perplexity", "agreement"]
 
 tab_run, tab_trade = st.tabs(["Run dense vs Top-θ", "Trade-off across saved results"])
 with tab_run:
@@ -48,7 +31,7 @@ with tab_run:
         task = c2.selectbox("Task", tasks.list_cloze_tasks(), key=K.ACC_TASK)
     else:
         task = c2.selectbox("Corpus", tasks.list_corpora(), key=K.ACC_TASK,
-                            help="held-out documents of the corpus" if has["run_task"] else None)
+                            help="held-out documents of the corpus")
     limit = int(c3.number_input("Items / documents", min_value=1, max_value=2000, value=20, key=K.ACC_LIMIT))
     st.markdown("**Top-θ settings**")
     config, err = sparse_config_controls("acc", ctx.thresholds)
@@ -72,31 +55,18 @@ with tab_run:
                 result = evaluation.evaluate_multiple_choice(lm, task, limit, config, th, progress=progress)
             elif kind == "cloze":
                 result = evaluation.evaluate_cloze(lm, task, limit, config, th, progress=progress)
-            elif has["run_task"]:  # held-out documents, an EvalResult that can be saved
+            else:  # perplexity / agreement on the corpus's held-out documents
                 result = evaluation.run_task(lm, kind, limit, config, th, progress, corpus=task)
-            else:
-                texts = analysis.bundled_texts("corpus", task, limit)
-                result = evaluation.evaluate_perplexity(lm, texts, config, th, progress=progress)
         except (ValueError, TypeError, ConfigError, ThresholdsError) as e:
             st.error(f"Evaluation failed: {e}")
             st.stop()
         bar.progress(1.0, text=f"done in {time.perf_counter() - t0:.1f} s")
-        summary = getattr(result, "summary", None)
-        if summary is None and hasattr(result, "to_dict"):  # PerplexityResult: one row per metric
-            d = result.to_dict()
-            summary = pd.DataFrame([
-                {"task": f"ppl:{task}", "metric": "ppl", "dense": d["dense_ppl"], "sparse": d["sparse_ppl"],
-                 "delta": d["delta_ppl"], "kept_attention": d["kept_attention"], "kept_v_rows": d["kept_v_rows"],
-                 "config_label": d["config"]},
-                {"task": f"ppl:{task}", "metric": "bpb", "dense": d["dense_bpb"], "sparse": d["sparse_bpb"],
-                 "delta": d["sparse_bpb"] - d["dense_bpb"], "kept_attention": d["kept_attention"],
-                 "kept_v_rows": d["kept_v_rows"], "config_label": d["config"]}])
+        summary = result.summary
         saved = None
-        if has["save_result"] and hasattr(result, "summary"):
-            try:
-                saved = evaluation.save_result(result, runs.results_dir())
-            except OSError as e:
-                st.warning(f"Result not saved: {e}")
+        try:
+            saved = evaluation.save_result(result, runs.results_dir())
+        except OSError as e:
+            st.warning(f"Result not saved: {e}")
         st.session_state[K.ACC_LAST] = {"summary": summary, "saved": str(saved) if saved else None}
 
     last = st.session_state.get(K.ACC_LAST)
@@ -113,20 +83,17 @@ with tab_run:
         st.plotly_chart(figures.delta_chart(summary), width="stretch", key="acc_delta")
 
 with tab_trade:
-    if not has["load_results"]:
-        st.info("Saved results are not available yet (topθ_core.evaluation.load_results).")
+    results = evaluation.load_results(runs.results_dir())
+    if results.empty:
+        st.info("No saved results yet: run an evaluation.")
     else:
-        results = evaluation.load_results(runs.results_dir())
-        if results.empty:
-            st.info("No saved results yet: run an evaluation.")
-        else:
-            t1, t2 = st.columns(2)
-            xs = [c for c in ("kept_attention", "kept_v_rows_prefill", "kept_v_rows_decode", "kept_v_rows")
-                  if c in results.columns and results[c].notna().any()]
-            x = t1.selectbox("x axis", xs or ["kept_attention"], key="acc_trade_x")
-            metrics = sorted(results["metric"].dropna().unique()) if "metric" in results else []
-            metric = t2.selectbox("metric", metrics, key="acc_trade_metric") if metrics else None
-            plot = results.rename(columns={"config_label": "config"})
-            st.plotly_chart(figures.tradeoff_chart(plot, x=x, metric=metric), width="stretch", key="acc_trade")
-            with st.expander(f"{len(results)} saved result rows", expanded=False):
-                st.dataframe(results, hide_index=True, width="stretch")
+        t1, t2 = st.columns(2)
+        xs = [c for c in ("kept_attention", "kept_v_rows_prefill", "kept_v_rows_decode", "kept_v_rows")
+              if c in results.columns and results[c].notna().any()]
+        x = t1.selectbox("x axis", xs or ["kept_attention"], key="acc_trade_x")
+        metrics = sorted(results["metric"].dropna().unique()) if "metric" in results else []
+        metric = t2.selectbox("metric", metrics, key="acc_trade_metric") if metrics else None
+        plot = results.rename(columns={"config_label": "config"})
+        st.plotly_chart(figures.tradeoff_chart(plot, x=x, metric=metric), width="stretch", key="acc_trade")
+        with st.expander(f"{len(results)} saved result rows", expanded=False):
+            st.dataframe(results, hide_index=True, width="stretch")

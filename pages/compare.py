@@ -5,9 +5,9 @@ import math
 import pandas as pd
 import streamlit as st
 
-from explorer_ui import figures, render, services
+from explorer_ui import figures, render
 from explorer_ui import session_keys as K
-from explorer_ui.controls import sparse_config_controls
+from explorer_ui.controls import sample_prompt_picker, sparse_config_controls
 from explorer_ui.sidebar import require_model
 from topθ_core.config import ConfigError
 from topθ_core.thresholds import ThresholdsError
@@ -20,12 +20,8 @@ st.title("Compare")
 st.caption("Greedy dense and Top-θ continuations of one prompt on the same model. The Top-θ side is coloured by the "
            "next-token KL(dense‖Top-θ) on its own prefix; the first divergent token is outlined.")
 
-samples = services.sample_prompts()
 c1, c2 = st.columns([3, 1])
-sample = c2.selectbox("Sample prompt", ["(custom)"] + list(samples), key=K.CMP_SAMPLE)
-if sample != "(custom)" and st.session_state.get(K.CMP_SAMPLE_APPLIED) != sample:
-    st.session_state[K.CMP_PROMPT] = samples[sample]
-    st.session_state[K.CMP_SAMPLE_APPLIED] = sample
+sample_prompt_picker(c2, prompt_key=K.CMP_PROMPT, sample_key=K.CMP_SAMPLE, applied_key=K.CMP_SAMPLE_APPLIED)
 if K.CMP_PROMPT not in st.session_state:
     st.session_state[K.CMP_PROMPT] = "Explain in two sentences why the sky is blue."
 prompt = c1.text_area("Prompt", key=K.CMP_PROMPT, height=110)

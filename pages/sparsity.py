@@ -7,7 +7,7 @@ import streamlit as st
 from explorer_ui import figures, services
 from explorer_ui import session_keys as K
 from explorer_ui.analysis import MAP_CAP
-from explorer_ui.controls import sparse_config_controls
+from explorer_ui.controls import sample_prompt_picker, sparse_config_controls
 from explorer_ui.sidebar import require_model
 from topθ_core.metrics import summarize
 from topθ_core.thresholds import ThresholdsError
@@ -17,12 +17,9 @@ lm = ctx.lm
 st.title("Sparsity")
 st.caption("What Top-θ keeps for one prompt: one prefill (all layers, all heads) and a few greedy decode steps.")
 
-samples = services.sample_prompts()
 c1, c2 = st.columns([3, 1])
-sample = c2.selectbox("Sample prompt", ["(custom)"] + list(samples), key=K.SP_SAMPLE)
-if sample != "(custom)" and st.session_state.get(K.SP_SAMPLE_APPLIED) != sample:
-    st.session_state[K.SP_PROMPT] = samples[sample]
-    st.session_state[K.SP_SAMPLE_APPLIED] = sample
+samples = sample_prompt_picker(c2, prompt_key=K.SP_PROMPT, sample_key=K.SP_SAMPLE,
+                              applied_key=K.SP_SAMPLE_APPLIED)
 if K.SP_PROMPT not in st.session_state:
     st.session_state[K.SP_PROMPT] = next(iter(samples.values()), "The quick brown fox jumps over the lazy dog. " * 20)
 prompt = c1.text_area("Prompt", key=K.SP_PROMPT, height=130)
