@@ -303,8 +303,6 @@ def test_accuracy_page_runs_and_saves(calibrated, env):
     at = calibrated
     at.switch_page(PAGE["accuracy"]).run()
     assert_clean(at)
-    if any("not available" in w for w in texts(at.warning)):
-        pytest.skip("topθ_core.evaluation is not complete yet")
     at.selectbox(key="acc_task").set_value("arc_easy")
     at.number_input(key="acc_limit").set_value(3)
     at.button(key="acc_run").click().run()
@@ -321,8 +319,6 @@ def test_accuracy_page_runs_and_saves(calibrated, env):
 def test_accuracy_invalid_combination_is_a_message(calibrated):
     at = calibrated
     at.switch_page(PAGE["accuracy"]).run()
-    if any("not available" in w for w in texts(at.warning)):
-        pytest.skip("topθ_core.evaluation is not complete yet")
     at.radio(key="acc_selection").set_value("top-theta").run()
     at.selectbox(key="acc_sdc").set_value("none")
     at.checkbox(key="acc_vmc").check().run()
@@ -355,8 +351,6 @@ def test_kernels_page(env):
 def test_accuracy_perplexity(calibrated, env):
     at = calibrated
     at.switch_page(PAGE["accuracy"]).run()
-    if any("not available" in w for w in texts(at.warning)):
-        pytest.skip("topθ_core.evaluation is not complete yet")
     at.radio(key="acc_kind").set_value("perplexity").run()
     at.radio(key="acc_selection").set_value("top-theta").run()
     at.selectbox(key="acc_sdc").set_value("offline").run()  # an earlier test left an invalid combination

@@ -89,6 +89,16 @@ def rand_inputs(B=2, Hq=4, Hkv=2, Sq=9, Sk=9, d=8, seed=None):
     return q, k, v
 
 
+def rand_thresholds(cfg: SparseConfig, B: int, Hq: int, Sq: int, seed: int):
+    """θ per row (probability-space for post-softmax, logit-space for pre) and offline SDC terms."""
+    gen = torch.Generator().manual_seed(seed)
+    if cfg.placement is Placement.POST:
+        theta = torch.rand(B, Hq, Sq, generator=gen, dtype=torch.float64) * 0.25
+    else:
+        theta = torch.randn(B, Hq, Sq, generator=gen, dtype=torch.float64) * 0.5 + 0.3
+    return theta, torch.rand(B, Hq, Sq, generator=gen, dtype=torch.float64) * 2
+
+
 VARIANTS = [
     SparseConfig(selection="top-theta", placement="pre", sdc="none", vmc=False),
     SparseConfig(selection="top-theta", placement="pre", sdc="exact", vmc=False),
@@ -111,12 +121,7 @@ def test_variants_match_float64_hand_computation(cfg):
     q, k, v = rand_inputs(Sq=7, Sk=11)
     B, Hq, Sq, _ = q.shape
     visible = causal_visible(Sq, 11, batch=B)
-    gen = torch.Generator().manual_seed(1)
-    if cfg.placement is Placement.POST:
-        theta = torch.rand(B, Hq, Sq, generator=gen, dtype=torch.float64) * 0.25
-    else:
-        theta = torch.randn(B, Hq, Sq, generator=gen, dtype=torch.float64) * 0.5 + 0.3
-    offline = torch.rand(B, Hq, Sq, generator=gen, dtype=torch.float64) * 2
+    theta, offline = rand_thresholds(cfg, B, Hq, Sq, seed=1)
     out = topθ_attention_ref(q, k, v, config=cfg, k_keep=3, visible=visible, theta=theta, sdc_term=offline)
     ref, _ = naive_attention(q, k, v, visible, cfg, 3, theta, offline)
     print("max err", (out - ref).abs().max().item())
@@ -129,12 +134,7 @@ def test_plain_causal_chunked_rows_match_float64_hand_computation(cfg):
     an offset into the keys (chunked prefill) and split into chunks of 3 rows."""
     q, k, v = rand_inputs(Sq=7, Sk=11, seed=5)
     B, Hq, Sq, _ = q.shape
-    gen = torch.Generator().manual_seed(2)
-    if cfg.placement is Placement.POST:
-        theta = torch.rand(B, Hq, Sq, generator=gen, dtype=torch.float64) * 0.25
-    else:
-        theta = torch.randn(B, Hq, Sq, generator=gen, dtype=torch.float64) * 0.5 + 0.3
-    offline = torch.rand(B, Hq, Sq, generator=gen, dtype=torch.float64) * 2
+    theta, offline = rand_thresholds(cfg, B, Hq, Sq, seed=2)
     out = topθ_attention_ref(q, k, v, config=cfg, k_keep=3, theta=theta, sdc_term=offline,
                              block_elements=B * Hq * 11 * 3)
     ref, _ = naive_attention(q, k, v, causal_visible(Sq, 11, batch=B), cfg, 3, theta, offline)

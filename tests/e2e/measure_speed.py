@@ -26,6 +26,25 @@ import harness  # noqa: E402
 from harness import goto_page, set_number, wait_idle  # noqa: E402
 
 
+def pick_option(page, label: str, option: str, chart_text: str) -> None:
+    """Choose ``option`` in the select box ``label`` and wait until a chart showing ``chart_text`` is drawn."""
+    page.get_by_label(label, exact=True).click()
+    page.get_by_role("option", name=option, exact=True).click()
+    page.locator(".js-plotly-plot").filter(has_text=chart_text).first.wait_for()
+    wait_idle(page)
+
+
+def new_prompt(page, head: str, decode: bool) -> None:
+    """Submit a new 256-token Sparsity prompt and wait until its metrics (and decode strip) are drawn."""
+    box = page.get_by_label("Prompt", exact=True)
+    box.fill(head + harness_prompt())
+    box.press("Control+Enter")
+    page.locator("[data-testid='stMetricValue']").filter(has_text="256").first.wait_for()
+    if decode:
+        page.get_by_text("decode steps · kept V rows").first.wait_for()
+    wait_idle(page, 300_000)
+
+
 def timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -108,14 +127,8 @@ def main() -> None:
                          f"median of {len(vals)}, max {max(vals):.2f} s"))
 
         goto_page(page, "Thresholds")
-        changes = []
-        for layer in ("3", "4", "5")[: args.runs]:
-            def pick(layer=layer):
-                page.get_by_label("Layer", exact=True).click()
-                page.get_by_role("option", name=layer, exact=True).click()
-                page.locator(".js-plotly-plot").filter(has_text=f"θ vs row length · layer {layer}").first.wait_for()
-                wait_idle(page)
-            changes.append(timed(pick))
+        changes = [timed(lambda layer=layer: pick_option(page, "Layer", layer, f"θ vs row length · layer {layer}"))
+                   for layer in ("3", "4", "5")[: args.runs]]
         rows.append(("widget change (Thresholds: layer), no model call", "< 1 s", statistics.median(changes),
                      f"median of {len(changes)}, max {max(changes):.2f} s"))
         slider = []
@@ -126,38 +139,14 @@ def main() -> None:
 
         goto_page(page, "Sparsity")  # first visit computes the default prompt (256 tokens, 8 decode steps)
         page.get_by_text("kept attention (prefill)").wait_for()
-        sp = []
-        for i in range(args.runs):
-            def run_prompt(i=i):
-                box = page.get_by_label("Prompt", exact=True)
-                box.fill(f"Variant {i}. " + harness_prompt())
-                box.press("Control+Enter")
-                page.locator("[data-testid='stMetricValue']").filter(has_text="256").first.wait_for()
-                page.get_by_text("decode steps · kept V rows").first.wait_for()
-                wait_idle(page, 300_000)
-            sp.append(timed(run_prompt))
+        sp = [timed(lambda i=i: new_prompt(page, f"Variant {i}. ", decode=True)) for i in range(args.runs)]
         rows.append(("Sparsity page, new 256-token prompt (prefill + 8 decode steps, all charts)", "< 3 s",
                      statistics.median(sp), f"median of {len(sp)}, max {max(sp):.2f} s"))
         set_number(page, "Decode steps", 0)
-        sp0 = []
-        for i in range(args.runs):
-            def run_prompt0(i=i):
-                box = page.get_by_label("Prompt", exact=True)
-                box.fill(f"Other {i}. " + harness_prompt())
-                box.press("Control+Enter")
-                page.locator("[data-testid='stMetricValue']").filter(has_text="256").first.wait_for()
-                wait_idle(page, 300_000)
-            sp0.append(timed(run_prompt0))
+        sp0 = [timed(lambda i=i: new_prompt(page, f"Other {i}. ", decode=False)) for i in range(args.runs)]
         rows.append(("Sparsity page, new 256-token prompt (prefill only)", "< 3 s", statistics.median(sp0),
                      f"median of {len(sp0)}"))
-        heads = []
-        for h in ("1", "2", "3")[: args.runs]:
-            def pick_head(h=h):
-                page.get_by_label("Head", exact=True).click()
-                page.get_by_role("option", name=h, exact=True).click()
-                page.locator(".js-plotly-plot").filter(has_text=f"· head {h}").first.wait_for()
-                wait_idle(page)
-            heads.append(timed(pick_head))
+        heads = [timed(lambda h=h: pick_option(page, "Head", h, f"· head {h}")) for h in ("1", "2", "3")[: args.runs]]
         rows.append(("widget change (Sparsity: head), cached, no model call", "< 1 s", statistics.median(heads),
                      f"median of {len(heads)}"))
         ctx.close()
