@@ -235,9 +235,10 @@ def _jsonable(obj):
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["calibrate"] and "--distributed" in argv:
+        from .distributed import exit_after
         from .distributed import main as distributed_main  # one implementation of the distributed job
 
-        return distributed_main([a for a in argv[1:] if a != "--distributed"])
+        return exit_after(distributed_main([a for a in argv[1:] if a != "--distributed"]))
     args = build_parser().parse_args(argv)
     from .datafiles import DataFileError
     from .models import ModelLoadError

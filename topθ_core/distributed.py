@@ -621,5 +621,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def exit_after(code: int) -> int:
+    """Under several torchrun ranks, end this rank now with ``code`` (``os._exit`` once the output
+    is flushed); in a single process, return ``code``.  Everything is already written (atomically)
+    by then, and gloo's background threads can otherwise abort the interpreter's teardown
+    ("terminate called without an active exception", SIGABRT) after a successful run."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if rank_info().world_size > 1:
+        os._exit(code)
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_after(main()))
