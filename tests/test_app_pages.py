@@ -299,16 +299,24 @@ def test_compare_page_streams_both(calibrated):
     assert {m.label: m.value for m in at.metric}["tokens"] == "5"
 
 
-def test_accuracy_page_runs_and_saves(calibrated, env):
-    at = calibrated
+def _run_accuracy(at, task: str, limit: int, **choices):
+    """Open the Accuracy page, set the radios/select boxes in ``choices`` (key → value) in order, run
+    ``task`` on ``limit`` items, and return the result table after checking the run was clean."""
     at.switch_page(PAGE["accuracy"]).run()
     assert_clean(at)
-    at.selectbox(key="acc_task").set_value("arc_easy")
-    at.number_input(key="acc_limit").set_value(3)
+    for key, value in choices.items():
+        (at.radio if key in ("acc_kind", "acc_selection") else at.selectbox)(key=key).set_value(value).run()
+    at.selectbox(key="acc_task").set_value(task)
+    at.number_input(key="acc_limit").set_value(limit)
     at.button(key="acc_run").click().run()
     assert_clean(at)
     assert not at.error, texts(at.error)
-    df = at.dataframe[0].value
+    return at.dataframe[0].value
+
+
+def test_accuracy_page_runs_and_saves(calibrated, env):
+    at = calibrated
+    df = _run_accuracy(at, "arc_easy", 3)
     assert set(df["metric"]) >= {"acc", "acc_norm"} and (df["task"] == "arc_easy").all()
     assert list(env["results"].glob("*.parquet"))
     titles = [s["layout"]["title"]["text"] for s in plotly_specs(at)]
@@ -350,15 +358,7 @@ def test_kernels_page(env):
 
 def test_accuracy_perplexity(calibrated, env):
     at = calibrated
-    at.switch_page(PAGE["accuracy"]).run()
-    at.radio(key="acc_kind").set_value("perplexity").run()
-    at.radio(key="acc_selection").set_value("top-theta").run()
-    at.selectbox(key="acc_sdc").set_value("offline").run()  # an earlier test left an invalid combination
-    at.selectbox(key="acc_task").set_value("pydoc")
-    at.number_input(key="acc_limit").set_value(2)
-    at.button(key="acc_run").click().run()
-    assert_clean(at)
-    assert not at.error, texts(at.error)
-    df = at.dataframe[0].value
+    # acc_sdc: an earlier test left an invalid combination
+    df = _run_accuracy(at, "pydoc", 2, acc_kind="perplexity", acc_selection="top-theta", acc_sdc="offline")
     assert "ppl" in set(df["metric"])
     assert (df.loc[df["metric"] == "ppl", "dense"] > 1).all()

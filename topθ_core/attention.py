@@ -187,10 +187,9 @@ def _attend_rows(q, k, v, vis, row_start, theta, sdc_term, cfg: SparseConfig, k_
         kept = kept | (vis & dense_rows.unsqueeze(-1))  # short rows are dense
     empty = empty & ~dense_rows
 
-    d_u = None
+    d_u = p_sum = None
     if cfg.placement is Placement.POST:
         probs = p_dense * kept
-        p_sum = probs.sum(-1)
     else:
         e_kept = e * kept
         d_s = e_kept.sum(-1)
@@ -218,7 +217,7 @@ def _attend_rows(q, k, v, vis, row_start, theta, sdc_term, cfg: SparseConfig, k_
             v_cum = vis.to(v.dtype).expand(B, Hkv, R, kv_len) @ v  # (B, Hkv, R, d) visible sums
         v_mean = v_cum / row_len.clamp_min(1).unsqueeze(-1).to(v.dtype)
         v_mean = v_mean.repeat_interleave(g, dim=1)
-        p_sum = torch.where(has_keys, p_sum, torch.ones_like(m))
+        p_sum = torch.where(has_keys, probs.sum(-1) if p_sum is None else p_sum, torch.ones_like(m))
         o = v_mean_compensation(o, p_sum, v_mean)
     if observer is not None:
         observer(RowBlock(row_start=row_start, logits=logits, visible=vis, row_len=row_len, kept=kept,

@@ -86,14 +86,9 @@ class CalibrationObserver:
         pick = self._sample(layer, lengths)
         eligible, lengths = eligible[pick], lengths[pick]
         b, r = eligible[:, 0], eligible[:, 1]
-        if block.kth_next is not None and block.exp_scores is not None and self.config.placement is Placement.PRE:
-            # top-k at calibration already found the (k+1)-th largest logit of each row
-            t_all = block.kth_next  # (B, H, R)
-            if block.dropped_mass is not None:  # exact SDC already summed e over the dropped set
-                d_u_all = block.dropped_mass
-            else:
-                d_u_all = (block.exp_scores * (block.logits <= t_all.unsqueeze(-1))).sum(-1)
-            t, d_u = t_all[b, :, r], d_u_all[b, :, r]
+        if block.kth_next is not None and block.dropped_mass is not None and self.config.placement is Placement.PRE:
+            # top-k at calibration (exact SDC) already found the (k+1)-th largest logit and D_U of each row
+            t, d_u = block.kth_next[b, :, r], block.dropped_mass[b, :, r]
         else:
             t, d_u = row_samples_ref(block.logits[b, :, r], k + 1, self.config.placement)
         self.stats.add(layer, lengths, t, d_u)
