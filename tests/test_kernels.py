@@ -176,9 +176,11 @@ def test_prefill_interpret(S):
 
 
 @cpu
+@pytest.mark.parametrize("skip", [True, False], ids=["skip", "straight"])
 @pytest.mark.parametrize("variant", VARIANTS[:4], ids=lambda v: f"{v[0].value}-vmc{int(v[1])}-{v[2].value}")
-def test_prefill_interpret_variants(variant):
-    _run_prefill(1, 4, 2, 40, 48, 64, torch.float16, "cpu", variant, k_keep=5)
+def test_prefill_interpret_variants(variant, skip):
+    """Both loop forms (tile skipping, straight-line FlashAttention steps) against the reference."""
+    _run_prefill(1, 4, 2, 40, 48, 64, torch.float16, "cpu", variant, k_keep=5, skip_tiles=skip)
 
 
 @cpu
@@ -295,6 +297,7 @@ def test_prefill_gpu(S, dtype):
     Sq, Sk = S
     for variant in VARIANTS[:4]:
         _run_prefill(1, 32, 8, Sq, Sk, 128, dtype, "cuda", variant, k_keep=64)
+        _run_prefill(1, 32, 8, Sq, Sk, 128, dtype, "cuda", variant, k_keep=64, skip_tiles=False)
     _run_prefill(2, 9, 3, Sq, Sk, 64, dtype, "cuda", VARIANTS[2], k_keep=64)
 
 

@@ -1,4 +1,4 @@
-"""Top-θ prefill: causal FlashAttention-2-style tiles that skip the work of empty tiles.
+"""Top-θ prefill: causal FlashAttention-2-style tiles with a per-element θ test.
 
 Grid: (query blocks, batch·query heads), heaviest causal blocks first.  One program holds
 BLOCK_M query rows of one head and walks the key blocks the rows can see (bottom-right causal
@@ -6,16 +6,22 @@ alignment, so chunked prefill with ``Sq < Sk`` works).  Every tile computes QK�
 needs every score), the tile's row maxima (the running maximum ``m`` over all visible scores,
 needed by offline/exp-threshold SDC and the empty-row floor) and one compare per element with
 the row's θ (θ[layer, head, L] with L the row length; rows with L ≤ k are dense, θ = −∞).
-When no element of the tile passes θ the program skips the exponentials, the V-tile load and
-the P·V product.  θ is static, so this test does not depend on tile order (a running-max
-test would).  Exact SDC needs ``D_U`` and therefore the exponentials of every tile; it still
-skips the V load and P·V.
 
-Accumulators are rescaled lazily: ``acc`` and ``D_S`` stay relative to the maximum as of the
-last kept tile (``m_acc``) and are brought to the final maximum at the end, so a skipped tile
-costs QKᵀ, a max, a compare and a count.  VMC reads ``v̄_i`` from a causal prefix sum of V.
-Kept counts come out per row and the kept-V-row union as a byte mask over keys per KV head,
-both only when asked for.
+Two loop forms, same result:
+* straight-line (default): every tile does the FlashAttention step with the dropped
+  elements' probabilities zeroed;
+* ``skip_tiles``: when no element of a tile passes θ the program skips the exponentials,
+  the V-tile load and P·V.  θ is static, so this test does not depend on tile order.
+  Accumulators are then rescaled lazily (``acc`` and ``D_S`` stay relative to the maximum as
+  of the last kept tile, ``m_acc``).  Exact SDC needs ``D_U`` and so every exponential; it
+  still skips the V load and P·V.  The CTA-wide test and the branch cost more than they save
+  unless whole tiles are empty, which they rarely are (``benchmarks/results/kernels.md``).
+
+The empty-row floor needs each empty row's argmax.  The main loop only records which tile last
+raised each row's running maximum; a block that ends with an empty row recomputes QKᵀ for those
+tiles alone.  VMC reads ``v̄_i`` from a causal prefix sum of V (scanned along the last axis of a
+(B, Hkv, d, Sk) copy).  Kept counts come out per row and the kept-V-row union as a byte mask
+over keys per KV head, both only when asked for.
 
 Layers: ``_prefill_kernel`` (Triton) → ``_prefill_launch`` → ``toptheta::prefill`` (custom op
 + fake) → :func:`topθ_prefill`.
@@ -35,24 +41,13 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _prefill_tiles(acc, ds, du, m, m_acc, nk, idx, q, th, rows_abs, k_base, v_base, kvm_base, sk_n, sv_n, Sk,
+def _prefill_tiles(acc, ds, du, m, m_acc, nk, mt, q, th, rows_abs, k_base, v_base, kvm_base, sk_n, sv_n, Sk,
                    lo, hi, scale_log2,
                    BLOCK_N: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr, EXACT: tl.constexpr,
-                   FLOOR: tl.constexpr, COUNTS: tl.constexpr):
+                   SKIP: tl.constexpr, COUNTS: tl.constexpr, FLOOR: tl.constexpr):
     offs_d = tl.arange(0, D)
-    # V is software-pipelined by hand: the tile for the next iteration is loaded at the top of
-    # this one (a loop-carried register tile), so its latency overlaps QKᵀ; the compiler does
-    # not pipeline a load whose only use sits in the skip branch.  The bytes mostly come from
-    # L2: what a skipped tile saves is its exp and its P·V.
-    v_end = tl.minimum(hi, Sk)
-    offs_0 = lo + tl.arange(0, BLOCK_N)
-    vt_next = tl.load(v_base + offs_0[:, None] * sv_n + offs_d[None, :], mask=(offs_0 < v_end)[:, None], other=0.0)
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        vt = vt_next
-        offs_nx = offs_n + BLOCK_N
-        vt_next = tl.load(v_base + offs_nx[:, None] * sv_n + offs_d[None, :], mask=(offs_nx < v_end)[:, None],
-                          other=0.0)
         if MASKED:
             kt = tl.load(k_base + offs_n[:, None] * sk_n + offs_d[None, :], mask=(offs_n < Sk)[:, None], other=0.0)
         else:
@@ -60,15 +55,16 @@ def _prefill_tiles(acc, ds, du, m, m_acc, nk, idx, q, th, rows_abs, k_base, v_ba
         s = tl.dot(q, tl.trans(kt)) * scale_log2  # (BLOCK_M, BLOCK_N), log2 domain
         if MASKED:
             s = tl.where((offs_n[None, :] <= rows_abs[:, None]) & (offs_n < Sk)[None, :], s, float("-inf"))
-        if FLOOR:  # running argmax (one row reduction gives max and index; first index on ties)
-            tmax, arg = tl.max(s, 1, return_indices=True)
-            idx = tl.where(tmax > m, n0 + arg.to(tl.int32), idx)
-        else:
-            tmax = tl.max(s, 1)
+        tmax = tl.max(s, 1)
+        if FLOOR:  # the tile that last raised the running max (first on ties): the floor's argmax lies there
+            mt = tl.where(tmax > m, n0, mt)
         m_new = tl.maximum(m, tmax)
-        # the tile test: does any element pass θ?  One row-vector reduction, no mask needed.
-        any_keep = tl.max((tmax > th).to(tl.int32), 0) > 0
-        if EXACT:
+        if SKIP:
+            # the tile test: does any element pass θ?  One row-vector reduction, no mask needed.
+            any_keep = tl.max((tmax > th).to(tl.int32), 0) > 0
+        else:
+            any_keep = True
+        if EXACT or not SKIP:  # straight-line FlashAttention step (exact SDC needs every exponential)
             keep = s > th[:, None]
             nk += tl.sum(keep.to(tl.int32), 1)
             alpha = tl.exp2(m - m_new)
@@ -76,36 +72,68 @@ def _prefill_tiles(acc, ds, du, m, m_acc, nk, idx, q, th, rows_abs, k_base, v_ba
             p_all = tl.exp2(s - m[:, None])
             p = tl.where(keep, p_all, 0.0)
             ds = ds * alpha + tl.sum(p, 1)
-            du = du * alpha + tl.sum(p_all - p, 1)
+            if EXACT:
+                du = du * alpha + tl.sum(p_all - p, 1)
             acc = acc * alpha[:, None]
             if any_keep:
+                if MASKED:
+                    vt = tl.load(v_base + offs_n[:, None] * sv_n + offs_d[None, :], mask=(offs_n < Sk)[:, None],
+                                 other=0.0)
+                else:
+                    vt = tl.load(v_base + offs_n[:, None] * sv_n + offs_d[None, :])
                 acc = tl.dot(p.to(vt.dtype), vt, acc)
                 if COUNTS:
                     krow = tl.max(keep.to(tl.int32), 0)
                     tl.store(kvm_base + offs_n, krow.to(tl.int8), mask=krow > 0)
         else:
             m = m_new
-            if any_keep:  # the skip: no compare mask, exp or P·V when nothing passed θ
+            if any_keep:  # the skip: no compare mask, exp, V load or P·V when nothing passed θ
                 keep = s > th[:, None]
                 nk += tl.sum(keep.to(tl.int32), 1)
                 alpha = tl.exp2(m_acc - m)
                 m_acc = m
                 p = tl.where(keep, tl.exp2(s - m[:, None]), 0.0)
                 ds = ds * alpha + tl.sum(p, 1)
+                if MASKED:
+                    vt = tl.load(v_base + offs_n[:, None] * sv_n + offs_d[None, :], mask=(offs_n < Sk)[:, None],
+                                 other=0.0)
+                else:
+                    vt = tl.load(v_base + offs_n[:, None] * sv_n + offs_d[None, :])
                 acc = tl.dot(p.to(vt.dtype), vt, acc * alpha[:, None])
                 if COUNTS:
                     krow = tl.max(keep.to(tl.int32), 0)
                     tl.store(kvm_base + offs_n, krow.to(tl.int8), mask=krow > 0)
-    return acc, ds, du, m, m_acc, nk, idx
+    return acc, ds, du, m, m_acc, nk, mt
+
+
+@triton.jit
+def _row_argmax(q, rows_abs, need, mt, k_base, sk_n, Sk, hi, scale_log2, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, D: tl.constexpr):
+    """Index of the largest visible score of the rows in ``need`` (first on ties).  The main loop
+    recorded, per row, the tile ``mt`` that last raised its running max; only those tiles get a
+    second QKᵀ, so the main loop carries no per-element argmax."""
+    offs_d = tl.arange(0, D)
+    idx = tl.zeros([BLOCK_M], tl.int32)
+    for n0 in range(0, hi, BLOCK_N):
+        here = need & (mt == n0)
+        if tl.max(here.to(tl.int32), 0) > 0:
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            kt = tl.load(k_base + offs_n[:, None] * sk_n + offs_d[None, :], mask=(offs_n < Sk)[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(kt)) * scale_log2
+            s = tl.where((offs_n[None, :] <= rows_abs[:, None]) & (offs_n < Sk)[None, :], s, float("-inf"))
+            _, arg = tl.max(s, 1, return_indices=True)
+            idx = tl.where(here, n0 + arg.to(tl.int32), idx)
+    return idx
 
 
 @triton.jit
 def _prefill_kernel(
     Q, K, V, THETA, SDCT, VCUM, OUT, NK, EMPTY, KVM,
-    sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_m, sc_b, sc_h, sc_n,
+    sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_m, sc_b, sc_h, sc_d, sc_n,
     Hq, Sq, Sk, k_keep, scale_log2, sdc_scale,
     G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     SDC_MODE: tl.constexpr, EXACT: tl.constexpr, FLOOR: tl.constexpr, VMC: tl.constexpr, COUNTS: tl.constexpr,
+    SKIP: tl.constexpr,
 ):
     num_m = tl.cdiv(Sq, BLOCK_M)
     start_m = num_m - 1 - tl.program_id(0)  # longest causal rows first
@@ -130,20 +158,20 @@ def _prefill_kernel(
     ds = tl.zeros([BLOCK_M], tl.float32)
     du = tl.zeros([BLOCK_M], tl.float32)
     nk = tl.zeros([BLOCK_M], tl.int32)
-    idx = tl.zeros([BLOCK_M], tl.int32)
+    mt = tl.zeros([BLOCK_M], tl.int32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     k_base = K + b * sk_b + hkv * sk_h
     v_base = V + b * sv_b + hkv * sv_h
     kvm_base = KVM + (b * (Hq // G) + hkv) * Sk
     full_hi = tl.minimum(((m0 + offset + 1) // BLOCK_N) * BLOCK_N, Sk)
     hi = tl.minimum(m0 + BLOCK_M + offset, Sk)
-    acc, ds, du, m, m_acc, nk, idx = _prefill_tiles(
-        acc, ds, du, m, m_acc, nk, idx, q, th, rows_abs, k_base, v_base, kvm_base, sk_n, sv_n, Sk, 0, full_hi,
-        scale_log2, BLOCK_N, D, False, EXACT, FLOOR, COUNTS)
-    acc, ds, du, m, m_acc, nk, idx = _prefill_tiles(
-        acc, ds, du, m, m_acc, nk, idx, q, th, rows_abs, k_base, v_base, kvm_base, sk_n, sv_n, Sk, full_hi, hi,
-        scale_log2, BLOCK_N, D, True, EXACT, FLOOR, COUNTS)
-    if not EXACT:  # bring the lazily rescaled accumulators to the final maximum
+    acc, ds, du, m, m_acc, nk, mt = _prefill_tiles(
+        acc, ds, du, m, m_acc, nk, mt, q, th, rows_abs, k_base, v_base, kvm_base, sk_n, sv_n, Sk, 0, full_hi,
+        scale_log2, BLOCK_N, D, False, EXACT, SKIP, COUNTS, FLOOR)
+    acc, ds, du, m, m_acc, nk, mt = _prefill_tiles(
+        acc, ds, du, m, m_acc, nk, mt, q, th, rows_abs, k_base, v_base, kvm_base, sk_n, sv_n, Sk, full_hi, hi,
+        scale_log2, BLOCK_N, D, True, EXACT, SKIP, COUNTS, FLOOR)
+    if SKIP and not EXACT:  # bring the lazily rescaled accumulators to the final maximum
         alpha = tl.exp2(m_acc - m)
         acc = acc * alpha[:, None]
         ds = ds * alpha
@@ -151,14 +179,16 @@ def _prefill_kernel(
     kept = nk
     empty = (nk == 0) & mask_m
     if FLOOR:  # an empty row keeps its maximum element: p ∝ e^(m − m) = 1
-        ds = tl.where(empty, 1.0, ds)
-        du = tl.where(empty, tl.maximum(du - 1.0, 0.0), du)
-        ndrop = tl.where(empty, ndrop - 1, ndrop)
-        kept = tl.where(empty, 1, nk)
-        vrow = tl.load(v_base + idx[:, None] * sv_n + offs_d[None, :], mask=empty[:, None], other=0.0)
-        acc = tl.where(empty[:, None], vrow.to(tl.float32), acc)
-        if COUNTS:
-            tl.store(kvm_base + idx, tl.full([BLOCK_M], 1, tl.int8), mask=empty)
+        if tl.max(empty.to(tl.int32), 0) > 0:  # rare: only then find the argmax
+            idx = _row_argmax(q, rows_abs, empty, mt, k_base, sk_n, Sk, hi, scale_log2, BLOCK_M, BLOCK_N, D)
+            ds = tl.where(empty, 1.0, ds)
+            du = tl.where(empty, tl.maximum(du - 1.0, 0.0), du)
+            ndrop = tl.where(empty, ndrop - 1, ndrop)
+            kept = tl.where(empty, 1, nk)
+            vrow = tl.load(v_base + idx[:, None] * sv_n + offs_d[None, :], mask=empty[:, None], other=0.0)
+            acc = tl.where(empty[:, None], vrow.to(tl.float32), acc)
+            if COUNTS:
+                tl.store(kvm_base + idx, tl.full([BLOCK_M], 1, tl.int8), mask=empty)
     if SDC_MODE == 1:
         d_u = du
     elif SDC_MODE == 2:
@@ -172,7 +202,8 @@ def _prefill_kernel(
     denom = tl.where(denom > 0, denom, 1.0)
     o = acc / denom[:, None]
     if VMC:
-        vsum = tl.load(VCUM + b * sc_b + hkv * sc_h + rows_abs[:, None] * sc_n + offs_d[None, :], mask=mask_m[:, None],
+        vsum = tl.load(VCUM + b * sc_b + hkv * sc_h + rows_abs[:, None] * sc_n + offs_d[None, :] * sc_d,
+                       mask=mask_m[:, None],
                        other=0.0)
         o += (1.0 - ds / denom)[:, None] * (vsum / L.to(tl.float32)[:, None])
     tl.store(OUT + b * so_b + h * so_h + offs_m[:, None] * so_m + offs_d[None, :], o.to(OUT.dtype.element_ty),
@@ -194,7 +225,8 @@ def prefill_config(d: int, device: torch.device) -> tuple[int, int, int, int]:
 def _prefill_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor,
                     sdc_term: torch.Tensor | None, scale: float, k_keep: int, sdc_code: int, sdc_scale: float,
                     vmc: bool, floor_max: bool, counts: bool, block_m: int, block_n: int, num_warps: int,
-                    num_stages: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                    num_stages: int, skip: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     B, Hq, Sq, D = q.shape
     _, Hkv, Sk, _ = k.shape
     if Sk < Sq:
@@ -206,7 +238,13 @@ def _prefill_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: to
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     theta = theta.to(torch.float32).contiguous()
     sdc_t = sdc_term.to(torch.float32).contiguous() if sdc_term is not None else theta
-    vcum = torch.cumsum(v.to(torch.float32), dim=2) if vmc else theta.new_empty(1, 1, 1)
+    # VMC's causal prefix sum of V, scanned along the last dimension of a (B, Hkv, d, Sk) copy:
+    # torch scans a middle dimension one sequential thread per column (milliseconds at 16k keys),
+    # the last dimension in parallel.  The kernel reads it through strides.
+    if vmc:
+        vcum = torch.cumsum(v.transpose(2, 3).to(torch.float32, memory_format=torch.contiguous_format), dim=-1)
+    else:
+        vcum = theta.new_empty(1, 1, 1, 1)
     dm, dn, dw, dst = prefill_config(D, q.device)
     block_m, block_n = block_m or dm, block_n or dn
     num_warps, num_stages = num_warps or dw, num_stages or dst
@@ -229,27 +267,27 @@ def _prefill_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: to
         q, k, v, theta, sdc_t, vcum, out, nk, empty, kvm,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
         v.stride(2), out.stride(0), out.stride(2), out.stride(1),
-        vcum.stride(0), vcum.stride(1), vcum.stride(2),
+        vcum.stride(0), vcum.stride(1), vcum.stride(2), vcum.stride(3),
         Hq, Sq, Sk, int(k_keep), float(scale) * LOG2E, float(sdc_scale),
         G=Hq // Hkv, BLOCK_M=block_m, BLOCK_N=block_n, D=D, SDC_MODE=sdc_code, EXACT=sdc_code == 1, FLOOR=floor_max,
-        VMC=vmc, COUNTS=counts, num_warps=num_warps, num_stages=num_stages,
+        VMC=vmc, COUNTS=counts, SKIP=bool(skip), num_warps=num_warps, num_stages=num_stages,
     )
-    v_total = vcum[:, :, -1].clone() if vmc else theta.new_empty(0)
+    v_total = vcum[..., -1].clone() if vmc else theta.new_empty(0)
     return out, nk, empty, kvm, v_total
 
 
 @torch.library.custom_op("toptheta::prefill", mutates_args=())
 def _prefill_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor, sdc_term: torch.Tensor | None,
                 scale: float, k_keep: int, sdc_code: int, sdc_scale: float, vmc: bool, floor_max: bool, counts: bool,
-                block_m: int, block_n: int, num_warps: int, num_stages: int
+                block_m: int, block_n: int, num_warps: int, num_stages: int, skip: bool
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _prefill_launch(q, k, v, theta, sdc_term, scale, k_keep, sdc_code, sdc_scale, vmc, floor_max, counts,
-                           block_m, block_n, num_warps, num_stages)
+                           block_m, block_n, num_warps, num_stages, skip)
 
 
 @_prefill_op.register_fake
 def _(q, k, v, theta, sdc_term, scale, k_keep, sdc_code, sdc_scale, vmc, floor_max, counts, block_m, block_n,
-      num_warps, num_stages):
+      num_warps, num_stages, skip):
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     shp = (B, Hq, Sq) if counts else (1, 1, 1)
@@ -261,7 +299,8 @@ def _(q, k, v, theta, sdc_term, scale, k_keep, sdc_code, sdc_scale, vmc, floor_m
 def topθ_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor | None, *,
                  config: SparseConfig, k_keep: int, sdc_term: torch.Tensor | None = None,
                  scale: float | None = None, counts: bool = True, return_v_sum: bool = False,
-                 block_m: int = 0, block_n: int = 0, num_warps: int = 0, num_stages: int = 0):
+                 block_m: int = 0, block_n: int = 0, num_warps: int = 0, num_stages: int = 0,
+                 skip_tiles: bool = False):
     """Causal Top-θ attention (prefill or chunked prefill).
 
     Args:
@@ -275,6 +314,11 @@ def topθ_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torc
         counts: also return :class:`KernelCounts` (otherwise ``None``).
         return_v_sum: also return the float32 sum of all V rows (B, Hkv, d) (VMC only), which
             seeds the running sum the decode kernel reads.
+        skip_tiles: test each tile for a survivor and skip the exponentials, the V load and P·V
+            of empty tiles.  The result is the same either way.  Off by default: the CTA-wide
+            test and the branch around P·V cost 10-25 % on every tile (H200,
+            ``benchmarks/results/kernels.md``), and 76-92 % of the tiles of real SmolLM2
+            attention still hold a survivor, so skipping rarely pays.
     Returns:
         ``(out, counts)`` or ``(out, counts, v_sum)``; ``out`` is (B, Hq, Sq, d) in q's dtype, a
         transposed view of a contiguous (B, Sq, Hq, d) buffer.
@@ -290,7 +334,8 @@ def topθ_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torc
     op = torch.ops.toptheta.prefill if torch.compiler.is_compiling() else _prefill_launch  # eager: no op overhead
     out, nk, empty, kvm, v_total = op(
         q, k, v, theta, sdc_term, float(d ** -0.5 if scale is None else scale), int(k_keep), var.sdc, var.sdc_scale,
-        var.vmc, var.floor_max, bool(counts), int(block_m), int(block_n), int(num_warps), int(num_stages))
+        var.vmc, var.floor_max, bool(counts), int(block_m), int(block_n), int(num_warps), int(num_stages),
+        bool(skip_tiles) and not var.dense)
     kc = None
     if counts:
         kc = KernelCounts(kept=nk.sum(-1, dtype=torch.int32), empty=empty.sum(-1, dtype=torch.int32),
