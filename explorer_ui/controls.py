@@ -1,16 +1,29 @@
-"""Widgets shared by several pages: the sparse-config controls and the sample-prompt picker."""
+"""Widgets shared by several pages: the sparse-config controls, the sample-prompt picker and the
+θ-aggregation picker."""
 
 from __future__ import annotations
 
 import streamlit as st
 
-from topθ_core.config import SDC, ConfigError, EmptyRowFloor, KSchedule, Placement, Selection, SparseConfig
+from topθ_core.config import SDC, Aggregation, CalibrationConfig, ConfigError, EmptyRowFloor, KSchedule, Placement, Selection, SparseConfig
 from topθ_core.thresholds import Thresholds
 
 from . import analysis
 from . import session_keys as K
 
 SELECTION_LABELS = {"top-theta": "Top-θ", "top-k": "Top-k", "dense": "Dense"}
+AGGREGATION_LABELS = {"mean-std": "mean + σ·std", "median": "median + σ·1.4826·MAD",
+                      "trimmed-mean": "10%-trimmed mean + σ·std"}
+
+
+def aggregation_picker(container, key: str) -> Aggregation:
+    """How the calibration turns each (layer, head, length bin)'s samples into θ (mean-std by default)."""
+    value = container.selectbox("θ aggregation", [a.value for a in Aggregation], key=key,
+                                format_func=lambda a: AGGREGATION_LABELS.get(a, a),
+                                help="mean-std is the paper's. The robust two keep up to "
+                                     f"{CalibrationConfig.reservoir_capacity} samples per (layer, head, length "
+                                     "bin) while calibrating; σ then scales 1.4826·MAD or the trimmed std.")
+    return Aggregation(value)
 
 
 def sparse_config_controls(prefix: str, thresholds: Thresholds | None, *, columns: int = 4,

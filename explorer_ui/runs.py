@@ -140,6 +140,11 @@ def provenance_lines(meta: dict) -> list[str]:
     if cal:
         lines.append(f"top-k at calibration: {'on' if cal.get('tac') else 'off'}, sample fraction "
                      f"{cal.get('sample_frac')}")
+    agg = meta.get("aggregation", "mean-std")
+    if agg != "mean-std":
+        res = meta.get("reservoir") or {}
+        lines.append(f"θ aggregation: {agg} ({meta.get('statistics', '')}); up to {res.get('capacity')} samples "
+                     f"per cell, {res.get('sampled_cells')} of {res.get('calibrated_cells')} cells sampled")
     if meta.get("data"):
         lines.append(f"data: {meta['data']}")
     if meta.get("tokens") is not None:

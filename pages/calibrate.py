@@ -5,7 +5,7 @@ from functools import partial
 
 import streamlit as st
 
-from explorer_ui import analysis, figures, runs, services
+from explorer_ui import analysis, controls, figures, runs, services
 from explorer_ui import session_keys as K
 from explorer_ui.sidebar import require_model
 from explorer_ui.uploads import EXTENSIONS, MAX_UPLOAD_MB, UploadError, parse_upload
@@ -16,7 +16,8 @@ ctx = require_model()
 lm = ctx.lm
 st.title("Calibrate")
 st.caption("Run the model on calibration text and record, per layer, head and row length, the score that "
-           "keeps exactly k elements; θ = mean + σ·std of those samples.")
+           "keeps exactly k elements; θ = mean + σ·std of those samples (or their median + σ·MAD, or "
+           "trimmed mean + σ·std).")
 
 # ---------------------------------------------------------------- data
 st.subheader("1 · Data")
@@ -69,6 +70,7 @@ k_default = s1.number_input("k (kept per row)", min_value=1, max_value=8192, val
 near_dense = s1.checkbox("Layers 0–1 near-dense (k=512, as in the paper)", value=True, key=K.CAL_NEAR_DENSE)
 sigma = s2.slider("σ", min_value=-1.0, max_value=2.0, value=0.1, step=0.05, key=K.CAL_SIGMA,
                   help="θ = mean + σ·std; larger σ keeps fewer elements")
+aggregation = controls.aggregation_picker(s2, K.CAL_AGGREGATION)
 placement = s2.radio("Placement", [p.value for p in Placement], key=K.CAL_PLACEMENT, horizontal=True,
                      format_func=lambda p: f"{p}-softmax")
 tac = s3.checkbox("Top-k at calibration (TAC)", value=True, key=K.CAL_TAC)
@@ -91,7 +93,8 @@ schedule = analysis.k_schedule_from_table(table, int(k_default))
 cal_error = None
 try:
     cal_config = CalibrationConfig(k=schedule, placement=placement, sigma=float(sigma), tac=bool(tac),
-                                   sample_frac=float(sample_frac), bin_width=int(bin_width), vmc=bool(vmc_default))
+                                   sample_frac=float(sample_frac), bin_width=int(bin_width), vmc=bool(vmc_default),
+                                   aggregation=aggregation)
     cal_config.k.as_list(lm.n_layers)
 except (ConfigError, ValueError) as e:
     cal_config, cal_error = None, str(e)

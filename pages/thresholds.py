@@ -29,7 +29,8 @@ overlay_name = c2.selectbox("Overlay a second run (distribution shift)", [NO_RUN
 row = all_runs[all_runs["name"] == run_name].iloc[0]
 meta = runs.read_meta(Path(row["path"])) or {}
 sigma = c3.number_input("σ", value=float(meta.get("sigma", 0.1)), step=0.05, key=K.TH_SIGMA,
-                        help="θ = mean + σ·std, recomputed from the saved statistics (no recalibration)")
+                        help="θ = mean + σ·std (median + σ·1.4826·MAD or trimmed mean + σ·std for robust runs), "
+                             "recomputed from the saved statistics (no recalibration)")
 
 df = figures.with_sigma(services.threshold_frame(row["path"], services.artifact_mtime(row["path"])), sigma)
 overlay = None

@@ -144,6 +144,19 @@ def test_calibrate_rejects_duplicate_and_bad_names(calibrated, env):
     assert sorted(p.name for p in env["runs"].iterdir() if not p.name.startswith(".")) == ["k16"]
 
 
+def test_calibrate_robust_aggregation(env):
+    from explorer_ui import runs
+
+    at = new_app().run()
+    assert at.selectbox(key="cal_aggregation").value == "mean-std"  # the default, next to σ
+    at.selectbox(key="cal_aggregation").set_value("median")
+    calibrate(at, 16, docs=2, name="k16-median")
+    meta = json.loads((env["runs"] / "k16-median" / "meta.json").read_text())
+    assert meta["aggregation"] == "median" and meta["calibration"]["aggregation"] == "median"
+    assert meta["statistics"].startswith("t_mean = median(t)") and meta["reservoir"]["capacity"] == 128
+    assert any(line.startswith("θ aggregation: median") for line in runs.provenance_lines(meta))
+
+
 def test_calibrate_k_too_large_fails_cleanly(env):
     at = new_app().run()
     calibrate(at, 4096, docs=2, name="too-big")

@@ -328,3 +328,47 @@ def test_dead_rank_fails_fast_without_artifact(dist_lm, tmp_path):
     assert outcome["error"] and "died" in outcome["error"]
     assert outcome["seconds"] < 60, "a dead peer must be noticed long before the timeout"
     assert not (tmp_path / "art").exists()
+
+
+# ---- robust aggregation: sample reservoirs gathered and merged across ranks ----------------
+
+ROBUST = {"median": CalibrationConfig(k=CONFIG.k, bin_width=8, tac=True, aggregation="median"),
+          "trimmed": CalibrationConfig(k=CONFIG.k, bin_width=8, tac=True, aggregation="trimmed-mean",
+                                       trim_fraction=0.2),
+          "small": CalibrationConfig(k=CONFIG.k, bin_width=8, tac=True, aggregation="median", reservoir_capacity=4)}
+
+
+def _robust(rank: int, lm, work: Path) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    for name, config in ROBUST.items():
+        th = calibrate_distributed(lm, _documents(DOC_LENGTHS), config, work / name if rank == 0 else None)
+        torch.save({"t_mean": th.t_mean, "t_std": th.t_std, "count": th.count}, work / f"{name}_rank{rank}.pt")
+    os._exit(0)
+
+
+def test_two_ranks_robust_aggregation_equal_one_process(dist_lm, tmp_path):
+    """Every (layer, head, bin) holds ≤ 72 samples here: with capacity 128 the merged reservoirs hold
+    every sample, so median and trimmed mean equal one process's; with capacity 4 they are a sample."""
+    codes = _fork_ranks(2, _robust, dist_lm, tmp_path)
+    assert codes == [0, 0], codes
+    for name, config in ROBUST.items():
+        ref = calibrate(dist_lm, _documents(DOC_LENGTHS), config)
+        got = load_thresholds(tmp_path / name, expect_model=dist_lm.fingerprint)
+        assert got.meta["aggregation"] == config.aggregation.value
+        assert got.meta["distributed"]["world_size"] == 2
+        for r in range(2):  # both ranks merged the same reservoirs
+            mine = torch.load(tmp_path / f"{name}_rank{r}.pt")
+            for key in ("count", "t_mean", "t_std"):
+                torch.testing.assert_close(mine[key], getattr(got, key), rtol=0, atol=0)
+        if name == "small":
+            assert torch.equal(got.count, ref.count)
+            assert got.meta["reservoir"]["sampled_cells"] > 0 and got.meta["reservoir"]["capacity"] == 4
+            cal = got.count > 0  # a sample: no equality to check (the merge itself is tested in test_aggregation)
+            assert torch.isfinite(got.t_mean[cal]).all() and (got.t_std[cal] >= 0).all()
+            continue
+        assert got.meta["reservoir"]["sampled_cells"] == 0
+        _assert_same(ref, got, f"2 ranks, {name}")

@@ -4,8 +4,9 @@ For every attention call, every (layer, head) and every sampled row with ``L > k
 the sample is ``t = (k+1)-th largest visible score`` (so "keep > t" keeps exactly k), in
 logit space for pre-softmax placement, in probability space for post-softmax.  Beside
 it goes the dropped mass ``D_U = Σ_{visible j, a_ij ≤ t} e^(a_ij − m_i)`` for offline SDC.
-Statistics accumulate in a mergeable :class:`~topθ_core.thresholds.ThresholdStats`;
-``θ = mean + σ·std`` is formed only at the end (:meth:`ThresholdStats.finalize`).
+Statistics accumulate in a mergeable :class:`~topθ_core.thresholds.ThresholdStats` (with a
+sample reservoir when ``config.aggregation`` is median or trimmed-mean); ``θ = location +
+σ·scale`` (mean and std by default) is formed only at the end (:meth:`ThresholdStats.finalize`).
 
 With top-k at calibration (TAC) each thresholded row is replaced by its exact top-k
 (with exact SDC standing in for offline SDC, and VMC as configured), so later layers are
@@ -211,7 +212,10 @@ def collect_stats(model: torch.nn.Module, documents: Sequence[torch.Tensor], con
     config.k.as_list(fp.n_layers)  # validates the schedule against the model
     device = next(model.parameters()).device
     if stats is None:
-        stats = ThresholdStats(fp.n_layers, fp.n_heads, config.bin_width, device=device)
+        stats = ThresholdStats.for_config(fp.n_layers, fp.n_heads, config, device=device)
+    elif config.aggregation.needs_samples and stats.samples is None:
+        raise ValueError(f"aggregation={config.aggregation.value} needs a sample reservoir, which the given "
+                         "statistics lack: create them with ThresholdStats.for_config(..., config)")
     observer = CalibrationObserver(stats, config)
     run_cfg = config.tac_config() if config.tac else SparseConfig(selection=Selection.DENSE, k=config.k, sdc="none", vmc=False)
     base = getattr(model, model.base_model_prefix, model)  # skip the LM head: logits are not needed

@@ -1,6 +1,7 @@
 """``toptheta``: calibrate, evaluate and generate from the command line.
 
     toptheta calibrate --model smollm2 --data FILE --k 64 --layer-k 0:512,1:512 --out DIR
+    toptheta calibrate --model smollm2 --data FILE --aggregation median --out DIR
     toptheta evaluate  --model smollm2 --thresholds DIR --data FILE
     toptheta evaluate  --model smollm2 --thresholds DIR --task arc_easy --limit 100
     toptheta generate  --model smollm2 --thresholds DIR --prompt TEXT --max-new-tokens 32
@@ -17,7 +18,7 @@ import math
 import sys
 import time
 
-from .config import SDC, CalibrationConfig, ConfigError, EmptyRowFloor, KSchedule, Lookup, Placement, Selection, SparseConfig
+from .config import SDC, Aggregation, CalibrationConfig, ConfigError, EmptyRowFloor, KSchedule, Lookup, Placement, Selection, SparseConfig
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -54,7 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--k", type=int, default=64)
     c.add_argument("--layer-k", default="0:512,1:512")
     c.add_argument("--placement", choices=[e.value for e in Placement], default="pre")
-    c.add_argument("--sigma", type=float, default=0.1)
+    c.add_argument("--sigma", type=float, default=0.1, help="θ = location + σ·scale of the --aggregation")
+    c.add_argument("--aggregation", choices=[e.value for e in Aggregation], default=Aggregation.MEAN_STD.value,
+                   help="mean-std: θ = mean + σ·std; median: median + σ·1.4826·MAD; trimmed-mean: mean + σ·std "
+                        "of the samples left after cutting --trim-fraction off each end")
+    c.add_argument("--reservoir-capacity", type=int, default=CalibrationConfig.reservoir_capacity,
+                   help="threshold samples kept per (layer, head, length bin) for median / trimmed-mean "
+                        "(exact up to this many)")
+    c.add_argument("--trim-fraction", type=float, default=CalibrationConfig.trim_fraction,
+                   help="share of samples cut off each end for trimmed-mean, in [0, 0.5)")
     c.add_argument("--tac", action="store_true", help="top-k at calibration")
     c.add_argument("--sdc", choices=[e.value for e in SDC], default="exact",
                    help="SDC the thresholds are meant for (recorded; offline terms are always calibrated)")
@@ -156,7 +165,8 @@ def cmd_calibrate(args) -> int:
 
     cfg = CalibrationConfig(k=KSchedule.parse(args.k, args.layer_k), placement=args.placement, sigma=args.sigma,
                             tac=args.tac, sample_frac=args.sample_frac, bin_width=args.bin_width, seed=args.seed,
-                            vmc=args.vmc, sdc_source=args.sdc_source)
+                            vmc=args.vmc, sdc_source=args.sdc_source, aggregation=args.aggregation,
+                            reservoir_capacity=args.reservoir_capacity, trim_fraction=args.trim_fraction)
     # the inference variant the user intends; validated now so a bad combination fails before an hour of work
     SparseConfig(placement=args.placement, sdc=args.sdc if args.placement == "pre" else "none",
                  sdc_scale=args.sdc_scale, vmc=args.placement == "post" or args.sdc != "none", capk=args.capk, k=cfg.k)
@@ -174,7 +184,8 @@ def cmd_calibrate(args) -> int:
     print(f"calibrated {th.meta.get('documents')} documents, {th.meta.get('tokens')} tokens in "
           f"{th.meta.get('seconds')} s ({th.meta.get('tokens', 0) / max(th.meta.get('seconds') or 1e-9, 1e-9):.0f} tok/s): "
           f"{len(df)} (layer, head, length-bin) thresholds, k={cfg.k.default}"
-          f"{' [' + cfg.k.to_text() + ']' if cfg.k.overrides else ''}, σ={cfg.sigma} → {args.out}")
+          f"{' [' + cfg.k.to_text() + ']' if cfg.k.overrides else ''}, σ={cfg.sigma}, {cfg.aggregation.value} "
+          f"→ {args.out}")
     return 0
 
 

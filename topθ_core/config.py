@@ -70,9 +70,22 @@ class SdcSource(str, enum.Enum):
 
 
 class Aggregation(str, enum.Enum):
-    """How per-row threshold samples become one θ per (layer, head, length bin)."""
+    """How per-row threshold samples become one θ per (layer, head, length bin).
+
+    Every variant yields a location and a scale, θ = location + σ·scale; the functions are
+    ``topθ_core.thresholds.AGGREGATIONS``.  The robust ones read a fixed-capacity sample of
+    each bin (:class:`~topθ_core.thresholds.SampleReservoir`), exact while a bin has at most
+    ``CalibrationConfig.reservoir_capacity`` samples.
+    """
 
     MEAN_STD = "mean-std"  # θ = mean + σ·std (population std), mergeable by addition
+    MEDIAN = "median"  # θ = median + σ·1.4826·MAD (MAD = median |t − median|)
+    TRIMMED_MEAN = "trimmed-mean"  # θ = trimmed mean + σ·std of the kept samples (trim_fraction off each end)
+
+    @property
+    def needs_samples(self) -> bool:
+        """True when the aggregation reads the samples themselves, not only count, Σt and Σt²."""
+        return self is not Aggregation.MEAN_STD
 
 
 def parse_layer_k(text: str | None) -> dict[int, int]:
@@ -144,6 +157,8 @@ class KSchedule:
     def from_dict(cls, d: Mapping) -> "KSchedule":
         return cls(default=int(d["default"]), overrides=tuple(sorted((int(l), int(k)) for l, k in d["overrides"].items())))
 
+
+MAX_RESERVOIR_CAPACITY = 1 << 16  # samples per (layer, head, length bin); far beyond what a median needs
 
 PAPER_K = KSchedule(default=64, overrides=((0, 512), (1, 512)))
 
@@ -299,13 +314,19 @@ DENSE = SparseConfig(selection=Selection.DENSE, sdc=SDC.NONE, vmc=False)
 class CalibrationConfig:
     """How thresholds are calibrated.
 
-    ``sigma``: θ = mean(t) + σ·std(t).  ``tac``: top-k at calibration (each thresholded
-    row is replaced by its exact top-k so later layers see sparse activations).
+    ``sigma``: θ = mean(t) + σ·std(t) (with ``aggregation`` mean-std; see below).  ``tac``:
+    top-k at calibration (each thresholded row is replaced by its exact top-k so later layers
+    see sparse activations).
     ``sample_frac``: fraction of eligible rows sampled per attention call, biased to the
     length bins seen least so far.  ``bin_width``: length-bin width in tokens
     (1 = per exact length, research-code parity).  ``sdc_source``: the offline SDC term is
     the mean dropped mass of top-k (one pass) or of Top-θ itself (a second pass that runs
     Top-θ with the first pass's θ and records ``D_U`` of the set it actually drops).
+    ``aggregation``: mean-std (default), median (θ = median + σ·1.4826·MAD) or trimmed-mean
+    (θ = mean + σ·std of the samples left after cutting ``trim_fraction`` off each end).  The
+    robust two keep a uniform sample of at most ``reservoir_capacity`` threshold samples per
+    (layer, head, length bin), exact while a bin has no more; that costs
+    8 bytes · layers · heads · bins · capacity while calibrating (mean-std keeps none).
     """
 
     k: KSchedule = field(default_factory=lambda: PAPER_K)
@@ -318,14 +339,17 @@ class CalibrationConfig:
     seed: int = 0
     vmc: bool = True  # compensation used on TAC rows while calibrating (exact SDC stands in)
     sdc_source: SdcSource = SdcSource.TOP_K
+    reservoir_capacity: int = 128
+    trim_fraction: float = 0.1
 
     def __post_init__(self) -> None:
-        try:
-            object.__setattr__(self, "placement", Placement(self.placement))
-            object.__setattr__(self, "aggregation", Aggregation(self.aggregation))
-            object.__setattr__(self, "sdc_source", SdcSource(self.sdc_source))
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        for name, enum_cls in (("placement", Placement), ("aggregation", Aggregation), ("sdc_source", SdcSource)):
+            value = getattr(self, name)
+            try:
+                object.__setattr__(self, name, enum_cls(value))
+            except ValueError:
+                choices = ", ".join(e.value for e in enum_cls)
+                raise ConfigError(f"{name}={value!r} is not one of: {choices}") from None
         if not isinstance(self.k, KSchedule):
             raise ConfigError("k must be a KSchedule")
         if not (0.0 < self.sample_frac <= 1.0):
@@ -336,6 +360,15 @@ class CalibrationConfig:
             raise ConfigError(f"sigma={self.sigma} is outside the sensible range [-10, 10]")
         if self.sdc_source is SdcSource.THETA and self.placement is Placement.POST:
             raise ConfigError("sdc_source=theta calibrates the pre-softmax SDC term; post-softmax uses no SDC")
+        cap = self.reservoir_capacity
+        if isinstance(cap, bool) or not isinstance(cap, int) or not (1 <= cap <= MAX_RESERVOIR_CAPACITY):
+            raise ConfigError(f"reservoir_capacity must be an integer in [1, {MAX_RESERVOIR_CAPACITY}] "
+                              f"(samples kept per layer, head and length bin), got {cap!r}")
+        if isinstance(self.trim_fraction, bool) or not isinstance(self.trim_fraction, (int, float)) \
+                or not (0.0 <= self.trim_fraction < 0.5):
+            raise ConfigError(f"trim_fraction must be in [0, 0.5) (the share cut off each end of a bin's samples), "
+                              f"got {self.trim_fraction!r}")
+        object.__setattr__(self, "trim_fraction", float(self.trim_fraction))
 
     def tac_config(self) -> SparseConfig:
         """The sparse config that top-k at calibration runs with (exact SDC stands in for offline)."""
@@ -363,6 +396,8 @@ class CalibrationConfig:
             "seed": self.seed,
             "vmc": self.vmc,
             "sdc_source": self.sdc_source.value,
+            "reservoir_capacity": self.reservoir_capacity,
+            "trim_fraction": self.trim_fraction,
         }
 
     @classmethod

@@ -6,13 +6,19 @@ balanced by token count); each rank accumulates the mergeable
 :class:`~topθ_core.thresholds.ThresholdStats` of its shard with
 :func:`~topθ_core.calibration.collect_stats`; one ``all_reduce(SUM)`` of the stacked float64
 statistics merges them; rank 0 finalizes and writes the artifact atomically; every rank
-returns the same :class:`~topθ_core.thresholds.Thresholds`.
+returns the same :class:`~topθ_core.thresholds.Thresholds`.  With a robust aggregation
+(median, trimmed mean) each rank also keeps a sample reservoir, drawn from its own key stream
+of the seed (:func:`~topθ_core.thresholds.stream_seed` (seed, rank)); one ``all_gather``
+brings every rank's reservoir to every rank, and each merges them in rank order
+(:meth:`~topθ_core.thresholds.SampleReservoir.merge`): a uniform sample of all ranks' samples.
 
 Equality with one process: each document is calibrated on its own (one forward, batch 1),
 so with ``sample_frac = 1`` the merged statistics are the single-process sums in another
 order: counts are exactly equal and θ / SDC terms equal to float64 rounding (plus whatever
 the model's own kernels do differently between processes), whatever the number of ranks
-and however the data splits.  With ``sample_frac < 1`` the row sampling is random and
+and however the data splits.  Robust aggregations are equal too while no (layer, head,
+length bin) has more samples than the reservoir holds; beyond that the kept sample depends
+on the split (uniform either way).  With ``sample_frac < 1`` the row sampling is random and
 biased by what the *same process* has seen so far, so results depend on the split: they
 are statistically equivalent, not equal.  Trailing length bins that no rank calibrated are
 dropped, so the artifact's shape does not depend on the split either.
@@ -46,10 +52,10 @@ import torch
 import torch.distributed as dist
 
 from .calibration import collect_stats, prepare_documents
-from .config import SdcSource, SDC, CalibrationConfig, ConfigError, KSchedule, Placement, SparseConfig, Selection
+from .config import Aggregation, SdcSource, SDC, CalibrationConfig, ConfigError, KSchedule, Placement, SparseConfig, Selection
 from .datafiles import read_texts
 from .integration import model_fingerprint
-from .thresholds import ThresholdStats, Thresholds
+from .thresholds import SampleReservoir, ThresholdStats, Thresholds, stream_seed
 
 __all__ = ["DistributedCalibrationError", "RankInfo", "calibrate_distributed", "load_rank_model",
            "rank_info", "shard_documents", "summary_line", "main"]
@@ -218,6 +224,21 @@ class _Comm:
                 "no artifact was written") from e
         return buf
 
+    def all_gather(self, t: torch.Tensor, stage: str) -> list[torch.Tensor]:
+        """Every rank's ``t`` (same shape and dtype everywhere), in rank order."""
+        if self.world == 1:
+            return [t]
+        comm_dev = torch.device("cuda", torch.cuda.current_device()) if "nccl" in self.backend else torch.device("cpu")
+        buf = t.to(comm_dev)
+        out = [torch.empty_like(buf) for _ in range(self.world)]
+        try:
+            dist.all_gather(out, buf)
+        except Exception as e:
+            raise DistributedCalibrationError(
+                f"rank {self.info.rank}: {stage}: the all_gather failed ({type(e).__name__}: {e}); "
+                "no artifact was written") from e
+        return out
+
 
 def _ranks_text(ranks: list[int]) -> str:
     return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))
@@ -331,6 +352,25 @@ def _unstack(stacked: torch.Tensor, like: ThresholdStats, rows_seen: int) -> Thr
     merged = ThresholdStats(like.n_layers, like.n_heads, like.bin_width, n_bins=n_bins, device="cpu")
     merged.count, merged.t_sum, merged.t_sumsq, merged.du_sum = stacked[..., :n_bins].cpu().clone().unbind(0)
     merged.rows_seen = rows_seen
+    return merged
+
+
+def _stack_samples(stats: ThresholdStats, n_bins: int) -> torch.Tensor:
+    """(2, n_layers, n_heads, n_bins, capacity) float64: reservoir keys and values (both exact in float64)."""
+    res = stats.samples
+    res.ensure_bins(n_bins)
+    return torch.stack([res.keys[:, :, :n_bins].to(torch.float64), res.values[:, :, :n_bins].to(torch.float64)])
+
+
+def _merge_samples(gathered: list[torch.Tensor], config: CalibrationConfig, n_bins: int) -> SampleReservoir:
+    """Every rank's reservoir (from :func:`_stack_samples`), merged in rank order, cut to ``n_bins``."""
+    merged = None
+    for rank, packed in enumerate(gathered):
+        keys, values = packed.cpu()
+        part = SampleReservoir(*keys.shape[:2], 0, keys.shape[-1], seed=stream_seed(config.seed, rank))
+        part.keys, part.values = keys.to(torch.int32), values.to(torch.float32)
+        merged = part if merged is None else merged.merge(part)
+    merged.truncate_bins(n_bins)
     return merged
 
 
@@ -475,7 +515,7 @@ def _run(comm: _Comm, model, is_spec, data, config, out, device, gpus, tokenizer
     # 3. each rank's shard
     err, payload = None, None
     stats_device = next(net.parameters()).device
-    stats = ThresholdStats(fp.n_layers, fp.n_heads, config.bin_width, device=stats_device)
+    stats = ThresholdStats.for_config(fp.n_layers, fp.n_heads, config, device=stats_device, stream=info.rank)
     shard_docs = [docs[i] for i in shard]
     t0 = time.perf_counter()
     try:
@@ -491,6 +531,9 @@ def _run(comm: _Comm, model, is_spec, data, config, out, device, gpus, tokenizer
     n_bins = max(p["n_bins"] for p in everyone)
     stacked = comm.all_reduce_sum(_stack(stats, n_bins), "merging statistics")
     merged = _unstack(stacked, stats, rows_seen=sum(p["rows"] for p in everyone))
+    if stats.samples is not None:  # robust aggregation: every rank's reservoir, merged in rank order
+        gathered = comm.all_gather(_stack_samples(stats, n_bins), "merging sample reservoirs")
+        merged.samples = _merge_samples(gathered, config, merged.n_bins)
     seconds = time.perf_counter() - t0
     tokens = sum(lengths)
     extra = {
@@ -535,7 +578,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=64, help="kept elements per row (default layer k)")
     p.add_argument("--layer-k", default="0:512,1:512", help="per-layer overrides")
     p.add_argument("--placement", choices=[e.value for e in Placement], default="pre")
-    p.add_argument("--sigma", type=float, default=0.1, help="θ = mean + σ·std")
+    p.add_argument("--sigma", type=float, default=0.1, help="θ = mean + σ·std (or the --aggregation's pair)")
+    p.add_argument("--aggregation", choices=[e.value for e in Aggregation], default=Aggregation.MEAN_STD.value,
+                   help="θ = mean + σ·std, median + σ·1.4826·MAD, or trimmed mean + σ·trimmed std")
+    p.add_argument("--reservoir-capacity", type=int, default=CalibrationConfig.reservoir_capacity,
+                   help="threshold samples kept per (layer, head, length bin) for median / trimmed-mean")
+    p.add_argument("--trim-fraction", type=float, default=CalibrationConfig.trim_fraction,
+                   help="share cut off each end for trimmed-mean")
     p.add_argument("--tac", action="store_true", help="top-k at calibration")
     p.add_argument("--sdc", default="exact", choices=[e.value for e in SDC],
                    help="SDC the thresholds are meant for (validated and recorded; offline SDC terms are always stored)")
@@ -595,7 +644,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         k = KSchedule.parse(args.k, args.layer_k)
         config = CalibrationConfig(k=k, placement=args.placement, sigma=args.sigma, tac=args.tac,
                                    sample_frac=args.sample_frac, bin_width=args.bin_width, seed=args.seed,
-                                   vmc=args.vmc)
+                                   vmc=args.vmc, aggregation=args.aggregation,
+                                   reservoir_capacity=args.reservoir_capacity, trim_fraction=args.trim_fraction)
         # the inference variant the user intends (as `toptheta calibrate`): fail before the work, not after
         SparseConfig(selection=Selection.TOP_THETA, placement=args.placement,
                      sdc=args.sdc if args.placement == "pre" else "none", sdc_scale=args.sdc_scale,
