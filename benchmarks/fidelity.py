@@ -18,7 +18,14 @@ prefixes so prompts reach ~1-1.5k tokens) through :func:`topθ_core.evaluation.e
 Every Top-θ variant runs the PyTorch reference attention (observers force it), so kernel and
 reference paths never mix within a comparison.
 
+Plan ``robust`` (robust θ aggregation): one calibration per k that also keeps a sample reservoir
+(capacity 128, which holds every sample of a 16-length bin over 8 documents), finalized three ways
+(mean-std, median + σ·1.4826·MAD, 10%-trimmed mean + σ·std), each run with the default inference
+variant (``SparseConfig()``: Top-θ + exact SDC + VMC, interpolated lookup) at σ 0.1 and 0.5.  The
+row samples are the same for all three, so only the aggregation differs.
+
     python benchmarks/fidelity.py run --device cuda --out DIR      # measurements → DIR/*.csv
+    python benchmarks/fidelity.py run --plan robust --ks 64 --device cpu --sections table --out DIR
     python benchmarks/fidelity.py report --raw DIR                 # → benchmarks/results/fidelity.{md,csv,html}
 """
 
@@ -39,8 +46,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from topθ_core.config import (SDC, CalibrationConfig, EmptyRowFloor, KSchedule, Lookup, Selection,  # noqa: E402
-                              SparseConfig)
+from topθ_core.config import (SDC, Aggregation, CalibrationConfig, EmptyRowFloor, KSchedule, Lookup,  # noqa: E402
+                              Selection, SparseConfig)
 
 RESULTS = ROOT / "benchmarks" / "results"
 SEQ = 2048
@@ -260,8 +267,8 @@ def run(args) -> None:
         log(f"calibrated {name} in {time.perf_counter() - t0:.1f}s")
 
     ks = tuple(int(x) for x in args.ks.split(","))
-    for k in ks:
-        calib(f"k{k}", k, cal_docs[:n_cal])
+    for k in ks:  # the robust plan keeps the samples too (the sums, hence mean-std, are the same)
+        calib(f"k{k}", k, cal_docs[:n_cal], **({"aggregation": Aggregation.MEDIAN} if args.plan == "robust" else {}))
     if args.plan == "full" and 64 in ks:
         calib("k64-len1024", 64, [d[: seq // 2] for d in cal_docs[:n_cal]])
         import copy
@@ -325,6 +332,8 @@ def run(args) -> None:
             measure_small(record, th, ks, sdc_theta, stats, calib, more, cal_docs, n_cal, seq, log)
         elif args.plan == "exact":
             measure_exact(record, th, ks, theta_cfg, topk_cfg)
+        elif args.plan == "robust":
+            measure_robust(record, stats, ks, fp, f"{n_cal} docs × {seq}")
         else:
             measure(record, th, ks, sdc_theta, theta_cfg, topk_cfg, args, sections)
     except OutOfTime:
@@ -452,6 +461,21 @@ def measure_exact(record, th, ks, theta_cfg, topk_cfg) -> None:
                curve=True, mc=k in ks)
 
 
+def measure_robust(record, stats, ks, fp, cal) -> None:
+    """The default variant (Top-θ + exact SDC + VMC) with θ from each aggregation of the same samples."""
+    from dataclasses import replace
+
+    for k in ks:
+        s, cc = stats[f"k{k}"]
+        cfg = SparseConfig(k=KSchedule(k, {0: 512, 1: 512}))  # the defaults: exact SDC, VMC, interpolate
+        for agg in Aggregation:
+            th = s.finalize(cc.sigma, fingerprint=fp, k=cc.k, placement=cc.placement,
+                            calibration=replace(cc, aggregation=agg), data=f"pydoc calibration half, {cal}")
+            for sig in (0.1, 0.5):
+                record("robust", f"Top-θ + exact SDC + VMC, θ {agg.value}", cfg, th.with_sigma(sig), k, sig, cal=cal,
+                       curve=True)
+
+
 # --------------------------------------------------------------------------- report
 TABLE_COLS = [("ppl_change", "Δ perplexity", "{:+.1%}"), ("kl_mean", "KL(dense‖sparse)", "{:.4f}"),
               ("arc_easy_delta", "Δ ARC-Easy", "{:+.1%}"), ("hellaswag_delta", "Δ HellaSwag", "{:+.1%}"),
@@ -541,7 +565,7 @@ def main() -> None:
     r.add_argument("--mc-items", type=int, default=200)
     r.add_argument("--arc-shots", type=int, default=25)
     r.add_argument("--hs-shots", type=int, default=10)
-    r.add_argument("--plan", choices=("full", "cpu", "exact"), default="full")
+    r.add_argument("--plan", choices=("full", "cpu", "exact", "robust"), default="full")
     r.add_argument("--ks", default="32,64")
     r.add_argument("--n-cal", type=int, default=0, help="calibration documents (0: 8; the 'more data' row doubles it)")
     r.add_argument("--n-eval", type=int, default=0, help="held-out documents (0: 6)")
