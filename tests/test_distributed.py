@@ -174,6 +174,38 @@ def test_two_ranks_cli_equals_one_process(tiny_dir, dist_lm, tmp_path):
     assert sum(per_rank) == 6 and min(per_rank) > 0, per_rank
 
 
+def test_workers_cli_equals_one_process(tiny_dir, dist_lm, tmp_path):
+    """`toptheta calibrate --workers 2` starts its own local ranks (no torchrun): same artifact as one process."""
+    g = torch.Generator().manual_seed(2)
+    texts = [" ".join(f"w{int(i)}" for i in torch.randint(0, VOCAB, (n,), generator=g))
+             for n in (120, 45, 90, 160, 30)]
+    data = tmp_path / "docs.txt"
+    data.write_text("\n\n".join(texts) + "\n")
+    out = tmp_path / "art"
+    cmd = [sys.executable, "-m", "topθ_core.cli", "calibrate", "--workers", "2", "--model", str(tiny_dir),
+           "--data", str(data), "--k", "8", "--layer-k", "0:24", "--bin-width", "8", "--tac", "--vmc",
+           "--dtype", "float32", "--out", str(out)]
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    print(f"--workers 2: {time.perf_counter() - t0:.1f} s, rc {res.returncode}")
+    assert res.returncode == 0, res.stdout + res.stderr
+    summary = [line for line in res.stdout.splitlines() if line.startswith("wrote ")]
+    assert len(summary) == 1 and "on 2 rank(s) (gloo)" in summary[0], res.stdout
+    got = load_thresholds(out, expect_model=dist_lm.fingerprint)
+    _assert_same(calibrate(dist_lm, texts, CONFIG), got, "--workers 2")
+    assert min(got.meta["distributed"]["rank_documents"]) > 0
+
+
+def test_workers_rejects_bad_count(tiny_dir, tmp_path):
+    data = tmp_path / "docs.txt"
+    data.write_text("w1 w2 w3 w4 w5 w6 w7 w8 w9 w10\n")
+    res = subprocess.run([sys.executable, "-m", "topθ_core.cli", "calibrate", "--workers", "0", "--model", str(tiny_dir),
+                          "--data", str(data), "--out", str(tmp_path / "art")],
+                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "--workers must be at least 1" in res.stderr, res.stdout + res.stderr
+    assert not (tmp_path / "art").exists()
+
+
 # ---- 3 ranks (forked from this process: no re-import, no reload) ---------------------------
 
 def _free_port() -> int:

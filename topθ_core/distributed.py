@@ -608,6 +608,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["nccl", "gloo"], default=None, help="default: nccl on GPU, gloo on CPU")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT.total_seconds(),
                    help="seconds a rank waits for the others (default 1800)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="without torchrun: start this many local ranks (processes) and split this machine's "
+                        "CPU threads between them; on a CPU, N ranks of 1/N of the threads calibrate faster "
+                        "than one process using them all")
     return p
 
 
@@ -637,9 +641,52 @@ def _progress_printer(every_s: float = 15.0) -> ProgressFn:
     return report
 
 
+def launch_local(argv: Sequence[str], workers: int, *, grace_s: float = 30.0) -> int:
+    """Run this module's job as ``workers`` local ranks, as ``torchrun --standalone`` would.
+
+    Each rank is a ``python -m topθ_core.distributed`` process with the torchrun environment
+    (rank, world size, a free local port) and ``OMP_NUM_THREADS`` = this process's torch threads
+    / ``workers`` (at least 1).  Returns the worst exit code.  When a rank exits with an error, the
+    others get ``grace_s`` to notice (they fail fast and clean up) before they are terminated.
+    """
+    import socket
+    import subprocess
+
+    if workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {workers}")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    threads = max(1, torch.get_num_threads() // workers)
+    procs = []
+    for r in range(workers):
+        env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(workers), LOCAL_WORLD_SIZE=str(workers),
+                   GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads))
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        procs.append(subprocess.Popen([sys.executable, "-m", "topθ_core.distributed", *argv], env=env))
+    failed_at = None
+    while any(p.poll() is None for p in procs):
+        if failed_at is None and any(p.returncode not in (None, 0) for p in procs):
+            failed_at = time.monotonic()
+        if failed_at is not None and time.monotonic() - failed_at > grace_s:
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+        time.sleep(0.1)
+    return max((p.returncode for p in procs), key=abs)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     info = rank_info()
+    if args.workers != 1 and "WORLD_SIZE" not in os.environ:
+        if args.workers < 1:
+            print(f"error: --workers must be at least 1, got {args.workers}", file=sys.stderr)
+            return 2
+        rest = list(argv if argv is not None else sys.argv[1:])
+        i = rest.index("--workers") if "--workers" in rest else None
+        rest = rest[:i] + rest[i + 2:] if i is not None else [a for a in rest if not a.startswith("--workers=")]
+        return launch_local(rest, args.workers)
     try:
         k = KSchedule.parse(args.k, args.layer_k)
         config = CalibrationConfig(k=k, placement=args.placement, sigma=args.sigma, tac=args.tac,
