@@ -181,6 +181,40 @@ def png_data_uri(rgb: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+MAP_FLOOR = -6.0  # log10 of the smallest weight the maps colour; below it is the bottom colour
+
+
+def attention_map_images(dense: np.ndarray, sparse: np.ndarray, kept: np.ndarray, visible: np.ndarray, *,
+                         head: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """One head's maps as (n, n, 3) uint8 RGB images: (Top-θ, dense, kept share of visible cells).
+
+    Colour is Viridis over log10 of the weight on [:data:`MAP_FLOOR`, 0]; on the Top-θ image,
+    visible cells with nothing kept are grey (:data:`DROPPED_GREY`); future (masked) cells are
+    white on both.  The pages show these with ``st.image`` when a map is too large for a heatmap.
+    """
+    d, s, k = dense[head], sparse[head], kept[head]
+    vis = visible > 0
+    log_dense = np.where(vis, np.log10(np.maximum(d, 10 ** MAP_FLOOR)), np.nan)
+    log_sparse = np.where(vis & (k > 0), np.log10(np.maximum(s, 10 ** MAP_FLOOR)), np.nan)
+    white = np.array(_rgb("#ffffff"), dtype=np.uint8)
+    img_d = np.where(vis[..., None], colour_map(log_dense, MAP_FLOOR, 0.0), white)
+    img_s = np.where((vis & (k > 0))[..., None], colour_map(log_sparse, MAP_FLOOR, 0.0),
+                     np.where(vis[..., None], np.array(_rgb(DROPPED_GREY), dtype=np.uint8), white))
+    share = float(k[vis].mean()) if vis.any() else 0.0
+    return img_s.astype(np.uint8), img_d.astype(np.uint8), share
+
+
+def upscale(img: np.ndarray, factor: int) -> np.ndarray:
+    """Nearest-neighbour enlargement (cells stay crisp when the browser scales the image)."""
+    return img if factor <= 1 else img.repeat(factor, axis=0).repeat(factor, axis=1)
+
+
+def colour_legend(width: int = 256, height: int = 14) -> np.ndarray:
+    """The maps' colour scale as a (height, width, 3) image: log10 weight MAP_FLOOR (left) … 0 (right)."""
+    row = colour_map(np.linspace(MAP_FLOOR, 0.0, width)[None, :], MAP_FLOOR, 0.0)
+    return np.repeat(row, height, axis=0)
+
+
 def attention_maps(dense: np.ndarray, sparse: np.ndarray, kept: np.ndarray, visible: np.ndarray, *, head: int,
                    pool: int = 1, title: str = "", image: bool | None = None) -> go.Figure:
     """Side by side for one head: the Top-θ map (weights applied to V, dropped cells grey) and the dense softmax.
@@ -204,15 +238,12 @@ def attention_maps(dense: np.ndarray, sparse: np.ndarray, kept: np.ndarray, visi
     if image is None:
         image = max(d.shape) > IMAGE_CELLS
     if image:
-        white = np.array(_rgb("#ffffff"), dtype=np.uint8)
-        img_d = np.where(vis[..., None], colour_map(log_dense, floor, 0.0), white)
-        img_s = np.where((vis & (k > 0))[..., None], colour_map(log_sparse, floor, 0.0),
-                         np.where(vis[..., None], np.array(_rgb(DROPPED_GREY), dtype=np.uint8), white))
+        img_s, img_d, _ = attention_map_images(dense, sparse, kept, visible, head=head)
         hover = "query %{y}, key %{x}<extra>{name}</extra>"
         data = [
-            dict(type="image", source=png_data_uri(img_s.astype(np.uint8)), xaxis="x", yaxis="y", name="Top-θ",
+            dict(type="image", source=png_data_uri(img_s), xaxis="x", yaxis="y", name="Top-θ",
                  hovertemplate=hover.replace("{name}", "Top-θ")),
-            dict(type="image", source=png_data_uri(img_d.astype(np.uint8)), xaxis="x2", yaxis="y2", name="dense",
+            dict(type="image", source=png_data_uri(img_d), xaxis="x2", yaxis="y2", name="dense",
                  hovertemplate=hover.replace("{name}", "dense")),
             dict(type="scatter", x=[None], y=[None], mode="markers", showlegend=False, hoverinfo="skip",
                  marker=dict(colorscale="Viridis", cmin=floor, cmax=0, color=[floor], showscale=True,

@@ -75,10 +75,26 @@ def _maps(snap, layer: int, n_heads: int) -> None:
         st.session_state[K.SP_HEAD] = 0
     h1, _ = st.columns([1, 3])
     head = h1.selectbox("Head", list(range(n_heads)), key=K.SP_HEAD)
-    st.plotly_chart(figures.attention_maps(snap.dense, snap.sparse, snap.kept, snap.visible, head=int(head),
-                                           pool=snap.pool, title=f"layer {layer} · head {head}"
-                                           + (f" · {snap.pool} tokens per cell" if snap.pool > 1 else "")),
-                    width="stretch", key="sp_maps")
+    title = f"layer {layer} · head {head}" + (f" · {snap.pool} tokens per cell" if snap.pool > 1 else "")
+    n = snap.dense.shape[-1]
+    if n <= figures.IMAGE_CELLS:  # small maps: heatmaps with per-cell hover
+        st.plotly_chart(figures.attention_maps(snap.dense, snap.sparse, snap.kept, snap.visible, head=int(head),
+                                               pool=snap.pool, title=title), width="stretch", key="sp_maps")
+        return
+    # large maps: two images (a browser draws them far faster than a chart; switching heads stays quick)
+    img_s, img_d, share = figures.attention_map_images(snap.dense, snap.sparse, snap.kept, snap.visible,
+                                                       head=int(head))
+    unit = "token" if snap.pool == 1 else f"{snap.pool}-token block"
+    st.markdown(f"**{title}**")
+    a, b = st.columns(2)
+    up = max(1, 512 // n)
+    a.image(figures.upscale(img_s, up), caption=f"Top-θ: kept weights (grey = dropped), {share:.1%} kept",
+            width="stretch", output_format="PNG")
+    b.image(figures.upscale(img_d, up), caption="dense softmax probabilities", width="stretch", output_format="PNG")
+    c, _ = st.columns([2, 3])
+    c.image(figures.colour_legend(), output_format="PNG", width="stretch",
+            caption=f"log10 weight {figures.MAP_FLOOR:.0f} … 0 · grey: dropped · white: future keys · "
+                    f"rows: queries, columns: keys (one {unit} per pixel)")
 
 
 _maps(snap, int(layer), lm.fingerprint.n_heads)

@@ -56,6 +56,10 @@ def plotly_specs(at: AppTest) -> list[dict]:
     return [json.loads(el.proto.spec) for el in at.get("plotly_chart")]
 
 
+def image_captions(at: AppTest) -> list[str]:
+    return [img.caption for el in at.get("image") for img in el.proto.imgs]
+
+
 def arr(x) -> list:
     """A plotly JSON array (plain list or base64 typed array) as a list."""
     if isinstance(x, dict) and "bdata" in x:
@@ -245,7 +249,18 @@ def test_thresholds_overlay_two_runs(calibrated, env):
     assert [t["name"] for t in hist["data"]] == ["k16", "k16-lambada"]
 
 
-def test_sparsity_page(calibrated):
+def test_sparsity_page(calibrated, monkeypatch):
+    from explorer_ui import figures
+
+    drawn = []  # (n, n) of every map image the page draws
+
+    def spy(*a, **kw):
+        out = real(*a, **kw)
+        drawn.append(out[0].shape[:2])
+        return out
+
+    real = figures.attention_map_images
+    monkeypatch.setattr(figures, "attention_map_images", spy)
     at = calibrated
     at.sidebar.selectbox(key="sb_active_run").set_value("k16").run()
     at.switch_page(PAGE["sparsity"]).run()
@@ -256,32 +271,24 @@ def test_sparsity_page(calibrated):
     kept = float(metrics["kept attention (prefill)"].rstrip("%")) / 100
     assert 0 < kept < 1
     titles = [s["layout"]["title"]["text"] for s in plotly_specs(at)]
-    assert any(t.startswith("layer 2 · head 0") for t in titles)
     assert "kept attention fraction · prefill" in titles and "decode steps · kept V rows" in titles
+    # 256 tokens: the maps are images (beyond IMAGE_CELLS a side), titled by layer and head
+    assert "**layer 2 · head 0**" in texts(at.markdown)
+    caps = image_captions(at)
+    sparse_cap = next(c for c in caps if c.startswith("Top-θ: kept weights (grey = dropped)"))
+    assert "dense softmax probabilities" in caps
+    share = float(sparse_cap.split(", ")[-1].split("%")[0]) / 100
+    assert 0 < share < 1
     at.selectbox(key="sp_head").set_value(3).run()
     assert_clean(at)
-    assert any(s["layout"]["title"]["text"].startswith("layer 2 · head 3") for s in plotly_specs(at))
+    assert "**layer 2 · head 3**" in texts(at.markdown)
     # long prompt: the maps are pooled, never more than 256 cells a side
     at.text_area(key="sp_prompt").input("word " * 700)
     at.number_input(key="sp_max_tokens").set_value(600)
     at.number_input(key="sp_decode_steps").set_value(0).run()
     assert_clean(at)
-    maps = next(s for s in plotly_specs(at) if s["layout"]["title"]["text"].startswith("layer 2"))
-    assert "3 tokens per cell" in maps["layout"]["title"]["text"]
-    assert 150 < max(_map_cells(t) for t in maps["data"]) <= 256
-
-
-def _map_cells(trace: dict) -> int:
-    """Cells a side of one attention-map trace: a heatmap's z rows, or a PNG image's pixels."""
-    if trace.get("type") == "image":
-        import base64
-        import io
-
-        from PIL import Image
-
-        w, h = Image.open(io.BytesIO(base64.b64decode(trace["source"].split(",", 1)[1]))).size
-        return max(w, h)
-    return len(arr(trace["z"])) if "z" in trace else 0
+    assert any(t.startswith("**layer 2 · head 3 · 3 tokens per cell") for t in texts(at.markdown))
+    assert drawn[0] == (256, 256) and 150 < drawn[-1][0] <= 256 and drawn[-1][0] == drawn[-1][1]
 
 
 def test_sparsity_without_thresholds_uses_top_k(env):

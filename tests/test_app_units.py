@@ -147,6 +147,22 @@ def test_large_attention_maps_are_images_with_the_heatmap_colours():
     assert fig.data[2].marker.showscale  # the colour bar survives
 
 
+def test_map_images_upscale_and_legend():
+    """The Sparsity page's image maps: the same colours as the chart's images, enlarged without blending."""
+    n = figures.IMAGE_CELLS + 4
+    vis = np.tril(np.ones((n, n), dtype=np.float32))
+    dense = (vis / vis.sum(-1, keepdims=True))[None]
+    kept = np.eye(n, dtype=np.float32)[None]
+    img_s, img_d, share = figures.attention_map_images(dense, dense * kept, kept, vis, head=0)
+    assert share == pytest.approx(n / vis.sum())  # the diagonal of the visible triangle
+    big = figures.upscale(img_s, 3)
+    assert big.shape == (3 * n, 3 * n, 3) and (big[3:6, 0:3] == img_s[1, 0]).all() and (big[::3, ::3] == img_s).all()
+    legend = figures.colour_legend(width=50, height=4)
+    assert legend.shape == (4, 50, 3)
+    assert tuple(legend[0, 0]) == tuple(figures.colour_map(np.array([[figures.MAP_FLOOR]]), figures.MAP_FLOOR, 0)[0, 0])
+    assert tuple(legend[2, -1]) == (0xfd, 0xe7, 0x25)  # top of Viridis at log10 w = 0
+
+
 def test_layer_head_and_kv_heatmaps():
     m = metrics_frame()
     fig = figures.layer_head_heatmap(m)

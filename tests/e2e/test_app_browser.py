@@ -142,8 +142,12 @@ def test_full_tour(app, browser):
         # 6. sparsity page renders the maps and heatmaps
         goto_page(page, "Sparsity")
         page.get_by_text("kept attention (prefill)").wait_for()
-        page.locator(".js-plotly-plot").filter(has_text="layer 2 · head 0").first.wait_for()
-        assert page.locator(".js-plotly-plot").count() >= 5
+        page.get_by_text("layer 2 · head 0", exact=True).first.wait_for()
+        page.get_by_text("dense softmax probabilities").first.wait_for()
+        page.wait_for_function(  # the two map images and the colour legend are loaded and drawn
+            "() => { const im = [...document.querySelectorAll('[data-testid=\"stImage\"] img')];"
+            " return im.length >= 3 && im.every(i => i.complete && i.naturalWidth > 0); }")
+        assert page.locator(".js-plotly-plot").count() >= 4  # kept-fraction and V-row heatmaps, popularity, decode
         screenshot(page, "05-sparsity")
 
         # 7. a comparison streams both generations
