@@ -41,6 +41,35 @@ CONFIGS = [  # (block_m, block_n, num_warps, num_stages); run 1 (prefill_tuning_
 
 
 @triton.jit
+def _plain_fa_tiles(acc, ds, m, nk, q, th, offs_m, kb, vb, sk_n, lo, hi, scale_log2, BLOCK_N: tl.constexpr,
+                    D: tl.constexpr, MASKED: tl.constexpr, THETA: tl.constexpr, COUNT: tl.constexpr):
+    offs_d = tl.arange(0, D)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        kt = tl.load(kb + offs_n[:, None] * sk_n + offs_d[None, :])
+        s = tl.dot(q, tl.trans(kt)) * scale_log2
+        if MASKED:
+            s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        if THETA:
+            keep = s > th[:, None]
+            p = tl.where(keep, p, 0.0)
+            if COUNT == 1:
+                nk += tl.sum(keep.to(tl.int32), 1).to(tl.float32)
+            elif COUNT == 2:
+                nk += tl.sum(keep.to(tl.float32), 1)
+            elif COUNT == 3:
+                nk = tl.minimum(nk, tl.min(s, 1))
+        ds = ds * alpha + tl.sum(p, 1)
+        vt = tl.load(vb + offs_n[:, None] * sk_n + offs_d[None, :])
+        acc = tl.dot(p.to(vt.dtype), vt, acc * alpha[:, None])
+        m = m_new
+    return acc, ds, m, nk
+
+
+@triton.jit
 def _plain_fa_kernel(Q, K, V, O, TH, sq_h, sq_m, sk_h, sk_n, so_h, so_m, Sq, scale_log2,
                      G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
                      THETA: tl.constexpr = False, COUNT: tl.constexpr = 0):
@@ -60,47 +89,10 @@ def _plain_fa_kernel(Q, K, V, O, TH, sq_h, sq_m, sk_h, sk_n, so_h, so_m, Sq, sca
     th = tl.load(TH + h * Sq + offs_m) if THETA else tl.zeros([BLOCK_M], tl.float32)
     nk = tl.zeros([BLOCK_M], tl.float32)
     lo_diag = start_m * BLOCK_M
-    for n0 in range(0, lo_diag, BLOCK_N):  # below the diagonal: no mask
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        kt = tl.load(kb + offs_n[:, None] * sk_n + offs_d[None, :])
-        s = tl.dot(q, tl.trans(kt)) * scale_log2
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        if THETA:
-            keep = s > th[:, None]
-            p = tl.where(keep, p, 0.0)
-            if COUNT == 1:
-                nk += tl.sum(keep.to(tl.int32), 1).to(tl.float32)
-            elif COUNT == 2:
-                nk += tl.sum(keep.to(tl.float32), 1)
-            elif COUNT == 3:
-                nk = tl.minimum(nk, tl.min(s, 1))
-        ds = ds * alpha + tl.sum(p, 1)
-        vt = tl.load(vb + offs_n[:, None] * sk_n + offs_d[None, :])
-        acc = tl.dot(p.to(vt.dtype), vt, acc * alpha[:, None])
-        m = m_new
-    for n0 in range(lo_diag, lo_diag + BLOCK_M, BLOCK_N):  # the diagonal block
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        kt = tl.load(kb + offs_n[:, None] * sk_n + offs_d[None, :])
-        s = tl.dot(q, tl.trans(kt)) * scale_log2
-        s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        if THETA:
-            keep = s > th[:, None]
-            p = tl.where(keep, p, 0.0)
-            if COUNT == 1:
-                nk += tl.sum(keep.to(tl.int32), 1).to(tl.float32)
-            elif COUNT == 2:
-                nk += tl.sum(keep.to(tl.float32), 1)
-            elif COUNT == 3:
-                nk = tl.minimum(nk, tl.min(s, 1))
-        ds = ds * alpha + tl.sum(p, 1)
-        vt = tl.load(vb + offs_n[:, None] * sk_n + offs_d[None, :])
-        acc = tl.dot(p.to(vt.dtype), vt, acc * alpha[:, None])
-        m = m_new
+    acc, ds, m, nk = _plain_fa_tiles(acc, ds, m, nk, q, th, offs_m, kb, vb, sk_n, 0, lo_diag, scale_log2,
+                                     BLOCK_N, D, False, THETA, COUNT)  # below the diagonal: no mask
+    acc, ds, m, nk = _plain_fa_tiles(acc, ds, m, nk, q, th, offs_m, kb, vb, sk_n, lo_diag, lo_diag + BLOCK_M,
+                                     scale_log2, BLOCK_N, D, True, THETA, COUNT)  # the diagonal block
     o = acc / ds[:, None] + nk[:, None] * 0.0
     tl.store(O + h * so_h + offs_m[:, None] * so_m + offs_d[None, :], o.to(O.dtype.element_ty))
 

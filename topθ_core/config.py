@@ -88,6 +88,17 @@ class Aggregation(str, enum.Enum):
         return self is not Aggregation.MEAN_STD
 
 
+def _coerce_enums(cfg, **fields: type[enum.Enum]) -> None:
+    """Turn a frozen config's string fields into their Enums, or refuse a value naming the choices."""
+    for name, enum_cls in fields.items():
+        value = getattr(cfg, name)
+        try:
+            object.__setattr__(cfg, name, enum_cls(value))
+        except ValueError:
+            choices = ", ".join(e.value for e in enum_cls)
+            raise ConfigError(f"{name}={value!r} is not one of: {choices}") from None
+
+
 def parse_layer_k(text: str | None) -> dict[int, int]:
     """Parse ``"0:512,1:512"`` into ``{0: 512, 1: 512}``."""
     if text is None or not text.strip():
@@ -201,19 +212,7 @@ class SparseConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
-        for name, enum_cls in (
-            ("selection", Selection),
-            ("placement", Placement),
-            ("sdc", SDC),
-            ("empty_row", EmptyRowFloor),
-            ("lookup", Lookup),
-        ):
-            value = getattr(self, name)
-            try:
-                object.__setattr__(self, name, enum_cls(value))
-            except ValueError:
-                choices = ", ".join(e.value for e in enum_cls)
-                raise ConfigError(f"{name}={value!r} is not one of: {choices}") from None
+        _coerce_enums(self, selection=Selection, placement=Placement, sdc=SDC, empty_row=EmptyRowFloor, lookup=Lookup)
         if not isinstance(self.k, KSchedule):
             raise ConfigError("k must be a KSchedule (use KSchedule.parse(64, '0:512,1:512'))")
         if not (self.sdc_scale >= 0.0):
@@ -343,13 +342,7 @@ class CalibrationConfig:
     trim_fraction: float = 0.1
 
     def __post_init__(self) -> None:
-        for name, enum_cls in (("placement", Placement), ("aggregation", Aggregation), ("sdc_source", SdcSource)):
-            value = getattr(self, name)
-            try:
-                object.__setattr__(self, name, enum_cls(value))
-            except ValueError:
-                choices = ", ".join(e.value for e in enum_cls)
-                raise ConfigError(f"{name}={value!r} is not one of: {choices}") from None
+        _coerce_enums(self, placement=Placement, aggregation=Aggregation, sdc_source=SdcSource)
         if not isinstance(self.k, KSchedule):
             raise ConfigError("k must be a KSchedule")
         if not (0.0 < self.sample_frac <= 1.0):
