@@ -182,7 +182,7 @@ def test_workers_cli_equals_one_process(tiny_dir, dist_lm, tmp_path):
     data = tmp_path / "docs.txt"
     data.write_text("\n\n".join(texts) + "\n")
     out = tmp_path / "art"
-    cmd = [sys.executable, "-m", "topθ_core.cli", "calibrate", "--workers", "2", "--model", str(tiny_dir),
+    cmd = [sys.executable, "-m", "topθ_core.cli", "calibrate", "--workers=2", "--model", str(tiny_dir),
            "--data", str(data), "--k", "8", "--layer-k", "0:24", "--bin-width", "8", "--tac", "--vmc",
            "--dtype", "float32", "--out", str(out)]
     t0 = time.perf_counter()
@@ -204,6 +204,68 @@ def test_workers_rejects_bad_count(tiny_dir, tmp_path):
                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "--workers must be at least 1" in res.stderr, res.stdout + res.stderr
     assert not (tmp_path / "art").exists()
+    # an abbreviation is refused, not taken for one process
+    res = subprocess.run([sys.executable, "-m", "topθ_core.cli", "calibrate", "--work", "2", "--model", str(tiny_dir),
+                          "--data", str(data), "--out", str(tmp_path / "art")],
+                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "unrecognized arguments: --work" in res.stderr, res.stdout + res.stderr
+    assert not (tmp_path / "art").exists()
+
+
+class _FakeRank:
+    """A stand-in for a rank's process: exits with ``code`` after ``after`` seconds, or runs until terminated."""
+
+    def __init__(self, code: int | None, after: float = 0.0):
+        self.code, self.t_end, self.returncode, self.terminated = code, time.monotonic() + after, None, False
+
+    def poll(self):
+        if self.returncode is None and self.code is not None and time.monotonic() >= self.t_end:
+            self.returncode = self.code
+        return self.returncode
+
+    def terminate(self):
+        self.terminated, self.returncode = True, -15
+
+    def wait(self, timeout=None):
+        return self.poll()
+
+    def kill(self):
+        self.terminate()
+
+
+@pytest.mark.parametrize("failing_rank", [0, 1])
+def test_launch_local_stops_the_others_when_any_rank_fails(monkeypatch, failing_rank):
+    """Whichever rank fails, the others are terminated after the grace period and its exit code is returned."""
+    import topθ_core.distributed as dmod
+
+    ranks = [_FakeRank(None), _FakeRank(None)]
+    ranks[failing_rank] = _FakeRank(3, after=0.2)
+    it = iter(ranks)
+    monkeypatch.setattr("subprocess.Popen", lambda *a, **k: next(it))
+    t0 = time.monotonic()
+    code = dmod.launch_local(["--data", "x"], 2, grace_s=0.3)
+    assert code == 3 and time.monotonic() - t0 < 3
+    assert ranks[1 - failing_rank].terminated and not ranks[failing_rank].terminated
+
+
+def test_launch_local_reports_a_signal_as_128_plus_its_number(monkeypatch):
+    import topθ_core.distributed as dmod
+
+    ranks = iter([_FakeRank(0), _FakeRank(-9, after=0.1)])
+    monkeypatch.setattr("subprocess.Popen", lambda *a, **k: next(ranks))
+    assert dmod.launch_local(["--data", "x"], 2, grace_s=0.1) == 128 + 9
+
+
+def test_launch_local_terminates_ranks_when_it_is_interrupted(monkeypatch):
+    import topθ_core.distributed as dmod
+
+    ranks = [_FakeRank(None), _FakeRank(None)]
+    it = iter(ranks)
+    monkeypatch.setattr("subprocess.Popen", lambda *a, **k: next(it))
+    monkeypatch.setattr(dmod.time, "sleep", lambda s: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        dmod.launch_local(["--data", "x"], 2)
+    assert all(r.terminated for r in ranks)
 
 
 # ---- 3 ranks (forked from this process: no re-import, no reload) ---------------------------

@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="toptheta", description="Top-θ attention: calibrate, evaluate, generate")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("calibrate", help="calibrate thresholds and write an artifact directory")
+    c = sub.add_parser("calibrate", help="calibrate thresholds and write an artifact directory",
+                       allow_abbrev=False)  # `--work 2` must not pass for --workers and then run one process
     _add_model(c)
     c.add_argument("--data", required=True, help=".txt/.jsonl/.csv/.parquet file, or bundled:NAME")
     c.add_argument("--k", type=int, default=64)
@@ -253,7 +254,10 @@ def main(argv: list[str] | None = None) -> int:
         from .distributed import exit_after
         from .distributed import main as distributed_main  # one implementation of the distributed job
 
-        return exit_after(distributed_main([a for a in argv[1:] if a != "--distributed"]))
+        rest = [a for a in argv[1:] if a != "--distributed"]
+        if "--distributed" not in argv:  # --workers alone: keep `toptheta calibrate`'s CPU / float32 defaults
+            rest = ["--device", "cpu", "--dtype", "float32", *rest]  # (a later --device / --dtype wins)
+        return exit_after(distributed_main(rest))
     args = build_parser().parse_args(argv)
     from .datafiles import DataFileError
     from .models import ModelLoadError

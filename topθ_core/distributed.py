@@ -646,47 +646,65 @@ def launch_local(argv: Sequence[str], workers: int, *, grace_s: float = 30.0) ->
 
     Each rank is a ``python -m topθ_core.distributed`` process with the torchrun environment
     (rank, world size, a free local port) and ``OMP_NUM_THREADS`` = this process's torch threads
-    / ``workers`` (at least 1).  Returns the worst exit code.  When a rank exits with an error, the
-    others get ``grace_s`` to notice (they fail fast and clean up) before they are terminated.
+    / ``workers`` (at least 1).  When a rank exits with an error the others get ``grace_s`` to
+    notice (they fail fast and clean up) before they are terminated; if the launcher itself stops
+    (an exception, Ctrl-C, SIGTERM) it terminates every rank still running.  Returns 0, or the
+    exit code of the first rank that failed (a signal as 128 + its number, as a shell reports it).
     """
+    import signal
     import socket
     import subprocess
 
-    if workers < 1:
-        raise ConfigError(f"--workers must be at least 1, got {workers}")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     threads = max(1, torch.get_num_threads() // workers)
-    procs = []
-    for r in range(workers):
-        env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(workers), LOCAL_WORLD_SIZE=str(workers),
-                   GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads))
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        procs.append(subprocess.Popen([sys.executable, "-m", "topθ_core.distributed", *argv], env=env))
-    failed_at = None
-    while any(p.poll() is None for p in procs):
-        if failed_at is None and any(p.returncode not in (None, 0) for p in procs):
-            failed_at = time.monotonic()
-        if failed_at is not None and time.monotonic() - failed_at > grace_s:
-            for p in procs:
-                if p.poll() is None:
-                    p.terminate()
-        time.sleep(0.1)
-    return max((p.returncode for p in procs), key=abs)
+    procs: list = []
+    failed: list[int] = []  # exit codes of failed ranks, in the order they were seen
+
+    def on_term(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        for r in range(workers):
+            env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(workers),
+                       LOCAL_WORLD_SIZE=str(workers), GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                       OMP_NUM_THREADS=str(threads))
+            env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+            procs.append(subprocess.Popen([sys.executable, "-m", "topθ_core.distributed", *argv], env=env))
+        failed_at = None
+        alive = [True] * len(procs)
+        while any(alive):
+            for r, p in enumerate(procs):
+                if alive[r] and p.poll() is not None:
+                    alive[r] = False
+                    if p.returncode != 0:
+                        failed.append(p.returncode)
+                        failed_at = failed_at or time.monotonic()
+            if failed_at is not None and time.monotonic() - failed_at > grace_s:
+                for r, p in enumerate(procs):
+                    if alive[r]:
+                        p.terminate()
+            time.sleep(0.1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        survivors = [p for p in procs if p.poll() is None]
+        for p in survivors:
+            p.terminate()
+        for p in survivors:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    if not failed:
+        return 0
+    return failed[0] if failed[0] > 0 else 128 - failed[0]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     info = rank_info()
-    if args.workers != 1 and "WORLD_SIZE" not in os.environ:
-        if args.workers < 1:
-            print(f"error: --workers must be at least 1, got {args.workers}", file=sys.stderr)
-            return 2
-        rest = list(argv if argv is not None else sys.argv[1:])
-        i = rest.index("--workers") if "--workers" in rest else None
-        rest = rest[:i] + rest[i + 2:] if i is not None else [a for a in rest if not a.startswith("--workers=")]
-        return launch_local(rest, args.workers)
     try:
         k = KSchedule.parse(args.k, args.layer_k)
         config = CalibrationConfig(k=k, placement=args.placement, sigma=args.sigma, tac=args.tac,
@@ -699,9 +717,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                      vmc=args.placement == "post" or args.sdc != "none", capk=args.capk, k=k)
         if args.limit is not None and args.limit < 1:
             raise ConfigError("--limit must be at least 1")
+        if args.workers < 1:
+            raise ConfigError(f"--workers must be at least 1, got {args.workers}")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.workers > 1 and "WORLD_SIZE" not in os.environ:  # checked once here, then N local ranks
+        # the ranks see WORLD_SIZE and ignore --workers
+        return launch_local(list(argv if argv is not None else sys.argv[1:]), args.workers)
     try:
         th = calibrate_distributed(
             args.model, args.data, config, args.out, add_special_tokens=not args.no_special_tokens,
