@@ -153,7 +153,7 @@ def k_schedule_bar(table: pd.DataFrame) -> go.Figure:
 _VIRIDIS = ["#440154", "#482878", "#3e4989", "#31688e", "#26828e", "#1f9e89", "#35b779", "#6ece58", "#b5de2b",
             "#fde725"]
 DROPPED_GREY = "#d9d9d9"
-IMAGE_CELLS = 96  # maps larger than this many cells a side are sent as PNG images (fast to draw)
+IMAGE_CELLS = 96  # maps larger than this many cells a side are drawn as images (attention_map_images), not heatmaps
 
 
 def _rgb(hex_colour: str) -> tuple[int, int, int]:
@@ -167,18 +167,6 @@ def colour_map(values: np.ndarray, lo: float, hi: float, stops: list[str] = _VIR
     f = (t - i)[..., None]
     pal = np.array([_rgb(c) for c in stops], dtype=np.float64)
     return np.rint(pal[i] * (1 - f) + pal[i + 1] * f).astype(np.uint8)
-
-
-def png_data_uri(rgb: np.ndarray) -> str:
-    """An (n, m, 3|4) uint8 array as a ``data:image/png;base64,…`` URI."""
-    import base64
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG", optimize=False)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 MAP_FLOOR = -6.0  # log10 of the smallest weight the maps colour; below it is the bottom colour
@@ -216,60 +204,45 @@ def colour_legend(width: int = 256, height: int = 14) -> np.ndarray:
 
 
 def attention_maps(dense: np.ndarray, sparse: np.ndarray, kept: np.ndarray, visible: np.ndarray, *, head: int,
-                   pool: int = 1, title: str = "", image: bool | None = None) -> go.Figure:
-    """Side by side for one head: the Top-θ map (weights applied to V, dropped cells grey) and the dense softmax.
+                   pool: int = 1, title: str = "") -> go.Figure:
+    """Side by side for one head, as heatmaps: the Top-θ map (weights applied to V, dropped cells grey)
+    and the dense softmax, with per-cell hover.
 
     ``dense``/``sparse``/``kept``: (H, n, n) arrays (pooled: ``pool`` tokens per cell);
     ``visible`` (n, n).  Colour is log10 of the weight; cells with nothing kept are grey on
-    the left, future (masked) cells are blank on both sides.  Maps of more than
-    :data:`IMAGE_CELLS` cells a side (or ``image=True``) are drawn as PNG images coloured here:
-    a browser draws two images far faster than two large heatmaps; hover then shows the cell's
-    position only (the values are in the metrics table and the popularity chart).
+    the left, future (masked) cells are blank on both sides.  For maps of more than
+    :data:`IMAGE_CELLS` cells a side the page draws :func:`attention_map_images` instead: a
+    browser draws two images far faster than two large heatmaps.
     """
     d, s, k = dense[head], sparse[head], kept[head]
     vis = visible > 0
-    floor = -6.0
+    floor = MAP_FLOOR
     grey = floor - 1.0  # one value below the colour range: dropped cells
     log_dense = np.where(vis, np.log10(np.maximum(d, 10 ** floor)), np.nan).astype(np.float32)
     log_sparse = np.where(vis & (k > 0), np.log10(np.maximum(s, 10 ** floor)), np.where(vis, grey, np.nan))
     log_sparse = log_sparse.astype(np.float32)
     unit = "token" if pool == 1 else f"{pool}-token block"
     kept_share = float(k[vis].mean()) if vis.any() else 0.0
-    if image is None:
-        image = max(d.shape) > IMAGE_CELLS
-    if image:
-        img_s, img_d, _ = attention_map_images(dense, sparse, kept, visible, head=head)
-        hover = "query %{y}, key %{x}<extra>{name}</extra>"
-        data = [
-            dict(type="image", source=png_data_uri(img_s), xaxis="x", yaxis="y", name="Top-θ",
-                 hovertemplate=hover.replace("{name}", "Top-θ")),
-            dict(type="image", source=png_data_uri(img_d), xaxis="x2", yaxis="y2", name="dense",
-                 hovertemplate=hover.replace("{name}", "dense")),
-            dict(type="scatter", x=[None], y=[None], mode="markers", showlegend=False, hoverinfo="skip",
-                 marker=dict(colorscale="Viridis", cmin=floor, cmax=0, color=[floor], showscale=True,
-                             colorbar=dict(title=dict(text="log10 p"), x=1.02))),
-        ]
-    else:
-        # Viridis over [floor, 0]; the bottom 1/7 of [grey, 0] is flat grey for dropped cells
-        cut = 1.0 / 7.0
-        scale = [[0.0, DROPPED_GREY], [cut - 1e-6, DROPPED_GREY]] + [
-            [cut + (1 - cut) * i / (len(_VIRIDIS) - 1), c] for i, c in enumerate(_VIRIDIS)]
-        # Pooled cells carry their kept share for the hover; single tokens are kept or dropped (grey), which the
-        # colour already says, so they send no customdata (a third of the payload at 256 × 256).
-        sparse_map = dict(type="heatmap", z=log_sparse, zmin=grey, zmax=0, colorscale=scale, showscale=False,
-                          xaxis="x", yaxis="y", name="Top-θ",
-                          hovertemplate=f"query %{{y}}, key %{{x}}<br>log10 w=%{{z:.2f}} ({grey:.0f}: dropped)"
-                                        "<extra>Top-θ</extra>")
-        if pool > 1:
-            sparse_map.update(customdata=k.astype(np.float32),
-                              hovertemplate="query %{y}, key %{x}<br>log10 w=%{z:.2f}"
-                                            "<br>kept %{customdata:.0%}<extra>Top-θ</extra>")
-        data = [
-            sparse_map,
-            dict(type="heatmap", z=log_dense, zmin=floor, zmax=0, colorscale="Viridis", xaxis="x2", yaxis="y2",
-                 colorbar=dict(title=dict(text="log10 p"), x=1.02), name="dense",
-                 hovertemplate="query %{y}, key %{x}<br>log10 p=%{z:.2f}<extra>dense</extra>"),
-        ]
+    # Viridis over [floor, 0]; the bottom 1/7 of [grey, 0] is flat grey for dropped cells
+    cut = 1.0 / 7.0
+    scale = [[0.0, DROPPED_GREY], [cut - 1e-6, DROPPED_GREY]] + [
+        [cut + (1 - cut) * i / (len(_VIRIDIS) - 1), c] for i, c in enumerate(_VIRIDIS)]
+    # Pooled cells carry their kept share for the hover; single tokens are kept or dropped (grey), which the
+    # colour already says, so they send no customdata (a third of the payload at 256 × 256).
+    sparse_map = dict(type="heatmap", z=log_sparse, zmin=grey, zmax=0, colorscale=scale, showscale=False,
+                      xaxis="x", yaxis="y", name="Top-θ",
+                      hovertemplate=f"query %{{y}}, key %{{x}}<br>log10 w=%{{z:.2f}} ({grey:.0f}: dropped)"
+                                    "<extra>Top-θ</extra>")
+    if pool > 1:
+        sparse_map.update(customdata=k.astype(np.float32),
+                          hovertemplate="query %{y}, key %{x}<br>log10 w=%{z:.2f}"
+                                        "<br>kept %{customdata:.0%}<extra>Top-θ</extra>")
+    data = [
+        sparse_map,
+        dict(type="heatmap", z=log_dense, zmin=floor, zmax=0, colorscale="Viridis", xaxis="x2", yaxis="y2",
+             colorbar=dict(title=dict(text="log10 p"), x=1.02), name="dense",
+             hovertemplate="query %{y}, key %{x}<br>log10 p=%{z:.2f}<extra>dense</extra>"),
+    ]
     ann = [dict(text=f"Top-θ: kept weights (grey = dropped), {kept_share:.1%} kept", x=0.23, y=1.0, xref="paper",
                 yref="paper", showarrow=False, yanchor="bottom"),
            dict(text="dense softmax probabilities", x=0.77, y=1.0, xref="paper", yref="paper", showarrow=False,

@@ -74,9 +74,13 @@ def launch_browser(playwright):
 
 
 # ---------------------------------------------------------------------------- page helpers
-def wait_idle(page, timeout: float = 60_000) -> None:
-    """Wait until the app has finished its current script run (no 'Running…' status widget)."""
-    page.wait_for_timeout(150)
+def wait_idle(page, timeout: float = 60_000, delay_ms: float = 150) -> None:
+    """Wait until the app has finished its current script run (no 'Running…' status widget).
+
+    ``delay_ms`` first gives a just-triggered run time to show its status; pass 0 when the caller
+    has already waited for an element the run produces (the speed measurements do)."""
+    if delay_ms:
+        page.wait_for_timeout(delay_ms)
     page.wait_for_function(
         "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')"
         " || document.querySelector('[data-testid=\"stStatusWidget\"]').innerText.indexOf('Running') < 0",

@@ -29,15 +29,6 @@ import harness  # noqa: E402
 from harness import goto_page, set_number, wait_idle  # noqa: E402
 
 
-def settle(page, timeout: float = 60_000) -> None:
-    """The app is idle: no 'Running…' status.  Unlike ``harness.wait_idle`` there is no fixed 150 ms
-    sleep first: callers have already waited for the element the action produces."""
-    page.wait_for_function(
-        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')"
-        " || document.querySelector('[data-testid=\"stStatusWidget\"]').innerText.indexOf('Running') < 0",
-        timeout=timeout)
-
-
 def images_drawn(page) -> None:
     """Every st.image on the page has loaded and has a size."""
     page.wait_for_function(
@@ -57,16 +48,11 @@ def pick_option(page, label: str, option: str, chart_text: str, images: bool = F
     opt.click()
     if images:
         page.get_by_text(chart_text, exact=True).first.wait_for()
-        t1 = time.perf_counter()
-        settle(page)
-        t2 = time.perf_counter()
-        images_drawn(page)
-        if os.environ.get("SPEED_DEBUG"):
-            print(f"{label}={option}: heading {t1 - t_pick:.2f} s, idle {t2 - t_pick:.2f} s, "
-                  f"images {time.perf_counter() - t_pick:.2f} s", flush=True)
     else:
         page.locator(".js-plotly-plot").filter(has_text=chart_text).first.wait_for()
-    settle(page)
+    wait_idle(page, delay_ms=0)
+    if images:
+        images_drawn(page)
     t_end = time.perf_counter()
     return t_end - t_pick, t_end - t_open
 
@@ -79,7 +65,7 @@ def switch_to(page, title: str, ready: str | None) -> None:
     page.locator('[data-testid="stSidebarNav"] a').filter(has_text=title).first.click()
     page.locator("h1").filter(has_text=title).first.wait_for()
     page.locator(".js-plotly-plot").filter(has_text=ready).first.wait_for()
-    settle(page)
+    wait_idle(page, delay_ms=0)
 
 
 def new_prompt(page, head: str, decode: bool) -> None:
@@ -99,7 +85,7 @@ def new_prompt(page, head: str, decode: bool) -> None:
     page.locator("[data-testid='stMetricValue']").filter(has_text="256").first.wait_for()
     if decode:
         page.get_by_text("decode steps · kept V rows").first.wait_for()
-    settle(page, 300_000)
+    wait_idle(page, 300_000, delay_ms=0)
     images_drawn(page)
 
 

@@ -316,7 +316,7 @@ def topθ_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torc
             seeds the running sum the decode kernel reads.
         skip_tiles: test each tile for a survivor and skip the exponentials, the V load and P·V
             of empty tiles.  The result is the same either way.  Off by default: the CTA-wide
-            test and the branch around P·V cost 10-25 % on every tile (H200,
+            test and the branch around P·V add 14-27 % to a run with no empty tile (H200,
             ``benchmarks/results/kernels.md``), and 76-92 % of the tiles of real SmolLM2
             attention still hold a survivor, so skipping rarely pays.
     Returns:
