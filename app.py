@@ -22,6 +22,10 @@ PAGES = [
     st.Page(HERE / "pages/kernels.py", title="Kernels", icon=":material/memory:"),
 ]
 
+# Streamlit fades stale elements with a 1 s CSS transition on every rerun.  A browser without GPU
+# compositing repaints the page on every frame of it, which took CPU from the model on a 2-core
+# machine (benchmarks/results/app_speed.md).  Stale elements still dim; they just do not animate.
+st.html("<style>*, *::before, *::after { transition: none !important; }</style>")
 page = st.navigation(PAGES)
 st.sidebar.title("Top-θ Explorer")
 render_sidebar()

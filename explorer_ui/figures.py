@@ -74,7 +74,9 @@ def theta_at_length(df: pd.DataFrame, length: float) -> pd.DataFrame:
 
 def theta_vs_length(df: pd.DataFrame, layer: int, heads: list[int], overlay: pd.DataFrame | None = None,
                     names: tuple[str, str] = ("active", "overlay")) -> go.Figure:
-    """θ against row length for the chosen heads of one layer; an overlay run is drawn dashed."""
+    """θ against row length for the chosen heads of one layer; an overlay run is drawn dashed.
+
+    Lines without point markers (hover still reads each bin): a marker per bin was an SVG node each."""
     title = f"θ vs row length · layer {layer}"
     d = df[(df["layer"] == layer) & (df["head"].isin(heads))]
     if d.empty:
@@ -87,19 +89,21 @@ def theta_vs_length(df: pd.DataFrame, layer: int, heads: list[int], overlay: pd.
         for head, g in frame.groupby("head", sort=True):
             g = g.sort_values("length")
             data.append(dict(
-                type="scatter", x=g["length"].to_numpy(), y=g["theta"].to_numpy(), mode="lines+markers",
+                type="scatter", x=g["length"].to_numpy(), y=g["theta"].to_numpy(), mode="lines",
                 name=f"{name} · head {head}", line=dict(color=PALETTE[int(head) % len(PALETTE)], dash=dash),
-                marker=dict(size=4), customdata=np.stack([g["count"].to_numpy(), g["t_std"].to_numpy()], axis=-1),
+                customdata=np.stack([g["count"].to_numpy(), g["t_std"].to_numpy()], axis=-1),
                 hovertemplate="L≈%{x:.0f}<br>θ=%{y:.3f}<br>n=%{customdata[0]}<br>std=%{customdata[1]:.3f}<extra>"
                               + f"{name} · head {head}</extra>"))
     return _figure(data, title=title, xaxis=dict(title="row length L (bin centre)"), yaxis=dict(title="θ"),
                    legend=dict(title="run · head"), showlegend=True)
 
 
-def theta_grid(cells: pd.DataFrame, length: float, selected: tuple[int, int] | None = None) -> go.Figure:
+def theta_grid(cells: pd.DataFrame, length: float) -> go.Figure:
     """Layer × head grid of θ at one row length, as square scatter markers (clickable in Streamlit).
 
     ``cells``: :func:`theta_at_length` output.  Each marker's ``customdata`` is ``[layer, head]``.
+    The figure does not depend on the chosen layer or head, so changing them does not redraw it
+    (a redraw cost the browser about as much as the θ curve itself).
     """
     title = f"θ at L = {length:g} (click a cell to open that head)"
     if cells.empty:
@@ -114,10 +118,6 @@ def theta_grid(cells: pd.DataFrame, length: float, selected: tuple[int, int] | N
                     line=dict(width=[1 if e else 0 for e in cells["extrapolated"]], color="#888")),
         customdata=cells[["layer", "head"]].to_numpy(),
         hovertemplate="layer %{y}, head %{x}<br>θ=%{marker.color:.3f}<extra></extra>")]
-    if selected is not None:
-        data.append(dict(type="scatter", x=[selected[1]], y=[selected[0]], mode="markers", hoverinfo="skip",
-                         showlegend=False,
-                         marker=dict(symbol="square-open", size=size + 6, color="#d62728", line=dict(width=3))))
     return _figure(data, title=title, xaxis=dict(title="query head", dtick=1, range=[-0.7, n_heads - 0.3]),
                    yaxis=dict(title="layer", dtick=1 if n_layers <= 32 else None, autorange="reversed"),
                    height=max(320, min(900, 60 + n_layers * (size + 4))), showlegend=False, clickmode="event+select")

@@ -48,9 +48,11 @@ if not prompt.strip():
     st.info("Enter a prompt.")
     st.stop()
 try:
-    with st.spinner("Running the model…"):
-        snap = services.sparsity_snapshot(lm, ctx.model_key, prompt, json.dumps(config.to_dict(), sort_keys=True),
-                                          ctx.thresholds, ctx.run_key, int(layer), int(max_tokens), int(decode_steps))
+    busy = st.empty()
+    busy.caption("Running the model…")
+    snap = services.sparsity_snapshot(lm, ctx.model_key, prompt, json.dumps(config.to_dict(), sort_keys=True),
+                                      ctx.thresholds, ctx.run_key, int(layer), int(max_tokens), int(decode_steps))
+    busy.empty()
 except (ValueError, ThresholdsError) as e:
     st.error(f"Cannot run this prompt: {e}")
     st.stop()

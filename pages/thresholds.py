@@ -81,8 +81,7 @@ def _explore(df, overlay, names, layers_with_theta, heads_all, lo, hi, missing) 
     with right:
         length = st.slider("Row length L for the grid", min_value=lo, max_value=hi, key=K.TH_LENGTH)
         cells = figures.theta_at_length(df, float(length))
-        selected = (st.session_state[K.TH_LAYER], st.session_state[K.TH_HEADS][0])
-        st.plotly_chart(figures.theta_grid(cells, float(length), selected=selected), key=K.TH_GRID,
+        st.plotly_chart(figures.theta_grid(cells, float(length)), key=K.TH_GRID,
                         on_select="rerun", selection_mode="points", width="stretch")
     with left:
         s1, s2 = st.columns([1, 3])

@@ -74,17 +74,23 @@ def launch_browser(playwright):
 
 
 # ---------------------------------------------------------------------------- page helpers
-def wait_idle(page, timeout: float = 60_000, delay_ms: float = 150) -> None:
-    """Wait until the app has finished its current script run (no 'Running…' status widget).
+POLL_MS = 50  # in-page waits poll every 50 ms, not on every animation frame (Playwright's default)
+IDLE_STATES = ("notRunning", "compilationError")  # the app root's data-test-script-state once a run ended
 
-    ``delay_ms`` first gives a just-triggered run time to show its status; pass 0 when the caller
-    has already waited for an element the run produces (the speed measurements do)."""
+
+def wait_idle(page, timeout: float = 60_000, delay_ms: float = 150) -> None:
+    """Wait until the app has finished its current script run.
+
+    Reads the app root's ``data-test-script-state`` (``running`` / ``notRunning``), which Streamlit
+    keeps on every page; the status widget is not drawn with ``toolbarMode = "minimal"``, so it
+    cannot tell.  ``delay_ms`` first gives a just-triggered run time to start; pass 0 when the
+    caller has already waited for an element the run produces (the speed measurements do)."""
     if delay_ms:
         page.wait_for_timeout(delay_ms)
     page.wait_for_function(
-        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')"
-        " || document.querySelector('[data-testid=\"stStatusWidget\"]').innerText.indexOf('Running') < 0",
-        timeout=timeout)
+        "(states) => { const app = document.querySelector('[data-testid=\"stApp\"]');"
+        " return app && states.includes(app.getAttribute('data-test-script-state')); }",
+        arg=list(IDLE_STATES), timeout=timeout, polling=POLL_MS)
 
 
 def goto_page(page, title: str, timeout: float = 60_000) -> None:

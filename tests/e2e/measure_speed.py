@@ -26,14 +26,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import harness  # noqa: E402
-from harness import goto_page, set_number, wait_idle  # noqa: E402
+from harness import POLL_MS, goto_page, set_number, wait_idle  # noqa: E402
 
 
 def images_drawn(page) -> None:
     """Every st.image on the page has loaded and has a size."""
     page.wait_for_function(
         "() => [...document.querySelectorAll('[data-testid=\"stImage\"] img')]"
-        ".every(i => i.complete && i.naturalWidth > 0)")
+        ".every(i => i.complete && i.naturalWidth > 0)", polling=POLL_MS)
 
 
 def pick_option(page, label: str, option: str, chart_text: str, images: bool = False) -> tuple[float, float]:
@@ -81,7 +81,7 @@ def new_prompt(page, head: str, decode: bool) -> None:
     box.press("Control+Enter")
     page.wait_for_function(
         "(old) => [...document.querySelectorAll('[data-testid=\"stCaptionContainer\"]')]"
-        ".some(e => e.innerText.includes('empty rows') && e.innerText !== old)", arg=before, timeout=300_000)
+        ".some(e => e.innerText.includes('empty rows') && e.innerText !== old)", arg=before, timeout=300_000, polling=POLL_MS)
     page.locator("[data-testid='stMetricValue']").filter(has_text="256").first.wait_for()
     if decode:
         page.get_by_text("decode steps · kept V rows").first.wait_for()
