@@ -6,6 +6,8 @@ plain values or DataFrames, so it is tested without a browser or a script runner
 
 from __future__ import annotations
 
+import contextvars
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -165,13 +167,23 @@ def pool_factor(n_tokens: int, cap: int = MAP_CAP) -> int:
     return max(1, math.ceil(n_tokens / cap))
 
 
-def sparsity_snapshot(lm, text: str, config: SparseConfig, thresholds: Thresholds | None, *, layer: int,
-                      max_tokens: int = 256, decode_steps: int = 8, map_cap: int = MAP_CAP) -> SparsitySnapshot:
-    """One sparse prefill of ``text`` (truncated to ``max_tokens``) plus ``decode_steps`` greedy steps.
+@dataclass
+class DecodeContinuation:
+    """What decode steps after :func:`sparsity_prefill` need: the prefill's context (its sparse run stays
+    active in it, running V sums included), the model output holding the KV cache, and the metrics."""
 
-    Records :class:`SparsityMetrics` (with V-row popularity) for every layer, and the maps of
-    ``layer`` (all query heads) for drawing, pooled to at most ``map_cap`` cells a side.
-    """
+    run_context: contextvars.Context
+    out: object
+    metrics: SparsityMetrics
+
+
+def sparsity_prefill(lm, text: str, config: SparseConfig, thresholds: Thresholds | None, *, layer: int,
+                     max_tokens: int = 256, map_cap: int = MAP_CAP,
+                     keep_cache: bool = False) -> tuple[SparsitySnapshot, DecodeContinuation | None]:
+    """One sparse prefill of ``text`` (truncated to ``max_tokens``): :class:`SparsityMetrics` (with V-row
+    popularity) for every layer and the maps of ``layer`` (all query heads), pooled to at most
+    ``map_cap`` cells a side.  With ``keep_cache`` it also returns what :func:`sparsity_decode` needs,
+    so a page can draw the prefill before the decode steps run."""
     ids = lm.tokenizer(text, return_tensors="pt").input_ids[:, :max_tokens]
     if ids.shape[1] < 2:
         raise ValueError("the prompt needs at least two tokens")
@@ -180,39 +192,68 @@ def sparsity_snapshot(lm, text: str, config: SparseConfig, thresholds: Threshold
         raise ValueError(f"layer {layer} does not exist (the model has {lm.n_layers})")
     metrics = SparsityMetrics(track_popularity=True)
     capture = _MapCapture(layer, pool_factor(n, map_cap))
-    device = lm.device
-    generated: list[int] = []
+    cont = None
     t0 = time.perf_counter()
     with torch.inference_mode(), sparse_run(config, thresholds if config.needs_thresholds else None,
                                             model=lm.model, metrics=metrics, observers=(capture,)):
-        if decode_steps <= 0:
-            base = getattr(lm.model, lm.model.base_model_prefix, lm.model)
-            base(input_ids=ids.to(device), use_cache=False)
+        if keep_cache:
+            out = lm.model(input_ids=ids.to(lm.device), use_cache=True, logits_to_keep=1)
+            cont = DecodeContinuation(contextvars.copy_context(), out, metrics)
         else:
-            out = lm.model(input_ids=ids.to(device), use_cache=True, logits_to_keep=1)
-            eos = getattr(lm.tokenizer, "eos_token_id", None)
-            for _ in range(decode_steps):
-                nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-                generated.append(int(nxt))
-                if eos is not None and int(nxt) == eos:
-                    break
-                out = lm.model(input_ids=nxt, use_cache=True, logits_to_keep=1, **_cache_kwargs(lm.model, out))
+            base = getattr(lm.model, lm.model.base_model_prefix, lm.model)
+            base(input_ids=ids.to(lm.device), use_cache=False)
     seconds = time.perf_counter() - t0
     dense, sparse, kept, visible = capture.arrays()
     pop_rows = [pd.DataFrame({"layer": lay, "position": np.arange(p.numel()), "count": p.cpu().numpy()})
                 for lay, p in sorted(metrics.popularity.items())]
     popularity = (pd.concat(pop_rows, ignore_index=True) if pop_rows
                   else pd.DataFrame(columns=["layer", "position", "count"]))
-    dec_rows = [{"layer": lay, "step": i, "kept_v_rows": kv, "kv_rows": tot}
-                for lay, steps in sorted(metrics.decode_steps.items()) for i, (kv, tot) in enumerate(steps)]
-    decode = pd.DataFrame(dec_rows, columns=["layer", "step", "kept_v_rows", "kv_rows"])
-    decode["kept_v_frac"] = decode["kept_v_rows"] / decode["kv_rows"].where(decode["kv_rows"] > 0)
-    return SparsitySnapshot(
+    snap = SparsitySnapshot(
         tokens=lm.tokenizer.convert_ids_to_tokens(ids[0].tolist()), layer=layer, metrics=metrics.to_frame(),
-        popularity=popularity, decode=decode,
-        generated=[lm.tokenizer.decode([t]) for t in generated],
+        popularity=popularity, decode=_decode_frame(metrics), generated=[],
         dense=dense, sparse=sparse, kept=kept, visible=visible[0] if visible.ndim == 3 else visible,
         pool=capture.pool, seconds=seconds, config_label=config.label())
+    return snap, cont
+
+
+def sparsity_decode(lm, snap: SparsitySnapshot, cont: DecodeContinuation, steps: int) -> SparsitySnapshot:
+    """``steps`` greedy decode steps after :func:`sparsity_prefill` (stops at EOS): the snapshot with its
+    decode strip, generated tokens and metrics of both phases.  Consumes ``cont`` (its cache grows)."""
+    generated: list[int] = []
+    eos = getattr(lm.tokenizer, "eos_token_id", None)
+
+    def run() -> None:  # inside the prefill's context: its sparse run is the active one
+        out = cont.out
+        with torch.inference_mode():
+            for _ in range(steps):  # step i feeds the i-th generated token (the strip's column i)
+                nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+                generated.append(int(nxt))
+                if eos is not None and int(nxt) == eos:
+                    break
+                out = lm.model(input_ids=nxt, use_cache=True, logits_to_keep=1, **_cache_kwargs(lm.model, out))
+
+    t0 = time.perf_counter()
+    if steps > 0:
+        cont.run_context.run(run)
+    return dataclasses.replace(snap, metrics=cont.metrics.to_frame(), decode=_decode_frame(cont.metrics),
+                               generated=[lm.tokenizer.decode([t]) for t in generated],
+                               seconds=snap.seconds + time.perf_counter() - t0)
+
+
+def sparsity_snapshot(lm, text: str, config: SparseConfig, thresholds: Thresholds | None, *, layer: int,
+                      max_tokens: int = 256, decode_steps: int = 8, map_cap: int = MAP_CAP) -> SparsitySnapshot:
+    """:func:`sparsity_prefill` of ``text`` followed by ``decode_steps`` greedy steps (:func:`sparsity_decode`)."""
+    snap, cont = sparsity_prefill(lm, text, config, thresholds, layer=layer, max_tokens=max_tokens, map_cap=map_cap,
+                                  keep_cache=decode_steps > 0)
+    return sparsity_decode(lm, snap, cont, decode_steps) if cont is not None else snap
+
+
+def _decode_frame(metrics: SparsityMetrics) -> pd.DataFrame:
+    rows = [{"layer": lay, "step": i, "kept_v_rows": kv, "kv_rows": tot}
+            for lay, steps in sorted(metrics.decode_steps.items()) for i, (kv, tot) in enumerate(steps)]
+    decode = pd.DataFrame(rows, columns=["layer", "step", "kept_v_rows", "kv_rows"])
+    decode["kept_v_frac"] = decode["kept_v_rows"] / decode["kv_rows"].where(decode["kv_rows"] > 0)
+    return decode
 
 
 def _cache_kwargs(model, out) -> dict:

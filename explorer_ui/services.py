@@ -7,14 +7,12 @@ Streamlit runs each session's script in its own thread.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pandas as pd
 import streamlit as st
 
-from topθ_core.config import SparseConfig
 from topθ_core.models import BUNDLED, LoadedModel, load_model
 from topθ_core.thresholds import Thresholds, load_thresholds
 
@@ -82,15 +80,6 @@ def bundled_texts(kind: str, name: str, limit: int) -> list[str]:
 @st.cache_data(show_spinner=False)
 def sample_prompts() -> dict[str, str]:
     return analysis.sample_prompts()
-
-
-@st.cache_data(show_spinner=False, max_entries=24)
-def sparsity_snapshot(_lm: LoadedModel, model_key: str, text: str, config_json: str, _thresholds: Thresholds | None,
-                      run_key: str, layer: int, max_tokens: int, decode_steps: int) -> analysis.SparsitySnapshot:
-    """Cached :func:`analysis.sparsity_snapshot`; the hashed arguments are the model key, the run key and the settings."""
-    config = SparseConfig.from_dict(json.loads(config_json))
-    return analysis.sparsity_snapshot(_lm, text, config, _thresholds, layer=layer, max_tokens=max_tokens,
-                                      decode_steps=decode_steps)
 
 
 @st.cache_data(show_spinner=False, max_entries=4)

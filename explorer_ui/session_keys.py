@@ -58,6 +58,7 @@ SP_HEAD = "sp_head"
 SP_DECODE = "sp_decode_steps"
 SP_TABLE_OPEN = "sp_table_open"  # expander open state
 SP_SAMPLE_APPLIED = "sp_sample_applied"  # not a widget: the sample last copied into the prompt
+SP_SNAPSHOT = "sp_snapshot"  # not a widget: (inputs, SparsitySnapshot) of the last run in this session
 
 # ---- Accuracy ---------------------------------------------------------------------------
 ACC_KIND = "acc_kind"

@@ -4,9 +4,8 @@ import json
 
 import streamlit as st
 
-from explorer_ui import figures, services
+from explorer_ui import analysis, figures
 from explorer_ui import session_keys as K
-from explorer_ui.analysis import MAP_CAP
 from explorer_ui.controls import sample_prompt_picker, sparse_config_controls
 from explorer_ui.sidebar import require_model
 from topθ_core.metrics import summarize
@@ -23,8 +22,9 @@ samples = sample_prompt_picker(c2, prompt_key=K.SP_PROMPT, sample_key=K.SP_SAMPL
 if K.SP_PROMPT not in st.session_state:
     st.session_state[K.SP_PROMPT] = next(iter(samples.values()), "The quick brown fox jumps over the lazy dog. " * 20)
 prompt = c1.text_area("Prompt", key=K.SP_PROMPT, height=130)
+cap = analysis.MAP_CAP
 max_tokens = c2.number_input("Max prompt tokens", min_value=8, max_value=4096, value=256, step=64,
-                             key=K.SP_MAX_TOKENS, help=f"maps are drawn at most {MAP_CAP}×{MAP_CAP} cells; longer "
+                             key=K.SP_MAX_TOKENS, help=f"maps are drawn at most {cap}×{cap} cells; longer "
                                                        "prompts are pooled into blocks")
 decode_steps = c2.number_input("Decode steps", min_value=0, max_value=64, value=8, key=K.SP_DECODE)
 
@@ -47,24 +47,32 @@ layer = l1.selectbox("Layer (maps)", list(range(lm.n_layers)), key=K.SP_LAYER)
 if not prompt.strip():
     st.info("Enter a prompt.")
     st.stop()
-try:
+# The last snapshot of this session, by its inputs: reruns that change none of them (opening the
+# table, coming back to the page) draw it again without a model call.
+snap_key = (ctx.model_key, ctx.run_key, prompt, json.dumps(config.to_dict(), sort_keys=True), int(layer),
+            int(max_tokens), int(decode_steps))
+memo = st.session_state.get(K.SP_SNAPSHOT)
+cont = None  # set when decode steps are still to run (after the prefill is drawn)
+if memo is not None and memo[0] == snap_key:
+    snap = memo[1]
+else:
     busy = st.empty()
-    busy.caption("Running the model…")
-    snap = services.sparsity_snapshot(lm, ctx.model_key, prompt, json.dumps(config.to_dict(), sort_keys=True),
-                                      ctx.thresholds, ctx.run_key, int(layer), int(max_tokens), int(decode_steps))
+    busy.caption("Running the model…")  # static text: an animated spinner made the browser repaint throughout
+    try:
+        snap, cont = analysis.sparsity_prefill(lm, prompt, config, ctx.thresholds, layer=int(layer),
+                                               max_tokens=int(max_tokens), keep_cache=decode_steps > 0)
+    except (ValueError, ThresholdsError) as e:
+        busy.empty()
+        st.error(f"Cannot run this prompt: {e}")
+        st.stop()
     busy.empty()
-except (ValueError, ThresholdsError) as e:
-    st.error(f"Cannot run this prompt: {e}")
-    st.stop()
 
 pre = summarize(snap.metrics, "prefill")
-dec = summarize(snap.metrics, "decode") if decode_steps else None
 m = st.columns(5)
 m[0].metric("prompt tokens", snap.n_tokens)
 m[1].metric("kept attention (prefill)", f"{pre['kept_attention']:.1%}", help="kept / visible elements, all layers")
 m[2].metric("kept V rows (prefill)", f"{pre['kept_v_rows']:.1%}")
-m[3].metric("kept V rows (decode)", "–" if not dec or dec["kept_v_rows"] != dec["kept_v_rows"] else
-            f"{dec['kept_v_rows']:.1%}")
+decode_metric = m[3].empty()
 m[4].metric("size factor vs top-k", f"{pre['size_factor']:.2f}", help="kept / what top-k would keep; 1 is on target")
 st.caption(f"{snap.config_label} · {snap.seconds:.2f} s · empty rows {pre['empty_rows']} · extrapolated rows "
            f"{pre['extrapolated_rows']}")
@@ -105,7 +113,17 @@ a.plotly_chart(figures.layer_head_heatmap(snap.metrics, "kept_frac", "prefill"),
 b.plotly_chart(figures.kv_rows_heatmap(snap.metrics, "prefill"), width="stretch", key="sp_kv")
 st.plotly_chart(figures.popularity_bar(snap.popularity, int(layer), snap.tokens), width="stretch", key="sp_pop")
 if decode_steps:
-    st.plotly_chart(figures.decode_strip(snap.decode, snap.generated), width="stretch", key="sp_decode")
+    strip = st.empty()
+    if cont is not None:  # the prefill is on screen; the browser draws it while the decode steps run
+        strip.caption(f"Running {int(decode_steps)} decode steps…")
+        snap = analysis.sparsity_decode(lm, snap, cont, int(decode_steps))
+    dec = summarize(snap.metrics, "decode")
+    decode_metric.metric("kept V rows (decode)", "–" if dec["kept_v_rows"] != dec["kept_v_rows"] else
+                         f"{dec['kept_v_rows']:.1%}")
+    strip.plotly_chart(figures.decode_strip(snap.decode, snap.generated), width="stretch", key="sp_decode")
+else:
+    decode_metric.metric("kept V rows (decode)", "–", help="set decode steps > 0")
+st.session_state[K.SP_SNAPSHOT] = (snap_key, snap)
 table = st.expander("Metrics table", expanded=False, key=K.SP_TABLE_OPEN, on_change="rerun")
 if table.open:  # drawn only when opened: a data grid costs the browser even when collapsed
     with table:

@@ -250,9 +250,12 @@ def test_thresholds_overlay_two_runs(calibrated, env):
 
 
 def test_sparsity_page(calibrated, monkeypatch):
-    from explorer_ui import figures
+    from explorer_ui import analysis, figures
 
     drawn = []  # (n, n) of every map image the page draws
+    prefills = []  # model calls: a rerun with unchanged inputs draws the session's last snapshot again
+    real_prefill = analysis.sparsity_prefill
+    monkeypatch.setattr(analysis, "sparsity_prefill", lambda *a, **kw: prefills.append(1) or real_prefill(*a, **kw))
 
     def spy(*a, **kw):
         out = real(*a, **kw)
@@ -270,6 +273,7 @@ def test_sparsity_page(calibrated, monkeypatch):
     assert int(metrics["prompt tokens"]) == 256
     kept = float(metrics["kept attention (prefill)"].rstrip("%")) / 100
     assert 0 < kept < 1
+    assert 0 < float(metrics["kept V rows (decode)"].rstrip("%")) <= 100  # filled in after the decode steps
     titles = [s["layout"]["title"]["text"] for s in plotly_specs(at)]
     assert "kept attention fraction · prefill" in titles and "decode steps · kept V rows" in titles
     # 256 tokens: the maps are images (beyond IMAGE_CELLS a side), titled by layer and head
@@ -282,6 +286,7 @@ def test_sparsity_page(calibrated, monkeypatch):
     at.selectbox(key="sp_head").set_value(3).run()
     assert_clean(at)
     assert "**layer 2 · head 3**" in texts(at.markdown)
+    assert len(prefills) == 1
     # long prompt: the maps are pooled, never more than 256 cells a side
     at.text_area(key="sp_prompt").input("word " * 700)
     at.number_input(key="sp_max_tokens").set_value(600)

@@ -307,6 +307,30 @@ def test_sparsity_snapshot_pools_long_prompts(tiny):
         analysis.sparsity_snapshot(tiny, "hi", cfg, None, layer=9)
 
 
+def test_sparsity_prefill_then_decode_matches_one_call(tiny):
+    """The page draws the prefill, then runs the decode steps from the returned continuation: same
+    result as one call, and the decode steps run under the prefill's sparse run (outside any run
+    here, the decode metrics would be empty)."""
+    from topθ_core.config import KSchedule, SparseConfig
+    from topθ_core.integration import active_run
+
+    cfg = SparseConfig(selection="top-k", sdc="exact", vmc=True, k=KSchedule(8))
+    text = "alpha beta gamma delta " * 20
+    one = analysis.sparsity_snapshot(tiny, text, cfg, None, layer=1, max_tokens=64, decode_steps=4)
+    pre, cont = analysis.sparsity_prefill(tiny, text, cfg, None, layer=1, max_tokens=64, keep_cache=True)
+    assert active_run() is None and pre.decode.empty and pre.generated == []
+    assert set(pre.metrics["phase"]) == {"prefill"}
+    two = analysis.sparsity_decode(tiny, pre, cont, 4)
+    assert active_run() is None
+    assert two.generated == one.generated and len(two.generated) == 4
+    pd.testing.assert_frame_equal(two.decode, one.decode)
+    cols = ["phase", "layer", "head", "kept", "visible"]
+    pd.testing.assert_frame_equal(two.metrics[cols].reset_index(drop=True), one.metrics[cols].reset_index(drop=True))
+    assert np.array_equal(two.kept, one.kept) and two.seconds >= pre.seconds
+    _, none = analysis.sparsity_prefill(tiny, text, cfg, None, layer=1, max_tokens=64)
+    assert none is None
+
+
 # ---------------------------------------------------------------------------- render, bench results, keys
 def test_tokens_html_escapes_and_marks_divergence():
     steps = [{"step": 0, "dense_text": "<a>", "sparse_text": "<a>", "kl": 0.0, "diverged": False},
