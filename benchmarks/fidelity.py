@@ -18,6 +18,14 @@ prefixes so prompts reach ~1-1.5k tokens) through :func:`topθ_core.evaluation.e
 Every Top-θ variant runs the PyTorch reference attention (observers force it), so kernel and
 reference paths never mix within a comparison.
 
+Plan ``rowmax`` (the two last ideas of issue 7): the default inference family (``SparseConfig()``:
+Top-θ + exact SDC + VMC, interpolated lookup) at k = 32 and 64 with three kinds of θ, each over σ:
+θ absolute (today's), θ relative to the row max (``theta_reference=row-max``, its own calibration
+of t − m), and per-head k (``allocate_head_k``: k proportional to each head's mean count of
+elements reaching 90% of the row's softmax mass on the calibration documents, clamped to
+[k/4, 4k], layer mean unchanged; calibrated with that schedule), against exact top-k + exact SDC +
+VMC over k (and top-k with the same per-head schedule).
+
 Plan ``robust`` (robust θ aggregation): one calibration per k that also keeps a sample reservoir
 (capacity 128, which holds every sample of a 16-length bin over 8 documents), finalized three ways
 (mean-std, median + σ·1.4826·MAD, 10%-trimmed mean + σ·std), each run with the default inference
@@ -26,6 +34,8 @@ row samples are the same for all three, so only the aggregation differs.
 
     python benchmarks/fidelity.py run --device cuda --out DIR      # measurements → DIR/*.csv
     python benchmarks/fidelity.py run --plan robust --ks 64 --device cpu --sections table --out DIR
+    python benchmarks/fidelity.py run --plan rowmax --device cuda --sections table,curves --out DIR
+    python benchmarks/fidelity.py rowmax-report --raw DIR    # the section table of fidelity.md
     python benchmarks/fidelity.py report --raw DIR                 # → benchmarks/results/fidelity.{md,csv,html}
 """
 
@@ -47,7 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from topθ_core.config import (SDC, Aggregation, CalibrationConfig, EmptyRowFloor, KSchedule, Lookup,  # noqa: E402
-                              Selection, SparseConfig)
+                              Selection, SparseConfig, ThetaReference)
 
 RESULTS = ROOT / "benchmarks" / "results"
 SEQ = 2048
@@ -94,11 +104,11 @@ class RowSpread:
     def __call__(self, layer, block) -> None:
         if layer not in self.layers:
             return
-        L = block.row_len[:, 0]  # (B, R)
-        mask = (L > block.k).unsqueeze(1).expand(block.kept.shape[:3])  # (B, H, R)
+        mask = block.thresholded()  # (B, H, R): L > that head's k
         if not bool(mask.any()):
             return
-        r = (block.kept.sum(-1)[mask].to(torch.float64) / block.k).cpu()
+        k = block.k_per_head().view(1, -1, 1).expand(mask.shape)
+        r = (block.kept.sum(-1)[mask].to(torch.float64) / k[mask]).cpu()
         self.n += r.numel()
         self.s += float(r.sum())
         self.ss += float((r * r).sum())
@@ -247,7 +257,7 @@ def run(args) -> None:
     log(f"dense ppl {math.exp(bench.dense.nll):.3f}")
 
     # ---- calibrations (statistics reused across σ, lookup, smoothing)
-    stats, th = {}, {}
+    stats, th, spreads = {}, {}, {}
 
     def calib(name, k, docs, **kw):
         t0 = time.perf_counter()
@@ -269,6 +279,26 @@ def run(args) -> None:
     ks = tuple(int(x) for x in args.ks.split(","))
     for k in ks:  # the robust plan keeps the samples too (the sums, hence mean-std, are the same)
         calib(f"k{k}", k, cal_docs[:n_cal], **({"aggregation": Aggregation.MEDIAN} if args.plan == "robust" else {}))
+    if args.plan == "rowmax":
+        from dataclasses import replace
+
+        from topθ_core.calibration import allocate_head_k
+
+        for k in ks:
+            calib(f"k{k}-rowmax", k, cal_docs[:n_cal], theta_reference=ThetaReference.ROW_MAX)
+            t0 = time.perf_counter()
+            sched, spread = allocate_head_k(lm.model, cal_docs[:n_cal], cal_config(k).k, mass=HEAD_K_MASS,
+                                            k_min=max(1, k // 4), k_max=4 * k)
+            spreads[k] = (sched, spread)
+            log(f"per-head k for k={k} in {time.perf_counter() - t0:.1f}s: "
+                + "; ".join(f"L{l}: " + ",".join(str(x) for x in sched.heads_for(l, fp.n_heads) or [])
+                            for l in (2, 10, 20, 29)))
+            t0 = time.perf_counter()
+            cc = replace(cal_config(k), k=sched)
+            s = collect_stats(lm.model, cal_docs[:n_cal], cc)
+            th[f"k{k}-headk"] = s.finalize(cc.sigma, fingerprint=fp, k=cc.k, placement=cc.placement, calibration=cc,
+                                           data=f"pydoc calibration half, {n_cal} docs, per-head k")
+            log(f"calibrated k{k}-headk in {time.perf_counter() - t0:.1f}s")
     if args.plan == "full" and 64 in ks:
         calib("k64-len1024", 64, [d[: seq // 2] for d in cal_docs[:n_cal]])
         import copy
@@ -334,6 +364,8 @@ def run(args) -> None:
             measure_exact(record, th, ks, theta_cfg, topk_cfg)
         elif args.plan == "robust":
             measure_robust(record, stats, ks, fp, f"{n_cal} docs × {seq}")
+        elif args.plan == "rowmax":
+            measure_rowmax(record, th, ks, spreads, f"{n_cal} docs × {seq}")
         else:
             measure(record, th, ks, sdc_theta, theta_cfg, topk_cfg, args, sections)
     except OutOfTime:
@@ -476,6 +508,69 @@ def measure_robust(record, stats, ks, fp, cal) -> None:
                        curve=True)
 
 
+HEAD_K_MASS = 0.9  # per-head k ∝ mean count of elements reaching this share of the row's softmax mass
+ROWMAX_SIGMAS = (-0.25, 0.1, 0.5, 1.0)
+
+
+def measure_rowmax(record, th, ks, spreads, cal) -> None:
+    """Top-θ with θ absolute / relative to the row max / per-head k, each over σ, vs exact top-k over k."""
+    for kk in (16, 24, 32, 48, 64, 96, 128):
+        record("rowmax", f"top-k k={kk} + exact SDC + VMC", topk_cfg(kk, sdc=SDC.EXACT, vmc=True), None, kk, cal=cal,
+               curve=True)
+    for k in ks:
+        base = SparseConfig(k=KSchedule(k, {0: 512, 1: 512}))  # the defaults: exact SDC, VMC, interpolate
+        sched = spreads[k][0]
+        record("rowmax", f"top-k k={k} per-head k + exact SDC + VMC", SparseConfig(selection=Selection.TOP_K, sdc=SDC.EXACT, vmc=True, k=sched),
+               None, k, cal=cal, curve=True)
+        for sig in ROWMAX_SIGMAS:
+            record("rowmax", "Top-θ + exact SDC + VMC, θ absolute", base, th[f"k{k}"].with_sigma(sig), k, sig, cal=cal,
+                   curve=True)
+            record("rowmax", "Top-θ + exact SDC + VMC, θ relative to row max",
+                   base.with_(theta_reference=ThetaReference.ROW_MAX), th[f"k{k}-rowmax"].with_sigma(sig), k, sig,
+                   cal=cal, curve=True)
+            record("rowmax", "Top-θ + exact SDC + VMC, per-head k", base.with_(k=sched), th[f"k{k}-headk"].with_sigma(sig),
+                   k, sig, cal=cal, curve=True)
+
+
+def _interp_loglog(x, xs, ys):
+    """Linear interpolation of log y against log x over the points (xs, ys) sorted by x; NaN outside."""
+    lx, pts = math.log(x), sorted(zip(xs, ys))
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if math.log(x0) <= lx <= math.log(x1):
+            f = (lx - math.log(x0)) / (math.log(x1) - math.log(x0)) if x1 != x0 else 0.0
+            return math.exp(math.log(y0) + f * (math.log(y1) - math.log(y0)))
+    return float("nan")
+
+
+def rowmax_report(args) -> None:
+    """The rowmax plan's table: each Top-θ point against exact top-k's curve (same KL → kept ratio)."""
+    import pandas as pd
+
+    raw = pd.concat([pd.read_csv(Path(d) / "fidelity_raw.csv") for d in args.raw.split(",")], ignore_index=True)
+    raw = raw[raw["group"] == "rowmax"]
+    tk = raw[raw["variant"].str.match(r"top-k k=\d+ \+ exact")].sort_values("kl_mean")
+    lines = ["| k | variant | σ | Δ perplexity | KL | kept, layers 2-29 | × top-k (same k) | kept ÷ exact top-k's at the "
+             "same KL | KL ÷ exact top-k's at the same kept | kept/row CV | p10 | p90 | empty rows |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for _, r in raw.iterrows():
+        if r["variant"].startswith("top-k k=") and "per-head" not in r["variant"]:
+            continue
+        kept_same_kl = _interp_loglog(r["kl_mean"], tk["kl_mean"], tk["kept_sparse_layers"])
+        kl_same_kept = _interp_loglog(r["kept_sparse_layers"], tk["kept_sparse_layers"], tk["kl_mean"])
+        sig = "" if pd.isna(r["sigma"]) else f"{r['sigma']:g}"
+        lines.append(f"| {r['k']} | {r['variant'].replace('Top-θ + exact SDC + VMC, ', '')} | {sig} | "
+                     f"{r['ppl_change']:+.2%} | {r['kl_mean']:.4f} | 1/{1 / r['kept_sparse_layers']:.1f} | "
+                     f"{r['size_factor']:.2f} | {r['kept_sparse_layers'] / kept_same_kl:.2f} | "
+                     f"{r['kl_mean'] / kl_same_kept:.2f} | {r['row_cv']:.2f} | {r['row_p10']:.2f} | "
+                     f"{r['row_p90']:.2f} | {int(r['empty_rows']):,} |")
+    lines += ["", "exact top-k + exact SDC + VMC (the reference curve):", "",
+              "| k | Δ perplexity | KL | kept, layers 2-29 |", "|---|---|---|---|"]
+    for _, r in tk.sort_values("k").iterrows():
+        lines.append(f"| {r['k']} | {r['ppl_change']:+.2%} | {r['kl_mean']:.4f} | 1/{1 / r['kept_sparse_layers']:.1f} |")
+    text = "\n".join(lines) + "\n"
+    print(text.replace("nan", "–"))
+
+
 # --------------------------------------------------------------------------- report
 TABLE_COLS = [("ppl_change", "Δ perplexity", "{:+.1%}"), ("kl_mean", "KL(dense‖sparse)", "{:.4f}"),
               ("arc_easy_delta", "Δ ARC-Easy", "{:+.1%}"), ("hellaswag_delta", "Δ HellaSwag", "{:+.1%}"),
@@ -517,6 +612,10 @@ def report(args) -> None:
 def curve_name(row) -> str:
     """Which trade-off curve a measured point belongs to (σ varies along Top-θ curves, k along top-k)."""
     v = row["variant"]
+    if "per-head" in v and row["selection"] == "top-k":
+        return "top-k, per-head k + exact SDC + VMC"
+    if row["group"] == "rowmax" and row["selection"] == "top-theta":
+        return v.replace("Top-θ + exact SDC + VMC, ", "Top-θ, exact SDC, ")
     if row["selection"] == "top-k":
         return "top-k + exact SDC + VMC" if "exact SDC" in v else "top-k (plain)"
     if row["group"] == "sigma" or v.startswith("Top-θ k="):
@@ -565,7 +664,7 @@ def main() -> None:
     r.add_argument("--mc-items", type=int, default=200)
     r.add_argument("--arc-shots", type=int, default=25)
     r.add_argument("--hs-shots", type=int, default=10)
-    r.add_argument("--plan", choices=("full", "cpu", "exact", "robust"), default="full")
+    r.add_argument("--plan", choices=("full", "cpu", "exact", "robust", "rowmax"), default="full")
     r.add_argument("--ks", default="32,64")
     r.add_argument("--n-cal", type=int, default=0, help="calibration documents (0: 8; the 'more data' row doubles it)")
     r.add_argument("--n-eval", type=int, default=0, help="held-out documents (0: 6)")
@@ -578,6 +677,8 @@ def main() -> None:
     q.add_argument("--out", default="/tmp/fidelity_inputs.pt")
     p = sub.add_parser("report")
     p.add_argument("--raw", default="/tmp/fidelity", help="comma list of run output folders")
+    rr = sub.add_parser("rowmax-report")
+    rr.add_argument("--raw", default="/tmp/fidelity", help="comma list of run output folders")
     args = ap.parse_args()
     if args.cmd == "prepare":
         from transformers import AutoTokenizer
@@ -587,7 +688,7 @@ def main() -> None:
         torch.save(build_inputs(AutoTokenizer.from_pretrained(bundled_checkpoint())), args.out, pickle_protocol=4)
         print(f"wrote {args.out}")
     else:
-        run(args) if args.cmd == "run" else report(args)
+        {"run": run, "report": report, "rowmax-report": rowmax_report}[args.cmd](args)
 
 
 if __name__ == "__main__":

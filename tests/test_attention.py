@@ -11,7 +11,8 @@ from topθ_core.attention import causal_visible, dense_attention_ref, topθ_atte
 from topθ_core.config import SDC, EmptyRowFloor, Placement, Selection, SparseConfig
 
 
-def naive_row(a, vis, v, *, selection, placement, sdc, scale_s, vmc, capk, floor, k, theta, offline):
+def naive_row(a, vis, v, *, selection, placement, sdc, scale_s, vmc, capk, floor, k, theta, offline,
+              reference="absolute"):
     """One query row, straight from SPEC.md's formulas, in Python over a few elements.
 
     a: (N,) logits; vis: (N,) bool; v: (N, d); returns (d,) output and the kept list."""
@@ -29,6 +30,8 @@ def naive_row(a, vis, v, *, selection, placement, sdc, scale_s, vmc, capk, floor
         kept = sorted(idx, key=lambda j: (-float(a[j]), j))[:k]
     else:
         score = p_dense if placement == "post" else {j: float(a[j]) for j in idx}
+        if reference == "row-max":  # θ relative to the row maximum: a_j − m > θ_rel
+            score = {j: float(a[j]) - m for j in idx}
         kept = [j for j in idx if score[j] > theta]
         if capk and len(kept) > k:
             kept = sorted(kept)[-k:]
@@ -45,7 +48,7 @@ def naive_row(a, vis, v, *, selection, placement, sdc, scale_s, vmc, capk, floor
         elif sdc == "exact":
             d_u = sum(e[j] for j in dropped)
         elif sdc == "exp-threshold":
-            d_u = len(dropped) * math.exp(theta - m)
+            d_u = len(dropped) * math.exp(theta if reference == "row-max" else theta - m)
         else:
             d_u = offline
         denom = d_s + scale_s * d_u
@@ -73,9 +76,11 @@ def naive_attention(q, k, v, visible, cfg: SparseConfig, k_keep, theta=None, off
                 a = (k[b, kh].double() @ q[b, h, i].double()) * scale
                 o, kept = naive_row(a, visible[b, i], v[b, kh].double(), selection=cfg.selection.value,
                                     placement=cfg.placement.value, sdc=cfg.sdc.value, scale_s=cfg.sdc_scale,
-                                    vmc=cfg.vmc, capk=cfg.capk, floor=cfg.empty_row.value, k=k_keep,
+                                    vmc=cfg.vmc, capk=cfg.capk, floor=cfg.empty_row.value,
+                                    k=k_keep[h] if isinstance(k_keep, (list, tuple)) else k_keep,
                                     theta=None if theta is None else float(theta[b, h, i]),
-                                    offline=None if offline is None else float(offline[b, h, i]))
+                                    offline=None if offline is None else float(offline[b, h, i]),
+                                    reference=cfg.theta_reference.value)
                 out[b, h, i] = o
                 kept_all[b, h, i, kept] = True
     return out, kept_all
@@ -279,3 +284,103 @@ def test_shape_errors_are_clear():
     q, k, v = rand_inputs()
     with pytest.raises(ValueError, match="needs thresholds"):
         topθ_attention_ref(q, k, v, config=SparseConfig(sdc="none", vmc=False), k_keep=2)
+
+
+# ---- θ relative to the row max, per-head k (issue 7) ---------------------------------------------------
+
+ROW_MAX_VARIANTS = [
+    SparseConfig(selection="top-theta", sdc="exact", vmc=True, theta_reference="row-max"),
+    SparseConfig(selection="top-theta", sdc="exp-threshold", vmc=True, theta_reference="row-max"),
+    SparseConfig(selection="top-theta", sdc="offline", vmc=True, capk=True, theta_reference="row-max"),
+    SparseConfig(selection="top-theta", sdc="none", vmc=False, empty_row="none", theta_reference="row-max"),
+]
+
+
+@pytest.mark.parametrize("cfg", ROW_MAX_VARIANTS, ids=lambda c: c.label())
+def test_row_max_theta_matches_a_per_row_loop(cfg):
+    """keep a − max(a) > θ_rel, checked against a Python loop over each row (float64, padding included)."""
+    q, k, v = rand_inputs(B=2, Hq=4, Hkv=2, Sq=11, Sk=11, seed=7)
+    vis = causal_visible(11, 11, batch=2).clone()
+    vis[1, :, :2] = False  # left padding in the second sequence
+    gen = torch.Generator().manual_seed(3)
+    theta = -torch.rand(2, 4, 11, generator=gen, dtype=torch.float64) * 2.5  # relative: below the max
+    theta[0, 1, 5] = 0.5  # a non-negative θ_rel leaves the row empty: the floor (or nothing) decides
+    offline = torch.rand(2, 4, 11, generator=gen, dtype=torch.float64)
+    kept_seen = []
+    out = topθ_attention_ref(q, k, v, config=cfg, k_keep=3, visible=vis, theta=theta, sdc_term=offline,
+                             observer=lambda blk: kept_seen.append(blk.kept.clone()))
+    ref, ref_kept = naive_attention(q, k, v, vis, cfg, 3, theta=theta, offline=offline)
+    got_kept = torch.cat(kept_seen, 2)
+    print("max |err|", (out - ref).abs().max().item())
+    assert torch.equal(got_kept & vis.unsqueeze(1), ref_kept)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_row_max_theta_equals_absolute_theta_shifted_by_each_row_max():
+    """θ_rel + m_i used as an absolute θ keeps the same elements (away from ties)."""
+    q, k, v = rand_inputs(B=1, Hq=4, Hkv=2, Sq=13, Sk=13, seed=11)
+    theta_rel = -torch.rand(1, 4, 13, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 2
+    logits = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * 8 ** -0.5
+    logits = logits.masked_fill(~causal_visible(13, 13, batch=1).unsqueeze(1), float("-inf"))
+    theta_abs = theta_rel + logits.amax(-1)
+    rel = SparseConfig(theta_reference="row-max")
+    out_rel = topθ_attention_ref(q, k, v, config=rel, k_keep=2, theta=theta_rel)
+    out_abs = topθ_attention_ref(q, k, v, config=rel.with_(theta_reference="absolute"), k_keep=2, theta=theta_abs)
+    torch.testing.assert_close(out_rel, out_abs, rtol=1e-12, atol=1e-12)
+
+
+def test_row_max_and_per_head_k_are_not_kernel_compatible():
+    from topθ_core.config import ConfigError, KSchedule
+
+    assert SparseConfig().kernel_compatible
+    assert not SparseConfig(theta_reference="row-max").kernel_compatible
+    assert not SparseConfig(k=KSchedule(64, {}, {(2, 1): 32})).kernel_compatible
+    assert SparseConfig(theta_reference="row_max").theta_reference.value == "row-max"
+    with pytest.raises(ConfigError, match="row-max"):
+        SparseConfig(selection="top-k", sdc="exact", theta_reference="row-max")
+    with pytest.raises(ConfigError, match="placement=pre"):
+        SparseConfig(placement="post", sdc="none", theta_reference="row-max")
+    with pytest.raises(ConfigError, match="theta_reference"):
+        SparseConfig(theta_reference="relative")
+
+
+def test_per_head_top_k_matches_torch_topk_per_head():
+    """Each head keeps its own k largest (torch.topk on that head's row); rows with L ≤ k_h stay dense."""
+    q, k, v = rand_inputs(B=2, Hq=4, Hkv=2, Sq=12, Sk=12, seed=5)
+    ks = [2, 5, 3, 12]
+    kept_seen = []
+    cfg = SparseConfig(selection="top-k", sdc="exact", vmc=True)
+    topθ_attention_ref(q, k, v, config=cfg, k_keep=ks, observer=lambda blk: kept_seen.append(blk.kept.clone()))
+    kept = torch.cat(kept_seen, 2)
+    logits = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * 8 ** -0.5
+    for b in range(2):
+        for h, kh in enumerate(ks):
+            for i in range(12):
+                L = i + 1
+                want = torch.zeros(12, dtype=torch.bool)
+                if L <= kh:
+                    want[:L] = True
+                else:
+                    want[logits[b, h, i, :L].topk(kh).indices] = True
+                assert torch.equal(kept[b, h, i], want), (b, h, i)
+
+
+@pytest.mark.parametrize("cfg", [SparseConfig(selection="top-k", sdc="exact", vmc=True),
+                                 SparseConfig(selection="top-k", sdc="none", vmc=False),
+                                 SparseConfig(sdc="exact", vmc=True, capk=True),
+                                 SparseConfig(sdc="offline", vmc=True)], ids=lambda c: c.label())
+def test_per_head_k_equals_each_head_run_with_its_own_k(cfg):
+    """Head h of a per-head-k call equals head h of a uniform call with k = k_h (GQA, decode offset, float64)."""
+    q, k, v = rand_inputs(B=2, Hq=6, Hkv=2, Sq=7, Sk=15, seed=2)  # chunk of 7 rows after 8 cached keys
+    theta, offline = rand_thresholds(cfg, 2, 6, 7, seed=4)
+    ks = [1, 4, 9, 4, 15, 2]
+    out = topθ_attention_ref(q, k, v, config=cfg, k_keep=ks, theta=theta, sdc_term=offline)
+    for h, kh in enumerate(ks):
+        one = topθ_attention_ref(q, k, v, config=cfg, k_keep=kh, theta=theta, sdc_term=offline)
+        torch.testing.assert_close(out[:, h], one[:, h], rtol=1e-12, atol=1e-12)
+    ref, _ = naive_attention(q, k, v, causal_visible(7, 15, batch=2), cfg, ks, theta=theta, offline=offline)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="6 query heads"):
+        topθ_attention_ref(q, k, v, config=cfg, k_keep=ks[:5], theta=theta, sdc_term=offline)
+    with pytest.raises(ValueError, match="at least 1"):
+        topθ_attention_ref(q, k, v, config=cfg, k_keep=[0, *ks[1:]], theta=theta, sdc_term=offline)

@@ -241,3 +241,171 @@ def test_causal_key_prefix_chunks_give_the_same_statistics_as_full_width_rows():
     for a, b in zip(trimmed.tensors(), full.tensors()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert set(widths_f) == {S} and min(widths_t) < S and max(widths_t) == S and len(widths_t) > 1
+
+
+# ---- θ relative to the row max, per-head k (issue 7) ---------------------------------------------------
+
+def test_row_max_calibration_records_kplus1_largest_minus_row_max():
+    """θ_rel at σ=0 (bin width 1) is the mean over documents of (k+1)-th largest − max of each row."""
+    from topθ_core.config import ThetaReference
+
+    torch.manual_seed(1)
+    k, N = 3, 12
+    cfg = CalibrationConfig(k=KSchedule(k), bin_width=1, sigma=0.0, theta_reference="row-max")
+    stats = ThresholdStats(2, 3, bin_width=1)
+    obs = CalibrationObserver(stats, cfg)
+    blocks = [torch.randn(1, 3, N, N, dtype=torch.float64) for _ in range(3)]
+    for lg in blocks:
+        obs(0, synthetic_block(lg, k))
+    th = stats.finalize(0.0, fingerprint=FP, k=KSchedule(k), placement=Placement.PRE, calibration=cfg)
+    assert th.theta_reference is ThetaReference.ROW_MAX and th.meta["theta_reference"] == "row-max"
+    for L in range(k + 1, N + 1):
+        rows = [np.sort(lg[0, :, L - 1, :L].numpy(), axis=-1) for lg in blocks]
+        want = np.mean([r[:, -(k + 1)] - r[:, -1] for r in rows], axis=0)
+        np.testing.assert_allclose(th.theta[0, :, L - 1].numpy(), want, rtol=1e-12)
+    assert (th.theta[0, :, k:] <= 0).all()  # never above the row max
+    with pytest.raises(Exception, match="contradicts"):
+        stats.finalize(0.0, fingerprint=FP, k=KSchedule(k), placement=Placement.PRE, calibration=cfg,
+                       theta_reference="absolute")
+
+
+def test_per_head_k_calibration_uses_each_heads_kplus1_largest():
+    """With per-head k a row is a sample only for the heads whose k it exceeds, and t is that head's (k_h+1)-th."""
+    torch.manual_seed(2)
+    N, ks = 10, [2, 6, 4]
+    sched = KSchedule(4, {}, {(1, 0): 2, (1, 1): 6})
+    lg = torch.randn(1, 3, N, N, dtype=torch.float64)
+    for tac in (False, True):  # TAC hands over top-k's own (k+1)-th; the dense run recomputes it
+        stats = ThresholdStats(2, 3, bin_width=1)
+        obs = CalibrationObserver(stats, CalibrationConfig(k=sched, bin_width=1, sigma=0.0))
+        if tac:  # as the TAC top-k hands them over: its per-head (k_h+1)-th score and dropped mass
+            from topθ_core.selection import top_k_with_next
+
+            blk = synthetic_block(lg, min(ks))
+            kept, nxt = top_k_with_next(blk.logits, blk.visible, torch.tensor(ks))
+            e = torch.exp(blk.logits - blk.logits.amax(-1, keepdim=True))
+            blk.kth_next, blk.dropped_mass = nxt, (e * ~kept).sum(-1)
+        else:
+            blk = synthetic_block(lg, min(ks))
+        blk.k_heads = torch.tensor(ks)
+        obs(1, blk)
+        th = stats.finalize(0.0, fingerprint=FP, k=sched, placement=Placement.PRE)
+        for h, kh in enumerate(ks):
+            for L in range(1, N + 1):
+                if L <= kh:
+                    assert th.count[1, h, L - 1] == 0, (tac, h, L)
+                else:
+                    want = lg[0, h, L - 1, :L].topk(kh + 1).values[-1].item()
+                    assert th.count[1, h, L - 1] == 1
+                    assert th.theta[1, h, L - 1].item() == pytest.approx(want, rel=1e-12), (tac, h, L)
+
+
+def test_k_schedule_head_overrides_validate_and_round_trip():
+    from topθ_core.config import ConfigError, parse_head_k
+
+    s = KSchedule.parse(64, "0:512", "2.0:48,2.1:80")
+    assert s.heads_for(2, 3) == [48, 80, 64] and s.heads_for(3, 3) is None and s.heads_for(0, 3) is None
+    assert KSchedule.from_dict(s.to_dict()) == s
+    assert KSchedule.from_dict({"default": 64, "overrides": {"0": 512}}) == KSchedule(64, {0: 512})  # old artifacts
+    assert "head_overrides" not in KSchedule(64, {0: 512}).to_dict()  # per-layer schedules serialise as before
+    assert parse_head_k(s.head_text()) == dict(s.head_overrides)
+    assert KSchedule(64, {}, {(2, 1): 64}).heads_for(2, 3) is None  # equal to the layer's k: uniform
+    s.validate(30, 9)
+    with pytest.raises(ConfigError, match=r"\(layer, head\) \[\(2, 3\)\]"):
+        KSchedule(64, {}, {(2, 3): 8}).validate(30, 3)
+    with pytest.raises(ConfigError, match="layer"):
+        KSchedule(64, {}, {(40, 0): 8}).validate(30, 9)
+    with pytest.raises(ConfigError, match="query heads"):
+        KSchedule(64, {}, {(2, 5): 8}).heads_for(2, 3)
+    with pytest.raises(ConfigError, match="at least 1"):
+        KSchedule(64, {}, {(2, 0): 0})
+    with pytest.raises(ConfigError, match="non-negative"):
+        KSchedule(64, {}, {(2, -1): 8})
+    with pytest.raises(ConfigError, match="twice"):
+        KSchedule.parse(64, None, "2.0:8,2.0:9")
+    with pytest.raises(ConfigError, match="LAYER.HEAD:K"):
+        KSchedule.parse(64, None, "2:8")
+
+
+def test_head_k_from_spread_keeps_the_layer_mean_and_is_proportional():
+    from topθ_core.calibration import head_k_from_spread
+
+    ks = head_k_from_spread([1, 2, 3, 6], 30)
+    assert sum(ks) == 120 and ks == [10, 20, 30, 60]
+    ks = head_k_from_spread([0.0, 1, 1, 100], 16, k_min=4, k_max=40)
+    assert sum(ks) == 64 and ks[0] == 4 and ks[3] == 40 and ks[1] == ks[2] == 10
+    ks = head_k_from_spread(torch.rand(9, generator=torch.Generator().manual_seed(0)) * 50, 64, k_min=16, k_max=256)
+    assert sum(ks) == 9 * 64 and min(ks) >= 16 and max(ks) <= 256
+    with pytest.raises(ValueError, match="k_min"):
+        head_k_from_spread([1, 2], 8, k_min=10)
+    with pytest.raises(ValueError, match="finite"):
+        head_k_from_spread([1, float("nan")], 8)
+
+
+def test_mass_spread_counts_elements_to_reach_the_share_by_brute_force():
+    from topθ_core.calibration import MassSpreadObserver
+
+    torch.manual_seed(3)
+    N, k = 9, 2
+    lg = torch.randn(1, 3, N, N, dtype=torch.float64) * 2
+    obs = MassSpreadObserver(1, 3, [k], mass=0.8)
+    obs(0, synthetic_block(lg, k))
+    want = np.zeros(3)
+    for h in range(3):
+        for L in range(k + 1, N + 1):
+            p = np.sort(torch.softmax(lg[0, h, L - 1, :L], -1).numpy())[::-1]
+            want[h] += int(np.argmax(np.cumsum(p) >= 0.8 - 1e-12)) + 1
+    np.testing.assert_allclose(obs.mean_spread()[0].numpy(), want / (N - k))
+
+
+def test_row_max_and_per_head_k_end_to_end_on_tiny_model(tiny_lm, tmp_path):
+    """Calibrate both kinds, save, reload; inference refuses the other kind of θ; old artifacts read as absolute."""
+    import json as _json
+
+    from topθ_core.calibration import allocate_head_k
+    from topθ_core.config import ConfigError, ThetaReference
+    from topθ_core.integration import sparse_run
+
+    torch.manual_seed(0)
+    docs = [torch.randint(0, 300, (n,)) for n in (48, 64)]
+    rel = calibrate(tiny_lm, docs, CalibrationConfig(k=KSchedule(8), bin_width=8, theta_reference="row-max"))
+    rel.save(tmp_path / "rel")
+    rel = load_thresholds(tmp_path / "rel", expect_model=tiny_lm.fingerprint)
+    assert rel.theta_reference is ThetaReference.ROW_MAX
+    ids = docs[0].view(1, -1)
+    with pytest.raises(ConfigError, match="row-max"):
+        with sparse_run(SparseConfig(k=KSchedule(8)), rel, model=tiny_lm.model):
+            pass
+    with torch.inference_mode(), sparse_run(SparseConfig(k=KSchedule(8), theta_reference="row-max"), rel,
+                                            model=tiny_lm.model):
+        assert torch.isfinite(tiny_lm.model(ids).logits).all()
+
+    sched, spread = allocate_head_k(tiny_lm, docs, KSchedule(8), mass=0.9)
+    assert spread.shape == (3, 4) and len(sched.head_overrides) == 12
+    assert all(sum(sched.heads_for(l, 4) or [8] * 4) == 32 for l in range(3))
+    absolute = calibrate(tiny_lm, docs, CalibrationConfig(k=sched, bin_width=8))
+    absolute.save(tmp_path / "abs")
+    meta = _json.loads((tmp_path / "abs" / "meta.json").read_text())
+    meta.pop("theta_reference")  # an artifact written before the option
+    (tmp_path / "abs" / "meta.json").write_text(_json.dumps(meta))
+    old = load_thresholds(tmp_path / "abs")
+    assert old.theta_reference is ThetaReference.ABSOLUTE and old.k == sched
+    with pytest.raises(ConfigError, match="absolute"):
+        with sparse_run(SparseConfig(k=sched, theta_reference="row-max"), old, model=tiny_lm.model):
+            pass
+    with pytest.raises(ConfigError, match="query heads"):
+        with sparse_run(SparseConfig(k=KSchedule(8, {}, {(1, 7): 4})), old, model=tiny_lm.model):
+            pass
+
+
+def test_masked_samples_reach_neither_the_sums_nor_the_reservoir():
+    """Per-head k masks: a masked (row, head) adds nothing to count, Σt, Σt² or the median's sample."""
+    stats = ThresholdStats(1, 2, bin_width=4, reservoir_capacity=8, seed=0)
+    t = torch.tensor([[1.0, 10.0], [2.0, 20.0], [3.0, -1e9]], dtype=torch.float64)
+    mask = torch.tensor([[True, True], [True, True], [True, False]])
+    stats.add(0, torch.tensor([5, 6, 7]), t, torch.zeros(3, 2), mask=mask)
+    assert stats.count[0, :, 1].tolist() == [3.0, 2.0]
+    assert stats.t_sum[0, :, 1].tolist() == [6.0, 30.0]
+    assert stats.samples.held()[0, :, 1].tolist() == [3, 2]
+    th = stats.finalize(0.0, fingerprint=FP, k=KSchedule(4), placement=Placement.PRE, aggregation="median")
+    assert th.t_mean[0, :, 1].tolist() == [2.0, 15.0]

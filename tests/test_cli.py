@@ -170,3 +170,28 @@ def test_fidelity_flags_reach_the_config(tiny_checkpoint, data_file, tmp_path, c
                          "--lookup", "fit-log")
     assert code == 0, err
     assert "sink" in out or "recent" in out or "fit-log" in out  # the config label names the options
+
+
+def test_theta_reference_and_per_head_k_flags(tiny_checkpoint, data_file, tmp_path, capsys):
+    """calibrate writes the kind of θ and the per-head k; evaluate/generate read both from the artifact."""
+    out_dir = tmp_path / "rel"
+    code, out, err = run(capsys, "calibrate", "--model", tiny_checkpoint, "--data", data_file, "--k", 8,
+                         "--layer-k", "", "--tac", "--vmc", "--theta-reference", "row-max", "--allocate-head-k", 0.9,
+                         "--out", out_dir)
+    assert code == 0, err
+    assert "row max" in out and "per-head k" in out
+    meta = json.loads((out_dir / "meta.json").read_text())
+    assert meta["theta_reference"] == "row-max" and meta["calibration"]["theta_reference"] == "row-max"
+    heads = KSchedule.from_dict(meta["k"])
+    assert len(heads.head_overrides) == 3 * 4 and all(sum(heads.heads_for(l, 4)) == 32 for l in range(3)
+                                                      if heads.heads_for(l, 4))
+    code, out, err = run(capsys, "generate", "--model", tiny_checkpoint, "--thresholds", out_dir, "--prompt", "The quick",
+                         "--max-new-tokens", 3)
+    assert code == 0, err
+    assert "θ-row-max" in out and "head-k×12" in out
+    code, out, err = run(capsys, "calibrate", "--model", tiny_checkpoint, "--data", data_file, "--k", 8,
+                         "--theta-reference", "row-max", "--placement", "post", "--sdc", "none", "--out", tmp_path / "x")
+    assert code == 2 and "placement=pre" in err and not (tmp_path / "x").exists()
+    code, out, err = run(capsys, "calibrate", "--model", tiny_checkpoint, "--data", data_file, "--k", 8,
+                         "--head-k", "1.9:4", "--out", tmp_path / "y")
+    assert code == 2 and "(1, 9)" in err and not (tmp_path / "y").exists()

@@ -240,3 +240,31 @@ def test_sparse_run_with_new_options_on_tiny_model(tiny_lm):
         assert torch.isfinite(out).all()
         kept[name] = summarize(m.to_frame())["kept_attention"]
     assert kept["sink+diag"] >= kept["plain"]
+
+
+def test_dropped_mass_observer_and_metrics_honour_per_head_k():
+    """With per-head k a row counts for the heads whose k it exceeds; top-k's reference count is Σ min(L, k_h)."""
+    from topθ_core.metrics import SparsityMetrics
+
+    torch.manual_seed(1)
+    B, H, R, N = 1, 3, 10, 10
+    ks = torch.tensor([2, 7, 4])
+    vis = torch.ones(R, N, dtype=torch.bool).tril().view(1, 1, R, N)
+    logits = torch.randn(B, H, R, N, dtype=torch.float64).masked_fill(~vis, float("-inf"))
+    e = torch.exp(logits - logits.amax(-1, keepdim=True))
+    kept = (logits > 0.3) & vis
+    L = vis.sum(-1)
+    block = RowBlock(row_start=0, logits=logits, visible=vis, row_len=L, kept=kept, probs=e,
+                     dense_rows=L <= ks.view(1, -1, 1), empty_rows=torch.zeros(B, H, R, dtype=torch.bool),
+                     n_kv_heads=H, k=int(ks.min()), q_len=R, kv_len=N, exp_scores=e, k_heads=ks)
+    stats = ThresholdStats(1, H, bin_width=1)
+    DroppedMassObserver(stats)(0, block)
+    for h, kh in enumerate(ks.tolist()):
+        assert stats.count[0, h, :N].tolist() == [0.0] * kh + [1.0] * (N - kh) and stats.count[0, h, N:].sum() == 0
+    m = SparsityMetrics()
+    m(0, block)
+    df = m.to_frame()
+    for h, kh in enumerate(ks.tolist()):
+        row = df[df["head"] == h].iloc[0]
+        assert row["topk_equiv"] == sum(min(l, kh) for l in range(1, N + 1))
+        assert row["dense_rows"] == kh

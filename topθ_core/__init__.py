@@ -14,7 +14,7 @@ in ``kernels/`` are tested against it.
 from .attention import topθ_attention_ref
 from .calibration import CalibrationCancelled, calibrate
 from .config import (SDC, CalibrationConfig, ConfigError, EmptyRowFloor, KSchedule, Lookup, Placement, Selection,
-                     SparseConfig)
+                     SparseConfig, ThetaReference)
 from .integration import prepare_model, sparse_run
 from .metrics import SparsityMetrics
 from .models import load_model
@@ -22,6 +22,7 @@ from .thresholds import Thresholds, ThresholdsError, load_thresholds
 
 __all__ = [
     "SDC", "CalibrationCancelled", "CalibrationConfig", "ConfigError", "EmptyRowFloor", "KSchedule", "Lookup",
-    "Placement", "Selection", "SparseConfig", "SparsityMetrics", "Thresholds", "ThresholdsError", "calibrate",
+    "Placement", "Selection", "SparseConfig", "SparsityMetrics", "ThetaReference", "Thresholds", "ThresholdsError",
+    "calibrate",
     "load_model", "load_thresholds", "prepare_model", "sparse_run", "topθ_attention_ref",
 ]

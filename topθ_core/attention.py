@@ -9,20 +9,21 @@ query head ``h`` reads KV head ``h // (Hq // Hkv)`` (transformers' ``repeat_kv``
 ``visible`` (B, Sq, Sk) bool says which keys each query row sees (causality, padding,
 sliding windows).  Causal alignment when ``Sq < Sk`` (decode, chunked prefill): query row
 ``i`` is at absolute position ``Sk − Sq + i`` (see :func:`causal_visible`).
-A row's length ``L`` is its number of visible keys.  Rows with ``L ≤ k`` are dense;
-rows with ``L = 0`` (left padding) output zeros.
+A row's length ``L`` is its number of visible keys.  Rows with ``L ≤ k`` are dense (``k`` per
+query head when the layer has per-head k); rows with ``L = 0`` (left padding) output zeros.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 import torch
+from numpy import integer as np_integer
 
 from .compensation import SDC_ESTIMATES, RowTerms, v_mean_compensation
-from .config import SDC, EmptyRowFloor, Placement, SparseConfig, Selection
-from .selection import SELECTIONS, always_kept, cap_k_recent, floor_empty_rows, top_k_with_next
+from .config import SDC, EmptyRowFloor, Placement, SparseConfig, Selection, ThetaReference
+from .selection import SELECTIONS, THETA_REFERENCES, always_kept, cap_k_recent, floor_empty_rows, top_k_with_next
 
 # Score-block budget in elements (B·Hq·rows·Sk) per chunk: ~64 MB per fp32 temporary.
 DEFAULT_BLOCK_ELEMENTS = 1 << 24
@@ -56,15 +57,26 @@ class RowBlock:
     row_len: torch.Tensor  # (B, 1, R)
     kept: torch.Tensor  # (B, Hq, R, N) bool
     probs: torch.Tensor  # (B, Hq, R, N)
-    dense_rows: torch.Tensor  # (B, 1, R) bool: L ≤ k (kept dense by rule)
+    dense_rows: torch.Tensor  # (B, 1, R) bool, or (B, Hq, R) with per-head k: L ≤ k (kept dense by rule)
     empty_rows: torch.Tensor  # (B, Hq, R) bool: nothing passed θ (before the floor)
     n_kv_heads: int
-    k: int
+    k: int  # the layer's k; with per-head k the smallest head's (``k_heads`` has them all)
     q_len: int
     kv_len: int  # keys in this block (the call's keys, or the causal prefix the chunk can see)
     kth_next: torch.Tensor | None = None  # (B, Hq, R) (k+1)-th largest score, when top-k computed it
     exp_scores: torch.Tensor | None = None  # (B, Hq, R, N) e^(a − m), 0 at invisible keys
     dropped_mass: torch.Tensor | None = None  # (B, Hq, R) D_U = Σ_{visible, not kept} e, when exact SDC computed it
+    k_heads: torch.Tensor | None = None  # (Hq,) long per-head k, None when every head uses ``k``
+
+    def k_per_head(self) -> torch.Tensor:
+        """(Hq,) long: each query head's k (``k`` repeated when the layer has one k)."""
+        if self.k_heads is not None:
+            return self.k_heads
+        return torch.full((self.logits.shape[1],), self.k, dtype=torch.long, device=self.logits.device)
+
+    def thresholded(self) -> torch.Tensor:
+        """(B, Hq, R) bool: rows a head thresholds (``L > k`` of that head)."""
+        return self.row_len > self.k_per_head().view(1, -1, 1)
 
 
 class Observer(Protocol):
@@ -77,7 +89,7 @@ def topθ_attention_ref(
     v: torch.Tensor,
     *,
     config: SparseConfig,
-    k_keep: int,
+    k_keep: int | Sequence[int] | torch.Tensor,
     visible: torch.Tensor | None = None,
     theta: torch.Tensor | None = None,
     sdc_term: torch.Tensor | None = None,
@@ -92,7 +104,8 @@ def topθ_attention_ref(
     Args:
         config: selection, placement, compensations (``config.k`` is ignored here:
             the caller passes this layer's ``k_keep``).
-        k_keep: target kept elements per row for this layer; rows with ``L ≤ k_keep`` stay dense.
+        k_keep: target kept elements per row for this layer, one int or one per query head
+            (Hq,); rows with ``L ≤ k_keep`` (of their head) stay dense.
         visible: (B, Sq, Sk) bool; ``None`` means causal (bottom-right aligned).
         theta: (B, Hq, Sq) per-row threshold, in logit space (pre) or probability
             space (post).  Required for top-θ.
@@ -104,8 +117,7 @@ def topθ_attention_ref(
     Bk, Hkv, Sk, dk = k.shape
     if Hq % Hkv or Bk != B or dk != d or v.shape[:3] != k.shape[:3]:
         raise ValueError(f"incompatible shapes q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}")
-    if k_keep < 1:
-        raise ValueError(f"k_keep must be at least 1, got {k_keep}")
+    k_keep = _k_keep(k_keep, Hq, q.device)
     g = Hq // Hkv
     causal = visible is None
     if causal:
@@ -139,6 +151,21 @@ def topθ_attention_ref(
     return out
 
 
+def _k_keep(k_keep, Hq: int, device) -> int | torch.Tensor:
+    """One int, or (Hq,) long on ``device`` when the heads' k differ; refuses k < 1 or a wrong length."""
+    if isinstance(k_keep, (int, np_integer)) and not isinstance(k_keep, bool):
+        ks = [int(k_keep)]
+    else:
+        ks = [int(x) for x in (k_keep.tolist() if torch.is_tensor(k_keep) else k_keep)]
+        if len(ks) != Hq:
+            raise ValueError(f"per-head k_keep has {len(ks)} entries, but there are {Hq} query heads")
+    if min(ks) < 1:
+        raise ValueError(f"k_keep must be at least 1, got {min(ks)}")
+    if len(set(ks)) == 1:
+        return ks[0]
+    return torch.tensor(ks, dtype=torch.long, device=device)
+
+
 def _grouped_matmul(x: torch.Tensor, y: torch.Tensor, g: int) -> torch.Tensor:
     """(B, Hq, R, a) @ (B, Hkv, a, b) with query heads grouped over KV heads → (B, Hq, R, b)."""
     B, Hq, R, a = x.shape
@@ -161,7 +188,9 @@ def _attend_rows(q, k, v, vis, row_start, theta, sdc_term, cfg: SparseConfig, k_
     m = logits.amax(-1)  # (B, Hq, R)
     m = torch.where(has_keys, m, torch.zeros_like(m))
     e = (logits - m.unsqueeze(-1)).exp_()  # 0 at invisible keys
-    dense_rows = row_len <= k_keep
+    per_head = torch.is_tensor(k_keep)
+    kk = k_keep.view(1, Hq, 1) if per_head else k_keep  # broadcasts over (B, Hq, R)
+    dense_rows = row_len <= kk  # (B, 1, R), or (B, Hq, R) with per-head k
 
     if cfg.placement is Placement.POST:
         p_dense = e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)
@@ -171,10 +200,12 @@ def _attend_rows(q, k, v, vis, row_start, theta, sdc_term, cfg: SparseConfig, k_
     kth_next = None
     if cfg.selection is Selection.TOP_K:  # one topk serves the selection and calibration observers
         kept, kth_next = top_k_with_next(scores, vis, k_keep)
+    elif cfg.selection is Selection.TOP_THETA:
+        kept = THETA_REFERENCES[cfg.theta_reference](scores, vis, theta, m)
     else:
         kept = SELECTIONS[cfg.selection](scores, vis, theta, k_keep)
     if cfg.selection is Selection.TOP_THETA and cfg.capk:
-        kept = cap_k_recent(kept, k_keep)
+        kept = cap_k_recent(kept, kk.unsqueeze(-1) if per_head else k_keep)
     if cfg.selection is Selection.TOP_THETA and cfg.empty_row is EmptyRowFloor.MAX:
         kept, empty = floor_empty_rows(kept, scores, vis)
     elif cfg.selection is Selection.TOP_THETA:
@@ -198,10 +229,12 @@ def _attend_rows(q, k, v, vis, row_start, theta, sdc_term, cfg: SparseConfig, k_
             d_u = torch.zeros_like(d_s)
         else:
             if cfg.selection is Selection.TOP_K:  # exactly min(k, L) kept: no need to count
-                n_dropped = (row_len - k_keep).clamp_min(0).expand(d_s.shape)
+                n_dropped = (row_len - kk).clamp_min(0).expand(d_s.shape)
             else:
                 n_dropped = row_len - kept.sum(-1)
             theta_logit = theta if cfg.selection is Selection.TOP_THETA else None
+            if theta_logit is not None and cfg.theta_reference is ThetaReference.ROW_MAX:
+                theta_logit = theta_logit + m  # θ_rel → the absolute logit it stands for (exp-threshold SDC)
             d_u = SDC_ESTIMATES[sdc](RowTerms(e=e, d_s=d_s, n_dropped=n_dropped, m=m, theta=theta_logit,
                                               offline=sdc_term))
         denom = d_s + cfg.sdc_scale * d_u
@@ -221,8 +254,9 @@ def _attend_rows(q, k, v, vis, row_start, theta, sdc_term, cfg: SparseConfig, k_
         o = v_mean_compensation(o, p_sum, v_mean)
     if observer is not None:
         observer(RowBlock(row_start=row_start, logits=logits, visible=vis, row_len=row_len, kept=kept,
-                          probs=probs, dense_rows=dense_rows, empty_rows=empty, n_kv_heads=Hkv, k=k_keep,
-                          q_len=q_len, kv_len=kv_len, kth_next=kth_next, exp_scores=e, dropped_mass=d_u))
+                          probs=probs, dense_rows=dense_rows, empty_rows=empty, n_kv_heads=Hkv,
+                          k=int(k_keep.min()) if per_head else k_keep, q_len=q_len, kv_len=kv_len, kth_next=kth_next,
+                          exp_scores=e, dropped_mass=d_u, k_heads=k_keep if per_head else None))
     return o
 
 

@@ -18,7 +18,8 @@ import math
 import sys
 import time
 
-from .config import SDC, Aggregation, CalibrationConfig, ConfigError, EmptyRowFloor, KSchedule, Lookup, Placement, Selection, SparseConfig
+from .config import (SDC, Aggregation, CalibrationConfig, ConfigError, EmptyRowFloor, KSchedule, Lookup, Placement,
+                     Selection, SparseConfig, ThetaReference)
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -31,6 +32,8 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 def _add_sparse(p: argparse.ArgumentParser, calibrating: bool = False) -> None:
     p.add_argument("--k", type=int, default=None, help="kept elements per row (default: the thresholds' k)")
     p.add_argument("--layer-k", default=None, help="per-layer overrides, e.g. 0:512,1:512")
+    p.add_argument("--head-k", default=None, help="per-(layer, head) overrides, e.g. 2.0:48,2.1:80 "
+                                                  "(default: the thresholds' own)")
     p.add_argument("--placement", choices=[e.value for e in Placement], default=None)
     p.add_argument("--selection", choices=[e.value for e in Selection], default="top-theta")
     p.add_argument("--sdc", choices=[e.value for e in SDC], default="exact")
@@ -55,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data", required=True, help=".txt/.jsonl/.csv/.parquet file, or bundled:NAME")
     c.add_argument("--k", type=int, default=64)
     c.add_argument("--layer-k", default="0:512,1:512")
+    c.add_argument("--head-k", default=None, help="per-(layer, head) overrides LAYER.HEAD:K, e.g. 2.0:48,2.1:80")
+    c.add_argument("--allocate-head-k", type=float, default=None, metavar="MASS",
+                   help="give each head of the layers at --k a k proportional to the mean number of elements "
+                        "its rows need to reach MASS (e.g. 0.9) of their softmax mass on the calibration data "
+                        "(layer mean k unchanged); one extra dense pass")
+    c.add_argument("--theta-reference", choices=[e.value for e in ThetaReference], default="absolute",
+                   help="absolute: keep a > θ; row-max: keep a − rowmax > θ_rel (reference path only, pre-softmax)")
     c.add_argument("--placement", choices=[e.value for e in Placement], default="pre")
     c.add_argument("--sigma", type=float, default=0.1, help="θ = location + σ·scale of the --aggregation")
     c.add_argument("--aggregation", choices=[e.value for e in Aggregation], default=Aggregation.MEAN_STD.value,
@@ -132,11 +142,14 @@ def _read_data(spec: str, limit: int | None = None) -> tuple[list[str], str]:
 
 def _sparse_config(args, thresholds) -> SparseConfig:
     if args.k is not None:
-        k = KSchedule.parse(args.k, args.layer_k)
+        k = KSchedule.parse(args.k, args.layer_k, args.head_k)
     elif thresholds is not None:
-        k = thresholds.k if args.layer_k is None else KSchedule.parse(thresholds.k.default, args.layer_k)
+        k = thresholds.k
+        if args.layer_k is not None or args.head_k is not None:
+            k = KSchedule.parse(k.default, args.layer_k if args.layer_k is not None else dict(k.overrides),
+                                args.head_k if args.head_k is not None else dict(k.head_overrides))
     else:
-        k = KSchedule.parse(64, args.layer_k if args.layer_k is not None else "0:512,1:512")
+        k = KSchedule.parse(64, args.layer_k if args.layer_k is not None else "0:512,1:512", args.head_k)
     placement = args.placement or (thresholds.placement.value if thresholds is not None else "pre")
     selection = Selection(args.selection)
     sdc = args.sdc
@@ -144,10 +157,13 @@ def _sparse_config(args, thresholds) -> SparseConfig:
         sdc = "exact" if placement == "pre" else "none"
     if placement == "post" and sdc != "none":
         sdc = "none"
+    # the kind of θ is the artifact's (calibration writes it, inference only reads it)
+    reference = thresholds.theta_reference if thresholds is not None and selection is Selection.TOP_THETA \
+        else ThetaReference.ABSOLUTE
     return SparseConfig(selection=selection, placement=placement, sdc=sdc, sdc_scale=args.sdc_scale,
                         vmc=args.vmc, capk=args.capk, empty_row=args.empty_row, k=k, lookup=args.lookup,
                         theta_smoothing=args.theta_smoothing, sink_tokens=args.sink_tokens,
-                        recent_tokens=args.recent_tokens)
+                        recent_tokens=args.recent_tokens, theta_reference=reference)
 
 
 def _load(args):
@@ -167,19 +183,34 @@ def _load_thresholds(args, lm):
 def cmd_calibrate(args) -> int:
     from .calibration import calibrate
 
-    cfg = CalibrationConfig(k=KSchedule.parse(args.k, args.layer_k), placement=args.placement, sigma=args.sigma,
-                            tac=args.tac, sample_frac=args.sample_frac, bin_width=args.bin_width, seed=args.seed,
-                            vmc=args.vmc, sdc_source=args.sdc_source, aggregation=args.aggregation,
-                            reservoir_capacity=args.reservoir_capacity, trim_fraction=args.trim_fraction)
+    cfg = CalibrationConfig(k=KSchedule.parse(args.k, args.layer_k, args.head_k), placement=args.placement,
+                            sigma=args.sigma, tac=args.tac, sample_frac=args.sample_frac, bin_width=args.bin_width,
+                            seed=args.seed, vmc=args.vmc, sdc_source=args.sdc_source, aggregation=args.aggregation,
+                            reservoir_capacity=args.reservoir_capacity, trim_fraction=args.trim_fraction,
+                            theta_reference=args.theta_reference)
+    if args.allocate_head_k is not None:
+        if args.head_k:
+            raise ConfigError("--allocate-head-k computes the per-head k itself: drop --head-k")
+        if not (0.0 < args.allocate_head_k <= 1.0):
+            raise ConfigError(f"--allocate-head-k takes a share of the softmax mass in (0, 1], got {args.allocate_head_k}")
     # the inference variant the user intends; validated now so a bad combination fails before an hour of work
     SparseConfig(placement=args.placement, sdc=args.sdc if args.placement == "pre" else "none",
-                 sdc_scale=args.sdc_scale, vmc=args.placement == "post" or args.sdc != "none", capk=args.capk, k=cfg.k)
+                 sdc_scale=args.sdc_scale, vmc=args.placement == "post" or args.sdc != "none", capk=args.capk, k=cfg.k,
+                 theta_reference=args.theta_reference)
     texts, desc = _read_data(args.data, args.limit)
     from pathlib import Path
 
     if Path(args.out).exists() and not args.overwrite:
         raise FileExistsError(f"{args.out} already exists (pass --overwrite to replace it)")
     lm = _load(args)
+    if args.allocate_head_k is not None:
+        from dataclasses import replace
+
+        from .calibration import allocate_head_k, prepare_documents
+
+        docs = prepare_documents(texts, lm.tokenizer, args.max_length, not args.no_special_tokens)
+        schedule, _ = allocate_head_k(lm, docs, cfg.k, mass=args.allocate_head_k)
+        cfg = replace(cfg, k=schedule)
     th = calibrate(lm, texts, cfg, max_length=args.max_length, add_special_tokens=not args.no_special_tokens,
                    data_description=desc)
     th.meta["intended_sdc"] = args.sdc
@@ -188,7 +219,9 @@ def cmd_calibrate(args) -> int:
     print(f"calibrated {th.meta.get('documents')} documents, {th.meta.get('tokens')} tokens in "
           f"{th.meta.get('seconds')} s ({th.meta.get('tokens', 0) / max(th.meta.get('seconds') or 1e-9, 1e-9):.0f} tok/s): "
           f"{len(df)} (layer, head, length-bin) thresholds, k={cfg.k.default}"
-          f"{' [' + cfg.k.to_text() + ']' if cfg.k.overrides else ''}, σ={cfg.sigma}, {cfg.aggregation.value} "
+          f"{' [' + cfg.k.to_text() + ']' if cfg.k.overrides else ''}"
+          f"{f' + {len(cfg.k.head_overrides)} per-head k' if cfg.k.head_overrides else ''}, σ={cfg.sigma}, "
+          f"{cfg.aggregation.value}{', θ relative to the row max' if cfg.theta_reference.value == 'row-max' else ''} "
           f"→ {args.out}")
     return 0
 

@@ -62,6 +62,27 @@ class Lookup(str, enum.Enum):
     FIT_LOG = "fit-log"  # θ(L) = a + b·ln L per (layer, head), count-weighted least squares on the bins
 
 
+class ThetaReference(str, enum.Enum):
+    """What θ is compared with: the score itself, or the score minus its row's maximum.
+
+    With ``row-max`` a row keeps element j iff ``a_ij − m_i > θ_rel[layer, head, L]`` (``m_i`` the
+    maximum over the row's visible keys), and calibration records ``t − m`` instead of ``t``.
+    Pre-softmax only.  A tiled kernel knows ``m_i`` only after the whole row (its running max
+    grows tile by tile), so this is a reference-path option (``SparseConfig.kernel_compatible``).
+    """
+
+    ABSOLUTE = "absolute"  # keep a_ij > θ (the paper's)
+    ROW_MAX = "row-max"  # keep a_ij − max_j a_ij > θ_rel
+
+    @classmethod
+    def _missing_(cls, value):  # accept "row_max" as well as "row-max"
+        if isinstance(value, str):
+            for member in cls:
+                if member.value == value.replace("_", "-").lower():
+                    return member
+        return None
+
+
 class SdcSource(str, enum.Enum):
     """Which dropped set the offline SDC term ``C[layer, head, L]`` is the mean mass of."""
 
@@ -121,18 +142,56 @@ def parse_layer_k(text: str | None) -> dict[int, int]:
     return out
 
 
+def parse_head_k(text: str | None) -> dict[tuple[int, int], int]:
+    """Parse ``"2.0:48,2.1:80"`` (LAYER.HEAD:K) into ``{(2, 0): 48, (2, 1): 80}``."""
+    if text is None or not text.strip():
+        return {}
+    out: dict[tuple[int, int], int] = {}
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if ":" not in part or "." not in part.split(":", 1)[0]:
+            raise ConfigError(f"head-k entry {part!r} must look like LAYER.HEAD:K, e.g. 2.0:48")
+        cell, k_s = part.split(":", 1)
+        layer_s, head_s = cell.split(".", 1)
+        try:
+            key, k = (int(layer_s), int(head_s)), int(k_s)
+        except ValueError:
+            raise ConfigError(f"head-k entry {part!r}: LAYER, HEAD and K must be integers") from None
+        if key in out:
+            raise ConfigError(f"head-k gives layer {key[0]} head {key[1]} twice")
+        out[key] = k
+    return out
+
+
 @dataclass(frozen=True)
 class KSchedule:
-    """Target kept elements per row, per layer: ``default`` unless ``overrides`` says otherwise."""
+    """Target kept elements per row: ``default``, per layer ``overrides``, per (layer, head) ``head_overrides``.
+
+    The k of query head ``h`` of layer ``l`` is ``head_overrides[(l, h)]`` if given, else
+    ``overrides[l]`` if given, else ``default``.  A head's k decides which of its rows stay dense
+    (``L ≤ k``), how many elements top-k keeps, and which score calibration records for it
+    (its row's (k+1)-th largest).  ``head_overrides`` may be a mapping ``{(layer, head): k}``.
+    """
 
     default: int = 64
     overrides: tuple[tuple[int, int], ...] = ()
+    head_overrides: tuple[tuple[tuple[int, int], int], ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.overrides, Mapping):  # allow KSchedule(64, {0: 512})
             object.__setattr__(self, "overrides", tuple(sorted(dict(self.overrides).items())))
         else:
             object.__setattr__(self, "overrides", tuple(sorted(tuple(x) for x in self.overrides)))
+        items = self.head_overrides.items() if isinstance(self.head_overrides, Mapping) else self.head_overrides
+        try:
+            heads = [((int(cell[0]), int(cell[1])), int(k)) for cell, k in items]
+        except (TypeError, ValueError, IndexError):
+            raise ConfigError("head_overrides must be ((layer, head), k) pairs or a {(layer, head): k} mapping") from None
+        if len({cell for cell, _ in heads}) != len(heads):
+            raise ConfigError("head_overrides names a (layer, head) twice")
+        object.__setattr__(self, "head_overrides", tuple(sorted(heads)))
         if self.default < 1:
             raise ConfigError(f"k must be at least 1, got {self.default}")
         for layer, k in self.overrides:
@@ -140,33 +199,81 @@ class KSchedule:
                 raise ConfigError(f"layer index must be non-negative, got {layer}")
             if k < 1:
                 raise ConfigError(f"k for layer {layer} must be at least 1, got {k}")
+        for (layer, head), k in self.head_overrides:
+            if layer < 0 or head < 0:
+                raise ConfigError(f"layer and head indices must be non-negative, got layer {layer} head {head}")
+            if k < 1:
+                raise ConfigError(f"k for layer {layer} head {head} must be at least 1, got {k}")
 
     @classmethod
-    def parse(cls, default: int, layer_k: str | Mapping[int, int] | None = None) -> "KSchedule":
+    def parse(cls, default: int, layer_k: str | Mapping[int, int] | None = None,
+              head_k: str | Mapping[tuple[int, int], int] | None = None) -> "KSchedule":
         overrides = parse_layer_k(layer_k) if isinstance(layer_k, str) or layer_k is None else dict(layer_k)
-        return cls(default=default, overrides=tuple(sorted(overrides.items())))
+        heads = parse_head_k(head_k) if isinstance(head_k, str) or head_k is None else dict(head_k)
+        return cls(default=default, overrides=tuple(sorted(overrides.items())), head_overrides=tuple(sorted(heads.items())))
 
     def k_for(self, layer: int) -> int:
+        """The layer's k (heads without their own override use it)."""
         for layer_i, k in self.overrides:
             if layer_i == layer:
                 return k
         return self.default
 
+    def heads_for(self, layer: int, n_heads: int) -> list[int] | None:
+        """Per query head k of ``layer`` (length ``n_heads``), or ``None`` when every head uses the layer's k."""
+        own = {h: k for (l, h), k in self.head_overrides if l == layer}
+        if not own:
+            return None
+        bad = [h for h in own if h >= n_heads]
+        if bad:
+            raise ConfigError(f"k schedule names head(s) {bad} of layer {layer}, but the layer has {n_heads} query heads")
+        base = self.k_for(layer)
+        ks = [own.get(h, base) for h in range(n_heads)]
+        return None if all(k == base for k in ks) else ks
+
+    def validate(self, n_layers: int, n_heads: int) -> None:
+        """Refuse layers or heads the model does not have (:class:`ConfigError` naming them)."""
+        self.as_list(n_layers)
+        bad = sorted({(l, h) for (l, h), _ in self.head_overrides if l >= n_layers or h >= n_heads})
+        if bad:
+            raise ConfigError(f"k schedule names (layer, head) {bad[:5]}{' …' if len(bad) > 5 else ''}, but the model "
+                              f"has {n_layers} layers of {n_heads} query heads")
+
     def as_list(self, n_layers: int) -> list[int]:
-        bad = [layer for layer, _ in self.overrides if layer >= n_layers]
+        bad = sorted({layer for layer, _ in self.overrides if layer >= n_layers}
+                     | {layer for (layer, _), _ in self.head_overrides if layer >= n_layers})
         if bad:
             raise ConfigError(f"k schedule names layer(s) {bad} but the model has {n_layers} layers")
         return [self.k_for(i) for i in range(n_layers)]
 
+    def mean_k(self, n_layers: int, n_heads: int) -> list[float]:
+        """Per layer, the mean k over its query heads."""
+        return [sum(self.heads_for(l, n_heads) or [self.k_for(l)] * n_heads) / n_heads for l in range(n_layers)]
+
     def to_text(self) -> str:
         return ",".join(f"{layer}:{k}" for layer, k in self.overrides)
 
+    def head_text(self) -> str:
+        """``head_overrides`` as ``LAYER.HEAD:K,…`` (what :func:`parse_head_k` reads)."""
+        return ",".join(f"{layer}.{head}:{k}" for (layer, head), k in self.head_overrides)
+
     def to_dict(self) -> dict:
-        return {"default": self.default, "overrides": {str(l): k for l, k in self.overrides}}
+        d = {"default": self.default, "overrides": {str(l): k for l, k in self.overrides}}
+        if self.head_overrides:  # written only when used: older readers keep reading per-layer schedules
+            d["head_overrides"] = {f"{l}.{h}": k for (l, h), k in self.head_overrides}
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "KSchedule":
-        return cls(default=int(d["default"]), overrides=tuple(sorted((int(l), int(k)) for l, k in d["overrides"].items())))
+        heads = {}
+        for cell, k in dict(d.get("head_overrides") or {}).items():
+            layer_s, _, head_s = str(cell).partition(".")
+            try:
+                heads[(int(layer_s), int(head_s))] = int(k)
+            except ValueError:
+                raise ConfigError(f"head_overrides key {cell!r} must look like LAYER.HEAD") from None
+        return cls(default=int(d["default"]), overrides=tuple(sorted((int(l), int(k)) for l, k in d["overrides"].items())),
+                   head_overrides=tuple(sorted(heads.items())))
 
 
 MAX_RESERVOIR_CAPACITY = 1 << 16  # samples per (layer, head, length bin); far beyond what a median needs
@@ -188,6 +295,9 @@ class SparseConfig:
     ``recent_tokens=1``) are always kept.  Both are position rules, tile-local in a kernel.
     ``theta_smoothing``: half-width in length bins of a count-weighted moving average of θ
     (and the SDC term) over neighbouring bins before lookup; 0 = none.
+    ``theta_reference``: ``absolute`` keeps ``a > θ``; ``row-max`` keeps ``a − m > θ_rel`` (``m`` the
+    row maximum), with θ_rel from thresholds calibrated the same way (the artifact records which).
+    Per-(layer, head) k (``KSchedule.head_overrides``) moves each head's dense-row rule and top-k.
 
     The default SDC is ``exact`` (the dropped mass summed per row from scores the threshold
     compare computes anyway): on SmolLM2 at 2k tokens it cut Top-θ's perplexity change at k=64
@@ -206,13 +316,15 @@ class SparseConfig:
     sink_tokens: int = 0
     recent_tokens: int = 0
     theta_smoothing: int = 0
+    theta_reference: ThetaReference = ThetaReference.ABSOLUTE
 
     def __post_init__(self) -> None:
         for name in ("sink_tokens", "recent_tokens", "theta_smoothing"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
-        _coerce_enums(self, selection=Selection, placement=Placement, sdc=SDC, empty_row=EmptyRowFloor, lookup=Lookup)
+        _coerce_enums(self, selection=Selection, placement=Placement, sdc=SDC, empty_row=EmptyRowFloor, lookup=Lookup,
+                      theta_reference=ThetaReference)
         if not isinstance(self.k, KSchedule):
             raise ConfigError("k must be a KSchedule (use KSchedule.parse(64, '0:512,1:512'))")
         if not (self.sdc_scale >= 0.0):
@@ -238,17 +350,26 @@ class SparseConfig:
             raise ConfigError("capk only applies to top-theta selection (top-k already keeps k)")
         if self.selection is not Selection.TOP_THETA and (self.sink_tokens or self.recent_tokens):
             raise ConfigError("sink_tokens / recent_tokens apply to top-theta selection only")
+        if self.theta_reference is ThetaReference.ROW_MAX:
+            if self.selection is not Selection.TOP_THETA:
+                raise ConfigError("theta_reference=row-max applies to top-theta selection only")
+            if self.placement is not Placement.PRE:
+                raise ConfigError("theta_reference=row-max compares logits minus the row max: use placement=pre "
+                                  "(post-softmax probabilities are already relative to the row)")
 
     @property
     def kernel_compatible(self) -> bool:
         """True when the Triton kernels compute exactly this config's attention.
 
         The kernels implement the paper's semantics only; any option that changes which
-        elements are kept beyond them (always-kept sink or recent positions) must run the
-        reference.  Options that only change θ or the SDC term values (lookup, smoothing,
-        σ, the SDC source) are computed before the kernel and stay compatible.
+        elements are kept beyond them must run the reference: always-kept sink or recent
+        positions; θ relative to the row max (a tiled kernel has only a running max when it
+        compares); per-head k (the kernels take one k per layer for the dense-row rule).
+        Options that only change θ or the SDC term values (lookup, smoothing, σ, the SDC
+        source) are computed before the kernel and stay compatible.
         """
-        return self.sink_tokens == 0 and self.recent_tokens == 0
+        return (self.sink_tokens == 0 and self.recent_tokens == 0
+                and self.theta_reference is ThetaReference.ABSOLUTE and not self.k.head_overrides)
 
     @property
     def needs_thresholds(self) -> bool:
@@ -264,6 +385,8 @@ class SparseConfig:
         parts = [self.selection.value, f"k={self.k.default}"]
         if self.k.overrides:
             parts.append(f"[{self.k.to_text()}]")
+        if self.k.head_overrides:
+            parts.append(f"head-k×{len(self.k.head_overrides)}")
         parts.append(self.placement.value)
         if self.sdc is not SDC.NONE:
             parts.append(f"sdc={self.sdc.value}" + (f"x{self.sdc_scale:g}" if self.sdc_scale != 1.0 else ""))
@@ -275,6 +398,8 @@ class SparseConfig:
             parts.append("nofloor")
         if self.selection is Selection.TOP_THETA and self.lookup is not Lookup.INTERPOLATE:
             parts.append(self.lookup.value)
+        if self.theta_reference is not ThetaReference.ABSOLUTE:
+            parts.append(f"θ-{self.theta_reference.value}")
         if self.theta_smoothing:
             parts.append(f"smooth={self.theta_smoothing}")
         if self.sink_tokens:
@@ -297,6 +422,7 @@ class SparseConfig:
             "sink_tokens": self.sink_tokens,
             "recent_tokens": self.recent_tokens,
             "theta_smoothing": self.theta_smoothing,
+            "theta_reference": self.theta_reference.value,
         }
 
     @classmethod
@@ -326,6 +452,8 @@ class CalibrationConfig:
     robust two keep a uniform sample of at most ``reservoir_capacity`` threshold samples per
     (layer, head, length bin), exact while a bin has no more; that costs
     8 bytes · layers · heads · bins · capacity while calibrating (mean-std keeps none).
+    ``theta_reference``: ``row-max`` records each row's (k+1)-th largest logit minus the row's
+    maximum, so θ_rel = mean(t − m) + σ·std(t − m) (pre-softmax only); the artifact's meta says which.
     """
 
     k: KSchedule = field(default_factory=lambda: PAPER_K)
@@ -340,9 +468,11 @@ class CalibrationConfig:
     sdc_source: SdcSource = SdcSource.TOP_K
     reservoir_capacity: int = 128
     trim_fraction: float = 0.1
+    theta_reference: ThetaReference = ThetaReference.ABSOLUTE
 
     def __post_init__(self) -> None:
-        _coerce_enums(self, placement=Placement, aggregation=Aggregation, sdc_source=SdcSource)
+        _coerce_enums(self, placement=Placement, aggregation=Aggregation, sdc_source=SdcSource,
+                      theta_reference=ThetaReference)
         if not isinstance(self.k, KSchedule):
             raise ConfigError("k must be a KSchedule")
         if not (0.0 < self.sample_frac <= 1.0):
@@ -353,6 +483,8 @@ class CalibrationConfig:
             raise ConfigError(f"sigma={self.sigma} is outside the sensible range [-10, 10]")
         if self.sdc_source is SdcSource.THETA and self.placement is Placement.POST:
             raise ConfigError("sdc_source=theta calibrates the pre-softmax SDC term; post-softmax uses no SDC")
+        if self.theta_reference is ThetaReference.ROW_MAX and self.placement is not Placement.PRE:
+            raise ConfigError("theta_reference=row-max calibrates logits minus the row max: use placement=pre")
         cap = self.reservoir_capacity
         if isinstance(cap, bool) or not isinstance(cap, int) or not (1 <= cap <= MAX_RESERVOIR_CAPACITY):
             raise ConfigError(f"reservoir_capacity must be an integer in [1, {MAX_RESERVOIR_CAPACITY}] "
@@ -374,7 +506,7 @@ class CalibrationConfig:
     def theta_pass_config(self, **overrides) -> SparseConfig:
         """The Top-θ config the second (``sdc_source=theta``) pass runs with."""
         cfg = SparseConfig(selection=Selection.TOP_THETA, placement=Placement.PRE, sdc=SDC.OFFLINE,
-                           vmc=self.vmc, k=self.k)
+                           vmc=self.vmc, k=self.k, theta_reference=self.theta_reference)
         return cfg.with_(**overrides) if overrides else cfg
 
     def to_dict(self) -> dict:
@@ -391,6 +523,7 @@ class CalibrationConfig:
             "sdc_source": self.sdc_source.value,
             "reservoir_capacity": self.reservoir_capacity,
             "trim_fraction": self.trim_fraction,
+            "theta_reference": self.theta_reference.value,
         }
 
     @classmethod

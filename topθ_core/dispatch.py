@@ -8,7 +8,9 @@ Supported: dense and top-θ pre-softmax selection with any SDC, VMC and empty-ro
 decode (one query row, every cached key visible) and causal prefill (``Sq ≤ Sk``,
 bottom-right aligned: chunked prefill included).  Not supported, so the reference runs:
 top-k, post-softmax placement, capk, soft-capping, padding/sliding-window masks, observers
-(they need the reference's row blocks) and V-row popularity tracking.
+(they need the reference's row blocks), V-row popularity tracking, and every config whose
+``SparseConfig.kernel_compatible`` is False (θ relative to the row max, per-head k, always-kept
+positions).
 
 VMC in decode reads ``v̄`` from a float32 running sum of the cache's V rows kept in
 ``state.scratch[("topθ.vsum", layer)] = (rows summed, (B, Hkv, d) sum)``: a prefill through
@@ -93,8 +95,8 @@ def try_kernels(query, key, value, visible, is_causal, theta, sdc_term, cfg, k_k
     ``is_causal`` True when transformers passed no mask (plain causal), ``theta``/``sdc_term``
     (B, Hq, Sq) float32 or ``None``.  Returns (B, Hq, Sq, d) in ``query``'s dtype.
     """
-    if not _KERNELS or softcap is not None or state.observers:
-        return None
+    if not _KERNELS or softcap is not None or state.observers or not cfg.kernel_compatible:
+        return None  # kernel-incompatible configs (row-max θ, per-head k, always-kept positions) run the reference
     metrics = state.metrics
     if metrics is not None and getattr(metrics, "track_popularity", False):
         return None

@@ -52,7 +52,8 @@ import torch
 import torch.distributed as dist
 
 from .calibration import collect_stats, prepare_documents
-from .config import Aggregation, SdcSource, SDC, CalibrationConfig, ConfigError, KSchedule, Placement, SparseConfig, Selection
+from .config import (Aggregation, SdcSource, SDC, CalibrationConfig, ConfigError, KSchedule, Placement, SparseConfig,
+                     Selection, ThetaReference)
 from .datafiles import read_texts
 from .integration import model_fingerprint
 from .thresholds import SampleReservoir, ThresholdStats, Thresholds, stream_seed
@@ -577,6 +578,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="use the first N documents")
     p.add_argument("--k", type=int, default=64, help="kept elements per row (default layer k)")
     p.add_argument("--layer-k", default="0:512,1:512", help="per-layer overrides")
+    p.add_argument("--head-k", default=None, help="per-(layer, head) overrides LAYER.HEAD:K, e.g. 2.0:48")
+    p.add_argument("--theta-reference", choices=[e.value for e in ThetaReference], default="absolute",
+                   help="absolute: keep a > θ; row-max: keep a − rowmax > θ_rel (pre-softmax)")
     p.add_argument("--placement", choices=[e.value for e in Placement], default="pre")
     p.add_argument("--sigma", type=float, default=0.1, help="θ = mean + σ·std (or the --aggregation's pair)")
     p.add_argument("--aggregation", choices=[e.value for e in Aggregation], default=Aggregation.MEAN_STD.value,
@@ -706,11 +710,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     info = rank_info()
     try:
-        k = KSchedule.parse(args.k, args.layer_k)
+        k = KSchedule.parse(args.k, args.layer_k, args.head_k)
         config = CalibrationConfig(k=k, placement=args.placement, sigma=args.sigma, tac=args.tac,
                                    sample_frac=args.sample_frac, bin_width=args.bin_width, seed=args.seed,
                                    vmc=args.vmc, aggregation=args.aggregation,
-                                   reservoir_capacity=args.reservoir_capacity, trim_fraction=args.trim_fraction)
+                                   reservoir_capacity=args.reservoir_capacity, trim_fraction=args.trim_fraction,
+                                   theta_reference=args.theta_reference)
         # the inference variant the user intends (as `toptheta calibrate`): fail before the work, not after
         SparseConfig(selection=Selection.TOP_THETA, placement=args.placement,
                      sdc=args.sdc if args.placement == "pre" else "none", sdc_scale=args.sdc_scale,

@@ -46,6 +46,14 @@ class RunState:
     def k_for(self, layer: int) -> int:
         return self.k_per_layer.get(layer) or self.config.k.k_for(layer)
 
+    def k_keep(self, layer: int, n_heads: int) -> int | list[int]:
+        """The layer's k, or one k per query head when the schedule gives this layer per-head k."""
+        if layer not in self.k_per_layer:
+            heads = self.config.k.heads_for(layer, n_heads)
+            if heads is not None:
+                return heads
+        return self.k_for(layer)
+
 
 _ACTIVE: contextvars.ContextVar[RunState | None] = contextvars.ContextVar("topθ_run", default=None)
 
@@ -74,7 +82,7 @@ def sparse_run(
         raise ThresholdsError("top-theta selection needs thresholds: calibrate first or load an artifact")
     if model is not None:
         fp = model_fingerprint(model)
-        config.k.as_list(fp.n_layers)
+        config.k.validate(fp.n_layers, fp.n_heads)
         if thresholds is not None and config.needs_thresholds:
             thresholds.check_model(fp)
         if getattr(model.config, "_attn_implementation", None) != ATTN_NAME:
@@ -82,6 +90,12 @@ def sparse_run(
     if thresholds is not None and config.needs_thresholds and thresholds.placement is not config.placement:
         raise ConfigError(f"thresholds were calibrated for {thresholds.placement.value}-softmax placement, "
                           f"but the config asks for {config.placement.value}")
+    if thresholds is not None and config.needs_thresholds and thresholds.theta_reference is not config.theta_reference:
+        raise ConfigError(f"thresholds hold θ of kind {thresholds.theta_reference.value!r} "
+                          f"({'score minus the row max' if thresholds.theta_reference.value == 'row-max' else 'the score itself'}), "
+                          f"but the config compares with theta_reference={config.theta_reference.value!r}: set the "
+                          f"config's theta_reference to {thresholds.theta_reference.value!r} or calibrate for "
+                          f"{config.theta_reference.value!r}")
     state = RunState(config=config, thresholds=thresholds, observers=tuple(observers), metrics=metrics,
                      use_kernels=use_kernels)
     token = _ACTIVE.set(state)
@@ -155,13 +169,14 @@ def top_theta_attention_forward(
         visible = _visible_from_mask(attention_mask, Sq, Sk, B, query.device)
         row_len = visible.sum(-1)  # (B, Sq)
     cfg = state.config
-    k_keep = state.k_for(layer)
+    k_keep = state.k_keep(layer, Hq)  # int, or a list of one k per query head
     theta = sdc_term = None
     if cfg.needs_thresholds:
         theta, sdc_term, extrap = state.thresholds.lookup(layer, row_len, cfg.lookup, cfg.theta_smoothing)
         if state.metrics is not None:
             phase = "prefill" if Sq > 1 else "decode"
-            state.metrics.add_extrapolated(layer, phase, extrap & (row_len > k_keep).unsqueeze(1))
+            kk = torch.tensor(k_keep, device=row_len.device).view(1, -1, 1) if isinstance(k_keep, list) else k_keep
+            state.metrics.add_extrapolated(layer, phase, extrap & (row_len.unsqueeze(1) > kk))
     out = None
     if state.use_kernels and query.is_cuda and cfg.kernel_compatible:  # new options run the reference
         from . import dispatch  # the GPU kernels, loaded only on CUDA

@@ -72,7 +72,8 @@ class SparsityMetrics:
         has = (L > 0).expand(B, H, R)
         acc[0] += block.kept.sum((0, 2, 3))
         acc[1] += (L.sum() * torch.ones(H, dtype=torch.long, device=acc.device))
-        acc[2] += torch.minimum(L, torch.full_like(L, block.k)).sum() * torch.ones(H, dtype=torch.long, device=acc.device)
+        k = block.k_per_head().to(L.device).view(1, H, 1)  # (1, H, 1)
+        acc[2] += torch.minimum(L, k).sum((0, 2))  # what top-k with each head's k keeps
         acc[3] += has.sum((0, 2))
         acc[4] += (block.dense_rows & (L > 0)).expand(B, H, R).sum((0, 2))
         acc[5] += block.empty_rows.sum((0, 2))

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from .config import Selection
+from .config import Selection, ThetaReference
 
 SelectFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", int], torch.Tensor]
 
@@ -31,13 +31,17 @@ def select_top_k(scores: torch.Tensor, visible: torch.Tensor, theta, k: int) -> 
     return top_k_with_next(scores, visible, k)[0]
 
 
-def top_k_with_next(scores: torch.Tensor, visible: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def top_k_with_next(scores: torch.Tensor, visible: torch.Tensor, k: "int | torch.Tensor"
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Top-k kept mask plus the ``(k+1)``-th largest score per row (B, H, R), from one ``topk``.
 
     ``scores`` must already rank invisible keys lowest (``-inf`` logits, 0 probabilities), as
     the attention hands them over.  The second value is ``None`` when rows are too short to
-    have a (k+1)-th element.
+    have a (k+1)-th element.  ``k`` may be one int or a (H,) long tensor of per-head k; then
+    the second value is always a tensor, ``-inf`` for heads whose rows have no (k+1)-th element.
     """
+    if torch.is_tensor(k):
+        return _top_k_per_head(scores, visible, k)
     n = scores.shape[-1]
     if k >= n:
         return visible.expand(scores.shape).clone(), None
@@ -51,6 +55,20 @@ def top_k_with_next(scores: torch.Tensor, visible: torch.Tensor, k: int) -> tupl
     return kept & visible, nxt.squeeze(-1)
 
 
+def _top_k_per_head(scores: torch.Tensor, visible: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`top_k_with_next` with one k per head (dim 1): one sorted ``topk`` of the largest k + 1."""
+    B, H, R, n = scores.shape
+    width = min(int(k.max()) + 1, n)
+    values, idx = scores.topk(width, dim=-1, sorted=True)  # (B, H, R, width), descending
+    kh = k.to(scores.device).view(1, H, 1, 1)
+    keep = (torch.arange(width, device=scores.device).view(1, 1, 1, -1) < kh).expand(B, H, R, width)
+    kept = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    kept.scatter_(-1, idx, keep)
+    nxt = values.gather(-1, kh.clamp(max=width - 1).expand(B, H, R, 1)).squeeze(-1)
+    nxt = torch.where(kh.view(1, H, 1) < width, nxt, torch.full_like(nxt, float("-inf")))
+    return kept & visible, nxt
+
+
 def select_top_theta(scores: torch.Tensor, visible: torch.Tensor, theta, k: int) -> torch.Tensor:
     """Keep element j of row i iff ``score_ij > θ_i`` (one compare, no row-wide dependency)."""
     if theta is None:
@@ -62,6 +80,29 @@ SELECTIONS: dict[Selection, SelectFn] = {
     Selection.DENSE: select_dense,
     Selection.TOP_K: select_top_k,
     Selection.TOP_THETA: select_top_theta,
+}
+
+
+def theta_absolute(scores: torch.Tensor, visible: torch.Tensor, theta, row_max: torch.Tensor) -> torch.Tensor:
+    """θ in score space: keep j iff ``a_ij > θ_i`` (``row_max`` unused)."""
+    return select_top_theta(scores, visible, theta, 0)
+
+
+def theta_row_max(scores: torch.Tensor, visible: torch.Tensor, theta, row_max: torch.Tensor) -> torch.Tensor:
+    """θ relative to the row maximum: keep j iff ``a_ij − m_i > θ_rel,i``, ``m_i = max_{visible j} a_ij``.
+
+    ``row_max`` (B, H, R) is ``m`` (0 for rows with no visible key).  The row's maximum always
+    passes a negative θ_rel, so no row is empty unless θ_rel ≥ 0.
+    """
+    if theta is None:
+        raise ValueError("top-theta selection needs thresholds (theta is None)")
+    return ((scores - row_max.unsqueeze(-1)) > theta.unsqueeze(-1)) & visible
+
+
+ThetaFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", torch.Tensor], torch.Tensor]
+THETA_REFERENCES: dict[ThetaReference, ThetaFn] = {
+    ThetaReference.ABSOLUTE: theta_absolute,
+    ThetaReference.ROW_MAX: theta_row_max,
 }
 
 

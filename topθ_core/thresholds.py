@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .config import Aggregation, CalibrationConfig, ConfigError, KSchedule, Lookup, Placement
+from .config import Aggregation, CalibrationConfig, ConfigError, KSchedule, Lookup, Placement, ThetaReference
 
 FORMAT_VERSION = 1
 TABLE_FILE = "thresholds.parquet"
@@ -135,11 +135,14 @@ class SampleReservoir:
         """(n_layers, n_heads, n_bins) int64: samples held per cell (= min(count, capacity))."""
         return (self.keys != EMPTY_KEY).sum(-1)
 
-    def add(self, layer: int, bins: torch.Tensor, t: torch.Tensor) -> None:
-        """Offer samples to a layer's cells: ``bins`` (n,) length-bin indices, ``t`` (n, n_heads)."""
+    def add(self, layer: int, bins: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Offer samples to a layer's cells: ``bins`` (n,) length-bin indices, ``t`` (n, n_heads);
+        ``mask`` (n, n_heads) bool offers only the True entries (per-head k)."""
         n, H = t.shape
         dev = self.keys.device
         keys = torch.randint(0, EMPTY_KEY, (n, H), generator=self.generator, dtype=torch.int32).to(dev)
+        if mask is not None:  # an empty key is never held (it sorts last and is not counted)
+            keys = torch.where(mask.to(dev), keys, torch.full_like(keys, EMPTY_KEY))
         bins = bins.to(dev)
         cells, group, sizes = torch.unique(bins, return_inverse=True, return_counts=True)  # (U,), (n,), (U,)
         order = torch.argsort(group, stable=True)
@@ -307,21 +310,30 @@ class ThresholdStats:
             self.samples.ensure_bins(new)
 
     def bin_counts(self, layer: int) -> torch.Tensor:
-        """(n_bins,) samples so far in each length bin of a layer (head 0: all heads see the same rows)."""
-        return self.count[layer, 0]
+        """(n_bins,) samples so far in each length bin of a layer (the most of any head: all heads see the
+        same rows, and with per-head k a head thresholds the rows longer than its k)."""
+        return self.count[layer].amax(0)
 
-    def add(self, layer: int, lengths: torch.Tensor, t: torch.Tensor, d_u: torch.Tensor) -> None:
-        """Add samples: ``lengths`` (n,) row lengths, ``t`` and ``d_u`` (n, n_heads)."""
+    def add(self, layer: int, lengths: torch.Tensor, t: torch.Tensor, d_u: torch.Tensor,
+            mask: torch.Tensor | None = None) -> None:
+        """Add samples: ``lengths`` (n,) row lengths, ``t`` and ``d_u`` (n, n_heads).
+
+        ``mask`` (n, n_heads) bool: add only the True entries (with per-head k a row is a sample
+        for the heads whose k it exceeds); ``None`` adds all."""
         if lengths.numel() == 0:
             return
         bins = _bin_of(lengths.to(torch.long), self.bin_width)
         self.ensure_bins(int(bins.max()) + 1)
         t64, du64 = t.to(torch.float64), d_u.to(torch.float64)
-        for acc, val in ((self.count[layer], torch.ones_like(t64)), (self.t_sum[layer], t64),
+        one = torch.ones_like(t64)
+        if mask is not None:
+            w = mask.to(t64.device, torch.float64)
+            one, t64, du64 = w, torch.where(mask.to(t64.device), t64, 0.0), torch.where(mask.to(t64.device), du64, 0.0)
+        for acc, val in ((self.count[layer], one), (self.t_sum[layer], t64),
                          (self.t_sumsq[layer], t64 * t64), (self.du_sum[layer], du64)):
             acc.index_add_(1, bins.to(acc.device), val.T.to(acc.device))  # acc (H, n_bins), val.T (H, n)
         if self.samples is not None:
-            self.samples.add(layer, bins, t)
+            self.samples.add(layer, bins, t, mask)
         self.rows_seen += int(lengths.numel())
 
     def merge(self, other: "ThresholdStats") -> "ThresholdStats":
@@ -345,7 +357,8 @@ class ThresholdStats:
 
     def finalize(self, sigma: float, *, fingerprint: ModelFingerprint, k: KSchedule, placement: Placement,
                  calibration: CalibrationConfig | None = None, data: str = "", extra: dict | None = None,
-                 aggregation: Aggregation | str | None = None, trim_fraction: float | None = None) -> "Thresholds":
+                 aggregation: Aggregation | str | None = None, trim_fraction: float | None = None,
+                 theta_reference: ThetaReference | str | None = None) -> "Thresholds":
         """The artifact: per cell a location ``t_mean`` and scale ``t_std`` (θ = t_mean + σ·t_std).
 
         ``aggregation`` (default: ``calibration.aggregation``, else mean-std) picks the pair from
@@ -353,8 +366,20 @@ class ThresholdStats:
         is the trimmed mean's cut.  Median and trimmed mean read the sample reservoir (exact
         where a cell has at most its capacity of samples) and need one.  ``meta.json`` records
         the aggregation, what ``t_mean``/``t_std`` hold, and the reservoir's capacity and use.
+        ``theta_reference`` (default: ``calibration.theta_reference``, else absolute) says what the
+        samples were (``t`` or ``t − row max``); it must match the calibration config and is recorded
+        so inference refuses the other kind.
         """
         agg, trim = self._aggregation(calibration, aggregation, trim_fraction)
+        try:
+            ref = ThetaReference(theta_reference) if theta_reference is not None else (
+                calibration.theta_reference if calibration is not None else ThetaReference.ABSOLUTE)
+        except ValueError:
+            raise ConfigError(f"theta_reference={theta_reference!r} is not one of: "
+                              f"{', '.join(r.value for r in ThetaReference)}") from None
+        if calibration is not None and ref is not calibration.theta_reference:
+            raise ConfigError(f"theta_reference={ref.value} contradicts the calibration config's "
+                              f"{calibration.theta_reference.value}")
         used = torch.nonzero(self.count.sum((0, 1)))
         nb = int(used.max()) + 1 if used.numel() else 1  # trailing empty bins carry nothing: shape is order-free
         count, t_sum, t_sumsq, du_sum = (t[..., :nb].cpu() for t in self.tensors())
@@ -378,6 +403,7 @@ class ThresholdStats:
             "rows_sampled": self.rows_seen,
             "aggregation": agg.value,
             "statistics": STATISTICS[agg],
+            "theta_reference": ref.value,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         if agg is Aggregation.TRIMMED_MEAN:
@@ -451,6 +477,16 @@ class Thresholds:
     def aggregation(self) -> Aggregation:
         """How ``t_mean``/``t_std`` were formed (artifacts written before robust aggregation: mean-std)."""
         return Aggregation(self.meta.get("aggregation", Aggregation.MEAN_STD.value))
+
+    @property
+    def theta_reference(self) -> ThetaReference:
+        """What θ is compared with: the score (``absolute``; artifacts written before the option) or the
+        score minus its row's maximum (``row-max``)."""
+        try:
+            return ThetaReference(self.meta.get("theta_reference", ThetaReference.ABSOLUTE.value))
+        except ValueError:
+            raise ThresholdsError(f"unknown theta_reference {self.meta.get('theta_reference')!r} in the "
+                                  "thresholds' meta") from None
 
     @property
     def bin_width(self) -> int:
@@ -646,6 +682,7 @@ def load_thresholds(path: str | os.PathLike, expect_model: ModelFingerprint | No
     if missing:
         raise ThresholdsError(f"{table} lacks columns {sorted(missing)}")
     th = Thresholds.from_frame(df, meta)
+    th.theta_reference  # refuses an unknown kind of θ now, not at the first forward
     if expect_model is not None:
         th.check_model(expect_model)
     return th
