@@ -1,12 +1,15 @@
 """Top-θ Triton kernels vs torch SDPA on one GPU: correctness first, then timings.
 
-Sections (``--only decode,prefill,real,calib,e2e``):
+Sections (``--only decode,host,prefill,real,calib,e2e``):
 
 * **decode**: Llama-3-8B attention shapes (32/8 heads, d 128, bf16), B ∈ {1, 8, 32},
   N ∈ {4k, 16k, 32k}, kept V-row fraction f ∈ {1, 1/3, 0.15, 0.05} (θ per row from the
   scores' quantile so that each head keeps 1 − (1 − f)^(1/4) of the keys: the union over
   the 4 heads of a group is then ≈ f).  Default config (offline SDC, VMC, floor max).
   Eager medians (``do_bench``) and CUDA-graph medians (``do_bench_cudagraph``) for both sides.
+* **host**: CPU time per eager decode call at latency-bound shapes (B = 1 and 8, N = 4k): SDPA,
+  ``topθ_decode``, the θ lookup and ``dispatch.try_kernels`` (what one layer's attention call
+  costs before the GPU does anything), and a cProfile of ``topθ_decode``.
 * **prefill**: B = 1, N ∈ {4k, 16k}, random Q/K/V, kept element fraction {1, 0.25, 0.1}
   (θ per head interpolated over row length from sampled rows' quantiles, as calibration does).
 * **real**: SmolLM2-135M Q/K/V captured at 4k tokens (``capture_smollm2_qkv.py``; 9/3 heads,
@@ -67,8 +70,8 @@ def ceilings() -> tuple[float, float]:
 
 
 def bench(fn, graph: bool = False) -> float:
-    if graph:
-        return do_bench_cudagraph(fn, rep=100, return_mode="median")
+    if graph:  # 25 ms of back-to-back calls per replay (thousands at small shapes), median of 10 replays
+        return do_bench_cudagraph(fn, rep=25, return_mode="median")
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
@@ -169,6 +172,68 @@ def run_decode(args, bw):
                     f"x{base/ours:.2f} graph x{base_g/ours_g:.2f} (limit {2/(1+fv):.2f}) err {err:.2e}")
             del q, k, v, scores
             torch.cuda.empty_cache()
+
+
+def _host_us(fn, n: int = 2000) -> float:
+    """CPU µs per call: calls issued back to back, no sync (the GPU keeps up at these shapes)."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / n * 1e6
+
+
+def run_host(args):
+    """Where an eager decode call spends its CPU time (the latency-bound shapes are host-bound)."""
+    import cProfile
+    import io
+    import pstats
+
+    from topθ_core import dispatch
+    from topθ_core.integration import RunState
+    from topθ_core.thresholds import ModelFingerprint, ThresholdStats
+
+    Hq, Hkv, d, dt = 32, 8, 128, torch.bfloat16
+    for B, N in ((1, 4096), (8, 4096)):
+        q = torch.randn(B, Hq, 1, d, device="cuda", dtype=dt)
+        k = torch.randn(B, Hkv, N, d, device="cuda", dtype=dt)
+        v = torch.randn(B, Hkv, N, d, device="cuda", dtype=dt)
+        stats = ThresholdStats(1, Hq, bin_width=1024, device="cpu")
+        lengths = torch.arange(1024, N + 2048, 1024)
+        stats.add(0, lengths, torch.full((len(lengths), Hq), 2.0), torch.full((len(lengths), Hq), 1.0))
+        th = stats.finalize(0.0, fingerprint=ModelFingerprint("bench", "0", 1, Hq, Hkv, d), k=CFG.k,
+                            placement=CFG.placement)
+        row_len = torch.full((B, 1), N, device="cuda")
+        theta, sdc, _ = th.lookup(0, row_len, CFG.lookup)
+        v_sum = v.float().sum(2)
+        state = RunState(config=CFG, thresholds=th)
+        state.scratch[("topθ.vsum", 0)] = (N, v_sum)
+        kw = dict(config=CFG, k_keep=64, sdc_term=sdc, v_sum=v_sum)
+        fns = {
+            "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+            "topθ_decode": lambda: topθ_decode(q, k, v, theta, **kw),
+            "θ lookup": lambda: th.lookup(0, row_len, CFG.lookup),
+            "dispatch.try_kernels": lambda: dispatch.try_kernels(q, k, v, None, True, theta, sdc, CFG, 64, None, None,
+                                                                  state, 0, None),
+        }
+        res = {name: _host_us(fn) for name, fn in fns.items()}
+        for name, us in res.items():
+            ROWS.append(dict(kernel="decode host", data=name, B=B, N=N, heads=f"{Hq}/{Hkv}", d=d, dtype="bf16",
+                             host_us=us))
+        log(f"host B={B} N={N}: " + ", ".join(f"{n} {us:.1f} us" for n, us in res.items()))
+        if B == 1:
+            pr = cProfile.Profile()
+            pr.enable()
+            for _ in range(500):
+                topθ_decode(q, k, v, theta, **kw)
+            pr.disable()
+            torch.cuda.synchronize()
+            buf = io.StringIO()
+            pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(14)
+            log("cProfile of 500 topθ_decode calls (B=1, N=4k), by own time:\n" + buf.getvalue()[-3500:])
 
 
 def _length_theta(q, k, keep_frac, rows=48, scale=None):
@@ -405,7 +470,7 @@ def write(out_dir: Path, bw, tf, elapsed):
 
 def main():
     ap = argparse.ArgumentParser(description="Top-θ kernels vs SDPA")
-    ap.add_argument("--only", default="decode,prefill,real,calib,e2e")
+    ap.add_argument("--only", default="decode,host,prefill,real,calib,e2e")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "benchmarks" / "results")))
     ap.add_argument("--decode-b", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--decode-n", type=int, nargs="+", default=[4096, 16384, 32768])
@@ -416,7 +481,7 @@ def main():
     t0 = time.time()
     bw, tf = ceilings()
     log(f"{torch.cuda.get_device_name()}: copy {bw:.0f} GB/s, bf16 mm {tf:.0f} TFLOP/s")
-    sections = dict(decode=lambda: run_decode(args, bw), prefill=lambda: run_prefill(args), real=lambda: run_real(args),
+    sections = dict(decode=lambda: run_decode(args, bw), host=lambda: run_host(args), prefill=lambda: run_prefill(args), real=lambda: run_real(args),
                     calib=lambda: run_calib(args), e2e=lambda: run_e2e(args))
     for name in args.only.split(","):
         try:

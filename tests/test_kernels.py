@@ -33,7 +33,7 @@ from topθ_core.metrics import SparsityMetrics  # noqa: E402
 
 decode_mod.POISON_OUTPUTS = True  # every launch fills its outputs with NaN / -1 first
 
-_interpreted = type(decode_mod._decode_split_kernel).__name__ == "InterpretedFunction"
+_interpreted = type(decode_mod._decode_kernel).__name__ == "InterpretedFunction"
 cpu = pytest.mark.skipif(not (INTERPRET and _interpreted),
                          reason="CPU kernel tests need TRITON_INTERPRET=1 before topθ_core.kernels is imported")
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET,
@@ -167,6 +167,26 @@ def test_decode_interpret_variants(variant):
 
 
 @cpu
+@pytest.mark.parametrize("N", [1, 17, 97, 130])
+@pytest.mark.parametrize("splits", [1, 2, 9])
+def test_decode_interpret_splits(N, splits, monkeypatch):
+    """The last split to finish merges the others: any split count, merged two splits at a time."""
+    monkeypatch.setattr(decode_mod, "_chunk_s", lambda *a: 2)  # several merge steps, a ragged last one
+    i = [1, 17, 97, 130].index(N) + splits
+    _run_decode(2, 4, 2, N, 64, torch.float16, "cpu", VARIANTS[i % len(VARIANTS)], k_keep=4, num_splits=splits,
+                block_n=16)
+
+
+@cpu
+def test_decode_tickets_reset_interpret():
+    """The per-(batch, KV head) counters are back at zero after every launch: calls in a row
+    (different split counts and batch shapes) all merge correctly."""
+    for B, N, splits in ((2, 130, 9), (2, 130, 9), (3, 61, 4), (1, 97, 7)):
+        _run_decode(B, 4, 2, N, 64, torch.float16, "cpu", VARIANTS[3], k_keep=4, num_splits=splits, block_n=16)
+        assert all(int(t.abs().sum()) == 0 for t in decode_mod._TICKETS.values())
+
+
+@cpu
 @pytest.mark.parametrize("S", [(17, 17), (97, 97), (130, 130), (23, 130)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_prefill_interpret(S):
     Sq, Sk = S
@@ -286,6 +306,65 @@ def test_decode_gpu(N, dtype):
         _run_decode(2, 32, 8, N, 128, dtype, "cuda", variant, k_keep=64)
     _run_decode(3, 9, 3, N, 64, dtype, "cuda", VARIANTS[1], k_keep=64)
     _run_decode(2, 32, 8, N, 128, dtype, "cuda", VARIANTS[1], k_keep=64, block_n=128, num_warps=4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs CUDA (compiled Triton)")
+@pytest.mark.parametrize("splits", [0, 1, 37, 128])
+def test_decode_splits_gpu(splits):
+    """One launch at any split count (0 = the default heuristic); 128 splits need 16 merge steps."""
+    for variant in (VARIANTS[1], VARIANTS[3]):
+        _run_decode(1, 32, 8, 8192, 128, torch.bfloat16, "cuda", variant, k_keep=64, num_splits=splits)
+    if splits == 0:  # each branch of decode_plan: latency-bound, B·Hkv ≥ 256, the rest
+        for B, N in ((8, 4096), (32, 2048), (4, 20000)):
+            _run_decode(B, 32, 8, N, 128, torch.bfloat16, "cuda", VARIANTS[3], k_keep=64)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs CUDA (compiled Triton)")
+def test_decode_repeatable_and_graph_gpu():
+    """The merge order is fixed, so repeated launches are bit-identical whichever split finishes
+    last (a missing acquire/release would show as a changing result); a CUDA graph of the launch
+    replays correctly with new inputs (the counters reset themselves)."""
+    cfg = _cfg(*VARIANTS[3])
+    B, Hq, Hkv, N, d = 1, 32, 8, 16384, 128
+
+    def inputs():
+        q, k, v = _qkv(B, Hq, Hkv, 1, N, d, torch.bfloat16, "cuda")
+        return q, k, v, _midpoint_theta(_logits(q, k)), torch.rand(B, Hq, 1, device="cuda") * 3, v.float().sum(2)
+
+    q, k, v, theta, sdc, vsum = inputs()
+    kw = dict(config=cfg, k_keep=64, num_splits=96)
+    first, c0 = topθ_decode(q, k, v, theta, sdc_term=sdc, v_sum=vsum, **kw)
+    for _ in range(30):
+        out, c = topθ_decode(q, k, v, theta, sdc_term=sdc, v_sum=vsum, **kw)
+        assert torch.equal(out, first) and torch.equal(c.kept, c0.kept) and torch.equal(c.kept_v_rows, c0.kept_v_rows)
+    static = [t.clone() for t in (q, k, v, theta, sdc, vsum)]
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        topθ_decode(*static[:4], sdc_term=static[4], v_sum=static[5], **kw)  # warm-up on the capture stream
+    torch.cuda.current_stream().wait_stream(s)
+    graphs = []
+    for stream in (s, torch.cuda.Stream()):  # counters made before the capture / during it (a fresh stream)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, stream=stream):
+            g_out, g_counts = topθ_decode(*static[:4], sdc_term=static[4], v_sum=static[5], **kw)
+        graphs.append((g, g_out, g_counts))
+    for i in range(4):
+        g, g_out, g_counts = graphs[i % 2]
+        new = inputs()
+        for dst, src in zip(static, new):
+            dst.copy_(src)
+        g.replay()
+        ref, rc = topθ_decode_ref(*new[:4], config=cfg, k_keep=64, sdc_term=new[4])
+        low, _ = topθ_decode_ref(*new[:4], config=cfg, k_keep=64, sdc_term=new[4], upcast=False)
+        _check_out(g_out, ref, low, f"graph {i % 2} replay")
+        _check_counts(g_counts, rc, _ambiguous(_logits(new[0], new[1]), new[3]), Hkv, "graph replay")
+        eager, _ = topθ_decode(*new[:4], sdc_term=new[4], v_sum=new[5], **kw)
+        assert torch.equal(eager, g_out)
+    torch.cuda.synchronize()
+    assert all(int(t.abs().sum()) == 0 for t in decode_mod._TICKETS.values())
 
 
 @pytest.mark.gpu

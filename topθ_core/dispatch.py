@@ -63,11 +63,14 @@ def _running_v_sum(state, layer: int, value: torch.Tensor) -> torch.Tensor:
     if entry is not None:
         n, vsum = entry
         if vsum.shape == (B, Hkv, d) and vsum.device == value.device and n <= N:
-            if n < N:
-                vsum = vsum + value[:, :, n:N].to(torch.float32).sum(2)
+            # in place, one small kernel per step (the sum is only held here; launches are stream-ordered)
+            if n == N - 1:
+                vsum.add_(value[:, :, n])
+            elif n < N:
+                vsum.add_(value[:, :, n:N].sum(2, dtype=torch.float32))
             state.scratch[(_VSUM_KEY, layer)] = (N, vsum)
             return vsum
-    vsum = value.to(torch.float32).sum(2)
+    vsum = value.sum(2, dtype=torch.float32)
     state.scratch[(_VSUM_KEY, layer)] = (N, vsum)
     return vsum
 

@@ -1,31 +1,33 @@
 """Top-θ decode: one new query token per sequence against a KV cache, skipping V rows.
 
-Flash-decoding layout: the grid is (batch·KV heads, splits).  One program handles every
-query head of a KV head (GQA group, padded to 16 rows for the tensor cores) over one split
-of the sequence.  For each block of keys it computes the scores of all heads, compares each
-with θ of its head (one compare per element), and loads a V row only when some head of the
-group keeps it: the V load is predicated per row (a d=128 bf16 row is 256 contiguous bytes;
-a masked-off row issues no memory transaction).  All of K is read (a threshold needs every
-score); only kept V rows are.  The V load of a block is issued as soon as its keep mask is
-known and consumed one block later (software pipelining by hand), so its latency hides behind
-the next block's QKᵀ: a data-dependent load cannot be prefetched by the compiler.
+Flash-decoding layout in one launch: the grid is (batch·KV heads, splits).  One program
+handles every query head of a KV head (GQA group, padded to 16 rows for the tensor cores) over
+one split of the sequence.  For each block of keys it computes the scores of all heads, compares
+each with θ of its head (one compare per element), and loads a V row only when some head of the
+group keeps it: the V load is predicated per row (a d=128 bf16 row is 256 contiguous bytes; a
+masked-off row issues no memory transaction).  All of K is read (a threshold needs every score);
+only kept V rows are.  The V load of a block is issued as soon as its keep mask is known and
+consumed one block later (software pipelining by hand), so its latency hides behind the next
+block's QKᵀ: a data-dependent load cannot be prefetched by the compiler.
 
 Each split writes partial statistics (running max ``m`` of all visible scores and its index,
-``D_S``, the exact dropped mass ``D_U``, kept count, ``Σ p v``, kept-V-row count); a combine
-kernel merges the splits, applies the empty-row floor, SDC (exact / exp-threshold / offline)
-and VMC (``v̄`` from a running V sum kept beside the cache, O(d) per step) and writes the
-output and the kept counts.
+``D_S``, the exact dropped mass ``D_U``, kept count, ``Σ p v``, kept-V-row count) to a
+workspace, then draws a ticket from its (batch, KV head)'s counter: a barrier orders the
+program's stores before one atomic add with acquire-release semantics.  The program that draws
+the last ticket merges the splits, applies the empty-row floor, SDC (exact / exp-threshold /
+offline) and VMC (``v̄`` from a running V sum kept beside the cache, O(d) per step), writes the
+output and the kept counts, and puts the counter back to zero.  The counters are zero between
+launches, so a launch can be captured in a CUDA graph and replayed; they are kept per device and
+stream (launches that run concurrently must come from different streams).
 
-Scores are handled in the log2 domain (``s·log2 e``) so the kernels use ``exp2``; θ is scaled
+Scores are handled in the log2 domain (``s·log2 e``) so the kernel uses ``exp2``; θ is scaled
 the same way, which can flip a compare only for scores within an ulp of θ.
 
-Layers: ``_decode_split_kernel`` / ``_decode_combine_kernel`` (Triton) → ``_decode_launch``
-(checks, allocation, grid) → ``toptheta::decode`` (custom op + fake) → :func:`topθ_decode`.
+Layers: ``_decode_kernel`` (+ ``_combine_splits``, Triton) → ``_decode_launch`` (checks,
+allocation, grid) → ``toptheta::decode`` (custom op + fake) → :func:`topθ_decode`.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
@@ -36,18 +38,18 @@ from ._common import KernelCounts, check_qkv, kernel_variant, last_dim_contiguou
 
 LOG2E = 1.4426950408889634
 
-# Tests set this to fill outputs with NaN / -1 before every launch (every element must be written).
+# Tests set this to fill outputs (and the workspace) with NaN / -1 before every launch.
 POISON_OUTPUTS = False
 
 
 @triton.jit
-def _decode_split_kernel(
-    Q, K, V, THETA,
-    PM, PI, PDS, PDU, PNK, PACC, PKV,
+def _decode_kernel(
+    Q, K, V, THETA, SDCT, VSUM, WS, TICKETS, OUT, COUNTS,
     sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-    Hkv, N, split_len, S, scale_log2,
-    G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-    EXACT: tl.constexpr, FLOOR: tl.constexpr,
+    Hkv, N, split_len, S, scale_log2, sdc_scale,
+    G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_GC: tl.constexpr, BLOCK_N: tl.constexpr,
+    CHUNK_S: tl.constexpr, D: tl.constexpr, HAS_THETA: tl.constexpr, SDC_MODE: tl.constexpr,
+    FLOOR: tl.constexpr, VMC: tl.constexpr,
 ):
     pid = tl.program_id(0)  # b · Hkv + kv head
     sid = tl.program_id(1)  # split
@@ -59,7 +61,10 @@ def _decode_split_kernel(
     h = hkv * G + offs_g  # query heads of the group
     offs_d = tl.arange(0, D)
     q = tl.load(Q + b * sq_b + h[:, None] * sq_h + offs_d[None, :], mask=mask_g[:, None], other=0.0)  # (G, D)
-    th = tl.load(THETA + b * Hq + h, mask=mask_g, other=float("inf")) * 1.4426950408889634  # θ·log2 e
+    if HAS_THETA:
+        th = tl.load(THETA + b * Hq + h, mask=mask_g, other=float("inf")) * 1.4426950408889634  # θ·log2 e
+    else:  # dense row: everything is kept
+        th = tl.where(mask_g, float("-inf"), float("inf"))
 
     start = sid * split_len
     end = tl.minimum(start + split_len, N)
@@ -97,7 +102,7 @@ def _decode_split_kernel(
         p_all = tl.exp2(s - m[:, None])
         p = tl.where(keep, p_all, 0.0)
         ds = ds * alpha + tl.sum(p, 1)
-        if EXACT:
+        if SDC_MODE == 1:  # exact
             du = du * alpha + tl.sum(p_all - p, 1)
         krow = tl.max(keep.to(tl.int32), 0)  # (BLOCK_N,) 1 where some head keeps the row
         kvc += krow
@@ -106,63 +111,94 @@ def _decode_split_kernel(
         p_prev = p.to(V.dtype.element_ty)
     acc += tl.dot(p_prev, v_prev)
 
+    # partials → workspace, structure of arrays over R = B·Hq·S rows: Σpv (R, D), then m, D_S,
+    # D_U, kept count, argmax (R each; the integers bit-cast), then the kept-V counts (B·Hkv, S)
+    R = tl.num_programs(0) * G * S
     part = (b * Hq + h) * S + sid
-    tl.store(PM + part, m, mask=mask_g)
-    tl.store(PI + part, idx, mask=mask_g)
-    tl.store(PDS + part, ds, mask=mask_g)
-    tl.store(PDU + part, du, mask=mask_g)
-    tl.store(PNK + part, nk, mask=mask_g)
-    tl.store(PACC + part[:, None] * D + offs_d[None, :], acc, mask=mask_g[:, None])
-    tl.store(PKV + pid * S + sid, tl.sum(kvc, 0))
+    tl.store(WS + part[:, None] * D + offs_d[None, :], acc, mask=mask_g[:, None])
+    st = WS + R * D + part
+    tl.store(st, m, mask=mask_g)
+    tl.store(st + R, ds, mask=mask_g)
+    tl.store(st + 2 * R, du, mask=mask_g)
+    tl.store(st + 3 * R, nk.to(tl.float32, bitcast=True), mask=mask_g)
+    tl.store(st + 4 * R, idx.to(tl.float32, bitcast=True), mask=mask_g)
+    tl.store(WS + R * (D + 5) + pid * S + sid, tl.sum(kvc, 0).to(tl.float32, bitcast=True))
+    # every thread's stores happen before the ticket (release); the last ticket sees them all (acquire)
+    tl.debug_barrier()
+    ticket = tl.atomic_add(TICKETS + pid, 1, sem="acq_rel")
+    if ticket == S - 1:
+        _combine_splits(Q, K, V, THETA, SDCT, VSUM, WS, OUT, COUNTS,
+                        sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+                        pid, Hkv, N, S, R, scale_log2, sdc_scale,
+                        G, BLOCK_GC, CHUNK_S, D, HAS_THETA, SDC_MODE, FLOOR, VMC)
+        tl.store(TICKETS + pid, 0)  # ready for the next launch (graph replay)
 
 
 @triton.jit
-def _decode_combine_kernel(
-    Q, K, V, THETA, SDCT, VSUM,
-    PM, PI, PDS, PDU, PNK, PACC, PKV,
-    OUT, KEPT, EMPTY, KVOUT,
-    sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h,
-    Hkv, N, S, scale_log2, sdc_scale,
-    G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr, D: tl.constexpr,
+def _combine_splits(
+    Q, K, V, THETA, SDCT, VSUM, WS, OUT, COUNTS,
+    sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+    pid, Hkv, N, S, R, scale_log2, sdc_scale,
+    G: tl.constexpr, BLOCK_GC: tl.constexpr, CHUNK_S: tl.constexpr, D: tl.constexpr, HAS_THETA: tl.constexpr,
     SDC_MODE: tl.constexpr, FLOOR: tl.constexpr, VMC: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    """Merge the S splits of one (batch, KV head) from the workspace; write output and counts."""
     b = pid // Hkv
     hkv = pid % Hkv
     Hq = Hkv * G
-    offs_g = tl.arange(0, BLOCK_G)
+    BHq = R // S
+    offs_g = tl.arange(0, BLOCK_GC)
     mask_g = offs_g < G
     h = hkv * G + offs_g
     offs_d = tl.arange(0, D)
-    offs_s = tl.arange(0, BLOCK_S)
-    mask_s = offs_s < S
-    mask_gs = mask_g[:, None] & mask_s[None, :]
-    base = (b * Hq + h) * S  # (G,)
-    pm = tl.load(PM + base[:, None] + offs_s[None, :], mask=mask_gs, other=float("-inf"))
-    m = tl.max(pm, 1)
-    m = tl.where(mask_g, m, 0.0)
-    w = tl.exp2(pm - m[:, None])  # 0 on padding
-    ds = tl.sum(tl.load(PDS + base[:, None] + offs_s[None, :], mask=mask_gs, other=0.0) * w, 1)
-    du = tl.sum(tl.load(PDU + base[:, None] + offs_s[None, :], mask=mask_gs, other=0.0) * w, 1)
-    nk = tl.sum(tl.load(PNK + base[:, None] + offs_s[None, :], mask=mask_gs, other=0), 1)
-    acc = tl.zeros([BLOCK_G, D], tl.float32)
     offs_c = tl.arange(0, CHUNK_S)
-    for s0 in range(0, S, CHUNK_S):  # CHUNK_S splits at a time: few dependent loads
+    base = (b * Hq + h) * S  # (G,) first partial row of each head
+    ST = WS + R * D  # scalar statistics
+    # pass 1: max over the splits (and, for the floor, the position of the first maximum);
+    # workspace loads go through L2 (.cg): other programs wrote it during this launch
+    m = tl.full([BLOCK_GC], float("-inf"), tl.float32)
+    idx = tl.zeros([BLOCK_GC], tl.int32)
+    for s0 in range(0, S, CHUNK_S):
         sc = s0 + offs_c
         msk = mask_g[:, None] & (sc < S)[None, :]
-        ws = tl.exp2(tl.load(PM + base[:, None] + sc[None, :], mask=msk, other=float("-inf")) - m[:, None])
-        a = tl.load(PACC + (base[:, None, None] + sc[None, :, None]) * D + offs_d[None, None, :],
-                    mask=msk[:, :, None], other=0.0)  # (G, CHUNK_S, D)
-        acc += tl.sum(a * ws[:, :, None], 1)
-    th = tl.load(THETA + b * Hq + h, mask=mask_g, other=float("inf")) * 1.4426950408889634
+        pm = tl.load(ST + base[:, None] + sc[None, :], mask=msk, other=float("-inf"), cache_modifier=".cg")
+        if FLOOR:
+            cmax, carg = tl.max(pm, 1, return_indices=True)
+            ci = tl.load(ST + 4 * R + base + s0 + carg, mask=mask_g, other=0.0, cache_modifier=".cg")
+            idx = tl.where(cmax > m, ci.to(tl.int32, bitcast=True), idx)
+        else:
+            cmax = tl.max(pm, 1)
+        m = tl.maximum(m, cmax)
+    m = tl.where(mask_g, m, 0.0)
+    # pass 2: rescale each split to the common max and sum
+    ds = tl.zeros([BLOCK_GC], tl.float32)
+    du = tl.zeros([BLOCK_GC], tl.float32)
+    nk = tl.zeros([BLOCK_GC], tl.int32)
+    kvs = tl.zeros([CHUNK_S], tl.int32)
+    acc = tl.zeros([BLOCK_GC, D], tl.float32)
+    for s0 in range(0, S, CHUNK_S):
+        sc = s0 + offs_c
+        ms = sc < S
+        msk = mask_g[:, None] & ms[None, :]
+        rows = base[:, None] + sc[None, :]  # (G, CHUNK_S)
+        w = tl.exp2(tl.load(ST + rows, mask=msk, other=float("-inf"), cache_modifier=".cg") - m[:, None])
+        ds += tl.sum(tl.load(ST + R + rows, mask=msk, other=0.0, cache_modifier=".cg") * w, 1)
+        if SDC_MODE == 1:
+            du += tl.sum(tl.load(ST + 2 * R + rows, mask=msk, other=0.0, cache_modifier=".cg") * w, 1)
+        nk += tl.sum(tl.load(ST + 3 * R + rows, mask=msk, other=0.0, cache_modifier=".cg").to(tl.int32, bitcast=True), 1)
+        a = tl.load(WS + rows[:, :, None] * D + offs_d[None, None, :], mask=msk[:, :, None], other=0.0,
+                    cache_modifier=".cg")  # (G, CHUNK_S, D)
+        acc += tl.sum(a * w[:, :, None], 1)
+        kvs += tl.load(ST + 5 * R + pid * S + sc, mask=ms, other=0.0, cache_modifier=".cg").to(tl.int32, bitcast=True)
+    if HAS_THETA:
+        th = tl.load(THETA + b * Hq + h, mask=mask_g, other=float("inf")) * 1.4426950408889634
+    else:
+        th = tl.full([BLOCK_GC], float("-inf"), tl.float32)
     ndrop = N - nk
     kept = nk
     empty = (nk == 0) & mask_g
     kv_extra = 0
     if FLOOR:  # an empty row keeps its maximum element
-        s_arg = tl.argmax(pm, 1)
-        pi = tl.load(PI + base[:, None] + offs_s[None, :], mask=mask_gs, other=0)
-        idx = tl.sum(tl.where(offs_s[None, :] == s_arg[:, None], pi, 0), 1)
         ds = tl.where(empty, 1.0, ds)
         du = tl.where(empty, tl.maximum(du - 1.0, 0.0), du)
         ndrop = tl.where(empty, ndrop - 1, ndrop)
@@ -184,18 +220,17 @@ def _decode_combine_kernel(
         c = tl.load(SDCT + b * Hq + h, mask=mask_g, other=0.0)
         d_u = tl.where(ndrop > 0, c, 0.0)
     else:
-        d_u = tl.zeros([BLOCK_G], tl.float32)
+        d_u = tl.zeros([BLOCK_GC], tl.float32)
     denom = ds + sdc_scale * d_u
     denom = tl.where(denom > 0, denom, 1.0)
     o = acc / denom[:, None]
     if VMC:
         vmean = tl.load(VSUM + pid * D + offs_d) / N
         o += (1.0 - ds / denom)[:, None] * vmean[None, :]
-    tl.store(OUT + b * so_b + h[:, None] * so_h + offs_d[None, :], o.to(OUT.dtype.element_ty), mask=mask_g[:, None])
-    tl.store(KEPT + b * Hq + h, kept, mask=mask_g)
-    tl.store(EMPTY + b * Hq + h, empty.to(tl.int32), mask=mask_g)
-    kv = tl.sum(tl.load(PKV + pid * S + offs_s, mask=mask_s, other=0), 0) + kv_extra
-    tl.store(KVOUT + pid, kv)
+    tl.store(OUT + (b * Hq + h)[:, None] * D + offs_d[None, :], o.to(OUT.dtype.element_ty), mask=mask_g[:, None])
+    tl.store(COUNTS + b * Hq + h, kept, mask=mask_g)
+    tl.store(COUNTS + BHq + b * Hq + h, empty.to(tl.int32), mask=mask_g)
+    tl.store(COUNTS + 2 * BHq + pid, tl.sum(kvs, 0) + kv_extra)
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -210,96 +245,130 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[i]
 
 
-def decode_splits(B: int, Hkv: int, N: int, block_n: int, device: torch.device, waves: int = 8) -> int:
-    """Number of sequence splits: about ``waves`` programs per SM, at least one key block per split."""
+def decode_splits(B: int, Hkv: int, N: int, block_n: int, device: torch.device, waves: int = 8,
+                  max_splits: int = 0) -> int:
+    """Number of sequence splits: about ``waves`` programs per SM, at least one key block per
+    split, at most ``max_splits`` (0: no cap)."""
     target = waves * _sm_count(device)
-    return max(1, min(triton.cdiv(N, block_n), triton.cdiv(target, B * Hkv)))
+    s = max(1, min(triton.cdiv(N, block_n), triton.cdiv(target, B * Hkv)))
+    return min(s, max_splits) if max_splits > 0 else s
 
 
-def _decode_launch(q3: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor,
+def decode_plan(B: int, Hkv: int, N: int, device: torch.device) -> tuple[int, int, int, int]:
+    """Launch configuration (splits, keys per block, warps, pipeline stages) for a decode shape.
+
+    Measured on an H200 (benchmarks/tune_decode.py, results/decode_tuning_H200.csv, run 9):
+    * latency-bound (B·Hkv·N ≤ 2^18, e.g. B=1 up to 32k, B=8 at 4k): one wave of about 8 warps
+      per SM, splits of at least 256 keys, 4 warps per program when B·Hkv ≤ 16.  The merge in
+      the last program grows with the split count, so more splits than that cost time.
+    * B·Hkv ≥ 256 (B=32 with 8 KV heads): 128 keys, 4 warps, 4 programs per SM.
+    * otherwise: 64 keys, 2 warps, 2 stages, 8 programs per SM, at most 64 splits.
+    """
+    if B * Hkv * N <= 1 << 18:
+        warps = 4 if B * Hkv <= 16 else 2
+        splits = max(1, min(triton.cdiv(N, 256), triton.cdiv(8 * _sm_count(device) // warps, B * Hkv)))
+        return splits, 64, warps, 3
+    if B * Hkv >= 256:
+        return decode_splits(B, Hkv, N, 128, device, waves=4), 128, 4, 3
+    return decode_splits(B, Hkv, N, 64, device, waves=8, max_splits=64), 64, 2, 2
+
+
+_TICKETS: dict[tuple, torch.Tensor] = {}
+
+
+def _tickets(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 counters, one per (batch, KV head), kept per device and stream.
+
+    The kernel leaves them at zero.  A buffer first needed during CUDA-graph capture is not
+    cached: its zero fill is a node of that graph and has not run yet.
+    """
+    if device.type == "cuda":
+        key = (device.index, torch._C._cuda_getCurrentRawStream(device.index))
+    else:
+        key = (-1, 0)
+    buf = _TICKETS.get(key)
+    if buf is not None and buf.numel() >= n:
+        return buf
+    buf = torch.zeros(max(1024, next_pow2(n)), dtype=torch.int32, device=device)
+    if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+        _TICKETS[key] = buf
+    return buf
+
+
+def _chunk_s(block_gc: int, d: int, num_warps: int) -> int:
+    """Splits merged per step of the combine: a (heads, splits, d) fp32 load of ~64 registers a thread."""
+    return max(2, 2048 * num_warps // (block_gc * d))
+
+
+def _f32(x: torch.Tensor | None) -> torch.Tensor | None:
+    return x if x is None or (x.dtype == torch.float32 and x.is_contiguous()) else x.to(torch.float32).contiguous()
+
+
+def _decode_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor | None,
                    sdc_term: torch.Tensor | None, v_sum: torch.Tensor | None, scale: float, sdc_code: int,
                    sdc_scale: float, vmc: bool, floor_max: bool, num_splits: int, block_n: int, num_warps: int,
-                   num_stages: int
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    B, Hq, D = q3.shape
+                   num_stages: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One launch.  Returns out (B, Hq, 1, d) and the counts, flat int32: kept (B·Hq), empty
+    (B·Hq), kept V rows (B·Hkv).  ``theta=None``: every element kept (dense row)."""
+    B, Hq, _, D = q.shape
     _, Hkv, N, _ = k.shape
     G = Hq // Hkv
     if N < 1:
         raise ValueError("decode needs at least one key")
-    if theta.shape != (B, Hq):
-        raise ValueError(f"theta must be (B, Hq) = {(B, Hq)}, got {tuple(theta.shape)}")
-    if sdc_code == 3 and (sdc_term is None or sdc_term.shape != (B, Hq)):
-        raise ValueError("offline SDC needs sdc_term (B, Hq)")
+    if theta is not None and theta.numel() != B * Hq:
+        raise ValueError(f"theta must be (B, Hq[, 1]) = {(B, Hq)}, got {tuple(theta.shape)}")
+    if sdc_code == 3 and (sdc_term is None or sdc_term.numel() != B * Hq):
+        raise ValueError("offline SDC needs sdc_term (B, Hq[, 1])")
     if vmc and (v_sum is None or v_sum.shape != (B, Hkv, D)):
         raise ValueError("VMC needs v_sum (B, Hkv, d): the float32 sum of the N V rows")
-    q3, k, v = last_dim_contiguous(q3), last_dim_contiguous(k), last_dim_contiguous(v)
-    theta = theta.to(torch.float32).contiguous()
-    sdc_t = sdc_term.to(torch.float32).contiguous() if sdc_term is not None else theta
-    vsum = v_sum.to(torch.float32).contiguous() if v_sum is not None else theta
-    # tuned on H200 (benchmarks/tune_decode.py, results/decode_tuning_H200.csv): 64 keys, 2 warps,
-    # 8 programs per SM beat 128 keys, 4 warps, 4 per SM by 3-4 % on bandwidth-bound shapes
-    block_n = block_n or 64
-    if num_splits <= 0:
-        num_splits = decode_splits(B, Hkv, N, block_n, q3.device)
+    q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
+    theta, sdc_term, v_sum = _f32(theta), _f32(sdc_term), _f32(v_sum)
+    if num_splits <= 0 or block_n <= 0 or num_warps <= 0 or num_stages <= 0:  # 0: from the tuned plan
+        plan = decode_plan(B, Hkv, N, q.device)
+        num_splits, block_n, num_warps, num_stages = (x if x > 0 else p for x, p in
+                                                      zip((num_splits, block_n, num_warps, num_stages), plan))
     split_len = triton.cdiv(triton.cdiv(N, num_splits), block_n) * block_n
     S = triton.cdiv(N, split_len)
-    dev = q3.device
-    f32 = dict(dtype=torch.float32, device=dev)
-    pm, pds, pdu = (torch.empty(B, Hq, S, **f32) for _ in range(3))
-    pi = torch.empty(B, Hq, S, dtype=torch.int32, device=dev)
-    pnk = torch.empty(B, Hq, S, dtype=torch.int32, device=dev)
-    pacc = torch.empty(B, Hq, S, D, **f32)
-    pkv = torch.empty(B, Hkv, S, dtype=torch.int32, device=dev)
-    out = torch.empty(B, Hq, D, dtype=q3.dtype, device=dev)
-    kept = torch.empty(B, Hq, dtype=torch.int32, device=dev)
-    empty = torch.empty(B, Hq, dtype=torch.int32, device=dev)
-    kvout = torch.empty(B, Hkv, dtype=torch.int32, device=dev)
+    dev = q.device
+    R = B * Hq * S
+    ws = torch.empty(R * (D + 5) + B * Hkv * S, dtype=torch.float32, device=dev)
+    out = torch.empty(B, Hq, 1, D, dtype=q.dtype, device=dev)
+    counts = torch.empty(2 * B * Hq + B * Hkv, dtype=torch.int32, device=dev)
     if POISON_OUTPUTS:
-        out.fill_(float("nan")), kept.fill_(-1), empty.fill_(-1), kvout.fill_(-1)
-    scale_log2 = float(scale) * LOG2E
-    block_g = max(16, next_pow2(G))
-    _decode_split_kernel[(B * Hkv, S)](
-        q3, k, v, theta, pm, pi, pds, pdu, pnk, pacc, pkv,
-        q3.stride(0), q3.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        Hkv, N, split_len, S, scale_log2,
-        G=G, BLOCK_G=block_g, BLOCK_N=block_n, D=D, EXACT=sdc_code == 1, FLOOR=floor_max,
-        num_warps=num_warps or 2, num_stages=num_stages or 3,
+        out.fill_(float("nan")), counts.fill_(-1), ws.fill_(float("nan"))
+    block_gc = max(2, next_pow2(G))
+    _decode_kernel[(B * Hkv, S)](
+        q, k, v, ws if theta is None else theta, ws if sdc_term is None else sdc_term,
+        ws if v_sum is None else v_sum, ws, _tickets(dev, B * Hkv), out, counts,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        Hkv, N, split_len, S, float(scale) * LOG2E, float(sdc_scale),
+        G=G, BLOCK_G=max(16, next_pow2(G)), BLOCK_GC=block_gc, BLOCK_N=block_n,
+        CHUNK_S=_chunk_s(block_gc, D, num_warps), D=D, HAS_THETA=theta is not None,
+        SDC_MODE=sdc_code, FLOOR=floor_max, VMC=vmc, num_warps=num_warps, num_stages=num_stages,
     )
-    _decode_combine_kernel[(B * Hkv,)](
-        q3, k, v, theta, sdc_t, vsum, pm, pi, pds, pdu, pnk, pacc, pkv, out, kept, empty, kvout,
-        q3.stride(0), q3.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1),
-        Hkv, N, S, scale_log2, float(sdc_scale),
-        G=G, BLOCK_G=max(2, next_pow2(G)), BLOCK_S=max(2, next_pow2(S)),
-        CHUNK_S=max(2, min(next_pow2(S), max(2, 64 // next_pow2(G)))), D=D,
-        SDC_MODE=sdc_code, FLOOR=floor_max, VMC=vmc, num_warps=4,
-    )
-    return out, kept, empty, kvout
+    return out, counts
 
 
 @torch.library.custom_op("toptheta::decode", mutates_args=())
-def _decode_op(q3: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor,
+def _decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor | None,
                sdc_term: torch.Tensor | None, v_sum: torch.Tensor | None, scale: float, sdc_code: int,
                sdc_scale: float, vmc: bool, floor_max: bool, num_splits: int, block_n: int, num_warps: int,
-               num_stages: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _decode_launch(q3, k, v, theta, sdc_term, v_sum, scale, sdc_code, sdc_scale, vmc, floor_max, num_splits,
+               num_stages: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _decode_launch(q, k, v, theta, sdc_term, v_sum, scale, sdc_code, sdc_scale, vmc, floor_max, num_splits,
                           block_n, num_warps, num_stages)
 
 
 @_decode_op.register_fake
-def _(q3, k, v, theta, sdc_term, v_sum, scale, sdc_code, sdc_scale, vmc, floor_max, num_splits, block_n,
+def _(q, k, v, theta, sdc_term, v_sum, scale, sdc_code, sdc_scale, vmc, floor_max, num_splits, block_n,
       num_warps, num_stages):
-    B, Hq, D = q3.shape
-    Hkv = k.shape[1]
-    i32 = dict(dtype=torch.int32, device=q3.device)
-    return (q3.new_empty(B, Hq, D), torch.empty(B, Hq, **i32), torch.empty(B, Hq, **i32),
-            torch.empty(B, Hkv, **i32))
+    B, Hq, _, D = q.shape
+    return q.new_empty(B, Hq, 1, D), torch.empty(2 * B * Hq + B * k.shape[1], dtype=torch.int32, device=q.device)
 
 
 def topθ_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor | None, *,
                 config: SparseConfig, k_keep: int, sdc_term: torch.Tensor | None = None,
                 v_sum: torch.Tensor | None = None, scale: float | None = None, num_splits: int = 0,
-                block_n: int = 64, num_warps: int = 2, num_stages: int = 3
+                block_n: int = 0, num_warps: int = 0, num_stages: int = 0
                 ) -> tuple[torch.Tensor, KernelCounts]:
     """Top-θ attention of one new query token per sequence against the whole cache.
 
@@ -313,6 +382,8 @@ def topθ_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch
         k_keep: this layer's k; the row is dense when N ≤ k_keep.
         sdc_term: (B, Hq[, 1]) offline SDC term C, for ``sdc=offline``.
         v_sum: (B, Hkv, d) float32 sum of the N V rows, for VMC (v̄ = v_sum / N).
+        num_splits, block_n, num_warps, num_stages: launch configuration; 0 takes the tuned
+            :func:`decode_plan` value.
     Returns:
         out (B, Hq, 1, d) in q's dtype, and :class:`KernelCounts`.
     """
@@ -323,13 +394,12 @@ def topθ_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch
     if var is None:
         raise NotImplementedError(f"the decode kernel does not implement {config.label()}")
     if var.dense or N <= k_keep:
-        theta = q.new_full((B, Hq), float("-inf"), dtype=torch.float32)
+        theta = None  # dense row: the kernel keeps everything
     elif theta is None:
         raise ValueError("top-theta needs theta")
-    theta = theta.reshape(B, Hq)
-    sdc_term = sdc_term.reshape(B, Hq) if sdc_term is not None else None
     op = torch.ops.toptheta.decode if torch.compiler.is_compiling() else _decode_launch
-    out, kept, empty, kv = op(
-        q[:, :, 0, :], k, v, theta, sdc_term, v_sum, float(d ** -0.5 if scale is None else scale), var.sdc,
-        var.sdc_scale, var.vmc, var.floor_max, int(num_splits), int(block_n), int(num_warps), int(num_stages))
-    return out.unsqueeze(2), KernelCounts(kept=kept, empty=empty, kept_v_rows=kv)
+    out, counts = op(q, k, v, theta, sdc_term, v_sum, float(d ** -0.5 if scale is None else scale), var.sdc,
+                     var.sdc_scale, var.vmc, var.floor_max, int(num_splits), int(block_n), int(num_warps),
+                     int(num_stages))
+    kept, empty, kv = counts.split((B * Hq, B * Hq, B * Hkv))
+    return out, KernelCounts(kept=kept.view(B, Hq), empty=empty.view(B, Hq), kept_v_rows=kv.view(B, Hkv))
