@@ -268,18 +268,19 @@ def _cache_kwargs(model, out) -> dict:
 
 
 def default_sparse_config(thresholds: Thresholds | None) -> SparseConfig:
-    """Top-θ with the run's k and placement and its saved SDC/VMC defaults; dense without thresholds."""
+    """Top-θ with the run's k, placement and kind of θ and its saved SDC/VMC defaults; dense without thresholds."""
     if thresholds is None:
         return DENSE
     d = thresholds.meta.get("app_defaults") or {}
     placement = thresholds.placement
     sdc = d.get("sdc", "exact" if placement.value == "pre" else "none")
     vmc = bool(d.get("vmc", True))
+    reference = thresholds.theta_reference
     try:
-        return SparseConfig(k=thresholds.k, placement=placement, sdc=sdc, vmc=vmc)
+        return SparseConfig(k=thresholds.k, placement=placement, sdc=sdc, vmc=vmc, theta_reference=reference)
     except ValueError:
         return SparseConfig(k=thresholds.k, placement=placement,
-                            sdc="exact" if placement.value == "pre" else "none", vmc=True)
+                            sdc="exact" if placement.value == "pre" else "none", vmc=True, theta_reference=reference)
 
 
 def grid_click(state) -> tuple[int, int] | None:

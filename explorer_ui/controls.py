@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from topθ_core.config import SDC, Aggregation, CalibrationConfig, ConfigError, EmptyRowFloor, KSchedule, Placement, Selection, SparseConfig
+from topθ_core.config import (SDC, Aggregation, CalibrationConfig, ConfigError, EmptyRowFloor, KSchedule, Placement,
+                              Selection, SparseConfig, ThetaReference)
 from topθ_core.thresholds import Thresholds
 
 from . import analysis
@@ -26,11 +27,27 @@ def aggregation_picker(container, key: str) -> Aggregation:
     return Aggregation(value)
 
 
+REFERENCE_LABELS = {"absolute": "score > θ (GPU kernels)", "row-max": "score − row max > θ (more accurate, PyTorch path)"}
+
+
+def theta_reference_picker(container, key: str) -> ThetaReference:
+    """What θ is compared with: the score (the paper's; the GPU kernels run it) or the score minus its row's max."""
+    value = container.selectbox("θ compared with", [r.value for r in ThetaReference], key=key,
+                                format_func=lambda r: REFERENCE_LABELS.get(r, r),
+                                help="row-max keeps what lies within a calibrated distance of each row's largest "
+                                     "score: it matched exact top-k's accuracy with 1.1-1.25× its kept elements "
+                                     "where score > θ needed 1.35-1.7× (benchmarks/results/fidelity.md). The tiled "
+                                     "GPU kernels cannot apply it exactly, so on CUDA it runs the PyTorch path. "
+                                     "Pre-softmax only.")
+    return ThetaReference(value)
+
+
 def sparse_config_controls(prefix: str, thresholds: Thresholds | None, *, columns: int = 4,
                            selections: tuple[str, ...] = ("top-theta", "top-k")) -> tuple[SparseConfig | None, str | None]:
     """Selection, placement, SDC (+scale), VMC, capk, k and the empty-row floor.
 
-    Defaults come from the active threshold set (its k, placement and saved SDC/VMC defaults).
+    Defaults come from the active threshold set (its k, placement and saved SDC/VMC defaults); Top-θ
+    compares with θ the way the set was calibrated (score, or score minus the row max).
     Returns ``(config, None)`` or ``(None, message)`` when the combination is invalid.
     """
     keys = K.config_keys(prefix)
@@ -72,10 +89,11 @@ def sparse_config_controls(prefix: str, thresholds: Thresholds | None, *, column
     floor = cols[0].selectbox("Empty rows", [e.value for e in EmptyRowFloor], key=keys["empty_row"],
                               disabled=not top_theta, help="what a row keeps when nothing passes θ")
     overrides = thresholds.k.overrides if (thresholds is not None and top_theta) else ()
+    reference = thresholds.theta_reference if (thresholds is not None and top_theta) else ThetaReference.ABSOLUTE
     try:
         config = SparseConfig(selection=selection, placement=placement, sdc=sdc, sdc_scale=float(sdc_scale),
                               vmc=bool(vmc), capk=bool(capk and top_theta), empty_row=floor,
-                              k=KSchedule(default=int(k_default), overrides=overrides))
+                              k=KSchedule(default=int(k_default), overrides=overrides), theta_reference=reference)
     except ConfigError as e:
         return None, str(e)
     return config, None

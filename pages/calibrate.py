@@ -71,6 +71,7 @@ near_dense = s1.checkbox("Layers 0–1 near-dense (k=512, as in the paper)", val
 sigma = s2.slider("σ", min_value=-1.0, max_value=2.0, value=0.1, step=0.05, key=K.CAL_SIGMA,
                   help="θ = mean + σ·std; larger σ keeps fewer elements")
 aggregation = controls.aggregation_picker(s2, K.CAL_AGGREGATION)
+reference = controls.theta_reference_picker(s4, K.CAL_REFERENCE)
 placement = s2.radio("Placement", [p.value for p in Placement], key=K.CAL_PLACEMENT, horizontal=True,
                      format_func=lambda p: f"{p}-softmax")
 tac = s3.checkbox("Top-k at calibration (TAC)", value=True, key=K.CAL_TAC)
@@ -94,7 +95,7 @@ cal_error = None
 try:
     cal_config = CalibrationConfig(k=schedule, placement=placement, sigma=float(sigma), tac=bool(tac),
                                    sample_frac=float(sample_frac), bin_width=int(bin_width), vmc=bool(vmc_default),
-                                   aggregation=aggregation)
+                                   aggregation=aggregation, theta_reference=reference)
     cal_config.k.as_list(lm.n_layers)
 except (ConfigError, ValueError) as e:
     cal_config, cal_error = None, str(e)

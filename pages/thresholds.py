@@ -40,6 +40,9 @@ if overlay_name != NO_RUN:
     if orow["digest"] != row["digest"]:
         st.warning(f"{overlay_name} was calibrated for another model ({orow['model']}); heads may not correspond.")
 
+if meta.get("theta_reference", "absolute") == "row-max":
+    st.caption("This run's θ is relative to each row's maximum score (kept: score − row max > θ), so its values "
+               "are ≤ 0.")
 with st.expander(f"Provenance of {run_name}", expanded=False):
     st.markdown("\n".join(f"- {line}" for line in runs.provenance_lines(meta)))
     st.download_button("Download thresholds (.zip)", data=partial(runs.zip_run, row["path"]),

@@ -161,6 +161,33 @@ def test_calibrate_robust_aggregation(env):
     assert any(line.startswith("θ aggregation: median") for line in runs.provenance_lines(meta))
 
 
+def test_calibrate_row_max_theta_and_use_it(env):
+    """A row-max run: the artifact records the kind of θ, and the Sparsity and Thresholds pages use
+    and say it (a page that built an absolute config would fail the run with a mismatch error)."""
+    from explorer_ui import runs
+
+    at = new_app().run()
+    assert at.selectbox(key="cal_theta_reference").value == "absolute"  # the default
+    at.selectbox(key="cal_theta_reference").set_value("row-max")
+    calibrate(at, 16, docs=2, name="k16-rowmax")
+    meta = json.loads((env["runs"] / "k16-rowmax" / "meta.json").read_text())
+    assert meta["theta_reference"] == "row-max"
+    assert any(line.startswith("θ compared with: the score minus") for line in runs.provenance_lines(meta))
+    assert at.sidebar.selectbox(key="sb_active_run").value == "k16-rowmax"
+    at.switch_page(PAGE["sparsity"]).run()
+    assert_clean(at)
+    assert not at.error, texts(at.error)
+    assert any("θ-row-max" in c for c in texts(at.caption))
+    at.switch_page(PAGE["thresholds"]).run()
+    assert_clean(at)
+    assert any("relative to each row's maximum" in c for c in texts(at.caption))
+    at.switch_page(PAGE["calibrate"]).run()
+    at.selectbox(key="cal_theta_reference").set_value("row-max")
+    at.radio(key="cal_placement").set_value("post").run()
+    assert_clean(at)
+    assert any("placement=pre" in e for e in texts(at.error))  # refused with a message, nothing runs
+
+
 def test_calibrate_k_too_large_fails_cleanly(env):
     at = new_app().run()
     calibrate(at, 4096, docs=2, name="too-big")
