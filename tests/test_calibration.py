@@ -167,6 +167,28 @@ def test_lookup_interpolates_between_bins_nearest_snaps_and_extrapolation_is_fla
     np.testing.assert_allclose(sdc[0, 0, 3].item(), 1.5)
 
 
+@pytest.mark.parametrize("lookup", list(Lookup))
+@pytest.mark.parametrize("smoothing", [0, 1])
+def test_lookup_of_all_layers_equals_each_layer(lookup, smoothing):
+    """``lookup(None, …)`` (one call per decode step) is every layer's own lookup, stacked."""
+    g = torch.Generator().manual_seed(3)
+    stats = ThresholdStats(2, 3, bin_width=8)
+    for layer in range(2):
+        lengths = torch.randint(9, 60, (40,), generator=g)
+        if layer == 1:
+            lengths = lengths.clamp(max=30)  # a narrower calibrated range: extrapolation differs per layer
+        t = torch.randn(40, 3, generator=g, dtype=torch.float64) + layer
+        stats.add(layer, lengths, t, t.abs())
+    th = stats.finalize(0.2, fingerprint=FP, k=KSchedule(4), placement=Placement.PRE)
+    rows = torch.tensor([[1, 9, 17, 31, 44, 70], [5, 12, 28, 29, 30, 200]])
+    every = th.lookup(None, rows, lookup, smoothing)
+    for layer in range(2):
+        for got, want in zip(every, th.lookup(layer, rows, lookup, smoothing)):
+            assert got[layer].shape == want.shape == (2, 3, 6)
+            torch.testing.assert_close(got[layer], want, rtol=0, atol=0, equal_nan=True)
+    assert every[2][1].any() and not torch.equal(every[2][0], every[2][1])
+
+
 def test_calibrate_end_to_end_on_tiny_model_and_bounded_memory(tiny_lm):
     torch.manual_seed(0)
     docs = [torch.randint(0, 300, (n,)) for n in (40, 64, 90)]

@@ -88,6 +88,42 @@ def test_generate_with_kv_cache_equals_full_recompute_under_sparse_run(tiny_lm):
     assert torch.equal(greedy_again, out[0, 16:])
 
 
+def test_decode_looks_theta_up_once_per_step_for_all_layers(tiny_lm, monkeypatch):
+    """A decode step's rows have one length in every layer: θ is looked up once per step (all layers)
+    and each layer takes its slice; the logits equal those of a per-layer lookup."""
+    import topθ_core.integration as integration
+    from topθ_core.calibration import calibrate
+    from topθ_core.config import CalibrationConfig
+
+    g = torch.Generator().manual_seed(2)
+    th = calibrate(tiny_lm, [torch.randint(2, 300, (n,), generator=g) for n in (48, 64)],
+                   CalibrationConfig(k=KSchedule(4), bin_width=4))
+    calls = []
+    real = type(th).lookup
+    monkeypatch.setattr(type(th), "lookup", lambda self, layer, *a, **kw: calls.append(layer) or real(self, layer, *a, **kw))
+    ids = torch.randint(2, 300, (1, 20), generator=g)
+    model = tiny_lm.model
+
+    def run() -> list[torch.Tensor]:
+        with torch.no_grad(), sparse_run(SparseConfig(k=KSchedule(4)), th, model=model):
+            out = model(ids, use_cache=True)
+            logits = [out.logits[:, -1]]
+            for _ in range(5):
+                out = model(out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True)
+                logits.append(out.logits[:, -1])
+        return logits
+
+    cached = run()
+    n_layers = tiny_lm.fingerprint.n_layers
+    assert calls.count(None) == 6 and len(calls) == 6  # the prefill's 20 rows and 5 steps: one lookup each
+    calls.clear()
+    monkeypatch.setattr(integration, "LOOKUP_ALL_LAYERS_MAX_ROWS", 0)
+    per_layer = run()
+    assert calls == list(range(n_layers)) * 6
+    for a, b in zip(cached, per_layer):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_left_padded_batch_matches_one_by_one_through_the_model(tiny_lm):
     th = constant_thresholds(tiny_lm, 0.02, sdc=0.5)
     cfg = SparseConfig(k=KSchedule(3), capk=True)

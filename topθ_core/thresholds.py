@@ -548,43 +548,50 @@ class Thresholds:
             self._tables[key] = tuple(t.to(device) for t in (th, sdc, lo_len, hi_len, a, b))
         return self._tables[key]
 
-    def lookup(self, layer: int, row_len: torch.Tensor, lookup: Lookup = Lookup.INTERPOLATE, smoothing: int = 0
+    def lookup(self, layer: int | None, row_len: torch.Tensor, lookup: Lookup = Lookup.INTERPOLATE, smoothing: int = 0
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """θ and the offline SDC term for rows of a layer.
 
         ``row_len`` (B, R) int → ``theta`` (B, H, R) float32, ``sdc`` (B, H, R) float32 and
         ``extrapolated`` (B, H, R) bool (length outside the calibrated range of that head, or
         a head never calibrated at this layer: such rows get θ = −∞, i.e. they stay dense).
+        ``layer=None`` looks up every layer at once: each output gains a leading layer axis,
+        (n_layers, B, H, R), in the same number of tensor ops as one layer (a decode step's
+        rows have one length for all layers, so :mod:`integration` does this once per step).
         ``smoothing``: half-width in bins of a count-weighted moving average applied first
         (:func:`smooth_bins`).  ``Lookup.FIT_LOG`` reads θ from the per-head fit
         ``a + b·ln L`` (:func:`fit_log_length`), which extrapolates in ln L beyond the
         calibrated range; its SDC term is interpolated (flat beyond).
         """
         theta_t, sdc_t, lo, hi, fa, fb = self._filled(lookup, row_len.device, smoothing)
-        th, sd = theta_t[layer], sdc_t[layer]  # (H, nb)
+        layers = slice(None) if layer is None else slice(layer, layer + 1)
+        th, sd = theta_t[layers], sdc_t[layers]  # (nl, H, nb)
         nb = th.shape[-1]
         w = self.bin_width
         L = row_len.to(torch.float32)
         if lookup is Lookup.NEAREST:
             b = _bin_of(row_len.to(torch.long), w).clamp(0, nb - 1)
-            theta, sdc = th[:, b], sd[:, b]  # (H, B, R)
+            theta, sdc = th[:, :, b], sd[:, :, b]  # (nl, H, B, R)
         else:
             pos = (L - (w + 1) / 2) / w
             b0 = pos.floor().clamp(0, nb - 1).to(torch.long)
             b1 = (b0 + 1).clamp(max=nb - 1)
             f = (pos - b0.to(pos.dtype)).clamp(0, 1)
-            theta = th[:, b0] + f * (th[:, b1] - th[:, b0])
-            sdc = sd[:, b0] + f * (sd[:, b1] - sd[:, b0])
-            if lookup is Lookup.FIT_LOG:
-                a, bb = fa[layer].view(-1, 1, 1), fb[layer].view(-1, 1, 1)  # (H, 1, 1); NaN where uncalibrated
-                theta = a + bb * torch.log(L.clamp_min(1.0)).unsqueeze(0)
-        theta, sdc = theta.permute(1, 0, 2), sdc.permute(1, 0, 2)  # (B, H, R)
-        lo_l, hi_l = lo[layer].view(1, -1, 1), hi[layer].view(1, -1, 1)
+            theta = th[:, :, b0] + f * (th[:, :, b1] - th[:, :, b0])
+            sdc = sd[:, :, b0] + f * (sd[:, :, b1] - sd[:, :, b0])
+            if lookup is Lookup.FIT_LOG:  # (nl, H, 1, 1); NaN where uncalibrated
+                a, bb = fa[layers].unsqueeze(-1).unsqueeze(-1), fb[layers].unsqueeze(-1).unsqueeze(-1)
+                theta = a + bb * torch.log(L.clamp_min(1.0))
+        theta, sdc = theta.permute(0, 2, 1, 3), sdc.permute(0, 2, 1, 3)  # (nl, B, H, R)
+        lo_l, hi_l = lo[layers].unsqueeze(1).unsqueeze(-1), hi[layers].unsqueeze(1).unsqueeze(-1)  # (nl, 1, H, 1)
         extrap = (row_len.unsqueeze(1) < lo_l) | (row_len.unsqueeze(1) > hi_l)
         uncal = torch.isnan(theta)
-        theta = torch.where(uncal, torch.full_like(theta, float("-inf")), theta)
-        sdc = torch.where(uncal, torch.zeros_like(sdc), sdc)
-        return theta.float(), sdc.float(), extrap | uncal
+        theta = torch.where(uncal, torch.full_like(theta, float("-inf")), theta).float()
+        sdc = torch.where(uncal, torch.zeros_like(sdc), sdc).float()
+        extrap = extrap | uncal
+        if layer is not None:
+            theta, sdc, extrap = theta[0], sdc[0], extrap[0]
+        return theta.contiguous(), sdc.contiguous(), extrap.contiguous()
 
     # ---- persistence ------------------------------------------------------------------
     def to_frame(self) -> pd.DataFrame:
