@@ -18,7 +18,8 @@ Sections (``--only decode,host,prefill,real,calib,e2e``):
 * **e2e**: decode tokens/s of a random-weight Llama-3-8B-shaped model at N = 16k, Top-θ vs sdpa.
 
 Each row: card, kernel, data, B, N, heads, d, dtype, f_kept_v, f_kept_elems, baseline_ms,
-ours_ms, speedup, max_err (+ GB/s or TFLOP/s, the byte/FLOP floor, graph timings).
+ours_ms, speedup, max_err (+ GB/s or TFLOP/s, the byte/FLOP floor, graph timings; for decode the
+launch form, fused or two-launch, that ``decode_plan`` picked).
 Writes ``kernels_<card>.csv`` and ``kernels_<card>.md`` into ``--out``.
 """
 
@@ -42,6 +43,7 @@ from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
 
 from topθ_core.config import SDC, SparseConfig  # noqa: E402
 from topθ_core.kernels import row_samples, topθ_decode, topθ_prefill  # noqa: E402
+from topθ_core.kernels.decode import decode_plan  # noqa: E402
 from topθ_core.kernels.reference import row_samples_causal_ref, topθ_decode_ref, topθ_prefill_ref  # noqa: E402
 
 CFG = SparseConfig(sdc=SDC.OFFLINE)  # top-θ, pre-softmax, offline SDC (the paper's), VMC, floor max
@@ -105,7 +107,8 @@ def row_quantile_theta(scores: torch.Tensor, keep_frac: float) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------
-# The decode launch configuration is the kernel's default, chosen by benchmarks/tune_decode.py.
+# The decode launch form and configuration are the kernel's default (decode_plan), chosen by
+# benchmarks/tune_decode.py.
 
 
 def paired(base_fn, ours_fn, graph: bool = False, rounds: int = 3) -> tuple[float, float]:
@@ -146,6 +149,7 @@ def run_decode(args, bw):
             sdc = torch.rand(B, Hq, 1, device="cuda")
             base_fn, be = sdpa_best(q, k, v, False)
             kv_bytes = 2 * B * Hkv * N * d * 2
+            form = "fused" if decode_plan(B, Hkv, N, q.device).fused else "two-launch"
             for f in (1.0, 1 / 3, 0.15, 0.05):
                 p = 1 - (1 - f) ** (1 / g)
                 theta = torch.full((B, Hq, 1), float("-inf"), device="cuda") if f >= 1 else \
@@ -161,13 +165,13 @@ def run_decode(args, bw):
                 base_g, ours_g = paired(base_fn, lambda: topθ_decode(q, k, v, theta, **kw), graph=True)
                 moved = kv_bytes / 2 * (1 + fv)
                 row = dict(kernel="decode", data="random", B=B, N=N, heads=f"{Hq}/{Hkv}", d=d, dtype="bf16",
-                           f_target=round(f, 3), f_kept_v=round(fv, 4), f_kept_elems=round(fe, 4),
+                           form=form, f_target=round(f, 3), f_kept_v=round(fv, 4), f_kept_elems=round(fe, 4),
                            baseline_ms=base, ours_ms=ours, speedup=base / ours, max_err=err,
                            baseline_graph_ms=base_g, ours_graph_ms=ours_g, speedup_graph=base_g / ours_g,
                            baseline_backend=be, baseline_GBps=kv_bytes / base / 1e6, ours_GBps=moved / ours / 1e6,
                            floor_ms=moved / bw / 1e6, limit_speedup=2 / (1 + fv))
                 ROWS.append(row)
-                log(f"decode B={B:2d} N={N:5d} f={f:.3f} fv={fv:.3f} sdpa {base*1e3:7.1f}us ({be}, "
+                log(f"decode {form} B={B:2d} N={N:5d} f={f:.3f} fv={fv:.3f} sdpa {base*1e3:7.1f}us ({be}, "
                     f"{row['baseline_GBps']:.0f} GB/s) ours {ours*1e3:7.1f}us ({row['ours_GBps']:.0f} GB/s) "
                     f"x{base/ours:.2f} graph x{base_g/ours_g:.2f} (limit {2/(1+fv):.2f}) err {err:.2e}")
             del q, k, v, scores

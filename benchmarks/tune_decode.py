@@ -95,7 +95,7 @@ def stage3(name):
         q, k, v, theta, sdc, vsum = make(B, N, (1.0, 0.15))
         base_fn, be = sdpa_best(q, k, v, False)
         base = do_bench_cudagraph(base_fn, rep=25, return_mode="median")
-        default = decode_plan(B, 8, N, q.device)[0]  # the committed plan's split count
+        default = decode_plan(B, 8, N, q.device).splits  # the committed plan's split count
         best = {}
         for nw in (2, 4):
             for S in sorted(set(SMALL_SPLITS + [default])):

@@ -33,11 +33,13 @@ from topθ_core.metrics import SparsityMetrics  # noqa: E402
 
 decode_mod.POISON_OUTPUTS = True  # every launch fills its outputs with NaN / -1 first
 
-_interpreted = type(decode_mod._decode_kernel).__name__ == "InterpretedFunction"
+_interpreted = type(decode_mod._decode_fused_kernel).__name__ == "InterpretedFunction"
 cpu = pytest.mark.skipif(not (INTERPRET and _interpreted),
                          reason="CPU kernel tests need TRITON_INTERPRET=1 before topθ_core.kernels is imported")
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET,
                                            reason="needs CUDA (compiled Triton)")]
+
+FORMS, FORM_IDS = [True, False], ["fused", "two-launch"]  # decode: one launch, or split + combine
 
 VARIANTS = [  # (sdc, vmc, floor): every SDC, VMC on and off, both floors
     (SDC.NONE, False, EmptyRowFloor.MAX),
@@ -151,39 +153,85 @@ def _run_prefill(B, Hq, Hkv, Sq, Sk, d, dtype, device, variant, k_keep, **tuning
 # ----------------------------------------------------------------------------------------------
 
 @cpu
+@pytest.mark.parametrize("fused", FORMS, ids=FORM_IDS)
 @pytest.mark.parametrize("N", [1, 17, 97, 130])
 @pytest.mark.parametrize("heads", [(2, 2), (4, 2)], ids=["mha", "gqa"])
-def test_decode_interpret(N, heads):
+def test_decode_interpret(N, heads, fused):
     Hq, Hkv = heads
     i = [1, 17, 97, 130].index(N) * 2 + (Hq != Hkv)
     _run_decode(2, Hq, Hkv, N, 64, torch.float16, "cpu", VARIANTS[i % len(VARIANTS)], k_keep=8, num_splits=3,
-                block_n=16)
+                block_n=16, fused=fused)
 
 
 @cpu
+@pytest.mark.parametrize("fused", FORMS, ids=FORM_IDS)
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"{v[0].value}-vmc{int(v[1])}-{v[2].value}")
-def test_decode_interpret_variants(variant):
-    _run_decode(1, 6, 2, 61, 64, torch.float16, "cpu", variant, k_keep=4, num_splits=2, block_n=16)
+def test_decode_interpret_variants(variant, fused):
+    _run_decode(1, 6, 2, 61, 64, torch.float16, "cpu", variant, k_keep=4, num_splits=2, block_n=16, fused=fused)
 
 
 @cpu
+@pytest.mark.parametrize("fused", FORMS, ids=FORM_IDS)
 @pytest.mark.parametrize("N", [1, 17, 97, 130])
 @pytest.mark.parametrize("splits", [1, 2, 9])
-def test_decode_interpret_splits(N, splits, monkeypatch):
-    """The last split to finish merges the others: any split count, merged two splits at a time."""
+def test_decode_interpret_splits(N, splits, fused, monkeypatch):
+    """Any split count, merged two splits at a time (by the last split to finish, or by the
+    combine kernel)."""
     monkeypatch.setattr(decode_mod, "_chunk_s", lambda *a: 2)  # several merge steps, a ragged last one
     i = [1, 17, 97, 130].index(N) + splits
     _run_decode(2, 4, 2, N, 64, torch.float16, "cpu", VARIANTS[i % len(VARIANTS)], k_keep=4, num_splits=splits,
-                block_n=16)
+                block_n=16, fused=fused)
 
 
 @cpu
 def test_decode_tickets_reset_interpret():
-    """The per-(batch, KV head) counters are back at zero after every launch: calls in a row
-    (different split counts and batch shapes) all merge correctly."""
+    """The per-(batch, KV head) counters are back at zero after every fused launch: calls in a
+    row (different split counts and batch shapes) all merge correctly."""
     for B, N, splits in ((2, 130, 9), (2, 130, 9), (3, 61, 4), (1, 97, 7)):
-        _run_decode(B, 4, 2, N, 64, torch.float16, "cpu", VARIANTS[3], k_keep=4, num_splits=splits, block_n=16)
+        _run_decode(B, 4, 2, N, 64, torch.float16, "cpu", VARIANTS[3], k_keep=4, num_splits=splits, block_n=16,
+                    fused=True)
         assert all(int(t.abs().sum()) == 0 for t in decode_mod._TICKETS.values())
+
+
+def test_decode_plan_forms():
+    """The plan takes the fused launch up to FUSED_MAX_KV_ROWS = B·Hkv·N and two launches above
+    (bench_kernels' decode shapes: 32/8 heads)."""
+    cpu_dev = torch.device("cpu")
+    fused = {(B, N): decode_mod.decode_plan(B, 8, N, cpu_dev).fused
+             for B in (1, 8, 32) for N in (4096, 16384, 32768)}
+    assert {s for s, f in fused.items() if f} == {(1, 4096), (1, 16384), (1, 32768), (8, 4096)}
+    assert decode_mod.decode_plan(1, 1, decode_mod.FUSED_MAX_KV_ROWS, cpu_dev).fused
+    assert not decode_mod.decode_plan(1, 1, decode_mod.FUSED_MAX_KV_ROWS + 1, cpu_dev).fused
+
+
+class _LaunchSpy:
+    """Wraps a Triton kernel; records each launch's grid."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+@cpu
+def test_decode_plan_dispatch_interpret(monkeypatch):
+    """With the default launch configuration, shapes on each side of the threshold (lowered to
+    small shapes here) run the form the plan picks, and both match the reference."""
+    monkeypatch.setattr(decode_mod, "FUSED_MAX_KV_ROWS", 2 * 2 * 64)  # B·Hkv·N
+    spies = {name: _LaunchSpy(getattr(decode_mod, name))
+             for name in ("_decode_fused_kernel", "_decode_split_kernel", "_decode_combine_kernel")}
+    for name, spy in spies.items():
+        monkeypatch.setattr(decode_mod, name, spy)
+    for N, fused in ((64, True), (65, False), (130, False)):
+        for spy in spies.values():
+            spy.grids.clear()
+        _run_decode(2, 4, 2, N, 64, torch.float16, "cpu", VARIANTS[1], k_keep=4)
+        S = decode_mod.decode_plan(2, 2, N, torch.device("cpu")).splits
+        assert spies["_decode_fused_kernel"].grids == ([(4, S)] if fused else [])
+        assert spies["_decode_split_kernel"].grids == ([] if fused else [(4, S)])
+        assert spies["_decode_combine_kernel"].grids == ([] if fused else [(4,)])
 
 
 @cpu
@@ -302,6 +350,7 @@ def test_dispatch_declines_unsupported():
 @pytest.mark.parametrize("N", [1, 97, 4096, 32768])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_decode_gpu(N, dtype):
+    """The plan's form and configuration (B=2, 8 KV heads: fused up to N=16k, two launches at 32k)."""
     for i, variant in enumerate(VARIANTS[:4]):
         _run_decode(2, 32, 8, N, 128, dtype, "cuda", variant, k_keep=64)
     _run_decode(3, 9, 3, N, 64, dtype, "cuda", VARIANTS[1], k_keep=64)
@@ -310,22 +359,43 @@ def test_decode_gpu(N, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs CUDA (compiled Triton)")
-@pytest.mark.parametrize("splits", [0, 1, 37, 128])
-def test_decode_splits_gpu(splits):
-    """One launch at any split count (0 = the default heuristic); 128 splits need 16 merge steps."""
-    for variant in (VARIANTS[1], VARIANTS[3]):
-        _run_decode(1, 32, 8, 8192, 128, torch.bfloat16, "cuda", variant, k_keep=64, num_splits=splits)
-    if splits == 0:  # each branch of decode_plan: latency-bound, B·Hkv ≥ 256, the rest
-        for B, N in ((8, 4096), (32, 2048), (4, 20000)):
-            _run_decode(B, 32, 8, N, 128, torch.bfloat16, "cuda", VARIANTS[3], k_keep=64)
+@pytest.mark.parametrize("fused", FORMS, ids=FORM_IDS)
+def test_decode_forms_gpu(fused):
+    """Each form, forced, at real shapes on both sides of FUSED_MAX_KV_ROWS with the plan's other
+    settings: every SDC / VMC / floor variant, bf16 and fp16, d 128 (32/8 heads) and d 64 (9/3)."""
+    for B, N in ((1, 4096), (8, 16384)):
+        for i, variant in enumerate(VARIANTS):
+            dtype = (torch.bfloat16, torch.float16)[i % 2]
+            _run_decode(B, 32, 8, N, 128, dtype, "cuda", variant, k_keep=64, fused=fused)
+    _run_decode(3, 9, 3, 20000, 64, torch.bfloat16, "cuda", VARIANTS[3], k_keep=64, fused=fused)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs CUDA (compiled Triton)")
-def test_decode_repeatable_and_graph_gpu():
-    """The merge order is fixed, so repeated launches are bit-identical whichever split finishes
-    last (a missing acquire/release would show as a changing result); a CUDA graph of the launch
-    replays correctly with new inputs (the counters reset themselves)."""
+@pytest.mark.parametrize("fused", FORMS, ids=FORM_IDS)
+@pytest.mark.parametrize("splits", [1, 37, 128])
+def test_decode_splits_gpu(splits, fused):
+    """Either form at any split count; 128 splits need 16 merge steps."""
+    for variant in (VARIANTS[1], VARIANTS[3]):
+        _run_decode(1, 32, 8, 8192, 128, torch.bfloat16, "cuda", variant, k_keep=64, num_splits=splits, fused=fused)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs CUDA (compiled Triton)")
+def test_decode_plan_gpu():
+    """The plan's defaults on each side of the threshold: fused (B·Hkv·N ≤ 2^18), two launches."""
+    for B, N, fused in ((8, 4096, True), (1, 32768, True), (32, 2048, False), (4, 20000, False)):
+        assert decode_mod.decode_plan(B, 8, N, torch.device("cuda")).fused == fused
+        _run_decode(B, 32, 8, N, 128, torch.bfloat16, "cuda", VARIANTS[3], k_keep=64)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs CUDA (compiled Triton)")
+@pytest.mark.parametrize("fused", FORMS, ids=FORM_IDS)
+def test_decode_repeatable_and_graph_gpu(fused):
+    """The merge order is fixed, so repeated launches are bit-identical (fused: whichever split
+    finishes last; a missing acquire/release would show as a changing result); a CUDA graph of
+    the launch(es) replays correctly with new inputs (the fused counters reset themselves)."""
     cfg = _cfg(*VARIANTS[3])
     B, Hq, Hkv, N, d = 1, 32, 8, 16384, 128
 
@@ -334,7 +404,7 @@ def test_decode_repeatable_and_graph_gpu():
         return q, k, v, _midpoint_theta(_logits(q, k)), torch.rand(B, Hq, 1, device="cuda") * 3, v.float().sum(2)
 
     q, k, v, theta, sdc, vsum = inputs()
-    kw = dict(config=cfg, k_keep=64, num_splits=96)
+    kw = dict(config=cfg, k_keep=64, num_splits=96, fused=fused)
     first, c0 = topθ_decode(q, k, v, theta, sdc_term=sdc, v_sum=vsum, **kw)
     for _ in range(30):
         out, c = topθ_decode(q, k, v, theta, sdc_term=sdc, v_sum=vsum, **kw)

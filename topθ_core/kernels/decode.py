@@ -1,33 +1,43 @@
 """Top-θ decode: one new query token per sequence against a KV cache, skipping V rows.
 
-Flash-decoding layout in one launch: the grid is (batch·KV heads, splits).  One program
-handles every query head of a KV head (GQA group, padded to 16 rows for the tensor cores) over
-one split of the sequence.  For each block of keys it computes the scores of all heads, compares
-each with θ of its head (one compare per element), and loads a V row only when some head of the
-group keeps it: the V load is predicated per row (a d=128 bf16 row is 256 contiguous bytes; a
-masked-off row issues no memory transaction).  All of K is read (a threshold needs every score);
-only kept V rows are.  The V load of a block is issued as soon as its keep mask is known and
-consumed one block later (software pipelining by hand), so its latency hides behind the next
-block's QKᵀ: a data-dependent load cannot be prefetched by the compiler.
+Flash-decoding layout: the grid is (batch·KV heads, splits).  One program handles every query
+head of a KV head (GQA group, padded to 16 rows for the tensor cores) over one split of the
+sequence.  For each block of keys it computes the scores of all heads, compares each with θ of
+its head (one compare per element), and loads a V row only when some head of the group keeps it:
+the V load is predicated per row (a d=128 bf16 row is 256 contiguous bytes; a masked-off row
+issues no memory transaction).  All of K is read (a threshold needs every score); only kept V
+rows are.  The V load of a block is issued as soon as its keep mask is known and consumed one
+block later (software pipelining by hand), so its latency hides behind the next block's QKᵀ: a
+data-dependent load cannot be prefetched by the compiler.
 
 Each split writes partial statistics (running max ``m`` of all visible scores and its index,
 ``D_S``, the exact dropped mass ``D_U``, kept count, ``Σ p v``, kept-V-row count) to a
-workspace, then draws a ticket from its (batch, KV head)'s counter: a barrier orders the
-program's stores before one atomic add with acquire-release semantics.  The program that draws
-the last ticket merges the splits, applies the empty-row floor, SDC (exact / exp-threshold /
-offline) and VMC (``v̄`` from a running V sum kept beside the cache, O(d) per step), writes the
-output and the kept counts, and puts the counter back to zero.  The counters are zero between
-launches, so a launch can be captured in a CUDA graph and replayed; they are kept per device and
-stream (launches that run concurrently must come from different streams).
+workspace.  A merge of the splits of one (batch, KV head) applies the empty-row floor, SDC
+(exact / exp-threshold / offline) and VMC (``v̄`` from a running V sum kept beside the cache,
+O(d) per step) and writes the output and the kept counts.  It runs in one of two forms, which
+:func:`decode_plan` picks per shape:
 
-Scores are handled in the log2 domain (``s·log2 e``) so the kernel uses ``exp2``; θ is scaled
+* fused (latency-bound shapes): one launch.  After its stores each split draws a ticket from its
+  (batch, KV head)'s counter (a barrier, then one atomic add with acquire-release semantics); the
+  program that draws the last ticket merges and puts the counter back to zero.  The counters are
+  zero between launches, so a launch can be captured in a CUDA graph and replayed; they are kept
+  per device and stream (launches that run concurrently must come from different streams).
+* two launches (bandwidth-bound shapes, where the fused kernel measured 3-9% slower): the split
+  kernel, then a combine kernel with one program per (batch, KV head).
+
+Both forms share the key loop (``_split_partials``) and the merge (``_combine_splits``).
+
+Scores are handled in the log2 domain (``s·log2 e``) so the kernels use ``exp2``; θ is scaled
 the same way, which can flip a compare only for scores within an ulp of θ.
 
-Layers: ``_decode_kernel`` (+ ``_combine_splits``, Triton) → ``_decode_launch`` (checks,
-allocation, grid) → ``toptheta::decode`` (custom op + fake) → :func:`topθ_decode`.
+Layers: ``_decode_fused_kernel`` or ``_decode_split_kernel`` + ``_decode_combine_kernel``
+(Triton) → ``_decode_launch`` (checks, allocation, form and grid) → ``toptheta::decode`` (custom
+op + fake) → :func:`topθ_decode`.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -43,16 +53,14 @@ POISON_OUTPUTS = False
 
 
 @triton.jit
-def _decode_kernel(
-    Q, K, V, THETA, SDCT, VSUM, WS, TICKETS, OUT, COUNTS,
+def _split_partials(
+    Q, K, V, THETA, WS,
     sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-    Hkv, N, split_len, S, scale_log2, sdc_scale,
-    G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_GC: tl.constexpr, BLOCK_N: tl.constexpr,
-    CHUNK_S: tl.constexpr, D: tl.constexpr, HAS_THETA: tl.constexpr, SDC_MODE: tl.constexpr,
-    FLOOR: tl.constexpr, VMC: tl.constexpr,
+    pid, sid, Hkv, N, split_len, S, scale_log2,
+    G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, HAS_THETA: tl.constexpr,
+    SDC_MODE: tl.constexpr, FLOOR: tl.constexpr,
 ):
-    pid = tl.program_id(0)  # b · Hkv + kv head
-    sid = tl.program_id(1)  # split
+    """The key loop of one split of one (batch, KV head); its partial statistics → workspace."""
     b = pid // Hkv
     hkv = pid % Hkv
     Hq = Hkv * G
@@ -123,15 +131,6 @@ def _decode_kernel(
     tl.store(st + 3 * R, nk.to(tl.float32, bitcast=True), mask=mask_g)
     tl.store(st + 4 * R, idx.to(tl.float32, bitcast=True), mask=mask_g)
     tl.store(WS + R * (D + 5) + pid * S + sid, tl.sum(kvc, 0).to(tl.float32, bitcast=True))
-    # every thread's stores happen before the ticket (release); the last ticket sees them all (acquire)
-    tl.debug_barrier()
-    ticket = tl.atomic_add(TICKETS + pid, 1, sem="acq_rel")
-    if ticket == S - 1:
-        _combine_splits(Q, K, V, THETA, SDCT, VSUM, WS, OUT, COUNTS,
-                        sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-                        pid, Hkv, N, S, R, scale_log2, sdc_scale,
-                        G, BLOCK_GC, CHUNK_S, D, HAS_THETA, SDC_MODE, FLOOR, VMC)
-        tl.store(TICKETS + pid, 0)  # ready for the next launch (graph replay)
 
 
 @triton.jit
@@ -155,7 +154,7 @@ def _combine_splits(
     base = (b * Hq + h) * S  # (G,) first partial row of each head
     ST = WS + R * D  # scalar statistics
     # pass 1: max over the splits (and, for the floor, the position of the first maximum);
-    # workspace loads go through L2 (.cg): other programs wrote it during this launch
+    # workspace loads go through L2 (.cg): in the fused form other programs wrote it during this launch
     m = tl.full([BLOCK_GC], float("-inf"), tl.float32)
     idx = tl.zeros([BLOCK_GC], tl.int32)
     for s0 in range(0, S, CHUNK_S):
@@ -233,6 +232,60 @@ def _combine_splits(
     tl.store(COUNTS + 2 * BHq + pid, tl.sum(kvs, 0) + kv_extra)
 
 
+@triton.jit
+def _decode_fused_kernel(
+    Q, K, V, THETA, SDCT, VSUM, WS, TICKETS, OUT, COUNTS,
+    sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+    Hkv, N, split_len, S, scale_log2, sdc_scale,
+    G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_GC: tl.constexpr, BLOCK_N: tl.constexpr,
+    CHUNK_S: tl.constexpr, D: tl.constexpr, HAS_THETA: tl.constexpr, SDC_MODE: tl.constexpr,
+    FLOOR: tl.constexpr, VMC: tl.constexpr,
+):
+    """Grid (B·Hkv, S): one split each; the last split of a (batch, KV head) to finish merges."""
+    pid = tl.program_id(0)  # b · Hkv + kv head
+    _split_partials(Q, K, V, THETA, WS, sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+                    pid, tl.program_id(1), Hkv, N, split_len, S, scale_log2,
+                    G, BLOCK_G, BLOCK_N, D, HAS_THETA, SDC_MODE, FLOOR)
+    # every thread's stores happen before the ticket (release); the last ticket sees them all (acquire)
+    tl.debug_barrier()
+    ticket = tl.atomic_add(TICKETS + pid, 1, sem="acq_rel")
+    if ticket == S - 1:
+        _combine_splits(Q, K, V, THETA, SDCT, VSUM, WS, OUT, COUNTS,
+                        sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+                        pid, Hkv, N, S, tl.num_programs(0) * G * S, scale_log2, sdc_scale,
+                        G, BLOCK_GC, CHUNK_S, D, HAS_THETA, SDC_MODE, FLOOR, VMC)
+        tl.store(TICKETS + pid, 0)  # ready for the next launch (graph replay)
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, K, V, THETA, WS,
+    sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+    Hkv, N, split_len, S, scale_log2,
+    G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, HAS_THETA: tl.constexpr,
+    SDC_MODE: tl.constexpr, FLOOR: tl.constexpr,
+):
+    """Grid (B·Hkv, S): one split each, partials only (two-launch form)."""
+    _split_partials(Q, K, V, THETA, WS, sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+                    tl.program_id(0), tl.program_id(1), Hkv, N, split_len, S, scale_log2,
+                    G, BLOCK_G, BLOCK_N, D, HAS_THETA, SDC_MODE, FLOOR)
+
+
+@triton.jit
+def _decode_combine_kernel(
+    Q, K, V, THETA, SDCT, VSUM, WS, OUT, COUNTS,
+    sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+    Hkv, N, S, scale_log2, sdc_scale,
+    G: tl.constexpr, BLOCK_GC: tl.constexpr, CHUNK_S: tl.constexpr, D: tl.constexpr, HAS_THETA: tl.constexpr,
+    SDC_MODE: tl.constexpr, FLOOR: tl.constexpr, VMC: tl.constexpr,
+):
+    """Grid (B·Hkv,): merges the splits that ``_decode_split_kernel`` wrote (two-launch form)."""
+    _combine_splits(Q, K, V, THETA, SDCT, VSUM, WS, OUT, COUNTS,
+                    sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+                    tl.program_id(0), Hkv, N, S, tl.num_programs(0) * G * S, scale_log2, sdc_scale,
+                    G, BLOCK_GC, CHUNK_S, D, HAS_THETA, SDC_MODE, FLOOR, VMC)
+
+
 _SM_COUNT: dict[int, int] = {}
 
 
@@ -245,32 +298,48 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[i]
 
 
-def decode_splits(B: int, Hkv: int, N: int, block_n: int, device: torch.device, waves: int = 8,
-                  max_splits: int = 0) -> int:
-    """Number of sequence splits: about ``waves`` programs per SM, at least one key block per
-    split, at most ``max_splits`` (0: no cap)."""
+def decode_splits(B: int, Hkv: int, N: int, block_n: int, device: torch.device, waves: int = 8) -> int:
+    """Number of sequence splits: about ``waves`` programs per SM, at least one key block per split."""
     target = waves * _sm_count(device)
-    s = max(1, min(triton.cdiv(N, block_n), triton.cdiv(target, B * Hkv)))
-    return min(s, max_splits) if max_splits > 0 else s
+    return max(1, min(triton.cdiv(N, block_n), triton.cdiv(target, B * Hkv)))
 
 
-def decode_plan(B: int, Hkv: int, N: int, device: torch.device) -> tuple[int, int, int, int]:
-    """Launch configuration (splits, keys per block, warps, pipeline stages) for a decode shape.
+# Largest B·Hkv·N (key rows over all (batch, KV head) pairs) that takes the fused single launch.
+# Measured on an H200 (results/kernels.md, decode; run 6 = two launches, run 10 = fused): the fused
+# launch is faster at every benchmark shape up to 2^18 (B=1 N≤32k, B=8 N=4k; graph ratios 0.74-1.07×
+# against 0.57-1.01×; B=1 N=4k 12.6 against 15.9 µs; eager host time ~2× lower), the two launches at
+# every shape from 2^20 up (B=8 N≥16k, B=32 N≥4k: 3-8% faster at f ≤ 1/3; in one process at B=32
+# N=32k, f=0.15, 758.7 against 789.7 µs, logs/ab_two_launch_run10_H200.log).  2^18-2^20 is unmeasured.
+FUSED_MAX_KV_ROWS = 1 << 18
 
-    Measured on an H200 (benchmarks/tune_decode.py, results/decode_tuning_H200.csv, run 9):
-    * latency-bound (B·Hkv·N ≤ 2^18, e.g. B=1 up to 32k, B=8 at 4k): one wave of about 8 warps
-      per SM, splits of at least 256 keys, 4 warps per program when B·Hkv ≤ 16.  The merge in
-      the last program grows with the split count, so more splits than that cost time.
-    * B·Hkv ≥ 256 (B=32 with 8 KV heads): 128 keys, 4 warps, 4 programs per SM.
-    * otherwise: 64 keys, 2 warps, 2 stages, 8 programs per SM, at most 64 splits.
+
+class DecodePlan(NamedTuple):
+    """Launch form and configuration for one decode shape (a tuple: built on every call)."""
+
+    fused: bool  # one launch (the last split merges) or a split launch then a combine launch
+    splits: int
+    block_n: int  # keys per block
+    num_warps: int
+    num_stages: int
+
+
+def decode_plan(B: int, Hkv: int, N: int, device: torch.device) -> DecodePlan:
+    """The tuned launch for a decode shape; the one place that picks the form.
+
+    Measured on an H200 (benchmarks/tune_decode.py, results/decode_tuning_H200.csv):
+    * B·Hkv·N ≤ :data:`FUSED_MAX_KV_ROWS` (latency-bound): fused, one wave of about 8 warps per
+      SM, splits of at least 256 keys, 4 warps per program when B·Hkv ≤ 16 (run 9, stage 3).  The
+      merge in the last program grows with the split count, so more splits than that cost time.
+    * larger (bandwidth-bound): two launches with the two-launch kernel's tuned configuration,
+      64 keys, 2 warps, 3 stages, 8 programs per SM (stages 1-2, the rows without a ``kernel``
+      value: at B=32 N=32k f=0.15 758 µs against 785 µs for 128 keys and 4 warps; B=8 N=32k
+      217 against 259 µs).
     """
-    if B * Hkv * N <= 1 << 18:
+    if B * Hkv * N <= FUSED_MAX_KV_ROWS:
         warps = 4 if B * Hkv <= 16 else 2
         splits = max(1, min(triton.cdiv(N, 256), triton.cdiv(8 * _sm_count(device) // warps, B * Hkv)))
-        return splits, 64, warps, 3
-    if B * Hkv >= 256:
-        return decode_splits(B, Hkv, N, 128, device, waves=4), 128, 4, 3
-    return decode_splits(B, Hkv, N, 64, device, waves=8, max_splits=64), 64, 2, 2
+        return DecodePlan(True, splits, 64, warps, 3)
+    return DecodePlan(False, decode_splits(B, Hkv, N, 64, device), 64, 2, 3)
 
 
 _TICKETS: dict[tuple, torch.Tensor] = {}
@@ -295,6 +364,9 @@ def _tickets(device: torch.device, n: int) -> torch.Tensor:
     return buf
 
 
+_COMBINE_WARPS = 4  # the separate combine kernel (two-launch form), as before the fused launch
+
+
 def _chunk_s(block_gc: int, d: int, num_warps: int) -> int:
     """Splits merged per step of the combine: a (heads, splits, d) fp32 load of ~64 registers a thread."""
     return max(2, 2048 * num_warps // (block_gc * d))
@@ -306,10 +378,11 @@ def _f32(x: torch.Tensor | None) -> torch.Tensor | None:
 
 def _decode_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor | None,
                    sdc_term: torch.Tensor | None, v_sum: torch.Tensor | None, scale: float, sdc_code: int,
-                   sdc_scale: float, vmc: bool, floor_max: bool, num_splits: int, block_n: int, num_warps: int,
-                   num_stages: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One launch.  Returns out (B, Hq, 1, d) and the counts, flat int32: kept (B·Hq), empty
-    (B·Hq), kept V rows (B·Hkv).  ``theta=None``: every element kept (dense row)."""
+                   sdc_scale: float, vmc: bool, floor_max: bool, fused: bool | None, num_splits: int, block_n: int,
+                   num_warps: int, num_stages: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checks, allocation and the launch(es).  Returns out (B, Hq, 1, d) and the counts, flat int32:
+    kept (B·Hq), empty (B·Hq), kept V rows (B·Hkv).  ``theta=None``: every element kept (dense
+    row).  ``fused=None`` and zero knobs take the :func:`decode_plan` values."""
     B, Hq, _, D = q.shape
     _, Hkv, N, _ = k.shape
     G = Hq // Hkv
@@ -323,10 +396,12 @@ def _decode_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: tor
         raise ValueError("VMC needs v_sum (B, Hkv, d): the float32 sum of the N V rows")
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     theta, sdc_term, v_sum = _f32(theta), _f32(sdc_term), _f32(v_sum)
-    if num_splits <= 0 or block_n <= 0 or num_warps <= 0 or num_stages <= 0:  # 0: from the tuned plan
+    if fused is None or num_splits <= 0 or block_n <= 0 or num_warps <= 0 or num_stages <= 0:
         plan = decode_plan(B, Hkv, N, q.device)
-        num_splits, block_n, num_warps, num_stages = (x if x > 0 else p for x, p in
-                                                      zip((num_splits, block_n, num_warps, num_stages), plan))
+        fused = plan.fused if fused is None else fused
+        num_splits, block_n, num_warps, num_stages = (x if x > 0 else p for x, p in zip(
+            (num_splits, block_n, num_warps, num_stages),
+            (plan.splits, plan.block_n, plan.num_warps, plan.num_stages)))
     split_len = triton.cdiv(triton.cdiv(N, num_splits), block_n) * block_n
     S = triton.cdiv(N, split_len)
     dev = q.device
@@ -336,30 +411,43 @@ def _decode_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: tor
     counts = torch.empty(2 * B * Hq + B * Hkv, dtype=torch.int32, device=dev)
     if POISON_OUTPUTS:
         out.fill_(float("nan")), counts.fill_(-1), ws.fill_(float("nan"))
-    block_gc = max(2, next_pow2(G))
-    _decode_kernel[(B * Hkv, S)](
-        q, k, v, ws if theta is None else theta, ws if sdc_term is None else sdc_term,
-        ws if v_sum is None else v_sum, ws, _tickets(dev, B * Hkv), out, counts,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        Hkv, N, split_len, S, float(scale) * LOG2E, float(sdc_scale),
-        G=G, BLOCK_G=max(16, next_pow2(G)), BLOCK_GC=block_gc, BLOCK_N=block_n,
-        CHUNK_S=_chunk_s(block_gc, D, num_warps), D=D, HAS_THETA=theta is not None,
-        SDC_MODE=sdc_code, FLOOR=floor_max, VMC=vmc, num_warps=num_warps, num_stages=num_stages,
-    )
+    # absent optional inputs: any pointer (the kernels never read it)
+    th, sdct, vsum = (ws if x is None else x for x in (theta, sdc_term, v_sum))
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2))
+    scale_log2 = float(scale) * LOG2E
+    block_g, block_gc = max(16, next_pow2(G)), max(2, next_pow2(G))
+    variant = dict(D=D, HAS_THETA=theta is not None, SDC_MODE=sdc_code, FLOOR=floor_max)
+    if fused:
+        _decode_fused_kernel[(B * Hkv, S)](
+            q, k, v, th, sdct, vsum, ws, _tickets(dev, B * Hkv), out, counts, *strides,
+            Hkv, N, split_len, S, scale_log2, float(sdc_scale),
+            G=G, BLOCK_G=block_g, BLOCK_GC=block_gc, BLOCK_N=block_n, CHUNK_S=_chunk_s(block_gc, D, num_warps),
+            VMC=vmc, **variant, num_warps=num_warps, num_stages=num_stages,
+        )
+    else:
+        _decode_split_kernel[(B * Hkv, S)](
+            q, k, v, th, ws, *strides, Hkv, N, split_len, S, scale_log2,
+            G=G, BLOCK_G=block_g, BLOCK_N=block_n, **variant, num_warps=num_warps, num_stages=num_stages,
+        )
+        _decode_combine_kernel[(B * Hkv,)](
+            q, k, v, th, sdct, vsum, ws, out, counts, *strides, Hkv, N, S, scale_log2, float(sdc_scale),
+            G=G, BLOCK_GC=block_gc, CHUNK_S=_chunk_s(block_gc, D, _COMBINE_WARPS), VMC=vmc, **variant,
+            num_warps=_COMBINE_WARPS,
+        )
     return out, counts
 
 
 @torch.library.custom_op("toptheta::decode", mutates_args=())
 def _decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor | None,
                sdc_term: torch.Tensor | None, v_sum: torch.Tensor | None, scale: float, sdc_code: int,
-               sdc_scale: float, vmc: bool, floor_max: bool, num_splits: int, block_n: int, num_warps: int,
-               num_stages: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _decode_launch(q, k, v, theta, sdc_term, v_sum, scale, sdc_code, sdc_scale, vmc, floor_max, num_splits,
-                          block_n, num_warps, num_stages)
+               sdc_scale: float, vmc: bool, floor_max: bool, fused: bool | None, num_splits: int, block_n: int,
+               num_warps: int, num_stages: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _decode_launch(q, k, v, theta, sdc_term, v_sum, scale, sdc_code, sdc_scale, vmc, floor_max, fused,
+                          num_splits, block_n, num_warps, num_stages)
 
 
 @_decode_op.register_fake
-def _(q, k, v, theta, sdc_term, v_sum, scale, sdc_code, sdc_scale, vmc, floor_max, num_splits, block_n,
+def _(q, k, v, theta, sdc_term, v_sum, scale, sdc_code, sdc_scale, vmc, floor_max, fused, num_splits, block_n,
       num_warps, num_stages):
     B, Hq, _, D = q.shape
     return q.new_empty(B, Hq, 1, D), torch.empty(2 * B * Hq + B * k.shape[1], dtype=torch.int32, device=q.device)
@@ -367,8 +455,8 @@ def _(q, k, v, theta, sdc_term, v_sum, scale, sdc_code, sdc_scale, vmc, floor_ma
 
 def topθ_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor | None, *,
                 config: SparseConfig, k_keep: int, sdc_term: torch.Tensor | None = None,
-                v_sum: torch.Tensor | None = None, scale: float | None = None, num_splits: int = 0,
-                block_n: int = 0, num_warps: int = 0, num_stages: int = 0
+                v_sum: torch.Tensor | None = None, scale: float | None = None, fused: bool | None = None,
+                num_splits: int = 0, block_n: int = 0, num_warps: int = 0, num_stages: int = 0
                 ) -> tuple[torch.Tensor, KernelCounts]:
     """Top-θ attention of one new query token per sequence against the whole cache.
 
@@ -382,6 +470,8 @@ def topθ_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch
         k_keep: this layer's k; the row is dense when N ≤ k_keep.
         sdc_term: (B, Hq[, 1]) offline SDC term C, for ``sdc=offline``.
         v_sum: (B, Hkv, d) float32 sum of the N V rows, for VMC (v̄ = v_sum / N).
+        fused: one launch (the last split merges) or two (splits, then a combine kernel);
+            ``None`` takes the form :func:`decode_plan` picks for the shape.
         num_splits, block_n, num_warps, num_stages: launch configuration; 0 takes the tuned
             :func:`decode_plan` value.
     Returns:
@@ -399,7 +489,7 @@ def topθ_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch
         raise ValueError("top-theta needs theta")
     op = torch.ops.toptheta.decode if torch.compiler.is_compiling() else _decode_launch
     out, counts = op(q, k, v, theta, sdc_term, v_sum, float(d ** -0.5 if scale is None else scale), var.sdc,
-                     var.sdc_scale, var.vmc, var.floor_max, int(num_splits), int(block_n), int(num_warps),
-                     int(num_stages))
+                     var.sdc_scale, var.vmc, var.floor_max, fused, int(num_splits), int(block_n),
+                     int(num_warps), int(num_stages))
     kept, empty, kv = counts.split((B * Hq, B * Hq, B * Hkv))
     return out, KernelCounts(kept=kept.view(B, Hq), empty=empty.view(B, Hq), kept_v_rows=kv.view(B, Hkv))
