@@ -449,7 +449,8 @@ def run_e2e(args):
         sparse = tokens_per_s(lambda: sparse_run(CFG, th, model=model))
         ROWS.append(dict(kernel="e2e decode (Llama-3-8B shape, random weights)", data="random-weights", B=B, N=N,
                          heads="32/8", d=128, dtype="bf16", f_kept_v=round(fv, 4), baseline_ms=1e3 * B / dense,
-                         ours_ms=1e3 * B / sparse, speedup=sparse / dense, baseline_backend="transformers sdpa",
+                         ours_ms=1e3 * B / sparse, speedup=sparse / dense,
+                         baseline_backend="transformers sdpa" + (" (cuDNN SDPA off)" if args.e2e_no_cudnn else ""),
                          tokens_per_s_sdpa=dense, tokens_per_s_topθ=sparse))
         log(f"e2e B={B} N={N}: sdpa {dense:.1f} tok/s, Top-θ {sparse:.1f} tok/s (f_v≈{fv:.3f}) x{sparse/dense:.2f}")
 
@@ -481,7 +482,13 @@ def main():
     ap.add_argument("--prefill-n", type=int, nargs="+", default=[4096, 16384])
     ap.add_argument("--e2e-n", type=int, default=16384)
     ap.add_argument("--e2e-b", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--e2e-no-cudnn", action="store_true",
+                    help="disable cuDNN SDPA for the whole run: transformers' sdpa then takes the flash backend "
+                         "(cuDNN rebuilds its plan for every new key length, ~9.5 ms of host time per decode call; "
+                         "profile_sdpa_decode.py)")
     args = ap.parse_args()
+    if args.e2e_no_cudnn:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     t0 = time.time()
     bw, tf = ceilings()
     log(f"{torch.cuda.get_device_name()}: copy {bw:.0f} GB/s, bf16 mm {tf:.0f} TFLOP/s")
