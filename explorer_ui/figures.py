@@ -98,6 +98,12 @@ def theta_vs_length(df: pd.DataFrame, layer: int, heads: list[int], overlay: pd.
                    legend=dict(title="run · head"), showlegend=True)
 
 
+def layer_tick_step(n_layers: int) -> int | None:
+    """Whole-layer tick spacing for a layer axis: every layer up to 12, then every 2nd or 5th (a label
+    per layer cost ~80 ms of Plotly layout on a 30-layer grid); Plotly's own choice beyond 64 layers."""
+    return 1 if n_layers <= 12 else 2 if n_layers <= 24 else 5 if n_layers <= 64 else None
+
+
 def theta_grid(cells: pd.DataFrame, length: float) -> go.Figure:
     """Layer × head grid of θ at one row length, as square scatter markers (clickable in Streamlit).
 
@@ -119,7 +125,7 @@ def theta_grid(cells: pd.DataFrame, length: float) -> go.Figure:
         customdata=cells[["layer", "head"]].to_numpy(),
         hovertemplate="layer %{y}, head %{x}<br>θ=%{marker.color:.3f}<extra></extra>")]
     return _figure(data, title=title, xaxis=dict(title="query head", dtick=1, range=[-0.7, n_heads - 0.3]),
-                   yaxis=dict(title="layer", autorange="reversed"),  # automatic ticks: a label per layer cost ~80 ms to lay out
+                   yaxis=dict(title="layer", autorange="reversed", dtick=layer_tick_step(n_layers)),
                    height=max(320, min(900, 60 + n_layers * (size + 4))), showlegend=False, clickmode="event+select")
 
 

@@ -76,6 +76,8 @@ def test_theta_grid_is_square_scatter_with_layer_head_customdata():
     assert main.type == "scatter" and main.marker.symbol == "square"
     assert [list(x) for x in main.customdata][:3] == [[0, 0], [0, 1], [0, 2]]
     assert list(main.marker.color) == list(cells["theta"])
+    assert fig.layout.yaxis.dtick == 1  # a 3-layer grid: whole layers, never Plotly's 0.5 steps
+    assert [figures.layer_tick_step(n) for n in (3, 12, 13, 30, 64, 80)] == [1, 1, 2, 5, 5, None]
     assert fig.layout.yaxis.autorange == "reversed"
 
 
