@@ -106,7 +106,17 @@ def set_number(page, label: str, value) -> None:
     wait_idle(page)
 
 
+SKELETONS = "[data-testid='stSkeleton'], [data-testid='stSkeletonElement'], [data-testid='stAppSkeleton']"
+
+
+def wait_drawn(page, timeout: float = 30_000) -> None:
+    """Wait until no loading placeholder is left: after a run ends, widgets whose code the browser is
+    still fetching (on a session's first page) show as grey skeletons for a moment."""
+    page.wait_for_function("(sel) => !document.querySelector(sel)", arg=SKELETONS, timeout=timeout, polling=POLL_MS)
+
+
 def screenshot(page, name: str) -> Path:
+    wait_drawn(page)
     OUTPUT.mkdir(parents=True, exist_ok=True)
     path = OUTPUT / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)

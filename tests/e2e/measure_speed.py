@@ -26,7 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import harness  # noqa: E402
-from harness import POLL_MS, goto_page, set_number, wait_idle  # noqa: E402
+from harness import POLL_MS, goto_page, set_number, wait_drawn, wait_idle  # noqa: E402
 
 
 def images_drawn(page) -> None:
@@ -61,11 +61,12 @@ def switch_to(page, title: str, ready: str | None) -> None:
     """Open page ``title`` and wait for its last chart (a Plotly chart containing ``ready``), then idle."""
     if ready is None:
         goto_page(page, title)
-        return
-    page.locator('[data-testid="stSidebarNav"] a').filter(has_text=title).first.click()
-    page.locator("h1").filter(has_text=title).first.wait_for()
-    page.locator(".js-plotly-plot").filter(has_text=ready).first.wait_for()
-    wait_idle(page, delay_ms=0)
+    else:
+        page.locator('[data-testid="stSidebarNav"] a').filter(has_text=title).first.click()
+        page.locator("h1").filter(has_text=title).first.wait_for()
+        page.locator(".js-plotly-plot").filter(has_text=ready).first.wait_for()
+        wait_idle(page, delay_ms=0)
+    wait_drawn(page)
 
 
 def new_prompt(page, head: str, decode: bool) -> None:
@@ -87,6 +88,7 @@ def new_prompt(page, head: str, decode: bool) -> None:
         page.get_by_text("decode steps · kept V rows").first.wait_for()
     wait_idle(page, 300_000, delay_ms=0)
     images_drawn(page)
+    wait_drawn(page)
 
 
 def timed(fn) -> float:
@@ -129,6 +131,7 @@ def main() -> None:
             shell = time.perf_counter() - t0
             page.get_by_text("30 layers").first.wait_for()  # sidebar status: model loaded
             wait_idle(page, 300_000)
+            wait_drawn(page)  # every widget drawn, no loading placeholder left
             return shell, time.perf_counter() - t0
 
         ctx, page = session()
