@@ -47,7 +47,8 @@ def sparse_config_controls(prefix: str, thresholds: Thresholds | None, *, column
     """Selection, placement, SDC (+scale), VMC, capk, k and the empty-row floor.
 
     Defaults come from the active threshold set (its k, placement and saved SDC/VMC defaults); Top-θ
-    compares with θ the way the set was calibrated (score, or score minus the row max).
+    keeps the set's per-layer and per-head k and compares with θ the way the set was calibrated
+    (score, or score minus the row max).
     Returns ``(config, None)`` or ``(None, message)`` when the combination is invalid.
     """
     keys = K.config_keys(prefix)
@@ -84,16 +85,18 @@ def sparse_config_controls(prefix: str, thresholds: Thresholds | None, *, column
     capk = cols[3].checkbox("capk", key=keys["capk"], disabled=not top_theta,
                             help="keep at most k survivors per row, most recent first (Top-θ only)")
     k_default = cols[1].number_input("k (default)", min_value=1, max_value=1 << 16, step=8, key=keys["k"],
-                                     help="Rows with L ≤ k stay dense. Top-θ: per-layer overrides come from the "
-                                          "threshold set.")
+                                     help="Rows with L ≤ k stay dense. Top-θ: per-layer and per-head overrides come "
+                                          "from the threshold set.")
     floor = cols[0].selectbox("Empty rows", [e.value for e in EmptyRowFloor], key=keys["empty_row"],
                               disabled=not top_theta, help="what a row keeps when nothing passes θ")
-    overrides = thresholds.k.overrides if (thresholds is not None and top_theta) else ()
+    # Top-θ keeps the run's per-layer and per-head k: θ of a head was calibrated on the rows longer than its k
+    run_k = thresholds.k if (thresholds is not None and top_theta) else KSchedule()
     reference = thresholds.theta_reference if (thresholds is not None and top_theta) else ThetaReference.ABSOLUTE
     try:
         config = SparseConfig(selection=selection, placement=placement, sdc=sdc, sdc_scale=float(sdc_scale),
                               vmc=bool(vmc), capk=bool(capk and top_theta), empty_row=floor,
-                              k=KSchedule(default=int(k_default), overrides=overrides), theta_reference=reference)
+                              k=KSchedule(default=int(k_default), overrides=run_k.overrides,
+                                          head_overrides=run_k.head_overrides), theta_reference=reference)
     except ConfigError as e:
         return None, str(e)
     return config, None

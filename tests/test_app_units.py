@@ -270,6 +270,37 @@ def test_calibration_cancel_and_failure_leave_nothing(tiny, tmp_path):
     assert analysis.default_sparse_config(th).sdc.value == "offline"
 
 
+def _config_controls_script():
+    import os
+
+    import streamlit as st
+
+    from explorer_ui.controls import sparse_config_controls
+    from topθ_core.thresholds import load_thresholds
+
+    config, err = sparse_config_controls("t", load_thresholds(os.environ["TOPTHETA_TEST_RUN"]))
+    st.session_state["result"] = (config.to_dict() if config is not None else None, err)
+
+
+def test_config_controls_keep_the_runs_per_head_k(tiny, tmp_path, monkeypatch):
+    """Top-θ on a run calibrated with per-head k uses that k per head (as the CLI and
+    ``default_sparse_config`` do): θ of a head was calibrated on the rows longer than its own k."""
+    from streamlit.testing.v1 import AppTest
+
+    from topθ_core.calibration import calibrate
+    from topθ_core.config import CalibrationConfig, KSchedule
+
+    sched = KSchedule(16, {0: 24}, {(1, 0): 8, (1, 1): 32})
+    th = calibrate(tiny, analysis.bundled_texts("corpus", "pydoc", 2), CalibrationConfig(k=sched), max_length=64)
+    monkeypatch.setenv("TOPTHETA_TEST_RUN", str(runs.save_run(th, "headk", root=tmp_path)))
+    at = AppTest.from_function(_config_controls_script, default_timeout=60).run()
+    assert not at.exception, [e.value for e in at.exception]
+    config, err = at.session_state["result"]
+    assert err is None and config["selection"] == "top-theta"
+    assert KSchedule.from_dict(config["k"]) == sched
+    assert analysis.default_sparse_config(th).k == sched
+
+
 # ---------------------------------------------------------------------------- analysis
 def test_k_table_round_trip():
     t = analysis.k_table(5, 32, near_dense=True)
