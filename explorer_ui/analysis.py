@@ -106,8 +106,9 @@ class SparsitySnapshot:
     kept: np.ndarray  # (H, n, n) fraction of kept elements per cell
     visible: np.ndarray  # (n, n) fraction of visible elements per cell
     pool: int  # tokens per drawn cell along each axis
-    seconds: float
+    seconds: float  # the prefill's compute time
     config_label: str = ""
+    decode_seconds: float = 0.0  # the decode steps' compute time
     extra: dict = field(default_factory=dict)
 
     @property
@@ -237,7 +238,7 @@ def sparsity_decode(lm, snap: SparsitySnapshot, cont: DecodeContinuation, steps:
         cont.run_context.run(run)
     return dataclasses.replace(snap, metrics=cont.metrics.to_frame(), decode=_decode_frame(cont.metrics),
                                generated=[lm.tokenizer.decode([t]) for t in generated],
-                               seconds=snap.seconds + time.perf_counter() - t0)
+                               decode_seconds=time.perf_counter() - t0)
 
 
 def sparsity_snapshot(lm, text: str, config: SparseConfig, thresholds: Thresholds | None, *, layer: int,

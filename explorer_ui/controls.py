@@ -35,7 +35,7 @@ def theta_reference_picker(container, key: str) -> ThetaReference:
     value = container.selectbox("θ compared with", [r.value for r in ThetaReference], key=key,
                                 format_func=lambda r: REFERENCE_LABELS.get(r, r),
                                 help="row-max keeps what lies within a calibrated distance of each row's largest "
-                                     "score: it matched exact top-k's accuracy with 1.1-1.25× its kept elements "
+                                     "score: it matched exact top-k's accuracy with 1.06-1.26× its kept elements "
                                      "where score > θ needed 1.35-1.7× (benchmarks/results/fidelity.md). The tiled "
                                      "GPU kernels cannot apply it exactly, so on CUDA it runs the PyTorch path. "
                                      "Pre-softmax only.")

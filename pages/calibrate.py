@@ -82,13 +82,21 @@ sdc_opts = ["exact", "offline", "exp-threshold", "none"] if placement == "pre" e
 sdc_default = s4.selectbox("Default SDC for inference", sdc_opts, key=K.CAL_SDC)
 vmc_default = s4.checkbox("Default VMC for inference", value=True, key=K.CAL_VMC)
 
-with st.expander("Per-layer k", expanded=False):
-    base_table = analysis.k_table(lm.n_layers, int(k_default), near_dense)
-    table = st.data_editor(base_table, key=f"{K.CAL_K_TABLE}_{lm.n_layers}_{int(k_default)}_{near_dense}",
-                           hide_index=True, disabled=["layer"], width="stretch",
-                           column_config={"k": st.column_config.NumberColumn("k", min_value=1, max_value=1 << 16,
-                                                                              step=1)})
-    st.plotly_chart(figures.k_schedule_bar(table), width="stretch", key="cal_k_chart")
+# The per-layer k editor and its chart are drawn only while their expander is open: drawn collapsed,
+# they made a new session's first page load the data-grid and Plotly code (app start 5.9 s, target 5).
+# The edited table outlives the editor in the session, keyed by what it was built from.
+k_signature = (lm.n_layers, int(k_default), bool(near_dense))
+saved = st.session_state.get(K.CAL_K_EDITED)
+table = saved[1] if saved is not None and saved[0] == k_signature else analysis.k_table(*k_signature)
+k_box = st.expander("Per-layer k", expanded=False, key=K.CAL_K_OPEN, on_change="rerun")
+if k_box.open:
+    with k_box:
+        table = st.data_editor(table, key=f"{K.CAL_K_TABLE}_{lm.n_layers}_{int(k_default)}_{near_dense}",
+                               hide_index=True, disabled=["layer"], width="stretch",
+                               column_config={"k": st.column_config.NumberColumn("k", min_value=1, max_value=1 << 16,
+                                                                                  step=1)})
+        st.session_state[K.CAL_K_EDITED] = (k_signature, table)
+        st.plotly_chart(figures.k_schedule_bar(table), width="stretch", key="cal_k_chart")
 schedule = analysis.k_schedule_from_table(table, int(k_default))
 
 cal_error = None

@@ -74,7 +74,7 @@ m[1].metric("kept attention (prefill)", f"{pre['kept_attention']:.1%}", help="ke
 m[2].metric("kept V rows (prefill)", f"{pre['kept_v_rows']:.1%}")
 decode_metric = m[3].empty()
 m[4].metric("size factor vs top-k", f"{pre['size_factor']:.2f}", help="kept / what top-k would keep; 1 is on target")
-st.caption(f"{snap.config_label} · {snap.seconds:.2f} s · empty rows {pre['empty_rows']} · extrapolated rows "
+st.caption(f"{snap.config_label} · prefill {snap.seconds:.2f} s · empty rows {pre['empty_rows']} · extrapolated rows "
            f"{pre['extrapolated_rows']}")
 
 
@@ -120,7 +120,9 @@ if decode_steps:
     dec = summarize(snap.metrics, "decode")
     decode_metric.metric("kept V rows (decode)", "–" if dec["kept_v_rows"] != dec["kept_v_rows"] else
                          f"{dec['kept_v_rows']:.1%}")
-    strip.plotly_chart(figures.decode_strip(snap.decode, snap.generated), width="stretch", key="sp_decode")
+    with strip.container():
+        st.plotly_chart(figures.decode_strip(snap.decode, snap.generated), width="stretch", key="sp_decode")
+        st.caption(f"{len(snap.generated)} greedy decode steps · {snap.decode_seconds:.2f} s")
 else:
     decode_metric.metric("kept V rows (decode)", "–", help="set decode steps > 0")
 st.session_state[K.SP_SNAPSHOT] = (snap_key, snap)

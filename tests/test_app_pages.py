@@ -188,6 +188,30 @@ def test_calibrate_row_max_theta_and_use_it(env):
     assert any("placement=pre" in e for e in texts(at.error))  # refused with a message, nothing runs
 
 
+def test_calibrate_per_layer_k_editor_only_when_open_and_edits_kept(env):
+    """Collapsed, the per-layer k expander draws nothing (no data grid, no chart to load on a session's
+    first page); an edited table saved in the session still sets the calibration's k schedule."""
+    import pandas as pd
+
+    def k_box(at):
+        return next(e for e in at.expander if e.label == "Per-layer k")
+
+    at = new_app().run()
+    assert_clean(at)
+    assert not k_box(at).get("dataframe") and not k_box(at).get("plotly_chart") and not plotly_specs(at)
+    at.session_state["cal_k_open"] = True
+    at.run()
+    assert_clean(at)
+    assert len(k_box(at).get("dataframe")) == 1
+    assert [json.loads(c.proto.spec)["layout"]["title"]["text"] for c in k_box(at).get("plotly_chart")] == ["k per layer"]
+    edited = pd.DataFrame({"layer": [0, 1, 2], "k": [16, 32, 16]})
+    at.session_state["cal_k_open"] = False
+    at.session_state["cal_k_edited"] = ((3, 16, False), edited)
+    calibrate(at, 16, docs=2, name="k16-edited")
+    meta = json.loads((env["runs"] / "k16-edited" / "meta.json").read_text())
+    assert meta["k"]["default"] == 16 and meta["k"]["overrides"] == {"1": 32}
+
+
 def test_calibrate_k_too_large_fails_cleanly(env):
     at = new_app().run()
     calibrate(at, 4096, docs=2, name="too-big")

@@ -72,7 +72,7 @@ def switch_to(page, title: str, ready: str | None) -> None:
 def new_prompt(page, head: str, decode: bool) -> None:
     """Submit a new 256-token Sparsity prompt and wait until its results replace the old ones.
 
-    The run's caption ("… · 0.71 s · empty rows …") carries the snapshot's own timing, so it
+    The run's caption ("… · prefill 0.71 s · empty rows …") carries the snapshot's own timing, so it
     changes with every new run: waiting for it to change (not for a "256 tokens" metric the
     previous prompt already showed) makes sure the new run has finished drawing."""
     caption = page.locator("[data-testid='stCaptionContainer']").filter(has_text="empty rows").first
