@@ -21,6 +21,7 @@ centre is ``b·w + (w+1)/2``.  With ``w = 1`` a bin is one exact length.
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 import os
@@ -263,6 +264,20 @@ STATISTICS = {
 }
 
 
+def _setting(kind: type[enum.Enum], name: str, value, from_config, default):
+    """A setting given to :meth:`ThresholdStats.finalize`: the call's value, else the calibration
+    config's, else ``default``.  An unknown value, or one that contradicts the config, is a ConfigError
+    (the artifact records both)."""
+    try:
+        chosen = kind(value) if value is not None else (from_config if from_config is not None else default)
+    except ValueError:
+        raise ConfigError(f"{name}={value!r} is not one of: {', '.join(m.value for m in kind)}") from None
+    if from_config is not None and chosen is not from_config:
+        raise ConfigError(f"{name}={chosen.value} contradicts the calibration config's {from_config.value} "
+                          "(the artifact records both)")
+    return chosen
+
+
 class ThresholdStats:
     """Mergeable calibration statistics, float64, shape (n_layers, n_heads, n_bins).
 
@@ -371,15 +386,8 @@ class ThresholdStats:
         so inference refuses the other kind.
         """
         agg, trim = self._aggregation(calibration, aggregation, trim_fraction)
-        try:
-            ref = ThetaReference(theta_reference) if theta_reference is not None else (
-                calibration.theta_reference if calibration is not None else ThetaReference.ABSOLUTE)
-        except ValueError:
-            raise ConfigError(f"theta_reference={theta_reference!r} is not one of: "
-                              f"{', '.join(r.value for r in ThetaReference)}") from None
-        if calibration is not None and ref is not calibration.theta_reference:
-            raise ConfigError(f"theta_reference={ref.value} contradicts the calibration config's "
-                              f"{calibration.theta_reference.value}")
+        ref = _setting(ThetaReference, "theta_reference", theta_reference,
+                       calibration.theta_reference if calibration is not None else None, ThetaReference.ABSOLUTE)
         used = torch.nonzero(self.count.sum((0, 1)))
         nb = int(used.max()) + 1 if used.numel() else 1  # trailing empty bins carry nothing: shape is order-free
         count, t_sum, t_sumsq, du_sum = (t[..., :nb].cpu() for t in self.tensors())
@@ -418,15 +426,8 @@ class ThresholdStats:
 
     def _aggregation(self, calibration: CalibrationConfig | None, aggregation,
                      trim_fraction) -> tuple[Aggregation, float]:
-        try:
-            agg = Aggregation(aggregation) if aggregation is not None else (
-                calibration.aggregation if calibration is not None else Aggregation.MEAN_STD)
-        except ValueError:
-            raise ConfigError(f"aggregation={aggregation!r} is not one of: "
-                              f"{', '.join(a.value for a in Aggregation)}") from None
-        if calibration is not None and agg is not calibration.aggregation:
-            raise ConfigError(f"aggregation={agg.value} contradicts the calibration config's "
-                              f"{calibration.aggregation.value} (the artifact records both)")
+        agg = _setting(Aggregation, "aggregation", aggregation,
+                       calibration.aggregation if calibration is not None else None, Aggregation.MEAN_STD)
         trim = trim_fraction if trim_fraction is not None else (calibration.trim_fraction if calibration else 0.1)
         if not (0.0 <= trim < 0.5):
             raise ConfigError(f"trim_fraction must be in [0, 0.5), got {trim!r}")
