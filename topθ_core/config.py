@@ -109,15 +109,19 @@ class Aggregation(str, enum.Enum):
         return self is not Aggregation.MEAN_STD
 
 
+def enum_value(enum_cls: type[enum.Enum], name: str, value) -> enum.Enum:
+    """``enum_cls(value)``, or a :class:`ConfigError` naming the setting and its choices."""
+    try:
+        return enum_cls(value)
+    except ValueError:
+        choices = ", ".join(e.value for e in enum_cls)
+        raise ConfigError(f"{name}={value!r} is not one of: {choices}") from None
+
+
 def _coerce_enums(cfg, **fields: type[enum.Enum]) -> None:
     """Turn a frozen config's string fields into their Enums, or refuse a value naming the choices."""
     for name, enum_cls in fields.items():
-        value = getattr(cfg, name)
-        try:
-            object.__setattr__(cfg, name, enum_cls(value))
-        except ValueError:
-            choices = ", ".join(e.value for e in enum_cls)
-            raise ConfigError(f"{name}={value!r} is not one of: {choices}") from None
+        object.__setattr__(cfg, name, enum_value(enum_cls, name, getattr(cfg, name)))
 
 
 def parse_layer_k(text: str | None) -> dict[int, int]:

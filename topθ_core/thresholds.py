@@ -36,7 +36,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .config import Aggregation, CalibrationConfig, ConfigError, KSchedule, Lookup, Placement, ThetaReference
+from .config import (Aggregation, CalibrationConfig, ConfigError, KSchedule, Lookup, Placement, ThetaReference,
+                     enum_value)
 
 FORMAT_VERSION = 1
 TABLE_FILE = "thresholds.parquet"
@@ -268,10 +269,10 @@ def _setting(kind: type[enum.Enum], name: str, value, from_config, default):
     """A setting given to :meth:`ThresholdStats.finalize`: the call's value, else the calibration
     config's, else ``default``.  An unknown value, or one that contradicts the config, is a ConfigError
     (the artifact records both)."""
-    try:
-        chosen = kind(value) if value is not None else (from_config if from_config is not None else default)
-    except ValueError:
-        raise ConfigError(f"{name}={value!r} is not one of: {', '.join(m.value for m in kind)}") from None
+    if value is not None:
+        chosen = enum_value(kind, name, value)
+    else:
+        chosen = from_config if from_config is not None else default
     if from_config is not None and chosen is not from_config:
         raise ConfigError(f"{name}={chosen.value} contradicts the calibration config's {from_config.value} "
                           "(the artifact records both)")
