@@ -198,7 +198,8 @@ def run_host(args):
 
     from topθ_core import dispatch
     from topθ_core.integration import RunState
-    from topθ_core.thresholds import ModelFingerprint, ThresholdStats
+    from topθ_core.fingerprint import ModelFingerprint
+    from topθ_core.statistics import ThresholdStats
 
     Hq, Hkv, d, dt = 32, 8, 128, torch.bfloat16
     for B, N in ((1, 4096), (8, 4096)):
@@ -375,9 +376,10 @@ def run_e2e(args):
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.cache_utils import DynamicCache
 
-    from topθ_core.integration import model_fingerprint, prepare_model, sparse_run
+    from topθ_core.integration import prepare_model, sparse_run
+    from topθ_core.fingerprint import model_fingerprint
     from topθ_core.metrics import SparsityMetrics, summarize
-    from topθ_core.thresholds import ThresholdStats
+    from topθ_core.statistics import ThresholdStats
 
     N, steps = args.e2e_n, 16
     mc = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,

@@ -1,7 +1,7 @@
 """Fidelity ablations: is Top-θ as accurate as exact top-k at the same kept fraction? (issue 7)
 
 Set-up (fixed, deterministic): the bundled SmolLM2-135M-Instruct; the bundled ``pydoc`` corpus
-split by :func:`topθ_core.evaluation.heldout_documents` (even documents calibrate, odd ones are
+split by :func:`topθ_core.tasks.heldout_documents` (even documents calibrate, odd ones are
 held out), each half's topics joined in corpus order and cut into consecutive 2,048-token pieces;
 8 calibration documents (16 for the "more data" row), 6 held-out documents.  Calibration:
 pre-softmax, σ 0.1, top-k at calibration, offline SDC + VMC, layers 0-1 at k = 512, bin width
@@ -9,7 +9,7 @@ pre-softmax, σ 0.1, top-k at calibration, offline SDC + VMC, layers 0-1 at k = 
 
 Measured per variant on the 6 held-out documents (one forward each; the dense side is computed
 once and cached): perplexity change (pooled NLL), next-token KL(dense‖sparse) (mean over all
-positions, via :func:`topθ_core.evaluation._kl_top1`), kept attention fraction in layers 2-29
+positions, via :func:`topθ_core.evaluation.kl_top1`), kept attention fraction in layers 2-29
 (prefill, causal triangle), kept V rows, rows with nothing above θ, extrapolated rows, and the
 spread of the kept count per thresholded row (L > k) relative to k in layers 2-29 (coefficient
 of variation, p10/p50/p90).  Multiple choice (ARC-Easy, HellaSwag; ``--mc-items`` items, few-shot
@@ -71,7 +71,7 @@ def documents(tok, part: str, n: int, seq: int = SEQ) -> list[torch.Tensor]:
 
     The half's topics (in corpus order) are joined by blank lines, tokenized once and cut
     into consecutive pieces, so every document is exactly ``seq`` tokens of running text."""
-    from topθ_core.evaluation import heldout_documents
+    from topθ_core.tasks import heldout_documents
 
     text = "\n\n".join(heldout_documents("pydoc", None, part=part))
     ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
@@ -137,9 +137,9 @@ class Dense:
 class Bench:
     def __init__(self, lm, cal_docs, eval_docs, log=print):
         self.lm, self.cal_docs, self.eval_docs, self.log = lm, cal_docs, eval_docs, log
-        from topθ_core.evaluation import _base, _lm_head
+        from topθ_core.models import base_model, lm_head
 
-        self.base, self.project = _base(lm.model), _lm_head(lm.model)
+        self.base, self.project = base_model(lm.model), lm_head(lm.model)
         self.device = next(lm.model.parameters()).device
         self.dense = self._dense()
 
@@ -158,7 +158,7 @@ class Bench:
 
     @torch.inference_mode()
     def evaluate(self, cfg: SparseConfig, th) -> dict:
-        from topθ_core.evaluation import _kl_top1
+        from topθ_core.evaluation import kl_top1
         from topθ_core.integration import sparse_run
         from topθ_core.metrics import SparsityMetrics
 
@@ -170,7 +170,7 @@ class Bench:
             with sparse_run(cfg, th, model=self.lm.model, metrics=m, observers=(spread,)):
                 ls = self._forward(ids).float()
             nll += float(F.cross_entropy(ls[:-1], ids[1:].to(ls.device), reduction="sum"))
-            kl, ag = _kl_top1(ld, ls)
+            kl, ag = kl_top1(ld, ls)
             kl_all.append(kl[:-1].cpu())  # positions that predict a scored token
             agree_all.append(ag[:-1].cpu())
             frames.append(m.to_frame())
@@ -218,7 +218,7 @@ def run(args) -> None:
 
     from topθ_core.calibration import calibrate_sdc_under_theta, collect_stats
     from topθ_core.evaluation import evaluate_multiple_choice
-    from topθ_core.integration import model_fingerprint
+    from topθ_core.fingerprint import model_fingerprint
     from topθ_core.models import load_model
     torch.manual_seed(0)
     out = Path(args.out)
@@ -282,7 +282,7 @@ def run(args) -> None:
     if args.plan == "rowmax":
         from dataclasses import replace
 
-        from topθ_core.calibration import allocate_head_k
+        from topθ_core.k_allocation import allocate_head_k
 
         for k in ks:
             calib(f"k{k}-rowmax", k, cal_docs[:n_cal], theta_reference=ThetaReference.ROW_MAX)

@@ -26,7 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 from topθ_core import CalibrationConfig, KSchedule, SparseConfig, calibrate, load_model  # noqa: E402
 from topθ_core.config import SDC, Selection  # noqa: E402
-from topθ_core.evaluation import evaluate_multiple_choice, heldout_documents  # noqa: E402
+from topθ_core.evaluation import evaluate_multiple_choice  # noqa: E402
+from topθ_core.tasks import heldout_documents  # noqa: E402
 
 TASKS = (("arc_easy", 25), ("hellaswag", 10))
 

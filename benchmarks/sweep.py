@@ -32,7 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from topθ_core import evaluation as ev  # noqa: E402
+from topθ_core import k_allocation as ka  # noqa: E402
 from topθ_core import sweeps as sw  # noqa: E402
+from topθ_core.tasks import heldout_documents  # noqa: E402
 from topθ_core.config import SDC, CalibrationConfig, KSchedule, Placement, Selection, SparseConfig  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results"
@@ -129,7 +131,7 @@ def stage_arc(lm, args) -> None:
 
 
 def stage_sweep(lm, args, variants: bool) -> None:
-    texts = sw.split_corpus("pydoc", "heldout", args.docs, min_chars=3000)
+    texts = heldout_documents("pydoc", args.docs, min_chars=3000)
     get = thresholds_getter(lm, "pydoc", args.calibrate)
     if variants:
         pts = [p for p in sw.sweep_configs(ks=(), variant_ks=(args.k,), post=args.calibrate)]
@@ -196,18 +198,18 @@ def stage_shift(lm, args) -> None:
 
 
 def stage_ksearch(lm, args) -> None:
-    val = sw.split_corpus("pydoc", "heldout", args.docs, min_chars=3000)
+    val = heldout_documents("pydoc", args.docs, min_chars=3000)
     t0 = time.perf_counter()
-    sens = sw.layer_sensitivity(lm, val, max_length=args.tokens)
+    sens = ka.layer_sensitivity(lm, val, max_length=args.tokens)
     log(f"sensitivity pass {time.perf_counter() - t0:.0f}s")
-    cache: dict = {}
+    cache = ev.dense_cache_for(lm, on_disk=False)
 
     def loss(cfg):
         r = ev.evaluate_perplexity(lm, val, cfg, None, max_length=args.tokens, truncate=True, dense_cache=cache)
         loss.last = r
         return r.sparse_nll - r.dense_nll
 
-    res = sw.search_layer_k(lm, loss, args.budget, sens=sens, fixed=sw.PAPER_DENSE_LAYERS, log=log)
+    res = ka.search_layer_k(lm, loss, args.budget, sens=sens, fixed=sw.PAPER_DENSE_LAYERS, log=log)
     rows = [{"kind": "searched", "schedule": f"{res['schedule'].default} [{res['schedule'].to_text()}]",
              "proxy_kept_frac": res["kept_frac"], "delta_nll": res["loss"], "evaluations": len(res["evaluations"])}]
     # uniform k at the same pool of candidates, for comparison

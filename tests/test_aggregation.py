@@ -14,8 +14,9 @@ import torch
 from topθ_core.calibration import calibrate
 from topθ_core.cli import main as cli_main
 from topθ_core.config import Aggregation, CalibrationConfig, ConfigError, KSchedule, Placement
-from topθ_core.thresholds import (ModelFingerprint, SampleReservoir, ThresholdStats, load_thresholds,
-                                  stream_seed)
+from topθ_core.thresholds import load_thresholds
+from topθ_core.fingerprint import ModelFingerprint
+from topθ_core.statistics import SampleReservoir, ThresholdStats, stream_seed
 
 FP = ModelFingerprint(name="m", digest="d" * 64, n_layers=2, n_heads=3, n_kv_heads=3, head_dim=8)
 K = KSchedule(4)

@@ -11,9 +11,12 @@ import pytest
 import torch
 
 from topθ_core.attention import RowBlock, topθ_attention_ref
-from topθ_core.calibration import CalibrationObserver, calibrate, row_samples_ref
+from topθ_core.calibration import CalibrationObserver, calibrate
+from topθ_core.row_samples import row_samples_ref
 from topθ_core.config import CalibrationConfig, KSchedule, Lookup, Placement, SparseConfig
-from topθ_core.thresholds import ModelFingerprint, ThresholdStats, Thresholds, ThresholdsError, load_thresholds
+from topθ_core.thresholds import Thresholds, ThresholdsError, load_thresholds
+from topθ_core.fingerprint import ModelFingerprint
+from topθ_core.statistics import ThresholdStats
 
 FP = ModelFingerprint(name="m", digest="d" * 64, n_layers=2, n_heads=3, n_kv_heads=3, head_dim=8)
 
@@ -350,7 +353,7 @@ def test_k_schedule_head_overrides_validate_and_round_trip():
 
 
 def test_head_k_from_spread_keeps_the_layer_mean_and_is_proportional():
-    from topθ_core.calibration import head_k_from_spread
+    from topθ_core.k_allocation import head_k_from_spread
 
     ks = head_k_from_spread([1, 2, 3, 6], 30)
     assert sum(ks) == 120 and ks == [10, 20, 30, 60]
@@ -365,7 +368,7 @@ def test_head_k_from_spread_keeps_the_layer_mean_and_is_proportional():
 
 
 def test_mass_spread_counts_elements_to_reach_the_share_by_brute_force():
-    from topθ_core.calibration import MassSpreadObserver
+    from topθ_core.k_allocation import MassSpreadObserver
 
     torch.manual_seed(3)
     N, k = 9, 2
@@ -384,7 +387,7 @@ def test_row_max_and_per_head_k_end_to_end_on_tiny_model(tiny_lm, tmp_path):
     """Calibrate both kinds, save, reload; inference refuses the other kind of θ; old artifacts read as absolute."""
     import json as _json
 
-    from topθ_core.calibration import allocate_head_k
+    from topθ_core.k_allocation import allocate_head_k
     from topθ_core.config import ConfigError, ThetaReference
     from topθ_core.integration import sparse_run
 

@@ -141,9 +141,7 @@ def test_config_refuses_invalid_combinations():
 
 def test_evaluate_bundled_task_writes_results_and_refuses_bad_tasks(tiny_checkpoint, data_file, tmp_path, capsys,
                                                                     monkeypatch):
-    import topθ_core.models as models
-
-    monkeypatch.setattr(models, "DATA_DIR", tmp_path / "data")
+    monkeypatch.setenv("TOPTHETA_RESULTS_DIR", str(tmp_path / "data" / "results"))
     code, out, err = run(capsys, "evaluate", "--model", tiny_checkpoint, "--selection", "top-k", "--k", 4,
                          "--layer-k", "", "--task", "arc_easy", "--limit", 3)
     assert code == 0, err

@@ -13,12 +13,14 @@ import pytest
 import torch
 
 from topθ_core.attention import RowBlock, causal_visible, topθ_attention_ref
-from topθ_core.calibration import DroppedMassObserver, calibrate, calibrate_sdc_under_theta
+from topθ_core.calibration import ThetaDroppedMass, calibrate, calibrate_sdc_under_theta
 from topθ_core.config import (SDC, CalibrationConfig, ConfigError, EmptyRowFloor, KSchedule, Lookup, Placement,
                               SdcSource, Selection, SparseConfig)
 from topθ_core.selection import always_kept
-from topθ_core.thresholds import (ModelFingerprint, ThresholdStats, fit_log_length, load_thresholds,
-                                  smooth_bins)
+from topθ_core.thresholds import load_thresholds
+from topθ_core.fingerprint import ModelFingerprint
+from topθ_core.statistics import ThresholdStats
+from topθ_core.lookup import fit_log_length, smooth_bins
 
 FP = ModelFingerprint(name="m", digest="d" * 64, n_layers=2, n_heads=3, n_kv_heads=3, head_dim=8)
 
@@ -188,7 +190,7 @@ def test_dropped_mass_observer_records_what_top_theta_dropped():
                      dense_rows=vis.sum(-1) <= k, empty_rows=torch.zeros(B, H, R, dtype=torch.bool), n_kv_heads=H,
                      k=k, q_len=R, kv_len=N, exp_scores=e)
     stats = ThresholdStats(1, H, bin_width=1)
-    DroppedMassObserver(stats)(0, block)
+    ThetaDroppedMass(stats)(0, block)
     lg, kp = logits.numpy(), kept.numpy()
     for L in range(1, N + 1):
         i = L - 1
@@ -258,7 +260,7 @@ def test_dropped_mass_observer_and_metrics_honour_per_head_k():
                      dense_rows=L <= ks.view(1, -1, 1), empty_rows=torch.zeros(B, H, R, dtype=torch.bool),
                      n_kv_heads=H, k=int(ks.min()), q_len=R, kv_len=N, exp_scores=e, k_heads=ks)
     stats = ThresholdStats(1, H, bin_width=1)
-    DroppedMassObserver(stats)(0, block)
+    ThetaDroppedMass(stats)(0, block)
     for h, kh in enumerate(ks.tolist()):
         assert stats.count[0, h, :N].tolist() == [0.0] * kh + [1.0] * (N - kh) and stats.count[0, h, N:].sum() == 0
     m = SparsityMetrics()

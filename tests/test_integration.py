@@ -12,7 +12,9 @@ from topθ_core.config import ConfigError, KSchedule, SparseConfig
 from topθ_core.integration import ATTN_NAME, prepare_model, sparse_run
 from topθ_core.metrics import SparsityMetrics, summarize
 from topθ_core.models import wrap_model
-from topθ_core.thresholds import ModelFingerprint, ThresholdStats, ThresholdsError
+from topθ_core.thresholds import ThresholdsError
+from topθ_core.fingerprint import ModelFingerprint
+from topθ_core.statistics import ThresholdStats
 
 FAMILIES = ["llama", "qwen2", "mistral", "gemma", "gemma2"]
 

@@ -280,7 +280,8 @@ def test_row_samples_interpret():
 
 def _dispatch_vs_reference(device, dtype, cfg, steps=2, Hq=4, Hkv=2, S=37, d=64, k_keep=6):
     """Prefill + decode steps through ``dispatch.try_kernels`` vs the reference, outputs and metrics."""
-    from topθ_core.thresholds import ModelFingerprint, ThresholdStats
+    from topθ_core.fingerprint import ModelFingerprint
+    from topθ_core.statistics import ThresholdStats
 
     stats = ThresholdStats(1, Hq, bin_width=8, device="cpu")
     lengths = torch.arange(1, S + steps + 1)
@@ -482,8 +483,9 @@ def test_model_generation_gpu():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from topθ_core.integration import prepare_model, sparse_run
-    from topθ_core.thresholds import ModelFingerprint, ThresholdStats
-    from topθ_core.integration import model_fingerprint
+    from topθ_core.fingerprint import ModelFingerprint
+    from topθ_core.statistics import ThresholdStats
+    from topθ_core.fingerprint import model_fingerprint
 
     torch.manual_seed(0)
     mc = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,

@@ -8,7 +8,9 @@ import pandas as pd
 import pytest
 import torch
 
+from topθ_core import k_allocation as ka
 from topθ_core import sweeps as sw
+from topθ_core.tasks import heldout_documents
 from topθ_core.config import SDC, CalibrationConfig, KSchedule, Selection, SparseConfig
 
 from test_evaluation import _tiny  # noqa: E402  (tests/ is on sys.path under pytest)
@@ -40,8 +42,8 @@ def test_sweep_configs_cover_the_grid():
 
 
 def test_split_corpus_halves_are_disjoint_and_packed():
-    cal = sw.split_corpus("pydoc", "calibration", min_chars=3000)
-    held = sw.split_corpus("pydoc", "heldout", min_chars=3000)
+    cal = heldout_documents("pydoc", part="calibration", min_chars=3000)
+    held = heldout_documents("pydoc", min_chars=3000)
     assert cal and held and all(len(d) >= 3000 for d in cal + held)
     from topθ_core.tasks import load_corpus
 
@@ -51,11 +53,11 @@ def test_split_corpus_halves_are_disjoint_and_packed():
     for d in odd - even:
         assert d not in cal_joined or d in held_joined and any(d in e for e in even)
     assert all(any(d in c for c in cal) for d in docs[0:20:2] if len(d) > 0)
-    assert len(sw.split_corpus("lambada", "heldout", 3, min_chars=2000)) == 3  # short passages get packed
+    assert len(heldout_documents("lambada", 3, min_chars=2000)) == 3  # short passages get packed
     with pytest.raises(ValueError, match="asked|were asked"):
-        sw.split_corpus("pydoc", "heldout", 10_000)
+        heldout_documents("pydoc", 10_000)
     with pytest.raises(ValueError, match="part"):
-        sw.split_corpus("pydoc", "test")
+        heldout_documents("pydoc", part="test")
 
 
 def test_cached_thresholds_calibrates_once(lm, tmp_path, monkeypatch):
@@ -87,7 +89,7 @@ def test_run_sweep_shares_dense_and_skips_missing_thresholds(lm):
 # --------------------------------------------------------------------------- per-layer k search
 def test_layer_sensitivity_against_hand_computation(lm):
     text = "sensitivity of each layer to top-k " * 2
-    sens = sw.layer_sensitivity(lm, [text], candidates=(2, 8, 4096))
+    sens = ka.layer_sensitivity(lm, [text], candidates=(2, 8, 4096))
     ids = lm.tokenizer(text, return_tensors="pt").input_ids
     # hand computation for layer 0 from the dense attention probabilities
     captured = {}
@@ -129,7 +131,7 @@ def _synthetic_sens():
 
 
 def test_greedy_path_prefers_cheap_layers_and_respects_fixed():
-    path = sw.greedy_schedule_path(_synthetic_sens(), fixed={2: 64})
+    path = ka.greedy_schedule_path(_synthetic_sens(), fixed={2: 64})
     assert path[0]["ks"] == {0: 64, 1: 64, 2: 64}
     assert path[1]["ks"] == {0: 32, 1: 64, 2: 64}  # the cheap layer moves first
     assert path[2]["ks"] == {0: 16, 1: 64, 2: 64}
@@ -142,15 +144,15 @@ def test_greedy_path_prefers_cheap_layers_and_respects_fixed():
 
 def test_search_layer_k_finds_the_last_schedule_within_budget():
     sens = _synthetic_sens()
-    path = sw.greedy_schedule_path(sens)
+    path = ka.greedy_schedule_path(sens)
     # a loss that follows the proxy: the answer is the last path step with proxy ≤ budget
-    by_sched = {tuple(sorted(sw.schedule_from_ks(s["ks"]).as_list(3))): s["proxy"] for s in path}
+    by_sched = {tuple(sorted(ka.schedule_from_ks(s["ks"]).as_list(3))): s["proxy"] for s in path}
 
     def loss(cfg):
         return by_sched[tuple(sorted(cfg.k.as_list(3)))]
 
     for budget in (0.0, 32.0, 48.0, 200.0, 1e9):
-        res = sw.search_layer_k(None, loss, budget, sens=sens)
+        res = ka.search_layer_k(None, loss, budget, sens=sens)
         ok = [i for i, s in enumerate(path) if s["proxy"] <= budget]
         assert res["index"] == max(ok)
         assert res["loss"] <= budget
@@ -158,5 +160,5 @@ def test_search_layer_k_finds_the_last_schedule_within_budget():
 
 
 def test_schedule_from_ks():
-    s = sw.schedule_from_ks({0: 512, 1: 512, 2: 32, 3: 32, 4: 16})
+    s = ka.schedule_from_ks({0: 512, 1: 512, 2: 32, 3: 32, 4: 16})
     assert s.default == 32 and s.as_list(5) == [512, 512, 32, 32, 16]

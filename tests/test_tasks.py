@@ -239,7 +239,7 @@ def test_list_functions():
     assert tasks.list_corpora() == ["code", "humaneval", "lambada", "pydoc"]
     assert tasks.list_cloze_tasks() == ["lambada"]
     assert tasks.list_generation_tasks() == ["humaneval", "mbpp", "gsm8k"]
-    assert tasks.DATA_DIR == DATA
+    assert tasks.corpus_path("pydoc") == DATA / "corpus_pydoc.parquet"
 
 
 @pytest.mark.parametrize("name", list(EXPECTED_MC))

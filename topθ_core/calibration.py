@@ -5,7 +5,7 @@ the sample is ``t = (k+1)-th largest visible score`` (so "keep > t" keeps exactl
 logit space for pre-softmax placement, in probability space for post-softmax; with
 ``theta_reference = row-max`` it is ``t − m``, ``m`` the row's largest visible logit.  Beside
 it goes the dropped mass ``D_U = Σ_{visible j, a_ij ≤ t} e^(a_ij − m_i)`` for offline SDC.
-Statistics accumulate in a mergeable :class:`~topθ_core.thresholds.ThresholdStats` (with a
+Statistics accumulate in a mergeable :class:`~topθ_core.statistics.ThresholdStats` (with a
 sample reservoir when ``config.aggregation`` is median or trimmed-mean); ``θ = location +
 σ·scale`` (mean and std by default) is formed only at the end (:meth:`ThresholdStats.finalize`).
 
@@ -19,48 +19,23 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
 from .attention import RowBlock
-from .config import CalibrationConfig, ConfigError, KSchedule, Placement, SdcSource, SparseConfig, Selection, ThetaReference
-from .integration import model_fingerprint, sparse_run
-from .thresholds import ThresholdStats, Thresholds
+from .config import CalibrationConfig, Placement, SdcSource, SparseConfig, Selection, ThetaReference
+from .fingerprint import model_fingerprint
+from .integration import sparse_run
+from .row_samples import row_samples_ref
+from .statistics import ThresholdStats
+from .thresholds import Thresholds
 
 ProgressFn = Callable[[int, int], None]
 
 
 class CalibrationCancelled(RuntimeError):
     """Raised when the ``should_stop`` callback asks calibration to stop; nothing is written."""
-
-
-def row_samples_ref(logits: torch.Tensor, kth: "int | torch.Tensor", placement: Placement = Placement.PRE
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row threshold sample and dropped mass, reference.
-
-    ``logits`` (..., H, N) with ``-inf`` at invisible keys; rows must have at least ``kth``
-    visible keys.  ``kth`` is one int or (H,) per head.  Returns ``t`` (..., H) the
-    ``kth``-largest score (logit for pre, dense probability for post) and ``d_u`` (..., H)
-    ``Σ_{a ≤ t} e^(a − m)`` over visible keys.
-    """
-    m = logits.amax(-1, keepdim=True)
-    e = torch.exp(logits - m)
-    if placement is Placement.POST:
-        scores = e / e.sum(-1, keepdim=True)
-        scores = torch.where(torch.isfinite(logits), scores, torch.full_like(scores, -1.0))
-    else:
-        scores = logits
-    if torch.is_tensor(kth):
-        width = min(int(kth.max()), scores.shape[-1])
-        values = scores.topk(width, dim=-1).values  # (..., H, width), descending
-        idx = (kth.to(values.device).clamp(max=width) - 1).view(-1, 1).expand(*values.shape[:-1], 1)
-        t = values.gather(-1, idx).squeeze(-1)
-    else:
-        t = scores.topk(kth, dim=-1).values[..., -1]
-    d_u = (e * (scores <= t.unsqueeze(-1))).sum(-1)
-    return t, d_u
 
 
 class CalibrationObserver:
@@ -110,7 +85,7 @@ class CalibrationObserver:
             self.stats.add(layer, lengths, t, d_u, mask=lengths.unsqueeze(-1) > k_heads.view(1, -1))
 
 
-class DroppedMassObserver:
+class ThetaDroppedMass:
     """Observer for the second calibration pass (``sdc_source=theta``): the dropped mass of Top-θ.
 
     For every thresholded row (``L > k``) it records ``D_U = Σ_{visible j ∉ S} e^(a_ij − m_i)``
@@ -160,7 +135,7 @@ def calibrate_sdc_under_theta(model, documents: Sequence[torch.Tensor], threshol
         raise ValueError("the SDC pass runs pre-softmax Top-θ selection")
     device = next(model.parameters()).device
     stats = ThresholdStats(fp.n_layers, fp.n_heads, thresholds.bin_width, device=device)
-    observer = DroppedMassObserver(stats)
+    observer = ThetaDroppedMass(stats)
     base = getattr(model, model.base_model_prefix, model)
     total, done = sum(int(d.numel()) for d in documents), 0
     with torch.inference_mode(), sparse_run(config, thresholds, observers=(observer,)):
@@ -176,158 +151,6 @@ def calibrate_sdc_under_theta(model, documents: Sequence[torch.Tensor], threshol
     old = thresholds.sdc_mean[..., :nb]
     new = torch.where(count[..., :nb] > 0, du_sum[..., :nb] / count[..., :nb].clamp_min(1), old)
     return thresholds.with_sdc(new, "theta", sdc_pass_config=config.to_dict())
-
-
-class MassSpreadObserver:
-    """Observer: per (layer, head), how many elements a row needs to reach a share of its softmax mass.
-
-    For every row with ``L > k[layer]`` it counts the fewest largest elements whose dense
-    softmax probabilities sum to at least ``mass`` and accumulates the count per (layer, head):
-    ``count[l, h] / rows[l]`` is the head's mean spread.  Reads the logits of the block, so it
-    is exact for any selection the run uses (run it dense: the model's own attention).
-    """
-
-    accepts_key_prefix = True
-
-    def __init__(self, n_layers: int, n_heads: int, ks: Sequence[int], mass: float = 0.9):
-        if not (0.0 < mass <= 1.0):
-            raise ValueError(f"mass must be in (0, 1], got {mass}")
-        self.ks, self.mass = list(ks), float(mass)
-        self.count = torch.zeros(n_layers, n_heads, dtype=torch.float64)
-        self.rows = torch.zeros(n_layers, dtype=torch.float64)
-
-    def __call__(self, layer: int, block: RowBlock) -> None:
-        L = block.row_len[:, 0]  # (B, R)
-        eligible = torch.nonzero(L > self.ks[layer], as_tuple=False)
-        if eligible.numel() == 0:
-            return
-        b, r = eligible[:, 0], eligible[:, 1]
-        p = torch.softmax(block.logits[b, :, r].float(), -1)  # (n, H, N), 0 at invisible keys
-        csum = p.sort(-1, descending=True).values.cumsum(-1)
-        need = (csum < self.mass * csum[..., -1:]).sum(-1) + 1  # (n, H): elements to reach the share
-        self.count[layer] += need.sum(0).to(torch.float64).cpu()
-        self.rows[layer] += b.numel()
-
-    def mean_spread(self) -> torch.Tensor:
-        """(n_layers, n_heads) mean count per thresholded row; NaN for layers with no such row."""
-        return self.count / self.rows.unsqueeze(-1).where(self.rows.unsqueeze(-1) > 0, torch.tensor(float("nan"),
-                                                                                                     dtype=torch.float64))
-
-
-def measure_mass_spread(model, documents: Sequence[torch.Tensor], k: KSchedule, *, mass: float = 0.9,
-                        progress: ProgressFn | None = None) -> torch.Tensor:
-    """Mean per-row count of elements that reach ``mass`` of the row's softmax mass, per (layer, head).
-
-    Runs the model dense over ``documents`` (1-D token ids) and averages over rows with
-    ``L > k[layer]``; returns (n_layers, n_heads) float64 (NaN for a layer with no such row)."""
-    if hasattr(model, "tokenizer") and hasattr(model, "model"):
-        model = model.model
-    fp = model_fingerprint(model)
-    ks = k.as_list(fp.n_layers)
-    obs = MassSpreadObserver(fp.n_layers, fp.n_heads, ks, mass)
-    device = next(model.parameters()).device
-    base = getattr(model, model.base_model_prefix, model)
-    total, done = sum(int(d.numel()) for d in documents), 0
-    dense = SparseConfig(selection=Selection.DENSE, k=KSchedule(k.default, k.overrides), sdc="none", vmc=False)
-    with torch.inference_mode(), sparse_run(dense, observers=(obs,)):
-        for ids in documents:
-            base(input_ids=ids.view(1, -1).to(device), use_cache=False)
-            done += int(ids.numel())
-            if progress:
-                progress(done, total)
-    return obs.mean_spread()
-
-
-def head_k_from_spread(spread: Sequence[float] | torch.Tensor, k: int, k_min: int = 1, k_max: int | None = None
-                       ) -> list[int]:
-    """Per-head k proportional to ``spread`` (H,), integers in [k_min, k_max] whose mean is exactly ``k``.
-
-    ``x_h = H·k·w_h / Σw`` (w the spread); heads pushed below ``k_min`` or above ``k_max`` are
-    fixed there and the rest rescaled to the remaining budget; the integer parts are then
-    topped up by largest remainder so that ``Σ k_h = H·k``.
-    """
-    w = torch.as_tensor(spread, dtype=torch.float64).flatten()
-    H = w.numel()
-    if H == 0:
-        raise ValueError("spread is empty")
-    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
-        raise ValueError("spread must be finite and non-negative")
-    k_max = H * k if k_max is None else k_max
-    if not (1 <= k_min <= k <= k_max):
-        raise ValueError(f"need 1 ≤ k_min ≤ k ≤ k_max, got k_min={k_min}, k={k}, k_max={k_max}")
-    w = w.clamp_min(1e-12)
-    fixed = torch.zeros(H, dtype=torch.bool)
-    x = torch.zeros(H, dtype=torch.float64)
-    for _ in range(H + 1):
-        budget = H * k - float(x[fixed].sum())
-        free = ~fixed
-        x[free] = budget * w[free] / w[free].sum()
-        high = free & (x > k_max)  # caps first: the budget they free may lift heads off the floor
-        low = free & (x < k_min) if not bool(high.any()) else torch.zeros_like(high)
-        if not bool(low.any() or high.any()):
-            break
-        x[low], x[high] = float(k_min), float(k_max)
-        fixed |= low | high
-    ints = x.floor()
-    short = int(round(H * k - float(ints.sum())))
-    order = [int(h) for h in torch.argsort(x - ints, descending=True, stable=True)]
-    while short > 0:  # largest remainders first (then round again while some room is left)
-        room = [h for h in order if ints[h] + 1 <= k_max][:short]
-        for h in room:
-            ints[h] += 1
-        short -= len(room)
-    while short < 0:  # only when every head was pinned: take from the smallest remainders above k_min
-        room = [h for h in reversed(order) if ints[h] - 1 >= k_min][:-short]
-        for h in room:
-            ints[h] -= 1
-        short += len(room)
-    return [int(v) for v in ints]
-
-
-def allocate_head_k(model, documents: Sequence[torch.Tensor], k: KSchedule, *, mass: float = 0.9,
-                    layers: Sequence[int] | None = None, k_min: int = 1, k_max: int | None = None,
-                    spread: torch.Tensor | None = None) -> tuple[KSchedule, torch.Tensor]:
-    """A per-(layer, head) k schedule proportional to each head's attention spread on ``documents``.
-
-    The spread of a head is its mean per-row count of elements that reach ``mass`` of the row's
-    softmax mass (:func:`measure_mass_spread`, dense, rows with ``L > k[layer]``).  In each of
-    ``layers`` (default: every layer at the schedule's default k, so per-layer overrides such as
-    near-dense first layers stay as they are) the heads get k proportional to it, with the
-    layer's mean k unchanged (:func:`head_k_from_spread`).  Pass ``spread`` to reuse a
-    measurement.  Returns the schedule (``head_overrides`` for every head of those layers) and
-    the spread (n_layers, n_heads).
-    """
-    if hasattr(model, "tokenizer") and hasattr(model, "model"):
-        model = model.model
-    fp = model_fingerprint(model)
-    ks = k.as_list(fp.n_layers)
-    if spread is None:
-        spread = measure_mass_spread(model, documents, k, mass=mass)
-    if tuple(spread.shape) != (fp.n_layers, fp.n_heads):
-        raise ValueError(f"spread has shape {tuple(spread.shape)}, the model needs ({fp.n_layers}, {fp.n_heads})")
-    chosen = [l for l in range(fp.n_layers) if ks[l] == k.default and l not in dict(k.overrides)] \
-        if layers is None else list(layers)
-    heads = {}
-    for layer in chosen:
-        if not (0 <= layer < fp.n_layers):
-            raise ConfigError(f"layer {layer} is outside the model's {fp.n_layers} layers")
-        row = spread[layer]
-        if not bool(torch.isfinite(row).all()):
-            continue  # no thresholded row seen at this layer: keep its uniform k
-        for h, kh in enumerate(head_k_from_spread(row, ks[layer], k_min, k_max)):
-            heads[(layer, h)] = kh
-    return KSchedule(k.default, k.overrides, tuple(sorted(heads.items()))), spread
-
-
-@dataclass
-class CalibrationReport:
-    documents: int
-    tokens: int
-    seconds: float
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.seconds if self.seconds > 0 else float("nan")
 
 
 def tokenize_documents(tokenizer, texts: Sequence[str], max_length: int | None = None,

@@ -206,7 +206,8 @@ def cmd_calibrate(args) -> int:
     if args.allocate_head_k is not None:
         from dataclasses import replace
 
-        from .calibration import allocate_head_k, prepare_documents
+        from .calibration import prepare_documents
+        from .k_allocation import allocate_head_k
 
         docs = prepare_documents(texts, lm.tokenizer, args.max_length, not args.no_special_tokens)
         schedule, _ = allocate_head_k(lm, docs, cfg.k, mass=args.allocate_head_k)

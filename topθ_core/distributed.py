@@ -55,8 +55,9 @@ from .calibration import collect_stats, prepare_documents
 from .config import (Aggregation, SdcSource, SDC, CalibrationConfig, ConfigError, KSchedule, Placement, SparseConfig,
                      Selection, ThetaReference)
 from .datafiles import read_texts
-from .integration import model_fingerprint
-from .thresholds import SampleReservoir, ThresholdStats, Thresholds, stream_seed
+from .fingerprint import model_fingerprint
+from .thresholds import Thresholds
+from .statistics import SampleReservoir, ThresholdStats, stream_seed
 
 __all__ = ["DistributedCalibrationError", "RankInfo", "calibrate_distributed", "load_rank_model",
            "rank_info", "shard_documents", "summary_line", "main"]

@@ -24,7 +24,8 @@ import torch
 from .attention import RowBlock, causal_visible, topθ_attention_ref
 from .config import SparseConfig, Selection, ConfigError
 from .metrics import SparsityMetrics
-from .thresholds import ModelFingerprint, Thresholds, ThresholdsError
+from .fingerprint import model_fingerprint
+from .thresholds import Thresholds, ThresholdsError
 
 ATTN_NAME = "top_theta"
 
@@ -103,26 +104,6 @@ def sparse_run(
         yield state
     finally:
         _ACTIVE.reset(token)
-
-
-def model_fingerprint(model: torch.nn.Module) -> ModelFingerprint:
-    """Identity of a loaded model: its shape plus a hash of its config and a weight sample."""
-    import hashlib
-
-    cfg = getattr(model.config, "get_text_config", lambda: model.config)()
-    n_heads = cfg.num_attention_heads
-    n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
-    h = hashlib.sha256()
-    for key in ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
-                "intermediate_size", "vocab_size", "rope_theta"):
-        h.update(f"{key}={getattr(cfg, key, None)};".encode())
-    emb = model.get_input_embeddings().weight
-    sample = emb.detach()[: min(64, emb.shape[0]), : min(64, emb.shape[1])].to(torch.float32).cpu()
-    h.update(sample.numpy().round(5).tobytes())
-    name = getattr(model.config, "topθ_name", None) or getattr(model.config, "name_or_path", "") or cfg.model_type
-    return ModelFingerprint(name=str(name), digest=h.hexdigest(), n_layers=cfg.num_hidden_layers,
-                            n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim)
 
 
 def _visible_from_mask(mask: torch.Tensor | None, q_len: int, kv_len: int, batch: int, device) -> torch.Tensor:

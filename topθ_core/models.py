@@ -8,22 +8,23 @@ cache in seconds.  Nothing is ever downloaded from a hub.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .integration import model_fingerprint, prepare_model
-from .thresholds import ModelFingerprint
+from .atomic import atomic_dir
+from .fingerprint import ModelFingerprint, model_fingerprint
+from .integration import prepare_model
+from .paths import DATA_DIR
 
 BUNDLED = "smollm2"
 BUNDLED_NAME = "SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DATA_DIR = Path(os.environ.get("TOPTHETA_DATA", Path(__file__).resolve().parents[1] / "data"))
 
 
 class ModelLoadError(ValueError):
@@ -74,9 +75,7 @@ def bundled_checkpoint(cache_dir: Path | None = None) -> Path:
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2.tmp-", dir=target.parent))
-    try:
+    with atomic_dir(target, overwrite=True) as tmp:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         save_model(model, str(tmp / "model.safetensors"))
@@ -84,12 +83,6 @@ def bundled_checkpoint(cache_dir: Path | None = None) -> Path:
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
@@ -130,3 +123,57 @@ def wrap_model(model: torch.nn.Module, tokenizer=None, name: str | None = None) 
     prepare_model(model)
     return LoadedModel(model=model, tokenizer=tokenizer, name=name or model.config.model_type,
                        fingerprint=model_fingerprint(model))
+
+
+# ---- the parts of a loaded model that callers need -------------------------------------------
+
+def unwrap(lm) -> tuple[torch.nn.Module, object]:
+    """``(model, tokenizer)`` of a :class:`LoadedModel`; a TypeError for anything else."""
+    if not (hasattr(lm, "model") and hasattr(lm, "tokenizer")):
+        raise TypeError("pass a LoadedModel (topθ_core.models.load_model / wrap_model)")
+    return lm.model, lm.tokenizer
+
+
+def as_module(model_or_lm) -> torch.nn.Module:
+    """The transformers model of a :class:`LoadedModel`, or the model itself."""
+    return model_or_lm.model if hasattr(model_or_lm, "model") and hasattr(model_or_lm, "tokenizer") else model_or_lm
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder without its LM head (``model.model`` for Llama): hidden states, no logits."""
+    return getattr(model, model.base_model_prefix, model)
+
+
+def lm_head(model: torch.nn.Module):
+    """Hidden states → float32 logits, with the model's final soft-capping if it has one."""
+    head = model.get_output_embeddings()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+
+    def project(hidden: torch.Tensor) -> torch.Tensor:
+        logits = head(hidden).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits
+
+    return project
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg_of(forward_type: type) -> str:
+    params = inspect.signature(forward_type.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """Name of the KV-cache argument of ``model``'s forward: ``cache`` in newer transformers, else ``past_key_values``."""
+    return _cache_kwarg_of(type(model))
+
+
+def output_cache(out):
+    """The KV cache a forward returned, whichever name it has."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values

@@ -1,10 +1,7 @@
-"""Sweeps over Top-θ settings, distribution shift, and automatic per-layer k search.
+"""Sweeps over Top-θ settings and distribution shift.
 
 Building blocks (pure functions over a loaded model; no files written unless asked):
 
-* :func:`split_corpus` — a fixed calibration / held-out split of a bundled corpus
-  (even-indexed documents calibrate, odd-indexed ones evaluate), so no evaluated text
-  was seen by the calibration.
 * :func:`cached_thresholds` — calibrate once per (model, corpus, calibration config) and
   reuse the artifact from ``data/cache/thresholds/`` afterwards.
 * :func:`sweep_configs` — the grid of the issue: k ∈ {8, 16, 32, 64, 128}, placement
@@ -13,16 +10,14 @@ Building blocks (pure functions over a loaded model; no files written unless ask
   dense passes computed once and shared; returns a tidy DataFrame.
 * :func:`distribution_shift` — thresholds calibrated on each corpus, evaluated on each
   corpus (in-domain on the diagonal).
-* :func:`search_layer_k` — greedy per-layer k search under an accuracy budget.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -30,23 +25,16 @@ import pandas as pd
 
 from .calibration import calibrate
 from .config import SDC, CalibrationConfig, KSchedule, Placement, Selection, SparseConfig
+from .paths import DATA_DIR
+from .tasks import heldout_documents
 from .thresholds import Thresholds, load_thresholds
-from . import tasks
-from .evaluation import heldout_documents
 
 ProgressFn = Callable[[int, int], None]
 
-DATA_DIR = Path(os.environ.get("TOPTHETA_DATA", Path(__file__).resolve().parents[1] / "data"))
 CACHE_DIR = DATA_DIR / "cache" / "thresholds"
 
 SWEEP_KS = (8, 16, 32, 64, 128)
 PAPER_DENSE_LAYERS = {0: 512, 1: 512}
-
-
-# --------------------------------------------------------------------------- data
-def split_corpus(name: str, part: str, n: int | None = None, *, min_chars: int = 0) -> list[str]:
-    """See :func:`topθ_core.evaluation.heldout_documents` (even documents calibrate, odd ones evaluate)."""
-    return heldout_documents(name, n, min_chars=min_chars, part=part)
 
 
 # --------------------------------------------------------------------------- thresholds
@@ -68,7 +56,7 @@ def cached_thresholds(lm, corpus: str, cal: CalibrationConfig, *, n_docs: int = 
     path = cache_dir / f"{corpus}-k{cal.k.default}-{cal.placement.value}-{key}"
     if path.is_dir():
         return load_thresholds(path, expect_model=lm.fingerprint)
-    texts = split_corpus(corpus, "calibration", n_docs, min_chars=min_chars)
+    texts = heldout_documents(corpus, n_docs, min_chars=min_chars, part="calibration")
     t0 = time.perf_counter()
     th = calibrate(lm, texts, cal, max_length=max_tokens, progress=progress,
                    data_description=f"bundled corpus {corpus!r}, calibration half, {n_docs} docs ≤ {max_tokens} tokens")
@@ -150,11 +138,11 @@ def run_sweep(lm, points: Sequence[SweepPoint], texts: Sequence[str], *, corpus:
     One row per point: config fields, ppl/nll/bpb dense and sparse, deltas, kept fractions,
     size factor, empty rows, seconds.
     """
-    from .evaluation import evaluate_perplexity
+    from .evaluation import dense_cache_for, evaluate_perplexity
     from .metrics import summarize
 
     thresholds_for = thresholds_for or (lambda cal: cached_thresholds(lm, corpus, cal, log=log))
-    dense_cache: dict = {}
+    dense_cache = dense_cache_for(lm, on_disk=False)
     rows = []
     for i, p in enumerate(points):
         th = None
@@ -195,13 +183,13 @@ def distribution_shift(lm, calibration_corpora: Sequence[str], eval_corpora: Seq
     The paper claims thresholds are model-specific, not data-specific: then the off-diagonal
     deltas and kept fractions match the diagonal ones.
     """
-    from .evaluation import evaluate_perplexity
+    from .evaluation import dense_cache_for, evaluate_perplexity
 
     ths = {c: cached_thresholds(lm, c, cal, log=log, **cal_kwargs) for c in calibration_corpora}
     rows = []
     for e in eval_corpora:
-        texts = split_corpus(e, "heldout", n_docs, min_chars=min_chars)
-        cache: dict = {}
+        texts = heldout_documents(e, n_docs, min_chars=min_chars)
+        cache = dense_cache_for(lm, on_disk=False)
         for c, th in ths.items():
             r = evaluate_perplexity(lm, texts, config, th, max_length=max_length, truncate=True, dense_cache=cache)
             rows.append({"calibrated_on": c, "evaluated_on": e, "in_domain": c == e, "config_label": config.label(),
@@ -213,157 +201,3 @@ def distribution_shift(lm, calibration_corpora: Sequence[str], eval_corpora: Seq
                 log(f"shift: calibrated on {c}, evaluated on {e}: ppl {r.dense_ppl:.3f} → {r.sparse_ppl:.3f}, "
                     f"kept {r.kept_attention_sparse:.3f}")
     return pd.DataFrame(rows)
-
-
-# --------------------------------------------------------------------------- per-layer k search
-LAYER_K_CANDIDATES = (512, 256, 128, 64, 32, 16, 8)
-
-
-class DroppedMassObserver:
-    """From a dense run: per layer and candidate k, Σ over rows of the probability mass top-k
-    would drop (``1 − Σ top-k p``) and Σ ``min(L, k)`` (kept elements), for all heads."""
-
-    def __init__(self, n_layers: int, candidates: Sequence[int]):
-        import torch
-
-        self.candidates = tuple(sorted(set(int(k) for k in candidates)))
-        self.dropped = torch.zeros(n_layers, len(self.candidates), dtype=torch.float64)
-        self.kept = torch.zeros(n_layers, len(self.candidates), dtype=torch.float64)
-        self.visible = torch.zeros(n_layers, dtype=torch.float64)
-
-    def __call__(self, layer: int, block) -> None:
-        import torch
-
-        probs = block.probs.double()  # dense run: the full softmax, 0 at invisible keys
-        L = block.row_len.double()  # (B, 1, R)
-        H = probs.shape[1]
-        kmax = min(max(self.candidates), probs.shape[-1])
-        top = probs.topk(kmax, dim=-1).values.cumsum(-1)  # (B, H, R, kmax)
-        for j, k in enumerate(self.candidates):
-            kk = min(k, kmax)
-            dropped = (1.0 - top[..., kk - 1]).clamp_min(0)
-            dropped = torch.where(L <= k, torch.zeros_like(dropped), dropped)  # short rows stay dense: nothing dropped
-            self.dropped[layer, j] += float(dropped.sum())
-            self.kept[layer, j] += float(torch.minimum(L, torch.full_like(L, k)).sum() * H)
-        self.visible[layer] += float(L.sum() * H)
-
-
-def layer_sensitivity(lm, texts: Sequence[str], candidates: Sequence[int] = LAYER_K_CANDIDATES, *,
-                      max_length: int = 512) -> pd.DataFrame:
-    """One dense pass over ``texts``: per (layer, k) the mean dropped softmax mass per row and the
-    kept fraction top-k would have.  Cheap proxy for how much each layer suffers at each k."""
-    import torch
-
-    from .config import DENSE
-    from .integration import sparse_run
-
-    n_layers = lm.fingerprint.n_layers
-    obs = DroppedMassObserver(n_layers, candidates)
-    rows_total = torch.zeros(n_layers, dtype=torch.float64)
-    base = getattr(lm.model, lm.model.base_model_prefix, lm.model)
-    with torch.inference_mode(), sparse_run(DENSE, observers=(obs,)):
-        for t in texts:
-            ids = lm.tokenizer(t, return_tensors="pt").input_ids[:, :max_length]
-            base(input_ids=ids.to(next(lm.model.parameters()).device), use_cache=False)
-    out = []
-    for layer in range(n_layers):
-        for j, k in enumerate(obs.candidates):
-            out.append({"layer": layer, "k": k, "dropped_mass": float(obs.dropped[layer, j]),
-                        "kept": float(obs.kept[layer, j]), "visible": float(obs.visible[layer]),
-                        "kept_frac": float(obs.kept[layer, j] / obs.visible[layer]) if obs.visible[layer] else 1.0})
-    return pd.DataFrame(out)
-
-
-def greedy_schedule_path(sens: pd.DataFrame, *, fixed: dict[int, int] | None = None) -> list[dict]:
-    """Schedules from dense to the smallest k everywhere, one layer step at a time.
-
-    Each step lowers the layer whose next-smaller k adds the least dropped mass per kept
-    element saved (the knapsack greedy).  ``fixed`` layers never move.  Returns a list of
-    ``{"ks": {layer: k}, "proxy": Σ dropped mass, "kept_frac": pooled kept fraction}``.
-    """
-    fixed = fixed or {}
-    layers = sorted(sens["layer"].unique())
-    cands = sorted(sens["k"].unique(), reverse=True)
-    table = {(int(r.layer), int(r.k)): (r.dropped_mass, r.kept) for r in sens.itertuples()}
-    visible = float(sens.groupby("layer")["visible"].first().sum())
-    cur = {l: fixed.get(l, cands[0]) for l in layers}
-
-    def state():
-        d = sum(table[(l, cur[l])][0] for l in layers)
-        kept = sum(table[(l, cur[l])][1] for l in layers)
-        return {"ks": dict(cur), "proxy": d, "kept_frac": kept / visible if visible else 1.0}
-
-    path = [state()]
-    while True:
-        best = None
-        for l in layers:
-            if l in fixed:
-                continue
-            i = cands.index(cur[l])
-            if i + 1 >= len(cands):
-                continue
-            k2 = cands[i + 1]
-            dd = table[(l, k2)][0] - table[(l, cur[l])][0]
-            saved = table[(l, cur[l])][1] - table[(l, k2)][1]
-            ratio = dd / saved if saved > 0 else float("inf")
-            if best is None or ratio < best[0]:
-                best = (ratio, l, k2)
-        if best is None:
-            break
-        cur[best[1]] = best[2]
-        path.append(state())
-    return path
-
-
-def schedule_from_ks(ks: dict[int, int], default: int | None = None) -> KSchedule:
-    """A KSchedule from a full per-layer map (the most common k, ties to the smaller, becomes the default)."""
-    from collections import Counter
-
-    counts = Counter(ks.values())
-    default = default or max(counts, key=lambda k: (counts[k], -k))  # ties: the smaller k
-    return KSchedule(default, {l: k for l, k in ks.items() if k != default})
-
-
-def search_layer_k(lm, loss_fn: Callable[[SparseConfig], float], budget: float, *, sens: pd.DataFrame,
-                   base_config: SparseConfig | None = None, fixed: dict[int, int] | None = None,
-                   log: Callable[[str], None] | None = None) -> dict:
-    """Fewest kept elements under an accuracy budget: binary search along the greedy path.
-
-    ``loss_fn(config)`` returns the accuracy cost of a config against dense (e.g. ΔNLL in
-    nats per token or accuracy points lost, on a validation split); ``budget`` is the most
-    allowed.  The path (:func:`greedy_schedule_path` over ``sens`` from
-    :func:`layer_sensitivity`) is ordered by the proxy, so cost grows along it (roughly);
-    the search takes O(log path length) evaluations.  Candidates run as top-k
-    (``base_config`` with its k replaced; default top-k, no compensation) so no calibration
-    is needed per candidate; calibrate Top-θ once for the schedule found.
-
-    Returns ``{"schedule": KSchedule, "kept_frac": proxy kept fraction, "loss": cost,
-    "evaluations": [(index, kept_frac, loss), ...], "path": path}``.
-    """
-    base_config = base_config or SparseConfig(selection=Selection.TOP_K, sdc=SDC.NONE, vmc=False)
-    path = greedy_schedule_path(sens, fixed=fixed)
-    evals = []
-
-    def cost(i: int) -> float:
-        cfg = replace(base_config, k=schedule_from_ks(path[i]["ks"]))
-        c = float(loss_fn(cfg))
-        evals.append((i, path[i]["kept_frac"], c))
-        if log:
-            log(f"k search: step {i}/{len(path) - 1} kept {path[i]['kept_frac']:.3f} loss {c:.4f} "
-                f"({'ok' if c <= budget else 'over'})")
-        return c
-
-    lo, hi = 0, len(path) - 1  # invariant: path[lo] within budget (dense, by assumption)
-    best_loss = 0.0
-    if cost(hi) <= budget:
-        lo = hi
-        best_loss = evals[-1][2]
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        c = cost(mid)
-        if c <= budget:
-            lo, best_loss = mid, c
-        else:
-            hi = mid
-    return {"schedule": schedule_from_ks(path[lo]["ks"]), "kept_frac": path[lo]["kept_frac"], "loss": best_loss,
-            "index": lo, "evaluations": evals, "path": path}

@@ -37,9 +37,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from .paths import bundled_file
+
 __all__ = [
-    "DATA_DIR",
     "TARGET_DELIMITER",
+    "FEWSHOT_DELIMITER",
+    "heldout_documents",
     "MCItem",
     "ClozeItem",
     "list_corpora",
@@ -63,10 +66,11 @@ __all__ = [
     "format_gsm8k_prompt",
 ]
 
-DATA_DIR: Path = Path(__file__).resolve().parents[1] / "data"
 
 #: What lm-evaluation-harness puts between context and choice/target.
 TARGET_DELIMITER = " "
+#: What lm-evaluation-harness puts between few-shot examples (and after the last one).
+FEWSHOT_DELIMITER = "\n\n"
 
 
 # --------------------------------------------------------------------------- records
@@ -118,7 +122,7 @@ def _apply_limit(items: list, limit: int | None, what: str) -> list:
 
 @lru_cache(maxsize=None)
 def _read_rows(filename: str) -> tuple[dict[str, Any], ...]:
-    path = DATA_DIR / filename
+    path = bundled_file(filename)
     if not path.exists():
         raise FileNotFoundError(
             f"{path} is missing; rebuild the bundled data with `python scripts/build_data.py`"
@@ -150,7 +154,7 @@ def _corpus_key(name: str) -> str:
 
 def corpus_path(name: str) -> Path:
     """Path of a corpus Parquet file (it has a ``text`` column)."""
-    return DATA_DIR / _CORPORA[_corpus_key(name)]
+    return bundled_file(_CORPORA[_corpus_key(name)])
 
 
 def load_corpus(name: str, limit: int | None = None) -> list[str]:
@@ -158,6 +162,28 @@ def load_corpus(name: str, limit: int | None = None) -> list[str]:
     key = _corpus_key(name)
     texts = [r["text"] for r in _read_rows(_CORPORA[key])]
     return _apply_limit(texts, limit, f"corpus {key!r}")
+
+
+def heldout_documents(corpus: str, n: int | None = None, *, min_chars: int = 0, part: str = "heldout") -> list[str]:
+    """Documents of a bundled corpus split in two fixed halves: ``part="calibration"`` packs the
+    even-indexed documents, ``"heldout"`` the odd-indexed ones, so evaluation text is never
+    calibration text.  Consecutive documents of a half are packed (joined by a blank line)
+    until each has at least ``min_chars`` characters; ``n`` takes the first n packed ones."""
+    if part not in ("calibration", "heldout"):
+        raise ValueError(f"part must be 'calibration' or 'heldout', got {part!r}")
+    docs = load_corpus(corpus)
+    packed, buf = [], []
+    for d in docs[(0 if part == "calibration" else 1)::2]:
+        buf.append(d)
+        if sum(len(b) for b in buf) + 2 * (len(buf) - 1) >= min_chars:
+            packed.append(FEWSHOT_DELIMITER.join(buf))
+            buf = []
+            if n is not None and len(packed) == n:
+                break
+    if n is not None and len(packed) < n:
+        raise ValueError(f"corpus {corpus!r} gives only {len(packed)} {part} documents of ≥ {min_chars} characters, "
+                         f"but {n} were asked for")
+    return packed
 
 
 # --------------------------------------------------------------------------- formatting

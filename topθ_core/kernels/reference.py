@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..attention import RowBlock, causal_visible, topθ_attention_ref
-from ..calibration import row_samples_ref
+from ..row_samples import row_samples_ref
 from ..config import Selection, SparseConfig
 from ._common import KernelCounts
 
