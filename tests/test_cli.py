@@ -8,7 +8,7 @@ import os
 import pandas as pd
 import pytest
 
-from topθ_core.cli import main
+from topθ_core.cli import build_parser, main
 from topθ_core.config import ConfigError, KSchedule, SparseConfig, CalibrationConfig, parse_layer_k
 from topθ_core.datafiles import DataFileError, read_texts
 
@@ -193,3 +193,27 @@ def test_theta_reference_and_per_head_k_flags(tiny_checkpoint, data_file, tmp_pa
     code, out, err = run(capsys, "calibrate", "--model", tiny_checkpoint, "--data", data_file, "--k", 8,
                          "--head-k", "1.9:4", "--out", tmp_path / "y")
     assert code == 2 and "(1, 9)" in err and not (tmp_path / "y").exists()
+
+
+def test_calibrate_defaults_are_the_api_defaults_and_the_papers():
+    """`toptheta calibrate` with no settings calibrates exactly CalibrationConfig() (TAC on, σ 0.1, layers 0-1
+    at k=512), in one process on the CPU; both command lines parse the same flags."""
+    from topθ_core.calibration_job import job_from_args
+    from topθ_core.config import CalibrationConfig
+    from topθ_core.distributed import _parser as dist_parser
+
+    args = build_parser().parse_args(["calibrate", "--data", "d.txt", "--out", "o"])
+    job = job_from_args(args)
+    assert job.config == CalibrationConfig()
+    assert job.config.tac and job.config.sigma == 0.1 and job.config.k.as_list(3) == [512, 512, 64]
+    assert (job.device, job.workers, job.parallel) == ("cpu", 1, False)
+    assert job.intended.sdc.value == "exact" and job.intended.vmc
+    off = job_from_args(build_parser().parse_args(["calibrate", "--data", "d", "--out", "o", "--no-tac", "--no-vmc"]))
+    assert not off.config.tac and not off.config.vmc
+    dist = job_from_args(dist_parser().parse_args(["--data", "d.txt", "--out", "o"]), distributed=True)
+    assert dist.config == job.config and dist.parallel and dist.device is None  # torchrun picks the rank's GPU
+    with pytest.raises(ConfigError, match="--device-map"):
+        job_from_args(build_parser().parse_args(["calibrate", "--data", "d", "--out", "o", "--device-map", "auto"]))
+    with pytest.raises(ConfigError, match="one process"):
+        job_from_args(build_parser().parse_args(["calibrate", "--data", "d", "--out", "o", "--workers", "2",
+                                                 "--allocate-head-k", "0.9"]))

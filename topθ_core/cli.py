@@ -16,10 +16,9 @@ import argparse
 import json
 import math
 import sys
-import time
 
-from .config import (SDC, Aggregation, CalibrationConfig, ConfigError, EmptyRowFloor, KSchedule, Lookup, Placement,
-                     Selection, SparseConfig, ThetaReference)
+from .calibration_job import CalibrationJob, add_calibration_arguments, job_from_args, torch_dtype
+from .config import SDC, ConfigError, EmptyRowFloor, KSchedule, Lookup, Placement, Selection, SparseConfig, ThetaReference
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -54,48 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("calibrate", help="calibrate thresholds and write an artifact directory",
                        allow_abbrev=False)  # `--work 2` must not pass for --workers and then run one process
-    _add_model(c)
-    c.add_argument("--data", required=True, help=".txt/.jsonl/.csv/.parquet file, or bundled:NAME")
-    c.add_argument("--k", type=int, default=64)
-    c.add_argument("--layer-k", default="0:512,1:512")
-    c.add_argument("--head-k", default=None, help="per-(layer, head) overrides LAYER.HEAD:K, e.g. 2.0:48,2.1:80")
-    c.add_argument("--allocate-head-k", type=float, default=None, metavar="MASS",
-                   help="give each head of the layers at --k a k proportional to the mean number of elements "
-                        "its rows need to reach MASS (e.g. 0.9) of their softmax mass on the calibration data "
-                        "(layer mean k unchanged); one extra dense pass")
-    c.add_argument("--theta-reference", choices=[e.value for e in ThetaReference], default="absolute",
-                   help="absolute: keep a > θ; row-max: keep a − rowmax > θ_rel (reference path only, pre-softmax)")
-    c.add_argument("--placement", choices=[e.value for e in Placement], default="pre")
-    c.add_argument("--sigma", type=float, default=0.1, help="θ = location + σ·scale of the --aggregation")
-    c.add_argument("--aggregation", choices=[e.value for e in Aggregation], default=Aggregation.MEAN_STD.value,
-                   help="mean-std: θ = mean + σ·std; median: median + σ·1.4826·MAD; trimmed-mean: mean + σ·std "
-                        "of the samples left after cutting --trim-fraction off each end")
-    c.add_argument("--reservoir-capacity", type=int, default=CalibrationConfig.reservoir_capacity,
-                   help="threshold samples kept per (layer, head, length bin) for median / trimmed-mean "
-                        "(exact up to this many)")
-    c.add_argument("--trim-fraction", type=float, default=CalibrationConfig.trim_fraction,
-                   help="share of samples cut off each end for trimmed-mean, in [0, 0.5)")
-    c.add_argument("--tac", action="store_true", help="top-k at calibration")
-    c.add_argument("--sdc", choices=[e.value for e in SDC], default="exact",
-                   help="SDC the thresholds are meant for (recorded; offline terms are always calibrated)")
-    c.add_argument("--sdc-scale", type=float, default=1.0)
-    c.add_argument("--vmc", action="store_true", help="VMC on top-k-at-calibration rows")
-    c.add_argument("--capk", action="store_true", help="recorded as the intended inference setting")
-    c.add_argument("--sdc-source", choices=["top-k", "theta"], default="top-k",
-                   help="offline SDC term from the top-k dropped set, or from a second pass under Top-θ")
-    c.add_argument("--sample-frac", type=float, default=1.0)
-    c.add_argument("--bin-width", type=int, default=16)
-    c.add_argument("--max-length", type=int, default=None, help="truncate documents to this many tokens")
-    c.add_argument("--limit", type=int, default=None, help="use the first N documents")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--out", required=True)
-    c.add_argument("--overwrite", action="store_true")
-    c.add_argument("--distributed", action="store_true",
-                   help="data-parallel under torchrun; takes the flags of `python -m topθ_core.distributed` "
-                        "(--device-map, --gpus-per-rank, --backend, --timeout): see README")
-    c.add_argument("--workers", type=int, default=1,
-                   help="calibrate in N local processes (data parallel, no torchrun needed), each with 1/N of "
-                        "the CPU threads; faster on a CPU than one process using every thread")
+    add_calibration_arguments(c)
 
     e = sub.add_parser("evaluate", help="dense vs sparse on a data file or a bundled task")
     _add_model(e)
@@ -180,50 +138,36 @@ def _load_thresholds(args, lm):
     return load_thresholds(args.thresholds, expect_model=lm.fingerprint)
 
 
-def cmd_calibrate(args) -> int:
-    from .calibration import calibrate
-
-    cfg = CalibrationConfig(k=KSchedule.parse(args.k, args.layer_k, args.head_k), placement=args.placement,
-                            sigma=args.sigma, tac=args.tac, sample_frac=args.sample_frac, bin_width=args.bin_width,
-                            seed=args.seed, vmc=args.vmc, sdc_source=args.sdc_source, aggregation=args.aggregation,
-                            reservoir_capacity=args.reservoir_capacity, trim_fraction=args.trim_fraction,
-                            theta_reference=args.theta_reference)
-    if args.allocate_head_k is not None:
-        if args.head_k:
-            raise ConfigError("--allocate-head-k computes the per-head k itself: drop --head-k")
-        if not (0.0 < args.allocate_head_k <= 1.0):
-            raise ConfigError(f"--allocate-head-k takes a share of the softmax mass in (0, 1], got {args.allocate_head_k}")
-    # the inference variant the user intends; validated now so a bad combination fails before an hour of work
-    SparseConfig(placement=args.placement, sdc=args.sdc if args.placement == "pre" else "none",
-                 sdc_scale=args.sdc_scale, vmc=args.placement == "post" or args.sdc != "none", capk=args.capk, k=cfg.k,
-                 theta_reference=args.theta_reference)
-    texts, desc = _read_data(args.data, args.limit)
+def cmd_calibrate(job: CalibrationJob) -> int:
+    """One process: read the data, load the model, calibrate, write the artifact."""
+    from dataclasses import replace
     from pathlib import Path
 
-    if Path(args.out).exists() and not args.overwrite:
-        raise FileExistsError(f"{args.out} already exists (pass --overwrite to replace it)")
-    lm = _load(args)
-    if args.allocate_head_k is not None:
-        from dataclasses import replace
+    from .calibration import calibrate, prepare_documents
+    from .models import load_model
 
-        from .calibration import prepare_documents
+    texts, desc = _read_data(job.data, job.limit)
+    if Path(job.out).exists() and not job.overwrite:
+        raise FileExistsError(f"{job.out} already exists (pass --overwrite to replace it)")
+    lm = load_model(job.model, device=job.device, dtype=torch_dtype(job.dtype, job.device))
+    cfg = job.config
+    if job.allocate_head_k is not None:
         from .k_allocation import allocate_head_k
 
-        docs = prepare_documents(texts, lm.tokenizer, args.max_length, not args.no_special_tokens)
-        schedule, _ = allocate_head_k(lm, docs, cfg.k, mass=args.allocate_head_k)
-        cfg = replace(cfg, k=schedule)
-    th = calibrate(lm, texts, cfg, max_length=args.max_length, add_special_tokens=not args.no_special_tokens,
+        docs = prepare_documents(texts, lm.tokenizer, job.max_length, job.add_special_tokens)
+        cfg = replace(cfg, k=allocate_head_k(lm, docs, cfg.k, mass=job.allocate_head_k)[0])
+    th = calibrate(lm, texts, cfg, max_length=job.max_length, add_special_tokens=job.add_special_tokens,
                    data_description=desc)
-    th.meta["intended_sdc"] = args.sdc
-    th.save(args.out, overwrite=args.overwrite)
+    th.meta.update(job.extra_meta)
+    th.save(job.out, overwrite=job.overwrite)
     df = th.to_frame()
     print(f"calibrated {th.meta.get('documents')} documents, {th.meta.get('tokens')} tokens in "
           f"{th.meta.get('seconds')} s ({th.meta.get('tokens', 0) / max(th.meta.get('seconds') or 1e-9, 1e-9):.0f} tok/s): "
           f"{len(df)} (layer, head, length-bin) thresholds, k={cfg.k.default}"
           f"{' [' + cfg.k.to_text() + ']' if cfg.k.overrides else ''}"
           f"{f' + {len(cfg.k.head_overrides)} per-head k' if cfg.k.head_overrides else ''}, σ={cfg.sigma}, "
-          f"{cfg.aggregation.value}{', θ relative to the row max' if cfg.theta_reference.value == 'row-max' else ''} "
-          f"→ {args.out}")
+          f"{cfg.aggregation.value}{', TAC' if cfg.tac else ''}"
+          f"{', θ relative to the row max' if cfg.theta_reference.value == 'row-max' else ''} → {job.out}")
     return 0
 
 
@@ -283,22 +227,20 @@ def _jsonable(obj):
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["calibrate"] and ("--distributed" in argv or any(a == "--workers" or a.startswith("--workers=")
-                                                                     for a in argv)):
-        from .distributed import exit_after
-        from .distributed import main as distributed_main  # one implementation of the distributed job
-
-        rest = [a for a in argv[1:] if a != "--distributed"]
-        if "--distributed" not in argv:  # --workers alone: keep `toptheta calibrate`'s CPU / float32 defaults
-            rest = ["--device", "cpu", "--dtype", "float32", *rest]  # (a later --device / --dtype wins)
-        return exit_after(distributed_main(rest))
     args = build_parser().parse_args(argv)
     from .datafiles import DataFileError
     from .models import ModelLoadError
     from .thresholds import ThresholdsError
 
     try:
-        return {"calibrate": cmd_calibrate, "evaluate": cmd_evaluate, "generate": cmd_generate}[args.command](args)
+        if args.command == "calibrate":
+            job = job_from_args(args)
+            if job.parallel:  # local ranks (--workers) or one rank of a torchrun job (--distributed)
+                from .distributed import exit_after, run_job
+
+                return exit_after(run_job(job, [a for a in argv[1:] if a != "--distributed"]))
+            return cmd_calibrate(job)
+        return {"evaluate": cmd_evaluate, "generate": cmd_generate}[args.command](args)
     except (DataFileError, ModelLoadError, ThresholdsError, ConfigError, FileExistsError, ValueError) as e:
         print(f"toptheta: error: {e}", file=sys.stderr)
         return 2

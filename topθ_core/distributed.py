@@ -52,8 +52,8 @@ import torch
 import torch.distributed as dist
 
 from .calibration import collect_stats, prepare_documents
-from .config import (Aggregation, SdcSource, SDC, CalibrationConfig, ConfigError, KSchedule, Placement, SparseConfig,
-                     Selection, ThetaReference)
+from .calibration_job import CalibrationJob, add_calibration_arguments, job_from_args, torch_dtype
+from .config import CalibrationConfig, ConfigError, SdcSource
 from .datafiles import read_texts
 from .fingerprint import model_fingerprint
 from .thresholds import Thresholds
@@ -87,10 +87,6 @@ class RankInfo:
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 def rank_info() -> RankInfo:
@@ -452,22 +448,46 @@ def calibrate_distributed(
     else:
         inner = model.model if hasattr(model, "model") and hasattr(model, "tokenizer") else model
         device = next(inner.parameters()).device
+    job = _RankJob(model=model, is_spec=is_spec, data=data, config=config, out=None if out is None else Path(out),
+                   device=device, gpus=tuple(gpus), tokenizer=tokenizer, max_length=max_length, limit=limit,
+                   add_special_tokens=add_special_tokens, data_description=data_description, overwrite=overwrite,
+                   device_map=device_map, dtype=dtype, progress=progress, extra_meta=dict(extra_meta or {}))
     comm = _Comm(backend, timeout, device)
     try:
-        return _run(comm, model, is_spec, data, config, out, device, gpus, tokenizer, max_length, limit,
-                    add_special_tokens, data_description, overwrite, device_map, dtype, progress, extra_meta)
+        return _run(comm, job)
     finally:
         comm.close()
 
 
-def _run(comm: _Comm, model, is_spec, data, config, out, device, gpus, tokenizer, max_length, limit,
-         add_special_tokens, data_description, overwrite, device_map, dtype, progress, extra_meta) -> Thresholds:
-    info = comm.info
-    out = Path(out) if out is not None else None
+@dataclass(frozen=True)
+class _RankJob:
+    """What one rank of :func:`calibrate_distributed` works on (its arguments, resolved)."""
+
+    model: Any
+    is_spec: bool
+    data: Any
+    config: CalibrationConfig
+    out: Path | None
+    device: torch.device
+    gpus: tuple[int, ...]
+    tokenizer: Any
+    max_length: int | None
+    limit: int | None
+    add_special_tokens: bool
+    data_description: str | None
+    overwrite: bool
+    device_map: str | None
+    dtype: torch.dtype | None
+    progress: ProgressFn | None
+    extra_meta: dict
+
+
+def _run(comm: _Comm, job: _RankJob) -> Thresholds:
+    info, config, out, tokenizer = comm.info, job.config, job.out, job.tokenizer
 
     # 1. the checkpoint: rank 0 first, then each node's first rank, then the rest, so that a
     #    first-use conversion (the bundled GGUF) happens once per file system
-    if is_spec:
+    if job.is_spec:
         from .models import resolve_model_path
 
         stages = (info.rank == 0, info.rank != 0 and info.local_rank == 0, info.local_rank != 0)
@@ -475,7 +495,7 @@ def _run(comm: _Comm, model, is_spec, data, config, out, device, gpus, tokenizer
             err = None
             if mine:
                 try:
-                    resolve_model_path(model)
+                    resolve_model_path(job.model)
                 except Exception as e:
                     err = e
             comm.agree("preparing the model checkpoint", err)
@@ -483,10 +503,10 @@ def _run(comm: _Comm, model, is_spec, data, config, out, device, gpus, tokenizer
     # 2. model, documents, shard, output check
     err, payload = None, None
     try:
-        if is_spec:
-            lm = load_rank_model(model, device=device, device_map=device_map, gpus=gpus, dtype=dtype)
+        if job.is_spec:
+            lm = load_rank_model(job.model, device=job.device, device_map=job.device_map, gpus=job.gpus, dtype=job.dtype)
         else:
-            lm = model
+            lm = job.model
         if hasattr(lm, "tokenizer") and hasattr(lm, "model"):
             tokenizer = tokenizer or lm.tokenizer
             net = lm.model
@@ -494,13 +514,13 @@ def _run(comm: _Comm, model, is_spec, data, config, out, device, gpus, tokenizer
             net = lm
         fp = model_fingerprint(net)
         ks = config.k.as_list(fp.n_layers)
-        docs = _documents(data, tokenizer, max_length, add_special_tokens, limit)
+        docs = _documents(job.data, tokenizer, job.max_length, job.add_special_tokens, job.limit)
         lengths = [int(d.numel()) for d in docs]
         if max(lengths) <= min(ks):
             raise ValueError(f"every calibration document is at most {max(lengths)} tokens, not longer than the "
                              f"smallest k ({min(ks)}): no row would be thresholded; use longer texts or a smaller k")
         shard = shard_documents(lengths, comm.world)[info.rank]
-        if info.rank == 0 and out is not None and out.exists() and not overwrite:
+        if info.rank == 0 and out is not None and out.exists() and not job.overwrite:
             raise FileExistsError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
         payload = {"model": fp.digest, "data": _data_digest(docs)}
     except Exception as e:
@@ -522,7 +542,7 @@ def _run(comm: _Comm, model, is_spec, data, config, out, device, gpus, tokenizer
     t0 = time.perf_counter()
     try:
         if shard_docs:
-            collect_stats(net, shard_docs, config, stats=stats, progress=progress)
+            collect_stats(net, shard_docs, config, stats=stats, progress=job.progress)
         payload = {"n_bins": stats.n_bins, "rows": stats.rows_seen, "documents": len(shard_docs),
                    "tokens": sum(lengths[i] for i in shard), "seconds": time.perf_counter() - t0}
     except Exception as e:
@@ -545,17 +565,18 @@ def _run(comm: _Comm, model, is_spec, data, config, out, device, gpus, tokenizer
                         "rank_tokens": [p["tokens"] for p in everyone],
                         "rank_seconds": [round(p["seconds"], 3) for p in everyone]},
     }
-    extra.update(extra_meta or {})
-    if data_description is None:
-        data_description = Path(data).name if isinstance(data, (str, os.PathLike)) else ""
+    extra.update(job.extra_meta)
+    description = job.data_description
+    if description is None:
+        description = Path(job.data).name if isinstance(job.data, (str, os.PathLike)) else ""
     th = merged.finalize(config.sigma, fingerprint=fp, k=config.k, placement=config.placement, calibration=config,
-                         data=data_description, extra=extra)
+                         data=description, extra=extra)
 
     # 5. rank 0 writes; everyone learns whether it worked and returns rank 0's provenance
     err = None
     if info.rank == 0 and out is not None:
         try:
-            th.save(out, overwrite=overwrite)
+            th.save(out, overwrite=job.overwrite)
         except Exception as e:
             err = e
     metas = comm.agree("writing the artifact", err, th.meta if info.rank == 0 else None)
@@ -565,59 +586,12 @@ def _run(comm: _Comm, model, is_spec, data, config, out, device, gpus, tokenizer
 
 # ---- command line -------------------------------------------------------------------------
 
-_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="torchrun --nproc-per-node N -m topθ_core.distributed",
+        prog="torchrun --nproc-per-node N -m topθ_core.distributed", allow_abbrev=False,
         description="Data-parallel Top-θ calibration: every rank calibrates a shard, one all_reduce merges, "
-                    "rank 0 writes the artifact.")
-    p.add_argument("--model", default="smollm2", help="'smollm2' (bundled) or a transformers checkpoint directory")
-    p.add_argument("--data", required=True,
-                   help=".txt/.jsonl/.csv/.parquet file (same path on every node), or bundled:NAME")
-    p.add_argument("--limit", type=int, default=None, help="use the first N documents")
-    p.add_argument("--k", type=int, default=64, help="kept elements per row (default layer k)")
-    p.add_argument("--layer-k", default="0:512,1:512", help="per-layer overrides")
-    p.add_argument("--head-k", default=None, help="per-(layer, head) overrides LAYER.HEAD:K, e.g. 2.0:48")
-    p.add_argument("--theta-reference", choices=[e.value for e in ThetaReference], default="absolute",
-                   help="absolute: keep a > θ; row-max: keep a − rowmax > θ_rel (pre-softmax)")
-    p.add_argument("--placement", choices=[e.value for e in Placement], default="pre")
-    p.add_argument("--sigma", type=float, default=0.1, help="θ = mean + σ·std (or the --aggregation's pair)")
-    p.add_argument("--aggregation", choices=[e.value for e in Aggregation], default=Aggregation.MEAN_STD.value,
-                   help="θ = mean + σ·std, median + σ·1.4826·MAD, or trimmed mean + σ·trimmed std")
-    p.add_argument("--reservoir-capacity", type=int, default=CalibrationConfig.reservoir_capacity,
-                   help="threshold samples kept per (layer, head, length bin) for median / trimmed-mean")
-    p.add_argument("--trim-fraction", type=float, default=CalibrationConfig.trim_fraction,
-                   help="share cut off each end for trimmed-mean")
-    p.add_argument("--tac", action="store_true", help="top-k at calibration")
-    p.add_argument("--sdc", default="exact", choices=[e.value for e in SDC],
-                   help="SDC the thresholds are meant for (validated and recorded; offline SDC terms are always stored)")
-    p.add_argument("--sdc-scale", type=float, default=1.0)
-    p.add_argument("--vmc", action="store_true", help="VMC on top-k-at-calibration rows")
-    p.add_argument("--capk", action="store_true", help="recorded as the intended inference setting")
-    p.add_argument("--sample-frac", type=float, default=1.0,
-                   help="fraction of rows sampled per call; results equal a single process only at 1.0")
-    p.add_argument("--bin-width", type=int, default=CalibrationConfig.bin_width, help="length-bin width in tokens")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-length", type=int, default=None, help="truncate documents to this many tokens")
-    p.add_argument("--no-special-tokens", action="store_true", help="tokenize without BOS/EOS")
-    p.add_argument("--out", required=True, help="artifact directory (written by rank 0, atomically)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing artifact")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--device", default=None,
-                   help="cpu, cuda (this rank's GPU, cuda:LOCAL_RANK) or cuda:N; default: this rank's GPU if any")
-    p.add_argument("--device-map", choices=["auto"], default=None,
-                   help="spread the model over --gpus-per-rank GPUs of each rank (accelerate)")
-    p.add_argument("--gpus-per-rank", type=int, default=1)
-    p.add_argument("--backend", choices=["nccl", "gloo"], default=None, help="default: nccl on GPU, gloo on CPU")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT.total_seconds(),
-                   help="seconds a rank waits for the others (default 1800)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="without torchrun: start this many local ranks (processes) and split this machine's "
-                        "CPU threads between them; on a CPU, N ranks of 1/N of the threads calibrate faster "
-                        "than one process using them all")
-    return p
+                    "rank 0 writes the artifact.  Same flags as `toptheta calibrate`.")
+    return add_calibration_arguments(p)
 
 
 def summary_line(th: Thresholds, out: str | os.PathLike | None = None) -> str:
@@ -707,44 +681,37 @@ def launch_local(argv: Sequence[str], workers: int, *, grace_s: float = 30.0) ->
     return failed[0] if failed[0] > 0 else 128 - failed[0]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def run_job(job: CalibrationJob, argv: Sequence[str]) -> int:
+    """Run a parallel calibration job: start ``job.workers`` local ranks (re-running this module with
+    ``argv`` and the job's device), or, in a rank, calibrate its shard.  Returns the exit code."""
     info = rank_info()
-    try:
-        k = KSchedule.parse(args.k, args.layer_k, args.head_k)
-        config = CalibrationConfig(k=k, placement=args.placement, sigma=args.sigma, tac=args.tac,
-                                   sample_frac=args.sample_frac, bin_width=args.bin_width, seed=args.seed,
-                                   vmc=args.vmc, aggregation=args.aggregation,
-                                   reservoir_capacity=args.reservoir_capacity, trim_fraction=args.trim_fraction,
-                                   theta_reference=args.theta_reference)
-        # the inference variant the user intends (as `toptheta calibrate`): fail before the work, not after
-        SparseConfig(selection=Selection.TOP_THETA, placement=args.placement,
-                     sdc=args.sdc if args.placement == "pre" else "none", sdc_scale=args.sdc_scale,
-                     vmc=args.placement == "post" or args.sdc != "none", capk=args.capk, k=k)
-        if args.limit is not None and args.limit < 1:
-            raise ConfigError("--limit must be at least 1")
-        if args.workers < 1:
-            raise ConfigError(f"--workers must be at least 1, got {args.workers}")
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.workers > 1 and "WORLD_SIZE" not in os.environ:  # checked once here, then N local ranks
-        # the ranks see WORLD_SIZE and ignore --workers
-        return launch_local(list(argv if argv is not None else sys.argv[1:]), args.workers)
+    if job.workers > 1 and "WORLD_SIZE" not in os.environ:
+        rank_argv = list(argv) + (["--device", job.device] if job.device else [])  # a later flag wins
+        return launch_local(rank_argv, job.workers)
     try:
         th = calibrate_distributed(
-            args.model, args.data, config, args.out, add_special_tokens=not args.no_special_tokens,
-            max_length=args.max_length, limit=args.limit, data_description=args.data, overwrite=args.overwrite, backend=args.backend,
-            timeout=args.timeout, device=args.device, device_map=args.device_map, gpus_per_rank=args.gpus_per_rank,
-            dtype=_DTYPES[args.dtype], extra_meta={"intended_sdc": args.sdc},
-            progress=_progress_printer() if info.rank == 0 else None)
+            job.model, job.data, job.config, job.out, add_special_tokens=job.add_special_tokens,
+            max_length=job.max_length, limit=job.limit, data_description=job.data, overwrite=job.overwrite,
+            backend=job.backend, timeout=job.timeout, device=job.device, device_map=job.device_map,
+            gpus_per_rank=job.gpus_per_rank, dtype=None if job.dtype == "auto" else torch_dtype(job.dtype, job.device),
+            extra_meta=job.extra_meta, progress=_progress_printer() if info.rank == 0 else None)
     except DistributedCalibrationError as e:
         if info.rank == 0 or not e.agreed:
             print(f"error: {e}", file=sys.stderr)
         return 1
     if info.rank == 0:
-        print(summary_line(th, args.out))
+        print(summary_line(th, job.out))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        job = job_from_args(_parser().parse_args(argv), distributed=True)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return run_job(job, argv)
 
 
 def exit_after(code: int) -> int:
