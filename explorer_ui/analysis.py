@@ -17,9 +17,10 @@ import pandas as pd
 import torch
 
 from topθ_core import tasks
-from topθ_core.config import DENSE, KSchedule, SparseConfig
+from topθ_core.config import DENSE, SDC, KSchedule, Placement, Selection, SparseConfig, fit_sdc
 from topθ_core.integration import sparse_run
 from topθ_core.metrics import SparsityMetrics
+from topθ_core.models import base_model, cache_kwarg, output_cache
 from topθ_core.thresholds import Thresholds
 
 MAP_CAP = 256  # at most MAP_CAP × MAP_CAP cells are drawn per attention map
@@ -201,8 +202,7 @@ def sparsity_prefill(lm, text: str, config: SparseConfig, thresholds: Thresholds
             out = lm.model(input_ids=ids.to(lm.device), use_cache=True, logits_to_keep=1)
             cont = DecodeContinuation(contextvars.copy_context(), out, metrics)
         else:
-            base = getattr(lm.model, lm.model.base_model_prefix, lm.model)
-            base(input_ids=ids.to(lm.device), use_cache=False)
+            base_model(lm.model)(input_ids=ids.to(lm.device), use_cache=False)
     seconds = time.perf_counter() - t0
     dense, sparse, kept, visible = capture.arrays()
     pop_rows = [pd.DataFrame({"layer": lay, "position": np.arange(p.numel()), "count": p.cpu().numpy()})
@@ -231,7 +231,7 @@ def sparsity_decode(lm, snap: SparsitySnapshot, cont: DecodeContinuation, steps:
                 generated.append(int(nxt))
                 if eos is not None and int(nxt) == eos:
                     break
-                out = lm.model(input_ids=nxt, use_cache=True, logits_to_keep=1, **_cache_kwargs(lm.model, out))
+                out = lm.model(input_ids=nxt, use_cache=True, logits_to_keep=1, **{cache_kwarg(lm.model): output_cache(out)})
 
     t0 = time.perf_counter()
     if steps > 0:
@@ -257,31 +257,16 @@ def _decode_frame(metrics: SparsityMetrics) -> pd.DataFrame:
     return decode
 
 
-def _cache_kwargs(model, out) -> dict:
-    """The previous step's KV cache, under the name this transformers version uses."""
-    import inspect
-
-    params = inspect.signature(model.forward).parameters
-    cache = getattr(out, "cache", None)
-    if cache is None:
-        cache = getattr(out, "past_key_values", None)
-    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
-
-
 def default_sparse_config(thresholds: Thresholds | None) -> SparseConfig:
     """Top-θ with the run's k, placement and kind of θ and its saved SDC/VMC defaults; dense without thresholds."""
     if thresholds is None:
         return DENSE
     d = thresholds.meta.get("app_defaults") or {}
     placement = thresholds.placement
-    sdc = d.get("sdc", "exact" if placement.value == "pre" else "none")
-    vmc = bool(d.get("vmc", True))
-    reference = thresholds.theta_reference
-    try:
-        return SparseConfig(k=thresholds.k, placement=placement, sdc=sdc, vmc=vmc, theta_reference=reference)
-    except ValueError:
-        return SparseConfig(k=thresholds.k, placement=placement,
-                            sdc="exact" if placement.value == "pre" else "none", vmc=True, theta_reference=reference)
+    sdc = fit_sdc(d.get("sdc", SDC.EXACT.value), Selection.TOP_THETA, placement)
+    vmc = bool(d.get("vmc", True)) if (sdc is not SDC.NONE or placement is Placement.POST) else False
+    return SparseConfig(k=thresholds.k, placement=placement, sdc=sdc, vmc=vmc,
+                        theta_reference=thresholds.theta_reference)
 
 
 def grid_click(state) -> tuple[int, int] | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import streamlit as st
 
 from topθ_core.config import (SDC, Aggregation, CalibrationConfig, ConfigError, EmptyRowFloor, KSchedule, Placement,
-                              Selection, SparseConfig, ThetaReference)
+                              Selection, SparseConfig, ThetaReference, allowed_sdc, fit_sdc)
 from topθ_core.thresholds import Thresholds
 
 from . import analysis
@@ -71,13 +71,9 @@ def sparse_config_controls(prefix: str, thresholds: Thresholds | None, *, column
     placement = cols[1].radio("Placement", [p.value for p in Placement], key=keys["placement"], disabled=top_theta,
                               format_func=lambda p: f"{p}-softmax",
                               help="Top-θ uses the placement its thresholds were calibrated for.")
-    sdc_options = [s.value for s in SDC]
-    if selection == "top-k":
-        sdc_options = [SDC.NONE.value, SDC.EXACT.value]
-    if placement == Placement.POST.value:
-        sdc_options = [SDC.NONE.value]
+    sdc_options = [s.value for s in allowed_sdc(selection, placement)]
     if st.session_state[keys["sdc"]] not in sdc_options:
-        st.session_state[keys["sdc"]] = sdc_options[-1] if SDC.EXACT.value in sdc_options and not top_theta else sdc_options[0]
+        st.session_state[keys["sdc"]] = fit_sdc(st.session_state[keys["sdc"]], selection, placement).value
     sdc = cols[2].selectbox("SDC", sdc_options, key=keys["sdc"], help="Softmax denominator compensation")
     sdc_scale = cols[2].number_input("SDC scale s", min_value=0.0, max_value=4.0, step=0.25, key=keys["sdc_scale"],
                                      disabled=sdc == SDC.NONE.value)

@@ -71,15 +71,6 @@ def require_model() -> AppContext:
     return ctx
 
 
-def require_thresholds(ctx: AppContext, what: str = "this page") -> Thresholds:
-    if ctx.thresholds is None:
-        msg = ctx.thresholds_error or "No threshold set is active for this model."
-        st.info(f"{msg} Run a calibration on the **Calibrate** page (or pick a saved run in the sidebar) to use {what}.")
-        page_link_calibrate()
-        st.stop()
-    return ctx.thresholds
-
-
 def page_link_calibrate() -> None:
     """A link to the Calibrate page (silently absent where the page is not registered, e.g. page-only tests)."""
     try:

@@ -10,7 +10,7 @@ from explorer_ui import session_keys as K
 from explorer_ui.sidebar import require_model
 from explorer_ui.uploads import EXTENSIONS, MAX_UPLOAD_MB, UploadError, parse_upload
 from topθ_core.calibration import CalibrationCancelled, calibrate
-from topθ_core.config import CalibrationConfig, ConfigError, Placement
+from topθ_core.config import SDC, CalibrationConfig, ConfigError, Placement, Selection, allowed_sdc
 
 ctx = require_model()
 lm = ctx.lm
@@ -78,7 +78,7 @@ tac = s3.checkbox("Top-k at calibration (TAC)", value=True, key=K.CAL_TAC)
 sample_frac = s3.slider("Row sample fraction", min_value=0.05, max_value=1.0, value=1.0, step=0.05,
                         key=K.CAL_SAMPLE_FRAC)
 bin_width = s3.number_input("Length bin width", min_value=1, max_value=256, value=16, key=K.CAL_BIN_WIDTH)
-sdc_opts = ["exact", "offline", "exp-threshold", "none"] if placement == "pre" else ["none"]
+sdc_opts = [s.value for s in sorted(allowed_sdc(Selection.TOP_THETA, placement), key=lambda s: s is not SDC.EXACT)]
 sdc_default = s4.selectbox("Default SDC for inference", sdc_opts, key=K.CAL_SDC)
 vmc_default = s4.checkbox("Default VMC for inference", value=True, key=K.CAL_VMC)
 

@@ -29,10 +29,10 @@ TIMEOUT = 120
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    from explorer_ui.tiny_model import make_tiny_model
+    from topθ_core.tiny import write_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("app")
-    model = make_tiny_model(root / "tiny-llama")
+    model = write_tiny_checkpoint(root / "tiny-llama")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TOPTHETA_APP_MODEL", str(model))
         mp.setenv("TOPTHETA_RUNS_DIR", str(root / "runs"))

@@ -51,10 +51,10 @@ def metrics_frame(n_layers=2, n_heads=4, n_kv=2) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from explorer_ui.tiny_model import make_tiny_model
+    from topθ_core.tiny import write_tiny_checkpoint
     from topθ_core.models import load_model
 
-    return load_model(make_tiny_model(tmp_path_factory.mktemp("tiny")))
+    return load_model(write_tiny_checkpoint(tmp_path_factory.mktemp("tiny")))
 
 
 # ---------------------------------------------------------------------------- figures

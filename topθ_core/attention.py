@@ -16,14 +16,14 @@ query head when the layer has per-head k); rows with ``L = 0`` (left padding) ou
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Protocol, Sequence
 
 import torch
 from numpy import integer as np_integer
 
 from .compensation import SDC_ESTIMATES, RowTerms, v_mean_compensation
-from .config import SDC, EmptyRowFloor, Placement, SparseConfig, Selection, ThetaReference
-from .selection import SELECTIONS, THETA_REFERENCES, always_kept, cap_k_recent, floor_empty_rows, top_k_with_next
+from .config import SDC, Placement, SparseConfig, Selection, ThetaReference
+from .selection import SELECTIONS, RowScores, theta_row_rules
 
 # Score-block budget in elements (B·Hq·rows·Sk) per chunk: ~64 MB per fp32 temporary.
 DEFAULT_BLOCK_ELEMENTS = 1 << 24
@@ -35,11 +35,6 @@ def causal_visible(q_len: int, kv_len: int, device=None, batch: int = 1) -> torc
     i = torch.arange(q_len, device=device).unsqueeze(-1)
     j = torch.arange(kv_len, device=device).unsqueeze(0)
     return (j <= i + offset).unsqueeze(0).expand(batch, q_len, kv_len)
-
-
-def row_lengths(visible: torch.Tensor) -> torch.Tensor:
-    """(B, Sq) number of visible keys per query row."""
-    return visible.sum(-1)
 
 
 @dataclass
@@ -138,14 +133,14 @@ def topθ_attention_ref(
     trim = causal and Sq > 1 and (observer is None or getattr(observer, "accepts_key_prefix", False))
     if trim:
         rows = min(rows, max(64, -(-Sq // 8)))
+    call = _Call(config, k_keep, softcap, g, Sq, observer)
     for r0 in range(0, Sq, rows):
         r1 = min(Sq, r0 + rows)
         n = Sk - Sq + r1 if trim else Sk
         out[:, :, r0:r1] = _attend_rows(
-            qc[:, :, r0:r1], kc[:, :, :n], vc[:, :, :n], visible[:, r0:r1, :n].unsqueeze(1), r0,
+            call, qc[:, :, r0:r1], kc[:, :, :n], vc[:, :, :n], visible[:, r0:r1, :n].unsqueeze(1), r0,
             None if theta is None else theta[:, :, r0:r1].to(cdtype),
             None if sdc_term is None else sdc_term[:, :, r0:r1].to(cdtype),
-            config, k_keep, softcap, g, observer, Sq, n,
             None if v_cum is None else v_cum[:, :, Sk - Sq + r0:Sk - Sq + r1],
         ).to(q.dtype)
     return out
@@ -173,91 +168,98 @@ def _grouped_matmul(x: torch.Tensor, y: torch.Tensor, g: int) -> torch.Tensor:
     return (x.reshape(B, Hkv, g * R, a) @ y).reshape(B, Hq, R, y.shape[-1])
 
 
-def _attend_rows(q, k, v, vis, row_start, theta, sdc_term, cfg: SparseConfig, k_keep, softcap, g, observer,
-                 q_len, kv_len, v_cum):
-    """One chunk of query rows.  ``q`` is already scaled; ``v_cum`` (B, Hkv, R, d) is each row's
-    sum of visible V rows when the caller has it from a causal prefix sum (VMC), else ``None``."""
-    B, Hq, R, d = q.shape
-    Hkv = k.shape[1]
-    logits = _grouped_matmul(q, k.transpose(-1, -2), g)  # (B, Hq, R, N)
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
+@dataclass(frozen=True)
+class _Call:
+    """What every row chunk of one attention call shares."""
+
+    config: SparseConfig
+    k_keep: "int | torch.Tensor"  # one k, or (Hq,) per head
+    softcap: float | None
+    groups: int  # query heads per KV head
+    q_len: int
+    observer: Observer | None
+
+    def k_rows(self) -> "int | torch.Tensor":
+        """k broadcastable over (B, Hq, R)."""
+        return self.k_keep.view(1, -1, 1) if torch.is_tensor(self.k_keep) else self.k_keep
+
+
+def _attend_rows(call: _Call, q, k, v, vis, row_start: int, theta, sdc_term, v_cum) -> torch.Tensor:
+    """One chunk of query rows, (B, Hq, R, d).  ``q`` is already scaled; ``v_cum`` (B, Hkv, R, d) is each
+    row's sum of visible V rows when the caller has it from a causal prefix sum (VMC), else ``None``."""
+    cfg = call.config
+    logits = _grouped_matmul(q, k.transpose(-1, -2), call.groups)  # (B, Hq, R, N)
+    if call.softcap is not None:
+        logits = call.softcap * torch.tanh(logits / call.softcap)
     logits.masked_fill_(~vis, float("-inf"))
     row_len = vis.sum(-1)  # (B, 1, R)
     has_keys = row_len > 0
     m = logits.amax(-1)  # (B, Hq, R)
     m = torch.where(has_keys, m, torch.zeros_like(m))
     e = (logits - m.unsqueeze(-1)).exp_()  # 0 at invisible keys
-    per_head = torch.is_tensor(k_keep)
-    kk = k_keep.view(1, Hq, 1) if per_head else k_keep  # broadcasts over (B, Hq, R)
-    dense_rows = row_len <= kk  # (B, 1, R), or (B, Hq, R) with per-head k
-
-    if cfg.placement is Placement.POST:
-        p_dense = e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)
-        scores = p_dense
-    else:
-        scores = logits
-    kth_next = None
-    if cfg.selection is Selection.TOP_K:  # one topk serves the selection and calibration observers
-        kept, kth_next = top_k_with_next(scores, vis, k_keep)
-    elif cfg.selection is Selection.TOP_THETA:
-        kept = THETA_REFERENCES[cfg.theta_reference](scores, vis, theta, m)
-    else:
-        kept = SELECTIONS[cfg.selection](scores, vis, theta, k_keep)
-    if cfg.selection is Selection.TOP_THETA and cfg.capk:
-        kept = cap_k_recent(kept, kk.unsqueeze(-1) if per_head else k_keep)
-    if cfg.selection is Selection.TOP_THETA and cfg.empty_row is EmptyRowFloor.MAX:
-        kept, empty = floor_empty_rows(kept, scores, vis)
-    elif cfg.selection is Selection.TOP_THETA:
-        empty = ~kept.any(-1) & has_keys
+    dense_rows = row_len <= call.k_rows()  # (B, 1, R), or (B, Hq, R) with per-head k
+    p_dense = e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny) if cfg.placement is Placement.POST \
+        else None
+    rs = RowScores(scores=logits if p_dense is None else p_dense, visible=vis, theta=theta, k=call.k_keep, row_max=m,
+                   reference=cfg.theta_reference)
+    kept, kth_next = SELECTIONS[cfg.selection](rs)
+    if cfg.selection is Selection.TOP_THETA:
+        kept, empty = theta_row_rules(kept, rs, cfg)
     else:  # dense and top-k keep at least one element of every row with keys
         empty = torch.zeros(kept.shape[:-1], dtype=torch.bool, device=kept.device)
-    if cfg.selection is Selection.TOP_THETA and (cfg.sink_tokens or cfg.recent_tokens):
-        kept = kept | always_kept(vis, cfg.sink_tokens, cfg.recent_tokens)  # position rule, after the floor
     if cfg.selection is not Selection.DENSE and bool(dense_rows.any()):
         kept = kept | (vis & dense_rows.unsqueeze(-1))  # short rows are dense
     empty = empty & ~dense_rows
-
-    d_u = p_sum = None
-    if cfg.placement is Placement.POST:
-        probs = p_dense * kept
-    else:
-        e_kept = e * kept
-        d_s = e_kept.sum(-1)
-        sdc = SDC.NONE if cfg.selection is Selection.DENSE else cfg.sdc
-        if sdc is SDC.NONE:
-            d_u = torch.zeros_like(d_s)
-        else:
-            if cfg.selection is Selection.TOP_K:  # exactly min(k, L) kept: no need to count
-                n_dropped = (row_len - kk).clamp_min(0).expand(d_s.shape)
-            else:
-                n_dropped = row_len - kept.sum(-1)
-            theta_logit = theta if cfg.selection is Selection.TOP_THETA else None
-            if theta_logit is not None and cfg.theta_reference is ThetaReference.ROW_MAX:
-                theta_logit = theta_logit + m  # θ_rel → the absolute logit it stands for (exp-threshold SDC)
-            d_u = SDC_ESTIMATES[sdc](RowTerms(e=e, d_s=d_s, n_dropped=n_dropped, m=m, theta=theta_logit,
-                                              offline=sdc_term))
-        denom = d_s + cfg.sdc_scale * d_u
-        denom = torch.where(denom > 0, denom, torch.ones_like(denom))
-        probs = e_kept.div_(denom.unsqueeze(-1))
-        p_sum = d_s / denom
-        if sdc is not SDC.EXACT:
-            d_u = None  # only the exact dropped mass is worth handing to observers
-
-    o = _grouped_matmul(probs, v, g)  # (B, Hq, R, d)
+    probs, p_sum, d_u = _weights(cfg, e, p_dense, kept, row_len, m, theta, sdc_term, call.k_rows())
+    o = _grouped_matmul(probs, v, call.groups)  # (B, Hq, R, d)
     if cfg.vmc and cfg.selection is not Selection.DENSE:
-        if v_cum is None:
-            v_cum = vis.to(v.dtype).expand(B, Hkv, R, kv_len) @ v  # (B, Hkv, R, d) visible sums
-        v_mean = v_cum / row_len.clamp_min(1).unsqueeze(-1).to(v.dtype)
-        v_mean = v_mean.repeat_interleave(g, dim=1)
-        p_sum = torch.where(has_keys, probs.sum(-1) if p_sum is None else p_sum, torch.ones_like(m))
-        o = v_mean_compensation(o, p_sum, v_mean)
-    if observer is not None:
-        observer(RowBlock(row_start=row_start, logits=logits, visible=vis, row_len=row_len, kept=kept,
-                          probs=probs, dense_rows=dense_rows, empty_rows=empty, n_kv_heads=Hkv,
-                          k=int(k_keep.min()) if per_head else k_keep, q_len=q_len, kv_len=kv_len, kth_next=kth_next,
-                          exp_scores=e, dropped_mass=d_u, k_heads=k_keep if per_head else None))
+        o = _v_mean(o, probs, p_sum, v, vis, v_cum, row_len, has_keys, m, call.groups)
+    if call.observer is not None:
+        per_head = torch.is_tensor(call.k_keep)
+        call.observer(RowBlock(row_start=row_start, logits=logits, visible=vis, row_len=row_len, kept=kept,
+                               probs=probs, dense_rows=dense_rows, empty_rows=empty, n_kv_heads=k.shape[1],
+                               k=int(call.k_keep.min()) if per_head else call.k_keep, q_len=call.q_len,
+                               kv_len=k.shape[2], kth_next=kth_next, exp_scores=e, dropped_mass=d_u,
+                               k_heads=call.k_keep if per_head else None))
     return o
+
+
+def _weights(cfg: SparseConfig, e, p_dense, kept, row_len, m, theta, sdc_term, kk):
+    """Weights applied to V: ``(probs, p_sum, d_u)``.  Post-softmax keeps the dense probabilities
+    of the kept set; pre-softmax divides ``e`` by ``D_S + s·D̃_U`` (the SDC variant's estimate).
+    ``p_sum`` is the kept weight per row when known (VMC's share), ``d_u`` the exact dropped mass
+    when exact SDC computed it (calibration reuses it), else None."""
+    if p_dense is not None:
+        return p_dense * kept, None, None
+    e_kept = e * kept
+    d_s = e_kept.sum(-1)
+    sdc = SDC.NONE if cfg.selection is Selection.DENSE else cfg.sdc
+    if sdc is SDC.NONE:
+        d_u = torch.zeros_like(d_s)
+    else:
+        if cfg.selection is Selection.TOP_K:  # exactly min(k, L) kept: no need to count
+            n_dropped = (row_len - kk).clamp_min(0).expand(d_s.shape)
+        else:
+            n_dropped = row_len - kept.sum(-1)
+        theta_logit = theta if cfg.selection is Selection.TOP_THETA else None
+        if theta_logit is not None and cfg.theta_reference is ThetaReference.ROW_MAX:
+            theta_logit = theta_logit + m  # θ_rel → the absolute logit it stands for (exp-threshold SDC)
+        d_u = SDC_ESTIMATES[sdc](RowTerms(e=e, d_s=d_s, n_dropped=n_dropped, m=m, theta=theta_logit,
+                                          offline=sdc_term))
+    denom = d_s + cfg.sdc_scale * d_u
+    denom = torch.where(denom > 0, denom, torch.ones_like(denom))
+    probs = e_kept.div_(denom.unsqueeze(-1))
+    return probs, d_s / denom, d_u if sdc is SDC.EXACT else None
+
+
+def _v_mean(o, probs, p_sum, v, vis, v_cum, row_len, has_keys, m, g):
+    """VMC: the share of weight not on kept elements goes to the mean of the row's visible V rows."""
+    B, Hkv, N = v.shape[0], v.shape[1], v.shape[2]
+    if v_cum is None:
+        v_cum = vis.to(v.dtype).expand(B, Hkv, vis.shape[2], N) @ v  # (B, Hkv, R, d) visible sums
+    v_mean = (v_cum / row_len.clamp_min(1).unsqueeze(-1).to(v.dtype)).repeat_interleave(g, dim=1)
+    p_sum = torch.where(has_keys, probs.sum(-1) if p_sum is None else p_sum, torch.ones_like(m))
+    return v_mean_compensation(o, p_sum, v_mean)
 
 
 def dense_attention_ref(q, k, v, *, visible=None, scale=None, softcap=None, upcast=True) -> torch.Tensor:

@@ -27,6 +27,7 @@ from .attention import RowBlock
 from .config import CalibrationConfig, Placement, SdcSource, SparseConfig, Selection, ThetaReference
 from .fingerprint import model_fingerprint
 from .integration import sparse_run
+from .models import as_module, base_model, model_device
 from .row_samples import row_samples_ref
 from .statistics import ThresholdStats
 from .thresholds import Thresholds
@@ -113,6 +114,34 @@ class ThetaDroppedMass:
             self.stats.add(layer, L[b, r], torch.zeros_like(d_u), d_u, mask=L[b, r].unsqueeze(-1) > block.k_heads.view(1, -1))
 
 
+def run_documents(model: torch.nn.Module, documents: Sequence[torch.Tensor], config: SparseConfig,
+                  thresholds: Thresholds | None = None, *, observers: tuple = (), progress: ProgressFn | None = None,
+                  should_stop: Callable[[], bool] | None = None, decode_tokens: int = 0) -> None:
+    """Run the decoder (no LM head: logits are not needed) over each document, batch 1, inside one
+    sparse run of ``config`` whose ``observers`` see every attention call.
+
+    ``progress(done_tokens, total_tokens)`` after each document; ``should_stop()`` returning True
+    raises :class:`CalibrationCancelled`.  With ``decode_tokens > 0`` each document is continued
+    greedily for that many tokens instead, so decode rows (one query row a step) are observed too.
+    """
+    device, base = model_device(model), base_model(model)
+    total, done = sum(int(d.numel()) for d in documents), 0
+    if progress:
+        progress(0, total)
+    with torch.inference_mode(), sparse_run(config, thresholds, observers=observers):
+        for ids in documents:
+            if should_stop is not None and should_stop():
+                raise CalibrationCancelled("calibration cancelled")
+            if decode_tokens > 0:
+                model.generate(ids.view(1, -1).to(device), max_new_tokens=decode_tokens, do_sample=False,
+                               min_new_tokens=decode_tokens, pad_token_id=0)
+            else:
+                base(input_ids=ids.view(1, -1).to(device), use_cache=False)
+            done += int(ids.numel())
+            if progress:
+                progress(done, total)
+
+
 def calibrate_sdc_under_theta(model, documents: Sequence[torch.Tensor], thresholds: Thresholds,
                               config: SparseConfig | None = None, *, progress: ProgressFn | None = None,
                               should_stop: Callable[[], bool] | None = None) -> Thresholds:
@@ -124,8 +153,7 @@ def calibrate_sdc_under_theta(model, documents: Sequence[torch.Tensor], threshol
     terms, the thresholds' k schedule and VMC).  Returns new :class:`Thresholds` with the
     same θ statistics and ``meta["sdc_source"] = "theta"``.
     """
-    if hasattr(model, "tokenizer") and hasattr(model, "model"):
-        model = model.model
+    model = as_module(model)
     fp = model_fingerprint(model)
     thresholds.check_model(fp)
     if config is None:
@@ -133,19 +161,9 @@ def calibrate_sdc_under_theta(model, documents: Sequence[torch.Tensor], threshol
                               k=thresholds.k, theta_reference=thresholds.theta_reference)
     if config.selection is not Selection.TOP_THETA or config.placement is not Placement.PRE:
         raise ValueError("the SDC pass runs pre-softmax Top-θ selection")
-    device = next(model.parameters()).device
-    stats = ThresholdStats(fp.n_layers, fp.n_heads, thresholds.bin_width, device=device)
-    observer = ThetaDroppedMass(stats)
-    base = getattr(model, model.base_model_prefix, model)
-    total, done = sum(int(d.numel()) for d in documents), 0
-    with torch.inference_mode(), sparse_run(config, thresholds, observers=(observer,)):
-        for ids in documents:
-            if should_stop is not None and should_stop():
-                raise CalibrationCancelled("calibration cancelled")
-            base(input_ids=ids.view(1, -1).to(device), use_cache=False)
-            done += int(ids.numel())
-            if progress:
-                progress(done, total)
+    stats = ThresholdStats(fp.n_layers, fp.n_heads, thresholds.bin_width, device=model_device(model))
+    run_documents(model, documents, config, thresholds, observers=(ThetaDroppedMass(stats),), progress=progress,
+                  should_stop=should_stop)
     count, du_sum = stats.count.cpu(), stats.du_sum.cpu()
     nb = min(count.shape[-1], thresholds.sdc_mean.shape[-1])
     old = thresholds.sdc_mean[..., :nb]
@@ -192,31 +210,14 @@ def collect_stats(model: torch.nn.Module, documents: Sequence[torch.Tensor], con
     """
     fp = model_fingerprint(model)
     config.k.validate(fp.n_layers, fp.n_heads)  # refuses layers or heads the model lacks
-    device = next(model.parameters()).device
     if stats is None:
-        stats = ThresholdStats.for_config(fp.n_layers, fp.n_heads, config, device=device)
+        stats = ThresholdStats.for_config(fp.n_layers, fp.n_heads, config, device=model_device(model))
     elif config.aggregation.needs_samples and stats.samples is None:
         raise ValueError(f"aggregation={config.aggregation.value} needs a sample reservoir, which the given "
                          "statistics lack: create them with ThresholdStats.for_config(..., config)")
-    observer = CalibrationObserver(stats, config)
     run_cfg = config.tac_config() if config.tac else SparseConfig(selection=Selection.DENSE, k=config.k, sdc="none", vmc=False)
-    base = getattr(model, model.base_model_prefix, model)  # skip the LM head: logits are not needed
-    total = sum(int(d.numel()) for d in documents)
-    done = 0
-    if progress:
-        progress(0, total)
-    with torch.inference_mode(), sparse_run(run_cfg, observers=(observer,)):
-        for ids in documents:
-            if should_stop is not None and should_stop():
-                raise CalibrationCancelled("calibration cancelled")
-            if decode_tokens > 0:
-                model.generate(ids.view(1, -1).to(device), max_new_tokens=decode_tokens, do_sample=False,
-                               min_new_tokens=decode_tokens, pad_token_id=0)
-            else:
-                base(input_ids=ids.view(1, -1).to(device), use_cache=False)
-            done += int(ids.numel())
-            if progress:
-                progress(done, total)
+    run_documents(model, documents, run_cfg, observers=(CalibrationObserver(stats, config),), progress=progress,
+                  should_stop=should_stop, decode_tokens=decode_tokens)
     return stats
 
 
@@ -237,9 +238,8 @@ def calibrate(model, data: Sequence[str] | Sequence[torch.Tensor], config: Calib
     and replaces the offline SDC terms.
     """
     config = config or CalibrationConfig()
-    if hasattr(model, "tokenizer") and hasattr(model, "model"):
-        tokenizer = tokenizer or model.tokenizer
-        model = model.model
+    tokenizer = tokenizer or getattr(model, "tokenizer", None)
+    model = as_module(model)
     docs = prepare_documents(data, tokenizer, max_length, add_special_tokens)
     longest = max(int(d.numel()) for d in docs)
     fp = model_fingerprint(model)

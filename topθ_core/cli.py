@@ -18,7 +18,8 @@ import math
 import sys
 
 from .calibration_job import CalibrationJob, add_calibration_arguments, job_from_args, torch_dtype
-from .config import SDC, ConfigError, EmptyRowFloor, KSchedule, Lookup, Placement, Selection, SparseConfig, ThetaReference
+from .config import (SDC, ConfigError, EmptyRowFloor, KSchedule, Lookup, Placement, Selection, SparseConfig,
+                     ThetaReference, fit_sdc)
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -110,11 +111,7 @@ def _sparse_config(args, thresholds) -> SparseConfig:
         k = KSchedule.parse(64, args.layer_k if args.layer_k is not None else "0:512,1:512", args.head_k)
     placement = args.placement or (thresholds.placement.value if thresholds is not None else "pre")
     selection = Selection(args.selection)
-    sdc = args.sdc
-    if selection is not Selection.TOP_THETA and sdc in ("offline", "exp-threshold"):
-        sdc = "exact" if placement == "pre" else "none"
-    if placement == "post" and sdc != "none":
-        sdc = "none"
+    sdc = fit_sdc(args.sdc, selection, placement)
     # the kind of θ is the artifact's (calibration writes it, inference only reads it)
     reference = thresholds.theta_reference if thresholds is not None and selection is Selection.TOP_THETA \
         else ThetaReference.ABSOLUTE

@@ -250,10 +250,6 @@ class KSchedule:
             raise ConfigError(f"k schedule names layer(s) {bad} but the model has {n_layers} layers")
         return [self.k_for(i) for i in range(n_layers)]
 
-    def mean_k(self, n_layers: int, n_heads: int) -> list[float]:
-        """Per layer, the mean k over its query heads."""
-        return [sum(self.heads_for(l, n_heads) or [self.k_for(l)] * n_heads) / n_heads for l in range(n_layers)]
-
     def to_text(self) -> str:
         return ",".join(f"{layer}:{k}" for layer, k in self.overrides)
 
@@ -280,6 +276,31 @@ class KSchedule:
                    head_overrides=tuple(sorted(heads.items())))
 
 
+def allowed_sdc(selection: Selection, placement: Placement) -> tuple[SDC, ...]:
+    """The SDC variants a selection and placement take (what :class:`SparseConfig` accepts).
+
+    Post-softmax takes none (it already divides by the dense denominator); top-k has no θ, so
+    no exp-threshold or offline term; dense ignores SDC.  Top-θ pre-softmax takes every variant.
+    """
+    selection, placement = Selection(selection), Placement(placement)
+    if selection is Selection.DENSE:
+        return tuple(SDC)
+    if placement is Placement.POST:
+        return (SDC.NONE,)
+    if selection is Selection.TOP_K:
+        return (SDC.NONE, SDC.EXACT)
+    return tuple(SDC)
+
+
+def fit_sdc(sdc: SDC | str, selection: Selection | str, placement: Placement | str) -> SDC:
+    """``sdc`` if the selection and placement take it, else the closest they take (exact, else none)."""
+    allowed = allowed_sdc(selection, placement)
+    sdc = SDC(sdc)
+    if sdc in allowed:
+        return sdc
+    return SDC.EXACT if SDC.EXACT in allowed else SDC.NONE
+
+
 MAX_RESERVOIR_CAPACITY = 1 << 16  # samples per (layer, head, length bin); far beyond what a median needs
 
 PAPER_K = KSchedule(default=64, overrides=((0, 512), (1, 512)))
@@ -303,9 +324,8 @@ class SparseConfig:
     row maximum), with θ_rel from thresholds calibrated the same way (the artifact records which).
     Per-(layer, head) k (``KSchedule.head_overrides``) moves each head's dense-row rule and top-k.
 
-    The default SDC is ``exact`` (the dropped mass summed per row from scores the threshold
-    compare computes anyway): on SmolLM2 at 2k tokens it cut Top-θ's perplexity change at k=64
-    from +5.9% (the paper's offline term) to +0.8% at the same kept fraction.
+    The default SDC is ``exact``: the dropped mass summed per row from the scores the threshold
+    compare computes anyway (why: ``benchmarks/results/fidelity.md``).
     """
 
     selection: Selection = Selection.TOP_THETA
@@ -340,15 +360,15 @@ class SparseConfig:
                 "SDC applies to pre-softmax placement only: post-softmax already divides by the "
                 "full dense denominator. Use placement=pre, or sdc=none."
             )
+        if self.sdc not in allowed_sdc(self.selection, self.placement):
+            raise ConfigError(
+                f"sdc={self.sdc.value} needs calibrated thresholds, which top-k does not use. "
+                "Use sdc=exact or none with top-k, or selection=top-theta."
+            )
         if self.vmc and self.placement is Placement.PRE and self.sdc is SDC.NONE:
             raise ConfigError(
                 "VMC with pre-softmax placement and no SDC does nothing (kept probabilities sum to 1). "
                 "Enable an SDC variant, use post-softmax placement, or turn VMC off."
-            )
-        if self.selection is Selection.TOP_K and self.sdc in (SDC.EXP_THRESHOLD, SDC.OFFLINE):
-            raise ConfigError(
-                f"sdc={self.sdc.value} needs calibrated thresholds, which top-k does not use. "
-                "Use sdc=exact or none with top-k, or selection=top-theta."
             )
         if self.selection is Selection.TOP_K and self.capk:
             raise ConfigError("capk only applies to top-theta selection (top-k already keeps k)")

@@ -56,6 +56,7 @@ from .calibration_job import CalibrationJob, add_calibration_arguments, job_from
 from .config import CalibrationConfig, ConfigError, SdcSource
 from .datafiles import read_texts
 from .fingerprint import model_fingerprint
+from .models import as_module, model_device
 from .thresholds import Thresholds
 from .statistics import SampleReservoir, ThresholdStats, stream_seed
 
@@ -446,8 +447,7 @@ def calibrate_distributed(
                 gpus = _rank_gpus(info, gpus_per_rank if device_map == "auto" else 1)
         device = torch.device("cuda", gpus[0]) if gpus else torch.device("cpu")
     else:
-        inner = model.model if hasattr(model, "model") and hasattr(model, "tokenizer") else model
-        device = next(inner.parameters()).device
+        device = model_device(as_module(model))
     job = _RankJob(model=model, is_spec=is_spec, data=data, config=config, out=None if out is None else Path(out),
                    device=device, gpus=tuple(gpus), tokenizer=tokenizer, max_length=max_length, limit=limit,
                    add_special_tokens=add_special_tokens, data_description=data_description, overwrite=overwrite,
@@ -507,11 +507,8 @@ def _run(comm: _Comm, job: _RankJob) -> Thresholds:
             lm = load_rank_model(job.model, device=job.device, device_map=job.device_map, gpus=job.gpus, dtype=job.dtype)
         else:
             lm = job.model
-        if hasattr(lm, "tokenizer") and hasattr(lm, "model"):
-            tokenizer = tokenizer or lm.tokenizer
-            net = lm.model
-        else:
-            net = lm
+        tokenizer = tokenizer or getattr(lm, "tokenizer", None)
+        net = as_module(lm)
         fp = model_fingerprint(net)
         ks = config.k.as_list(fp.n_layers)
         docs = _documents(job.data, tokenizer, job.max_length, job.add_special_tokens, job.limit)
@@ -536,7 +533,7 @@ def _run(comm: _Comm, job: _RankJob) -> Thresholds:
 
     # 3. each rank's shard
     err, payload = None, None
-    stats_device = next(net.parameters()).device
+    stats_device = model_device(net)
     stats = ThresholdStats.for_config(fp.n_layers, fp.n_heads, config, device=stats_device, stream=info.rank)
     shard_docs = [docs[i] for i in shard]
     t0 = time.perf_counter()

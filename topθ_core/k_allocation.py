@@ -20,6 +20,7 @@ import torch
 from .attention import RowBlock
 from .config import DENSE, SDC, ConfigError, KSchedule, Selection, SparseConfig
 from .fingerprint import model_fingerprint
+from .calibration import run_documents
 from .integration import sparse_run
 from .models import as_module, base_model, model_device
 
@@ -213,16 +214,8 @@ def measure_mass_spread(model, documents: Sequence[torch.Tensor], k: KSchedule, 
     fp = model_fingerprint(model)
     ks = k.as_list(fp.n_layers)
     obs = MassSpreadObserver(fp.n_layers, fp.n_heads, ks, mass)
-    device = model_device(model)
-    base = base_model(model)
-    total, done = sum(int(d.numel()) for d in documents), 0
     dense = SparseConfig(selection=Selection.DENSE, k=KSchedule(k.default, k.overrides), sdc="none", vmc=False)
-    with torch.inference_mode(), sparse_run(dense, observers=(obs,)):
-        for ids in documents:
-            base(input_ids=ids.view(1, -1).to(device), use_cache=False)
-            done += int(ids.numel())
-            if progress:
-                progress(done, total)
+    run_documents(model, documents, dense, observers=(obs,), progress=progress)
     return obs.mean_spread()
 
 

@@ -1,34 +1,58 @@
 """Selection variants: which visible attention elements a row keeps.
 
-Each variant is a small pure function ``(scores, visible, theta, k) -> kept`` keyed by
-:class:`~topθ_core.config.Selection`.  ``scores`` are in the placement's space: logits
-``a_ij`` for pre-softmax, dense probabilities ``p_ij`` for post-softmax.
+Each variant is a small pure function of a :class:`RowScores` returning ``(kept, kth_next)``,
+keyed by :class:`~topθ_core.config.Selection` in :data:`SELECTIONS`.  ``scores`` are in the
+placement's space: logits ``a_ij`` for pre-softmax, dense probabilities ``p_ij`` for post-softmax.
+``kth_next`` is the (k+1)-th largest score per row when the variant computed it (top-k), which
+calibration reuses as its sample.
 
 Shapes: ``scores`` (B, H, R, N) with ``-inf`` (pre) or 0 (post) at invisible keys,
-``visible`` (B, 1, R, N) bool, ``theta`` (B, H, R) or None, ``kept`` (B, H, R, N) bool.
-The row-level rules that follow the variant (capk, the empty-row floor, dense short
-rows) are separate functions applied in that order by the attention.
+``visible`` (B, 1, R, N) bool, ``theta`` and ``row_max`` (B, H, R), ``kept`` (B, H, R, N) bool.
+Top-θ's row rules (capk, the empty-row floor, always-kept positions) follow in
+:func:`theta_row_rules`; dense short rows are the attention's.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from .config import Selection, ThetaReference
+from .config import EmptyRowFloor, Selection, ThetaReference
 
-SelectFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", int], torch.Tensor]
+@dataclass(frozen=True)
+class RowScores:
+    """What a selection variant reads for one chunk of rows."""
+
+    scores: torch.Tensor  # (B, H, R, N)
+    visible: torch.Tensor  # (B, 1, R, N) bool
+    theta: "torch.Tensor | None"  # (B, H, R), in the space ``reference`` says
+    k: "int | torch.Tensor"  # one k, or (H,) per head
+    row_max: torch.Tensor  # (B, H, R) the largest visible logit (0 for rows without keys)
+    reference: ThetaReference = ThetaReference.ABSOLUTE
 
 
-def select_dense(scores: torch.Tensor, visible: torch.Tensor, theta, k: int) -> torch.Tensor:
+Kept = tuple[torch.Tensor, "torch.Tensor | None"]
+SelectFn = Callable[[RowScores], Kept]
+
+
+def select_dense(s: RowScores) -> Kept:
     """Keep every visible element."""
-    return visible.expand(scores.shape).clone()
+    return s.visible.expand(s.scores.shape).clone(), None
 
 
-def select_top_k(scores: torch.Tensor, visible: torch.Tensor, theta, k: int) -> torch.Tensor:
-    """Keep the ``k`` largest visible elements of each row (exactly ``min(k, L)``; ties by index)."""
-    return top_k_with_next(scores, visible, k)[0]
+def select_top_k(s: RowScores) -> Kept:
+    """Keep the ``k`` largest visible elements of each row (exactly ``min(k, L)``), and the (k+1)-th score."""
+    return top_k_with_next(s.scores, s.visible, s.k)
+
+
+def select_top_theta(s: RowScores) -> Kept:
+    """Keep element j of row i iff its score beats θ_i (one compare, no row-wide dependency);
+    :data:`THETA_REFERENCES` says what θ is compared with."""
+    if s.theta is None:
+        raise ValueError("top-theta selection needs thresholds (theta is None)")
+    return THETA_REFERENCES[s.reference](s.scores, s.visible, s.theta, s.row_max), None
 
 
 def top_k_with_next(scores: torch.Tensor, visible: torch.Tensor, k: "int | torch.Tensor"
@@ -69,23 +93,9 @@ def _top_k_per_head(scores: torch.Tensor, visible: torch.Tensor, k: torch.Tensor
     return kept & visible, nxt
 
 
-def select_top_theta(scores: torch.Tensor, visible: torch.Tensor, theta, k: int) -> torch.Tensor:
-    """Keep element j of row i iff ``score_ij > θ_i`` (one compare, no row-wide dependency)."""
-    if theta is None:
-        raise ValueError("top-theta selection needs thresholds (theta is None)")
-    return (scores > theta.unsqueeze(-1)) & visible
-
-
-SELECTIONS: dict[Selection, SelectFn] = {
-    Selection.DENSE: select_dense,
-    Selection.TOP_K: select_top_k,
-    Selection.TOP_THETA: select_top_theta,
-}
-
-
 def theta_absolute(scores: torch.Tensor, visible: torch.Tensor, theta, row_max: torch.Tensor) -> torch.Tensor:
     """θ in score space: keep j iff ``a_ij > θ_i`` (``row_max`` unused)."""
-    return select_top_theta(scores, visible, theta, 0)
+    return (scores > theta.unsqueeze(-1)) & visible
 
 
 def theta_row_max(scores: torch.Tensor, visible: torch.Tensor, theta, row_max: torch.Tensor) -> torch.Tensor:
@@ -94,8 +104,6 @@ def theta_row_max(scores: torch.Tensor, visible: torch.Tensor, theta, row_max: t
     ``row_max`` (B, H, R) is ``m`` (0 for rows with no visible key).  The row's maximum always
     passes a negative θ_rel, so no row is empty unless θ_rel ≥ 0.
     """
-    if theta is None:
-        raise ValueError("top-theta selection needs thresholds (theta is None)")
     return ((scores - row_max.unsqueeze(-1)) > theta.unsqueeze(-1)) & visible
 
 
@@ -140,6 +148,24 @@ def always_kept(visible: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
     return out
 
 
-def empty_rows(kept: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-    """Rows with visible keys and no survivor, (B, H, R)."""
-    return ~kept.any(-1) & visible.any(-1)
+SELECTIONS: dict[Selection, SelectFn] = {
+    Selection.DENSE: select_dense,
+    Selection.TOP_K: select_top_k,
+    Selection.TOP_THETA: select_top_theta,
+}
+
+
+def theta_row_rules(kept: torch.Tensor, s: RowScores, config) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-θ's rules after the compare, in order: capk, the empty-row floor, always-kept positions.
+
+    Returns ``(kept, empty)``, ``empty`` (B, H, R) flagging rows where nothing passed θ (before the floor).
+    """
+    if config.capk:
+        kept = cap_k_recent(kept, s.k.view(1, -1, 1, 1) if torch.is_tensor(s.k) else s.k)
+    if config.empty_row is EmptyRowFloor.MAX:
+        kept, empty = floor_empty_rows(kept, s.scores, s.visible)
+    else:
+        empty = ~kept.any(-1) & s.visible.any(-1)
+    if config.sink_tokens or config.recent_tokens:
+        kept = kept | always_kept(s.visible, config.sink_tokens, config.recent_tokens)  # position rule, after the floor
+    return kept, empty

@@ -31,10 +31,10 @@ VIEWPORT = {"width": 1400, "height": 2000}
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    from explorer_ui.tiny_model import make_tiny_model
+    from topθ_core.tiny import write_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("e2e")
-    env = {"TOPTHETA_APP_MODEL": str(make_tiny_model(root / "tiny-llama")),
+    env = {"TOPTHETA_APP_MODEL": str(write_tiny_checkpoint(root / "tiny-llama")),
            "TOPTHETA_RUNS_DIR": str(root / "runs"), "TOPTHETA_RESULTS_DIR": str(root / "results")}
     with harness.streamlit_server(env, harness.OUTPUT / "e2e-server.log") as (url, _):
         yield {"url": url, "runs": root / "runs", "root": root}
