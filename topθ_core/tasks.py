@@ -303,13 +303,16 @@ def list_mc_tasks() -> list[str]:
     return list(_MC_TASKS)
 
 
+def _load(registry: Mapping[str, tuple[str, Callable]], kind: str, name: str, limit: int | None) -> list:
+    """The formatted records of a bundled task: ``registry[name]`` is (file, formatter)."""
+    _check_name(kind, name, list(registry))
+    filename, fmt = registry[name]
+    return [fmt(r) for r in _apply_limit(list(_read_rows(filename)), limit, f"task {name!r}")]
+
+
 def load_mc_task(name: str, limit: int | None = None) -> list[MCItem]:
     """Harness-formatted multiple-choice items of a bundled task (file order)."""
-    _check_name("multiple-choice task", name, list_mc_tasks())
-    filename, fmt = _MC_TASKS[name]
-    rows = _read_rows(filename)
-    rows = _apply_limit(list(rows), limit, f"task {name!r}")
-    return [fmt(r) for r in rows]
+    return _load(_MC_TASKS, "multiple-choice task", name, limit)
 
 
 def list_cloze_tasks() -> list[str]:
@@ -317,10 +320,7 @@ def list_cloze_tasks() -> list[str]:
 
 
 def load_cloze_task(name: str, limit: int | None = None) -> list[ClozeItem]:
-    _check_name("cloze task", name, list_cloze_tasks())
-    filename, fmt = _CLOZE_TASKS[name]
-    rows = _apply_limit(list(_read_rows(filename)), limit, f"task {name!r}")
-    return [fmt(r) for r in rows]
+    return _load(_CLOZE_TASKS, "cloze task", name, limit)
 
 
 def list_generation_tasks() -> list[str]:
@@ -329,7 +329,4 @@ def list_generation_tasks() -> list[str]:
 
 def load_generation_prompts(name: str, limit: int | None = None) -> list[str]:
     """Prompts for long-decode workloads (humaneval, mbpp, gsm8k), file order."""
-    _check_name("generation task", name, list_generation_tasks())
-    filename, fmt = _GEN_TASKS[name]
-    rows = _apply_limit(list(_read_rows(filename)), limit, f"task {name!r}")
-    return [fmt(r) for r in rows]
+    return _load(_GEN_TASKS, "generation task", name, limit)

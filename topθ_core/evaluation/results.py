@@ -9,17 +9,12 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import pandas as pd
 
 from ..atomic import atomic_file
 from ..config import SparseConfig
 from ..paths import results_dir
 from ..thresholds import Thresholds
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .perplexity import PerplexityResult
 
 SUMMARY_COLUMNS = ["task", "metric", "dense", "sparse", "delta", "ci_low", "ci_high", "kept_attention",
                    "kept_attention_sparse", "kept_v_rows_prefill", "kept_v_rows_decode", "config_label",
@@ -57,7 +52,7 @@ class EvalResult:
     thresholds_id: str
     seconds: float
     info: dict = field(default_factory=dict)
-    perplexity: "PerplexityResult | None" = None
+    perplexity: object | None = None  # a perplexity task's PerplexityResult (evaluation.perplexity)
 
     def value(self, metric: str, column: str = "sparse") -> float:
         row = self.summary[self.summary["metric"] == metric]
