@@ -6,13 +6,14 @@ from __future__ import annotations
 import streamlit as st
 
 from topθ_core.config import (SDC, Aggregation, CalibrationConfig, ConfigError, EmptyRowFloor, KSchedule, Placement,
-                              Selection, SparseConfig, ThetaReference, allowed_sdc, fit_sdc)
+                              PrefillMode, Selection, SparseConfig, ThetaReference, allowed_sdc, fit_sdc)
 from topθ_core.thresholds import Thresholds
 
-from . import analysis
+from . import analysis, findings
 from . import session_keys as K
 
 SELECTION_LABELS = {"top-theta": "Top-θ", "top-k": "Top-k", "dense": "Dense"}
+PREFILL_LABELS = {"top-theta": "sparse", "dense": "dense (decode-only)"}
 AGGREGATION_LABELS = {"mean-std": "mean + σ·std", "median": "median + σ·1.4826·MAD",
                       "trimmed-mean": "10%-trimmed mean + σ·std"}
 
@@ -34,11 +35,7 @@ def theta_reference_picker(container, key: str) -> ThetaReference:
     """What θ is compared with: the score (the paper's; the GPU kernels run it) or the score minus its row's max."""
     value = container.selectbox("θ compared with", [r.value for r in ThetaReference], key=key,
                                 format_func=lambda r: REFERENCE_LABELS.get(r, r),
-                                help="row-max keeps what lies within a calibrated distance of each row's largest "
-                                     "score: it matched exact top-k's accuracy with 1.06-1.26× its kept elements "
-                                     "where score > θ needed 1.35-1.7× (benchmarks/results/fidelity.md). The tiled "
-                                     "GPU kernels cannot apply it exactly, so on CUDA it runs the PyTorch path. "
-                                     "Pre-softmax only.")
+                                help=findings.THETA_REFERENCE_HELP)
     return ThetaReference(value)
 
 
@@ -58,33 +55,33 @@ def sparse_config_controls(prefix: str, thresholds: Thresholds | None, *, column
     available = [s for s in selections if s != "top-theta" or thresholds is not None]
     defaults = {"selection": available[0], "placement": base.placement.value, "sdc": base.sdc.value,
                 "sdc_scale": float(base.sdc_scale), "vmc": bool(base.vmc), "capk": False,
-                "k": int(base.k.default), "empty_row": base.empty_row.value}
+                "k": int(base.k.default), "empty_row": base.empty_row.value, "prefill": base.prefill.value}
     for f, key in keys.items():
         if key not in st.session_state or (f == "selection" and st.session_state[key] not in available):
             st.session_state[key] = defaults[f]
     cols = st.columns(columns)
     selection = cols[0].radio("Selection", available, key=keys["selection"], horizontal=False,
-                              format_func=lambda s: SELECTION_LABELS[s])
+                              format_func=lambda s: SELECTION_LABELS[s], help=findings.SELECTION_HELP)
     top_theta = selection == "top-theta"
     if top_theta:
         st.session_state[keys["placement"]] = thresholds.placement.value
     placement = cols[1].radio("Placement", [p.value for p in Placement], key=keys["placement"], disabled=top_theta,
-                              format_func=lambda p: f"{p}-softmax",
-                              help="Top-θ uses the placement its thresholds were calibrated for.")
+                              format_func=lambda p: f"{p}-softmax", help=findings.PLACEMENT_HELP)
     sdc_options = [s.value for s in allowed_sdc(selection, placement)]
     if st.session_state[keys["sdc"]] not in sdc_options:
         st.session_state[keys["sdc"]] = fit_sdc(st.session_state[keys["sdc"]], selection, placement).value
-    sdc = cols[2].selectbox("SDC", sdc_options, key=keys["sdc"], help="Softmax denominator compensation")
+    sdc = cols[2].selectbox("SDC", sdc_options, key=keys["sdc"], help="  \n\n".join(
+        f"**{o}**: {findings.SDC_HELP[o]}" for o in sdc_options))
     sdc_scale = cols[2].number_input("SDC scale s", min_value=0.0, max_value=4.0, step=0.25, key=keys["sdc_scale"],
                                      disabled=sdc == SDC.NONE.value)
-    vmc = cols[3].checkbox("VMC", key=keys["vmc"], help="V-mean compensation (needs SDC or post-softmax)")
-    capk = cols[3].checkbox("capk", key=keys["capk"], disabled=not top_theta,
-                            help="keep at most k survivors per row, most recent first (Top-θ only)")
+    vmc = cols[3].checkbox("VMC", key=keys["vmc"], help=findings.VMC_HELP)
+    capk = cols[3].checkbox("capk", key=keys["capk"], disabled=not top_theta, help=findings.CAPK_HELP)
+    prefill = cols[3].radio("Prompt (prefill)", [m.value for m in PrefillMode], key=keys["prefill"],
+                            format_func=PREFILL_LABELS.get, help=findings.PREFILL_HELP)
     k_default = cols[1].number_input("k (default)", min_value=1, max_value=1 << 16, step=8, key=keys["k"],
-                                     help="Rows with L ≤ k stay dense. Top-θ: per-layer and per-head overrides come "
-                                          "from the threshold set.")
+                                     help=findings.K_HELP)
     floor = cols[0].selectbox("Empty rows", [e.value for e in EmptyRowFloor], key=keys["empty_row"],
-                              disabled=not top_theta, help="what a row keeps when nothing passes θ")
+                              disabled=not top_theta, help=findings.FLOOR_HELP)
     # Top-θ keeps the run's per-layer and per-head k: θ of a head was calibrated on the rows longer than its k
     run_k = thresholds.k if (thresholds is not None and top_theta) else KSchedule()
     reference = thresholds.theta_reference if (thresholds is not None and top_theta) else ThetaReference.ABSOLUTE
@@ -92,7 +89,8 @@ def sparse_config_controls(prefix: str, thresholds: Thresholds | None, *, column
         config = SparseConfig(selection=selection, placement=placement, sdc=sdc, sdc_scale=float(sdc_scale),
                               vmc=bool(vmc), capk=bool(capk and top_theta), empty_row=floor,
                               k=KSchedule(default=int(k_default), overrides=run_k.overrides,
-                                          head_overrides=run_k.head_overrides), theta_reference=reference)
+                                          head_overrides=run_k.head_overrides), theta_reference=reference,
+                              prefill=prefill)
     except ConfigError as e:
         return None, str(e)
     return config, None

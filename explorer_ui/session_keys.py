@@ -1,7 +1,8 @@
 """Every ``st.session_state`` key the app uses, in one module.
 
 Widget keys are prefixed by their page so two pages never share a widget by accident.
-Values that are not widgets (results, flags) say so in their comment.
+Values that are not widgets (results, flags) say so in their comment.  :data:`SETTINGS` lists the
+settings that outlive a page switch and live in the URL (``explorer_ui.state``), with their types.
 """
 
 # ---- sidebar (every page) -------------------------------------------------------------
@@ -10,6 +11,8 @@ MODEL_PATH = "sb_model_path"  # local checkpoint path (text input)
 DEVICE = "sb_device"
 DTYPE = "sb_dtype"
 ACTIVE_RUN = "sb_active_run"  # name of the active threshold set (selectbox)
+ACTIVE_BY_MODEL = "sb_active_by_model"  # not a widget: {model digest: active run name}, kept across model switches
+JOBS = "app_jobs"  # not a widget: this session's JobBoard (background calibration, evaluation, generation)
 PENDING_ACTIVE_RUN = "pending_active_run"  # not a widget: a run to select on the next rerun
 CONTEXT = "app_context"  # not a widget: the AppContext the sidebar built for this rerun
 
@@ -38,7 +41,7 @@ CAL_NAME = "cal_name"
 CAL_RUN = "cal_run"  # button
 CAL_CANCEL = "cal_cancel"  # button
 CAL_LAST = "cal_last"  # not a widget: {"name", "path", "summary"} of this session's last finished run
-CAL_RUNNING = "cal_running"  # not a widget: True while this session's calibration loop runs
+CAL_JOB = "cal_job"  # not a widget: id of the calibration job whose result this page shows
 
 # ---- Thresholds -------------------------------------------------------------------------
 TH_RUN = "th_run"
@@ -75,7 +78,14 @@ ACC_VMC = "acc_vmc"
 ACC_CAPK = "acc_capk"
 ACC_K = "acc_k"
 ACC_RUN = "acc_run"  # button
-ACC_LAST = "acc_last"  # not a widget: summary DataFrame of this session's last evaluation
+ACC_CANCEL = "acc_cancel"  # button
+ACC_LIVE = "acc_live"  # re-run automatically when a setting changes
+ACC_TOKEN_CAP = "acc_token_cap"  # perplexity: tokens in all, at most
+ACC_MATRIX_SDC = "acc_matrix_sdc"  # variant matrix: SDC variants (multiselect)
+ACC_MATRIX_VMC = "acc_matrix_vmc"  # variant matrix: VMC on/off (multiselect)
+ACC_MATRIX_K = "acc_matrix_k"  # variant matrix: k values (text, e.g. "32,64")
+ACC_JOB = "acc_job"  # not a widget: id of the evaluation job this page shows
+ACC_RATE = "acc_rate"  # not a widget: measured units/s per (model, task kind, arm), for the ETA before Run
 
 # ---- Compare ----------------------------------------------------------------------------
 CMP_SAMPLE = "cmp_sample"
@@ -85,7 +95,7 @@ CMP_CHAT = "cmp_chat"
 CMP_RUN = "cmp_run"  # button
 CMP_STOP = "cmp_stop"  # button
 CMP_SAMPLE_APPLIED = "cmp_sample_applied"  # not a widget: the sample last copied into the prompt
-CMP_LAST = "cmp_last"  # not a widget: list of GenStep rows of this session's last comparison
+CMP_JOB = "cmp_job"  # not a widget: id of the generation job this page shows
 
 # ---- Kernels ----------------------------------------------------------------------------
 KER_RUN = "ker_run"  # button
@@ -93,9 +103,37 @@ KER_OPEN = "ker_open"  # prefix of the result expanders' keys (open state)
 
 
 # ---- sparse-config controls (shared by Sparsity, Accuracy, Compare) ---------------------
-CONFIG_FIELDS = ("selection", "placement", "sdc", "sdc_scale", "vmc", "capk", "k", "empty_row")
+CONFIG_FIELDS = ("selection", "placement", "sdc", "sdc_scale", "vmc", "capk", "k", "empty_row", "prefill")
+_CONFIG_TYPES = dict(selection=str, placement=str, sdc=str, sdc_scale=float, vmc=bool, capk=bool, k=int, empty_row=str,
+                     prefill=str)
 
 
 def config_keys(prefix: str) -> dict[str, str]:
     """Widget keys of the sparse-config controls of one page, e.g. ``config_keys("acc")["sdc"] == "acc_sdc"``."""
     return {f: f"{prefix}_{f}" for f in CONFIG_FIELDS}
+
+
+# ---- settings that survive page switches and reloads, and live in the URL ----------------
+def _settings() -> dict[str, tuple[str, type]]:
+    out: dict[str, tuple[str, type]] = {}
+
+    def add(page: str, **keys: type) -> None:
+        for key, kind in keys.items():
+            out[globals()[key]] = (page, kind)
+
+    add("sidebar", MODEL_CHOICE=str, MODEL_PATH=str, DEVICE=str, DTYPE=str, ACTIVE_RUN=str)
+    add("calibrate", CAL_SOURCE=str, CAL_CORPUS=str, CAL_TASK=str, CAL_DOCS=int, CAL_MAX_TOKENS=int, CAL_K=int,
+        CAL_NEAR_DENSE=bool, CAL_SIGMA=float, CAL_AGGREGATION=str, CAL_REFERENCE=str, CAL_PLACEMENT=str,
+        CAL_TAC=bool, CAL_SAMPLE_FRAC=float, CAL_BIN_WIDTH=int, CAL_SDC=str, CAL_VMC=bool, CAL_NAME=str)
+    add("thresholds", TH_RUN=str, TH_OVERLAY=str, TH_LAYER=int, TH_HEADS=list, TH_LENGTH=int, TH_SIGMA=float)
+    add("sparsity", SP_SAMPLE=str, SP_PROMPT=str, SP_MAX_TOKENS=int, SP_LAYER=int, SP_HEAD=int, SP_DECODE=int)
+    add("accuracy", ACC_KIND=str, ACC_TASK=str, ACC_LIMIT=int, ACC_LIVE=bool, ACC_TOKEN_CAP=int, ACC_MATRIX_SDC=list,
+        ACC_MATRIX_VMC=list, ACC_MATRIX_K=str)
+    add("compare", CMP_SAMPLE=str, CMP_PROMPT=str, CMP_MAX_NEW=int, CMP_CHAT=bool)
+    for page, prefix in (("sparsity", "sp"), ("accuracy", "acc"), ("compare", "cmp")):
+        for f, key in config_keys(prefix).items():
+            out[key] = (page, _CONFIG_TYPES[f])
+    return out
+
+
+SETTINGS: dict[str, tuple[str, type]] = _settings()

@@ -12,7 +12,7 @@ import streamlit as st
 from topθ_core.models import BUNDLED, BUNDLED_NAME, LoadedModel, ModelLoadError
 from topθ_core.thresholds import Thresholds, ThresholdsError
 
-from . import runs, services
+from . import nav, runs, services
 from . import session_keys as K
 
 NO_RUN = "(none: dense only)"
@@ -72,13 +72,8 @@ def require_model() -> AppContext:
 
 
 def page_link_calibrate() -> None:
-    """A link to the Calibrate page (silently absent where the page is not registered, e.g. page-only tests)."""
-    try:
-        st.page_link(str(Path(__file__).resolve().parents[1] / "pages" / "calibrate.py"), label="Go to Calibrate",
-                     icon=":material/tune:")
-    except Exception:  # noqa: BLE001 - StreamlitAPIException / page not found: the link is optional
-        pass
-
+    """A link to the Calibrate page."""
+    nav.link("calibrate", "Go to Calibrate", ":material/tune:")
 
 def _model_widgets() -> tuple[str, str, str]:
     default = services.default_model_spec()
@@ -139,15 +134,17 @@ def _threshold_widgets(ctx: AppContext) -> None:
     ctx.compatible = ctx.runs[ctx.runs["digest"] == digest].reset_index(drop=True)
     names = list(ctx.compatible["name"])
     options = names + [NO_RUN]
+    remembered = st.session_state.setdefault(K.ACTIVE_BY_MODEL, {})  # survives switching to another model and back
     pending = st.session_state.pop(K.PENDING_ACTIVE_RUN, None)
     if pending in options:
         st.session_state[K.ACTIVE_RUN] = pending
     if st.session_state.get(K.ACTIVE_RUN) not in options:
-        st.session_state[K.ACTIVE_RUN] = options[0]
+        st.session_state[K.ACTIVE_RUN] = remembered.get(digest) if remembered.get(digest) in options else options[0]
     st.sidebar.selectbox("Active threshold set", options, key=K.ACTIVE_RUN, format_func=_run_label(ctx.compatible),
                          help="Saved calibration runs for the loaded model (data/runs/). Runs made for "
                               "another model are not listed.")
     name = st.session_state[K.ACTIVE_RUN]
+    remembered[digest] = name
     if name == NO_RUN:
         ctx.thresholds_error = ("No calibration for this model yet." if not names else
                                 "No threshold set is selected.")

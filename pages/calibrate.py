@@ -1,15 +1,16 @@
-"""Calibrate: choose data and settings, run with progress/ETA/Cancel, save under data/runs/."""
+"""Calibrate: choose data and settings, run in the background with progress/ETA/Cancel, save under data/runs/."""
 
-import time
 from functools import partial
 
 import streamlit as st
 
 from explorer_ui import analysis, controls, figures, runs, services
+from explorer_ui.jobs import JobState
+from explorer_ui.jobs_panel import POLL_S, board, job_of
 from explorer_ui import session_keys as K
 from explorer_ui.sidebar import require_model
 from explorer_ui.uploads import EXTENSIONS, MAX_UPLOAD_MB, UploadError, parse_upload
-from topθ_core.calibration import CalibrationCancelled, calibrate
+from topθ_core.calibration import calibrate
 from topθ_core.config import SDC, CalibrationConfig, ConfigError, Placement, Selection, allowed_sdc
 
 ctx = require_model()
@@ -112,19 +113,19 @@ if cal_error:
 
 # ---------------------------------------------------------------- run
 st.subheader("3 · Run")
+jobs = board()
+job = job_of(K.CAL_JOB)
+running = job is not None and job.active
 r1, r2, r3 = st.columns([2, 1, 1])
 run_name = r1.text_input("Run name", key=K.CAL_NAME, placeholder="automatic, e.g. "
                          + runs.default_run_name(description.split("[")[0] or "data", int(k_default)))
-run = r2.button("Run calibration", type="primary", key=K.CAL_RUN, disabled=cal_config is None or not texts,
-                width="stretch")
-cancel = r3.button("Cancel", key=K.CAL_CANCEL, width="stretch")
+run = r2.button("Run calibration", type="primary", key=K.CAL_RUN, width="stretch",
+                disabled=cal_config is None or not texts or running,
+                help="Runs in the background: switch pages freely; the sidebar's jobs panel shows it.")
+r3.button("Cancel", key=K.CAL_CANCEL, width="stretch", disabled=not running,
+          on_click=job.cancel if running else None, help="stops the calibration; nothing is saved")
 
-if st.session_state.get(K.CAL_RUNNING):  # the previous rerun was interrupted mid-calibration
-    st.session_state[K.CAL_RUNNING] = False
-    st.warning("Calibration cancelled; nothing was saved." if cancel else
-               "Calibration was interrupted; nothing was saved.", icon=":material/cancel:")
-
-if run and cal_config is not None:
+if run and cal_config is not None and not running:
     try:
         name = runs.validate_run_name(run_name) if run_name.strip() else runs.unique_run_name(
             runs.default_run_name(description.split("[")[0] or "data", int(k_default)))
@@ -134,44 +135,54 @@ if run and cal_config is not None:
     if (runs.runs_dir() / name).exists():
         st.error(f"A run named {name!r} exists already; choose another name.")
         st.stop()
-    bar = st.progress(0.0, text="tokenizing…")
-    t0 = time.perf_counter()
+    defaults = {"sdc": sdc_default, "vmc": bool(vmc_default)}
 
-    def progress(done: int, total: int) -> None:
-        bar.progress(min(1.0, done / max(1, total)), text=analysis.eta_text(done, total, time.perf_counter() - t0))
-
-    st.session_state[K.CAL_RUNNING] = True  # stays True if a rerun (Cancel, page switch) interrupts the loop
-    try:
-        th = calibrate(lm, texts, cal_config, max_length=int(max_tokens), progress=progress,
+    def work(job, texts=list(texts), cfg=cal_config, max_tokens=int(max_tokens), description=description):
+        job.unit = "tokens"
+        th = calibrate(lm, texts, cfg, max_length=max_tokens, progress=job.progress, should_stop=job.should_stop,
                        data_description=description)
-        path = runs.save_run(th, name, app_defaults={"sdc": sdc_default, "vmc": bool(vmc_default)})
-    except CalibrationCancelled:
-        st.session_state[K.CAL_RUNNING] = False
-        st.warning("Calibration cancelled; nothing was saved.")
-        st.stop()
-    except (ValueError, ConfigError, FileExistsError, RuntimeError) as e:
-        st.session_state[K.CAL_RUNNING] = False
-        st.error(f"Calibration failed, nothing was saved: {e}")
-        st.stop()
-    st.session_state[K.CAL_RUNNING] = False
-    bar.progress(1.0, text=f"done in {time.perf_counter() - t0:.1f} s")
-    st.session_state[K.CAL_LAST] = {"name": name, "path": str(path), "seconds": time.perf_counter() - t0,
-                                    "rows": th.meta.get("rows_sampled"), "tokens": th.meta.get("tokens")}
-    st.session_state[K.PENDING_ACTIVE_RUN] = name
-    st.rerun()
+        job.check()  # a cancel after the last document still saves nothing
+        path = runs.save_run(th, name, app_defaults=defaults)
+        return {"name": name, "path": str(path), "seconds": job.elapsed, "rows": th.meta.get("rows_sampled"),
+                "tokens": th.meta.get("tokens")}
 
-last = st.session_state.get(K.CAL_LAST)
-if last and (runs.runs_dir() / last["name"]).is_dir():
-    st.success(f"Saved **{last['name']}** ({last['tokens']} tokens, {last['rows']} rows sampled, "
-               f"{last['seconds']:.1f} s) and made it the active threshold set.", icon=":material/check:")
-    frame = services.threshold_frame(last["path"], services.artifact_mtime(last["path"]))
-    m1, m2, m3 = st.columns(3)
-    m1.metric("calibrated (layer, head, bin) cells", f"{len(frame):,}")
-    m2.metric("layers with θ", int(frame["layer"].nunique()) if len(frame) else 0)
-    m3.metric("mean θ", f"{frame['theta'].mean():.3f}" if len(frame) else "–")
-    st.download_button("Download thresholds (.zip)", data=partial(runs.zip_run, last["path"]),
-                       file_name=f"{last['name']}.zip", mime="application/zip", key="cal_download",
-                       icon=":material/download:", on_click="ignore")
+    job = jobs.submit("calibrate", f"calibrate {name}", "calibrate", work, inputs={"name": name})
+    st.session_state[K.CAL_JOB] = job.id
+
+
+@st.fragment(run_every=POLL_S if job is not None and job.active else None)
+def _status(job_id: str | None) -> None:
+    """The calibration's progress while it runs; its result (or why there is none) once it ended."""
+    job = board().get(job_id) if job_id else None
+    if job is None:
+        return
+    if job.active:
+        st.progress(job.fraction, text=f"{job.label}: {job.status_text()}")
+        return
+    if job.state is JobState.CANCELLED:
+        st.warning("Calibration cancelled; nothing was saved.", icon=":material/cancel:")
+    elif job.state is JobState.FAILED:
+        st.error(f"Calibration failed, nothing was saved: {job.error}")
+    elif (runs.runs_dir() / job.result["name"]).is_dir():
+        last = job.result
+        st.success(f"Saved **{last['name']}** ({last['tokens']} tokens, {last['rows']} rows sampled, "
+                   f"{last['seconds']:.1f} s) and made it the active threshold set.", icon=":material/check:")
+        frame = services.threshold_frame(last["path"], services.artifact_mtime(last["path"]))
+        m1, m2, m3 = st.columns(3)
+        m1.metric("calibrated (layer, head, bin) cells", f"{len(frame):,}")
+        m2.metric("layers with θ", int(frame["layer"].nunique()) if len(frame) else 0)
+        m3.metric("mean θ", f"{frame['theta'].mean():.3f}" if len(frame) else "–")
+        st.download_button("Download thresholds (.zip)", data=partial(runs.zip_run, last["path"]),
+                           file_name=f"{last['name']}.zip", mime="application/zip", key="cal_download",
+                           icon=":material/download:", on_click="ignore")
+    if not job.announced:  # ended while this page was open: redraw the app (sidebar: the new active set)
+        job.announced = True
+        if job.state is JobState.DONE:
+            st.session_state[K.PENDING_ACTIVE_RUN] = job.result["name"]
+        st.rerun(scope="app")
+
+
+_status(st.session_state.get(K.CAL_JOB))
 
 with st.expander("Saved runs", expanded=False):
     table_runs = ctx.runs.drop(columns=["path", "mtime", "digest"]) if len(ctx.runs) else ctx.runs

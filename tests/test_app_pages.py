@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 ENTRY = "e2e/app_entry.py"  # resolved against this file's folder by AppTest.from_file
 PAGE = {name: str(ROOT / "pages" / f"{name}.py") for name in
-        ("calibrate", "thresholds", "sparsity", "accuracy", "compare", "kernels")}
+        ("overview", "calibrate", "thresholds", "sparsity", "accuracy", "compare", "runs", "kernels")}
 TIMEOUT = 120
 
 
@@ -42,6 +42,30 @@ def env(tmp_path_factory):
 
 def new_app() -> AppTest:
     return AppTest.from_file(ENTRY, default_timeout=TIMEOUT)
+
+
+def open_app(page: str | None = "calibrate") -> AppTest:
+    """A new session, run once (it opens on the Overview), then switched to ``page``."""
+    at = new_app().run()
+    assert_clean(at)
+    if page:
+        at.switch_page(PAGE[page]).run()
+        assert_clean(at)
+    return at
+
+
+def wait_jobs(at: AppTest, timeout: float = TIMEOUT) -> AppTest:
+    """Wait until this session's background jobs ended, then rerun (the page shows their results)."""
+    import time
+
+    board = at.session_state["app_jobs"] if "app_jobs" in at.session_state else None
+    t0 = time.monotonic()
+    while board is not None and board.any_active:
+        assert time.monotonic() - t0 < timeout, "a background job did not end in time"
+        time.sleep(0.1)
+    at.run()
+    assert_clean(at)
+    return at
 
 
 def assert_clean(at: AppTest) -> None:
@@ -84,32 +108,32 @@ def calibrate(at: AppTest, k: int, docs: int = 3, name: str = "", near_dense: bo
         at.text_input(key="cal_name").input(name)
     at.button(key="cal_run").click().run()
     assert_clean(at)
-    return at
+    return wait_jobs(at)
 
 
 @pytest.fixture(scope="module")
 def calibrated(env):
     """One app session with a finished calibration (k=16) named 'k16'."""
-    at = new_app().run()
-    assert_clean(at)
+    at = open_app()
     calibrate(at, 16, name="k16")
     return at
 
 
-def test_start_renders_calibrate_with_sidebar(env):
+def test_start_renders_overview_with_sidebar(env):
     at = new_app().run()
     assert_clean(at)
-    assert "Calibrate" in texts(at.title)
+    assert "Top-θ Explorer" in texts(at.title)
     status = " ".join(texts(at.sidebar.success))
     assert "tiny-llama" in status and "3 layers" in status and "no thresholds" in status
     assert at.sidebar.radio(key="sb_model_choice").value == "local"
     assert at.sidebar.text_input(key="sb_model_path").value == str(env["model"])
+    at.switch_page(PAGE["calibrate"]).run()
     assert at.number_input(key="cal_k").value == 64
     assert at.checkbox(key="cal_near_dense").value is True
 
 
 def test_bad_model_path_is_a_message_not_a_traceback(env):
-    at = new_app().run()
+    at = open_app()
     at.sidebar.text_input(key="sb_model_path").input(str(env["root"] / "nope")).run()
     assert_clean(at)
     assert any("does not exist" in e for e in texts(at.sidebar.error))
@@ -140,8 +164,13 @@ def test_calibrate_zip_export(calibrated, env):
 
 def test_calibrate_rejects_duplicate_and_bad_names(calibrated, env):
     at = calibrated
-    calibrate(at, 16, name="k16")
+    at.switch_page(PAGE["calibrate"]).run()
+    at.number_input(key="cal_k").set_value(16)
+    at.text_input(key="cal_name").input("k16")
+    at.button(key="cal_run").click().run()
+    assert_clean(at)
     assert any("exists already" in e for e in texts(at.error))
+    assert not at.session_state["app_jobs"].any_active  # refused before any job started
     at.text_input(key="cal_name").input("bad name/..")
     at.button(key="cal_run").click().run()
     assert any("letters, digits" in e for e in texts(at.error))
@@ -151,7 +180,7 @@ def test_calibrate_rejects_duplicate_and_bad_names(calibrated, env):
 def test_calibrate_robust_aggregation(env):
     from explorer_ui import runs
 
-    at = new_app().run()
+    at = open_app()
     assert at.selectbox(key="cal_aggregation").value == "mean-std"  # the default, next to σ
     at.selectbox(key="cal_aggregation").set_value("median")
     calibrate(at, 16, docs=2, name="k16-median")
@@ -166,7 +195,7 @@ def test_calibrate_row_max_theta_and_use_it(env):
     and say it (a page that built an absolute config would fail the run with a mismatch error)."""
     from explorer_ui import runs
 
-    at = new_app().run()
+    at = open_app()
     assert at.selectbox(key="cal_theta_reference").value == "absolute"  # the default
     at.selectbox(key="cal_theta_reference").set_value("row-max")
     calibrate(at, 16, docs=2, name="k16-rowmax")
@@ -196,8 +225,7 @@ def test_calibrate_per_layer_k_editor_only_when_open_and_edits_kept(env):
     def k_box(at):
         return next(e for e in at.expander if e.label == "Per-layer k")
 
-    at = new_app().run()
-    assert_clean(at)
+    at = open_app()
     assert not k_box(at).get("dataframe") and not k_box(at).get("plotly_chart") and not plotly_specs(at)
     at.session_state["cal_k_open"] = True
     at.run()
@@ -213,14 +241,14 @@ def test_calibrate_per_layer_k_editor_only_when_open_and_edits_kept(env):
 
 
 def test_calibrate_k_too_large_fails_cleanly(env):
-    at = new_app().run()
+    at = open_app()
     calibrate(at, 4096, docs=2, name="too-big")
     assert any("nothing was saved" in e for e in texts(at.error))
     assert not (env["runs"] / "too-big").exists()
 
 
 def test_calibrate_upload_errors_and_success(env):
-    at = new_app().run()
+    at = open_app()
     at.radio(key="cal_source").set_value("upload").run()
     assert_clean(at)
     assert at.button(key="cal_run").disabled  # nothing uploaded yet
@@ -348,7 +376,7 @@ def test_sparsity_page(calibrated, monkeypatch):
 
 
 def test_sparsity_without_thresholds_uses_top_k(env):
-    at = new_app().run()
+    at = open_app(None)
     at.sidebar.selectbox(key="sb_active_run").set_value("(none: dense only)").run()
     at.switch_page(PAGE["sparsity"]).run()
     assert_clean(at)
@@ -412,7 +440,7 @@ def test_accuracy_invalid_combination_is_a_message(calibrated):
 
 
 def test_kernels_page(env):
-    at = new_app().run()
+    at = open_app(None)
     at.switch_page(PAGE["kernels"]).run()
     assert_clean(at)
     assert "Kernels" in texts(at.title)

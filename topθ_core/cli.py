@@ -18,8 +18,8 @@ import math
 import sys
 
 from .calibration_job import CalibrationJob, add_calibration_arguments, job_from_args, torch_dtype
-from .config import (SDC, ConfigError, EmptyRowFloor, KSchedule, Lookup, Placement, Selection, SparseConfig,
-                     ThetaReference, fit_sdc)
+from .config import (SDC, ConfigError, EmptyRowFloor, KSchedule, Lookup, Placement, PrefillMode, Selection,
+                     SparseConfig, ThetaReference, fit_sdc)
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -46,6 +46,9 @@ def _add_sparse(p: argparse.ArgumentParser, calibrating: bool = False) -> None:
     p.add_argument("--theta-smoothing", type=int, default=0, help="moving average of θ over ±N length bins")
     p.add_argument("--sink-tokens", type=int, default=0, help="always keep the first N positions (reference path)")
     p.add_argument("--recent-tokens", type=int, default=0, help="always keep the last N positions (reference path)")
+    p.add_argument("--prefill", choices=[e.value for e in PrefillMode], default=PrefillMode.TOP_THETA.value,
+                   help="dense: decode-only mode, the prompt runs the model's dense attention (dense time to first "
+                        "token and prompt accuracy), only decode steps are sparse")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,7 +121,7 @@ def _sparse_config(args, thresholds) -> SparseConfig:
     return SparseConfig(selection=selection, placement=placement, sdc=sdc, sdc_scale=args.sdc_scale,
                         vmc=args.vmc, capk=args.capk, empty_row=args.empty_row, k=k, lookup=args.lookup,
                         theta_smoothing=args.theta_smoothing, sink_tokens=args.sink_tokens,
-                        recent_tokens=args.recent_tokens, theta_reference=reference)
+                        recent_tokens=args.recent_tokens, theta_reference=reference, prefill=args.prefill)
 
 
 def _load(args):

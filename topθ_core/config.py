@@ -83,6 +83,13 @@ class ThetaReference(str, enum.Enum):
         return None
 
 
+class PrefillMode(str, enum.Enum):
+    """How calls with more than one query row (the prompt, chunked prefill) are attended."""
+
+    TOP_THETA = "top-theta"  # like every other call: the config's selection and compensations
+    DENSE = "dense"  # decode-only mode: the prompt runs the model's dense attention (SDPA), decode steps are sparse
+
+
 class SdcSource(str, enum.Enum):
     """Which dropped set the offline SDC term ``C[layer, head, L]`` is the mean mass of."""
 
@@ -327,6 +334,9 @@ class SparseConfig:
     (and the SDC term) over neighbouring bins before lookup; 0 = none.
     ``theta_reference``: ``absolute`` keeps ``a > θ``; ``row-max`` keeps ``a − m > θ_rel`` (``m`` the
     row maximum), with θ_rel from thresholds calibrated the same way (the artifact records which).
+    ``prefill``: ``dense`` is the decode-only mode: calls with more than one query row (the prompt)
+    run the model's dense SDPA, so time to first token and the prompt's accuracy are dense; only
+    decode steps are sparse.
     Per-(layer, head) k (``KSchedule.head_overrides``) moves each head's dense-row rule and top-k.
 
     The default SDC is ``exact``: the dropped mass summed per row from the scores the threshold
@@ -346,6 +356,7 @@ class SparseConfig:
     recent_tokens: int = 0
     theta_smoothing: int = 0
     theta_reference: ThetaReference = ThetaReference.ABSOLUTE
+    prefill: PrefillMode = PrefillMode.TOP_THETA
 
     def __post_init__(self) -> None:
         for name in ("sink_tokens", "recent_tokens", "theta_smoothing"):
@@ -353,7 +364,7 @@ class SparseConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
         _coerce_enums(self, selection=Selection, placement=Placement, sdc=SDC, empty_row=EmptyRowFloor, lookup=Lookup,
-                      theta_reference=ThetaReference)
+                      theta_reference=ThetaReference, prefill=PrefillMode)
         if not isinstance(self.k, KSchedule):
             raise ConfigError("k must be a KSchedule (use KSchedule.parse(64, '0:512,1:512'))")
         if not (self.sdc_scale >= 0.0):
@@ -435,6 +446,8 @@ class SparseConfig:
             parts.append(f"sink={self.sink_tokens}")
         if self.recent_tokens:
             parts.append(f"recent={self.recent_tokens}")
+        if self.prefill is PrefillMode.DENSE:
+            parts.append("dense-prefill")
         return " ".join(parts)
 
     def to_dict(self) -> dict:

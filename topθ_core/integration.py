@@ -16,18 +16,20 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
 
 from .attention import RowBlock, causal_visible, topθ_attention_ref
-from .config import SparseConfig, Selection, ConfigError
+from .config import ConfigError, PrefillMode, Selection, SparseConfig
 from .metrics import SparsityMetrics
 from .fingerprint import model_fingerprint
 from .thresholds import Thresholds, ThresholdsError
 
 ATTN_NAME = "top_theta"
+_DENSE = SparseConfig(selection=Selection.DENSE, sdc="none", vmc=False)
 
 LayerObserver = Callable[[int, RowBlock], None]
 
@@ -133,22 +135,24 @@ def top_theta_attention_forward(
     softcap = kwargs.get("softcap")
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError("attention sinks (s_aux) are not supported by Top-θ attention")
-    if state is None or (state.config.selection is Selection.DENSE and not state.observers and state.metrics is None):
+    dense_prefill = state is not None and query.shape[2] > 1 and state.config.prefill is PrefillMode.DENSE
+    if dense_prefill and (state.observers or softcap is not None):  # the prompt runs dense, observers see it
+        state = dataclasses.replace(state, config=state.config.with_(selection=Selection.DENSE))
+    elif state is None or dense_prefill or (state.config.selection is Selection.DENSE and not state.observers
+                                            and state.metrics is None):
         if softcap is None:
             from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                          scaling=scaling, **kwargs)
-        state = RunState(config=SparseConfig(selection=Selection.DENSE, sdc="none", vmc=False))
+            out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                         **kwargs)
+            if dense_prefill and state.metrics is not None:
+                _report_dense(state, module, query, key, attention_mask)
+            return out
+        state = RunState(config=_DENSE)
     layer = int(getattr(module, "layer_idx", 0))
     B, Hq, Sq, _ = query.shape
     Sk = key.shape[2]
-    if attention_mask is None:  # plain causal: lengths are known, no (B, Sq, Sk) mask is built or scanned
-        visible = None
-        row_len = torch.arange(Sk - Sq + 1, Sk + 1, device=query.device).expand(B, Sq)
-    else:
-        visible = _visible_from_mask(attention_mask, Sq, Sk, B, query.device)
-        row_len = visible.sum(-1)  # (B, Sq)
+    visible, row_len = _rows(attention_mask, B, Sq, Sk, query.device)
     cfg = state.config
     k_keep = state.k_keep(layer, Hq)  # int, or a list of one k per query head
     theta = sdc_term = None
@@ -169,6 +173,31 @@ def top_theta_attention_forward(
         out = topθ_attention_ref(query, key, value, config=cfg, k_keep=k_keep, visible=visible, theta=theta,
                                  sdc_term=sdc_term, scale=scaling, softcap=softcap, observer=observer)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _rows(attention_mask, B: int, Sq: int, Sk: int, device) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``(visible (B, Sq, Sk) bool or None for plain causal, row lengths (B, Sq))`` of one call."""
+    if attention_mask is None:  # plain causal: lengths are known, no (B, Sq, Sk) mask is built or scanned
+        return None, torch.arange(Sk - Sq + 1, Sk + 1, device=device).expand(B, Sq)
+    visible = _visible_from_mask(attention_mask, Sq, Sk, B, device)
+    return visible, visible.sum(-1)
+
+
+def _report_dense(state: RunState, module, query, key, attention_mask) -> None:
+    """Metrics of a call the model's dense SDPA ran (decode-only mode's prompt): every visible element kept."""
+    layer = int(getattr(module, "layer_idx", 0))
+    B, Hq, Sq, _ = query.shape
+    Hkv, Sk = key.shape[1], key.shape[2]
+    visible, row_len = _rows(attention_mask, B, Sq, Sk, query.device)
+    k = torch.as_tensor(state.k_keep(layer, Hq), device=row_len.device).view(-1, 1, 1)  # (1 or Hq, 1, 1)
+    per_head = lambda x: x.expand(Hq, B, Sq).sum((1, 2))  # noqa: E731  (Hq,) totals over the call's rows
+    seen = (torch.ones(B, Sk, dtype=torch.bool, device=row_len.device) if visible is None else visible.any(1))
+    kv = seen.sum().expand(Hkv).clone()  # keys visible to any row, per KV head
+    state.metrics.add_counts(layer, "prefill", kept=per_head(row_len.unsqueeze(0)), visible=per_head(row_len.unsqueeze(0)),
+                             topk_equiv=per_head(torch.minimum(row_len.unsqueeze(0), k)),
+                             rows=per_head((row_len > 0).unsqueeze(0).long()),
+                             dense_rows=per_head((row_len > 0).unsqueeze(0).long()),
+                             empty_rows=torch.zeros(Hq, dtype=torch.long), kept_v_rows=kv, kv_rows=kv)
 
 
 LOOKUP_ALL_LAYERS_MAX_ROWS = 4096  # up to this many rows (B·Sq) a call's θ is looked up for every layer at once

@@ -1,0 +1,75 @@
+"""The sidebar's jobs panel and the session's job board (the Streamlit side of :mod:`explorer_ui.jobs`)."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from . import session_keys as K
+from .jobs import Job, JobBoard, JobState, register_cancel_error
+
+POLL_S = 1.0  # how often a panel or a result area redraws while a job runs
+
+PAGE_TITLES = {"calibrate": "Calibrate", "accuracy": "Accuracy", "compare": "Compare"}
+_ICONS = {JobState.RUNNING: ":material/hourglass_top:", JobState.DONE: ":material/check_circle:",
+          JobState.FAILED: ":material/error:", JobState.CANCELLED: ":material/cancel:"}
+
+
+def _register_engine_errors() -> None:
+    from topθ_core.calibration import CalibrationCancelled
+    from topθ_core.evaluation import EvaluationCancelled
+
+    register_cancel_error(CalibrationCancelled)
+    register_cancel_error(EvaluationCancelled)
+
+
+_register_engine_errors()
+
+
+def board() -> JobBoard:
+    """This browser session's jobs."""
+    if K.JOBS not in st.session_state:
+        st.session_state[K.JOBS] = JobBoard()
+    return st.session_state[K.JOBS]
+
+
+def job_of(key: str) -> Job | None:
+    """The job whose id a page keeps under ``key``."""
+    job_id = st.session_state.get(key)
+    return board().get(job_id) if job_id else None
+
+
+def _on_finish(job: Job) -> None:
+    """Once, when the panel first sees a job ended: a finished calibration becomes the active set."""
+    job.announced = True
+    if job.state is JobState.DONE and job.kind == "calibrate" and isinstance(job.result, dict):
+        st.session_state[K.PENDING_ACTIVE_RUN] = job.result.get("name")
+        st.rerun(scope="app")
+
+
+def render_jobs_panel() -> None:
+    """Draw the jobs panel in the sidebar; it redraws itself every second while a job runs."""
+    jobs = board()
+    run_every = POLL_S if jobs.any_active else None
+
+    @st.fragment(run_every=run_every)
+    def panel() -> None:
+        listed = list(reversed(jobs.jobs()))[:6]
+        if not listed:
+            return
+        st.markdown("**Jobs**")
+        for job in listed:
+            box = st.container(border=True)
+            box.markdown(f"{_ICONS[job.state]} **{job.label}** · {PAGE_TITLES.get(job.page, job.page)}")
+            if job.active:
+                box.progress(job.fraction, text=job.status_text())
+                box.button("Cancel", key=f"job_cancel_{job.id}", on_click=job.cancel, disabled=job.cancelling,
+                           width="stretch")
+            else:
+                box.caption(job.status_text())
+                if not job.announced:
+                    _on_finish(job)
+        if run_every is not None and not jobs.any_active:
+            st.rerun(scope="app")  # the last job ended: redraw the page once, then stop polling
+
+    with st.sidebar:
+        panel()

@@ -1,0 +1,89 @@
+"""Settings that survive: page switches, reloads, and links (``st.query_params``).
+
+Streamlit forgets a widget's value when a run does not draw the widget (another page is open).
+:func:`keep` re-assigns every declared setting at the start of each run, which turns it into plain
+session state that outlives the page.  :func:`write_url` mirrors the open page's settings (and the
+sidebar's) into the URL after each run, and :func:`restore_from_url` seeds a new session from it, so a
+reload keeps the view and a copied link opens the same view elsewhere.  Values coming from a URL are
+parsed by the setting's declared type; one that does not parse is ignored, never an error.
+
+The declarations are ``session_keys.SETTINGS``: key → (page, type).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import streamlit as st
+
+from . import session_keys as K
+
+_RESTORED = "_state_restored"  # not a widget: the session read its URL once
+
+
+def encode(value: Any) -> str:
+    """A setting's value as URL text (lists as JSON)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return json.dumps(list(value))
+    return str(value)
+
+
+def decode(text: str, kind: type) -> Any:
+    """URL text → a value of ``kind`` (int, float, bool, str or list); raises ValueError when it does not parse."""
+    if kind is bool:
+        if text.lower() in ("true", "1", "yes", "on"):
+            return True
+        if text.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"not a boolean: {text!r}")
+    if kind is list:
+        value = json.loads(text)
+        if not isinstance(value, list):
+            raise ValueError(f"not a list: {text!r}")
+        return value
+    if kind is int:
+        return int(text)
+    if kind is float:
+        value = float(text)
+        if value != value:  # NaN
+            raise ValueError("NaN")
+        return value
+    return str(text)
+
+
+def keep() -> None:
+    """Call first in every run: declared settings outlive the pages that draw them."""
+    for key in K.SETTINGS:
+        if key in st.session_state:
+            st.session_state[key] = st.session_state[key]
+
+
+def restore_from_url() -> None:
+    """Once per session: seed settings from the URL's query parameters (values that do not parse are skipped)."""
+    if st.session_state.get(_RESTORED):
+        return
+    st.session_state[_RESTORED] = True
+    for key, text in st.query_params.items():
+        spec = K.SETTINGS.get(key)
+        if spec is None or key in st.session_state:
+            continue
+        try:
+            st.session_state[key] = decode(text, spec[1])
+        except (ValueError, TypeError, json.JSONDecodeError):
+            continue
+
+
+def page_values(page: str) -> dict[str, Any]:
+    """The current values of ``page``'s settings and the sidebar's (those set in this session)."""
+    return {key: st.session_state[key] for key, (p, _) in K.SETTINGS.items()
+            if p in (page, "sidebar") and key in st.session_state}
+
+
+def write_url(page: str) -> None:
+    """Mirror ``page``'s settings (and the sidebar's) into the URL, so the view is a link."""
+    want = {k: encode(v) for k, v in page_values(page).items()}
+    if dict(st.query_params) != want:
+        st.query_params.from_dict(want)
