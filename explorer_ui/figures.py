@@ -11,6 +11,8 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from .evaluation_view import better_sign
+
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf"]
 # No plotly template: st.plotly_chart applies the Streamlit theme, and templates cost ~50 ms a figure.
@@ -358,26 +360,44 @@ def compare_steps_chart(steps: pd.DataFrame) -> go.Figure:
 
 
 # ---------------------------------------------------------------------------- accuracy
-def delta_chart(summary: pd.DataFrame) -> go.Figure:
-    """Top-θ minus dense per task/metric with its interval."""
-    title = "Top-θ − dense (with interval)"
-    if summary is None or summary.empty:
+WORSE, BETTER, NEUTRAL = PALETTE[3], PALETTE[2], "#9e9e9e"
+
+
+def variant_delta_chart(table: pd.DataFrame) -> go.Figure:
+    """Top-θ − dense per variant, one panel (and y axis) per metric, with the 95% paired interval.
+
+    ``table``: :func:`explorer_ui.evaluation_view.result_table`.  A bar is red when the change is a
+    loss for its metric (lower accuracy, higher perplexity), green when it is a gain.
+    """
+    title = "Δ = Top-θ − dense per variant (bars: 95% paired bootstrap interval; red: worse)"
+    if table is None or table.empty:
         return _empty(title, "no results yet")
-    d = summary
-    labels = (d["task"].astype(str) + " · " + d["metric"].astype(str)).to_numpy()
-    delta = d["delta"].to_numpy(float)
-    error = None
-    if "ci_low" in d and "ci_high" in d:
-        error = dict(type="data", array=np.abs(d["ci_high"].to_numpy(float) - delta),
-                     arrayminus=np.abs(delta - d["ci_low"].to_numpy(float)), visible=True)
-    return _figure([dict(type="bar", x=labels, y=delta, marker=dict(color=np.where(delta >= 0, PALETTE[2], PALETTE[3])),
-                         error_y=error, hovertemplate="%{x}<br>Δ=%{y:.4f}<extra></extra>")],
-                   title=title, yaxis=dict(title="Δ (sparse − dense)"), height=340, shapes=[_hline(0)])
+    from plotly.subplots import make_subplots
+
+    metrics = list(dict.fromkeys(table["metric"]))
+    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=[f"Δ {m}" for m in metrics],
+                        horizontal_spacing=min(0.08, 0.5 / max(1, len(metrics))))
+    for i, metric in enumerate(metrics, start=1):
+        d = table[table["metric"] == metric]
+        delta = d["Δ"].to_numpy(float)
+        colour = [NEUTRAL if not np.isfinite(x) or x == 0 else (WORSE if w else BETTER)
+                  for x, w in zip(delta, d["worse"])]
+        err = dict(type="data", array=np.abs(d["ci_high"].to_numpy(float) - delta),
+                   arrayminus=np.abs(delta - d["ci_low"].to_numpy(float)), visible=True)
+        fig.add_trace(go.Bar(x=d["variant"].astype(str), y=delta, marker_color=colour, error_y=err, name=metric,
+                             showlegend=False, customdata=np.stack([d["dense"], d["Top-θ"], d["n"]], -1),
+                             hovertemplate="%{x}<br>Δ=%{y:.4f}<br>dense %{customdata[0]:.4f} → Top-θ "
+                                           "%{customdata[1]:.4f}<br>n=%{customdata[2]}<extra>" + metric + "</extra>"),
+                      row=1, col=i)
+        fig.add_hline(y=0, line_color="#444", line_width=1, row=1, col=i)
+    fig.update_layout(title=title, height=360, **_LAYOUT)
+    return fig
 
 
 def tradeoff_chart(results: pd.DataFrame, x: str = "kept_attention", metric: str | None = None) -> go.Figure:
-    """Accuracy (Δ vs dense) against the kept fraction, one point per saved result, labelled by variant."""
-    title = f"trade-off: Δ accuracy vs {x.replace('_', ' ')}"
+    """Δ of one metric (Top-θ − dense) against the kept fraction, one point per saved result, labelled by
+    variant; points that are a loss for the metric are red."""
+    title = f"trade-off: Δ {metric or 'metric'} (Top-θ − dense) vs {x.replace('_', ' ')}"
     if results is None or results.empty or x not in results:
         return _empty(title, "no saved results yet: run an evaluation")
     d = results
@@ -394,12 +414,18 @@ def tradeoff_chart(results: pd.DataFrame, x: str = "kept_attention", metric: str
         if "ci_low" in g and "ci_high" in g:
             err = dict(type="data", array=np.abs(g["ci_high"].to_numpy(float) - delta),
                        arrayminus=np.abs(delta - g["ci_low"].to_numpy(float)))
+        worse = [better_sign(str(m)) * v < 0 for m, v in zip(g["metric"], delta)]
         data.append(dict(type="scatter", x=g[x].to_numpy(float), y=delta, mode="markers+text", name=str(task),
                          text=g[label_col].astype(str).to_numpy() if label_col else None, textposition="top center",
-                         textfont=dict(size=9), error_y=err, marker=dict(size=9, color=PALETTE[i % len(PALETTE)]),
+                         textfont=dict(size=9), error_y=err,
+                         marker=dict(size=10, color=[WORSE if w else BETTER for w in worse],
+                                     symbol=SYMBOLS[i % len(SYMBOLS)], line=dict(width=1, color="#333")),
                          hovertemplate="%{text}<br>" + x + "=%{x:.3f}<br>Δ=%{y:.4f}<extra>" + str(task) + "</extra>"))
     return _figure(data, title=title, xaxis=dict(title=x.replace("_", " "), tickformat=".0%", range=[0, 1.02]),
-                   yaxis=dict(title="Δ (sparse − dense)"), height=420, shapes=[_hline(0)])
+                   yaxis=dict(title=f"Δ {metric or ''} (Top-θ − dense)"), height=420, shapes=[_hline(0)])
+
+
+SYMBOLS = ["circle", "square", "diamond", "triangle-up", "cross", "x"]
 
 
 # ---------------------------------------------------------------------------- kernels

@@ -92,3 +92,18 @@ def benchmark_results() -> list:
     root = bench_results.RESULTS_DIR
     sig = tuple(sorted((str(p), p.stat().st_mtime) for p in root.rglob("*") if p.is_file())) if root.is_dir() else ()
     return _bench_results(sig)
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def dense_cache(model_key: str, results_dir: str, _lm: LoadedModel):
+    """The on-disk dense cache of one model (``model_key`` names it), shared by every session of this process."""
+    from topθ_core.evaluation import dense_cache_for
+
+    return dense_cache_for(_lm, results_dir)
+
+
+@st.cache_resource(show_spinner=False)
+def measured_rates() -> dict:
+    """Tokens/s measured by finished evaluations, ``{(model key, task kind): {"dense": r, "sparse": r}}``,
+    shared by every session (the estimate shown before Run)."""
+    return {}

@@ -1,17 +1,16 @@
 """Compare: dense and Top-θ greedy generations side by side, streaming, divergence and per-token KL."""
 
+import json
 import math
 
-import pandas as pd
 import streamlit as st
 
 from explorer_ui import figures, render
 from explorer_ui import session_keys as K
 from explorer_ui.controls import sample_prompt_picker, sparse_config_controls
+from explorer_ui.jobs import JobState
+from explorer_ui.jobs_panel import POLL_S, board, job_of
 from explorer_ui.sidebar import require_model
-from topθ_core.config import ConfigError
-from topθ_core.thresholds import ThresholdsError
-
 from topθ_core.generation import compare_generate
 
 ctx = require_model()
@@ -34,60 +33,78 @@ with st.expander("Sparse settings", expanded=ctx.thresholds is None):
     config, err = sparse_config_controls("cmp", ctx.thresholds)
 if err:
     st.error(err)
-    st.stop()
+    st.stop()  # the settings stay as they are (they outlive this run): fix the combination to go on
 
+inputs = {"model": ctx.model_key, "thresholds": ctx.run_key, "prompt": prompt, "max_new": int(max_new),
+          "chat": bool(chat and has_template), "config": json.dumps(config.to_dict(), sort_keys=True),
+          "label": config.label()}
+job = job_of(K.CMP_JOB)
+running = job is not None and job.active
 b1, b2, _ = st.columns([1, 1, 4])
-run = b1.button("Generate", type="primary", key=K.CMP_RUN, width="stretch", disabled=not prompt.strip())
-b2.button("Stop", key=K.CMP_STOP, width="stretch", help="stops a generation in progress")
+run = b1.button("Generate", type="primary", key=K.CMP_RUN, width="stretch", disabled=not prompt.strip() or running)
+b2.button("Stop", key=K.CMP_STOP, width="stretch", disabled=not running, on_click=job.cancel if running else None,
+          help="stops the generation; what was generated so far stays on screen")
 
-left, right = st.columns(2)
-left.markdown("**Dense**")
-right.markdown(f"**Top-θ** · {config.label()}")
-dense_box, sparse_box = left.empty(), right.empty()
-metrics_box = st.empty()
-chart_box = st.empty()
+if run and prompt.strip() and not running:
+    th = ctx.thresholds if config.needs_thresholds else None
+
+    def work(job, prompt=prompt, config=config, max_new=int(max_new), chat=bool(chat and has_template)):
+        job.unit = "tokens"
+        steps = []
+        for s in compare_generate(lm, prompt, config, th, max_new_tokens=max_new, chat=chat):
+            steps.append(s)
+            job.publish(list(steps))
+            job.progress(len(steps), max_new)
+            if job.should_stop() or not math.isfinite(s.kl):
+                break
+        return {"steps": steps, "stopped": job.should_stop()}
+
+    job = board().submit("generate", f"generate {int(max_new)} tokens", "compare", work, inputs=inputs,
+                         replace=True)
+    st.session_state[K.CMP_JOB] = job.id
 
 
-def draw(df: pd.DataFrame, final: bool) -> None:
+@st.fragment(run_every=POLL_S if job is not None and job.active else None)
+def _streams(job_id, inputs) -> None:
+    """Both streams as they grow; after Stop, the partial generation under its own run's header."""
+    job = board().get(job_id) if job_id else None
+    if job is None or job.partial is None:
+        if job is not None and job.state is JobState.FAILED:
+            st.error(f"Generation failed: {job.error}")
+        elif job is None:
+            st.info("Press **Generate** to stream both continuations.")
+        else:
+            st.caption("Starting…")
+        return
+    df = render.steps_frame(job.partial)
+    stopped = job.state is JobState.DONE and job.result.get("stopped")
+    if job.inputs != inputs:
+        st.warning("**Stale**: this generation ran with other settings or another prompt than the ones above.",
+                   icon=":material/history:")
+    if job.state is JobState.FAILED:
+        st.error(f"Generation failed after {len(df)} tokens: {job.error}")
+    left, right = st.columns(2)
+    left.markdown("**Dense**")
+    right.markdown(f"**Top-θ** · {job.inputs['label']}" + (f" · stopped after {len(df)} tokens" if stopped else ""))
     scale = render.kl_scale(df)
-    dense_box.html(render.tokens_html(df, "dense"))
-    sparse_box.html(render.tokens_html(df, "sparse", kl_scale=scale)
-                    + f'<div style="font-size:0.75rem;color:#888">colour: KL 0 → {scale:.3g} nats</div>')
+    left.html(render.tokens_html(df, "dense"))
+    right.html(render.tokens_html(df, "sparse", kl_scale=scale)
+               + f'<div style="font-size:0.75rem;color:#888">colour: KL 0 → {scale:.3g} nats</div>')
     first = render.first_divergent_step(df)
     kv = df["kept_v_rows"].dropna()
-    with metrics_box.container():
-        m = st.columns(5)
-        m[0].metric("tokens", len(df))
-        m[1].metric("first divergence", "none" if first is None else f"step {first}")
-        m[2].metric("mean KL (nats)", f"{df['kl'].mean():.4f}" if len(df) else "–")
-        m[3].metric("kept V rows (decode)", f"{kv.mean():.1%}" if len(kv) else "–")
-        last = df.iloc[-1] if len(df) else None
-        m[4].metric("tok/s dense · Top-θ", "–" if last is None else
-                    f"{last['dense_tok_s']:.1f} · {last['sparse_tok_s']:.1f}")
-    if final or len(df) % 8 == 0:
-        chart_box.plotly_chart(figures.compare_steps_chart(df), width="stretch", key=f"cmp_chart_{len(df)}_{final}")
+    m = st.columns(5)
+    m[0].metric("tokens", len(df))
+    m[1].metric("first divergence", "none" if first is None else f"step {first}")
+    m[2].metric("mean KL (nats)", f"{df['kl'].mean():.4f}" if len(df) else "–")
+    m[3].metric("kept V rows (decode)", f"{kv.mean():.1%}" if len(kv) else "–")
+    last = df.iloc[-1] if len(df) else None
+    m[4].metric("tok/s dense · Top-θ", "–" if last is None else f"{last['dense_tok_s']:.1f} · {last['sparse_tok_s']:.1f}",
+                help="both streams timed in the same run on this device")
+    if not job.active:
+        st.plotly_chart(figures.compare_steps_chart(df), width="stretch", key="cmp_chart")
+        if not job.announced:
+            job.announced = True
+            st.rerun(scope="app")
 
 
-if run:
-    steps = []
-    try:
-        for s in compare_generate(lm, prompt, config, ctx.thresholds if config.needs_thresholds else None,
-                                  max_new_tokens=int(max_new), chat=bool(chat and has_template)):
-            steps.append(s)
-            df = render.steps_frame(steps)
-            draw(df, final=False)
-            if not math.isfinite(s.kl):
-                break
-    except (ValueError, ThresholdsError, ConfigError) as e:
-        st.error(f"Generation failed: {e}")
-        st.stop()
-    df = render.steps_frame(steps)
-    st.session_state[K.CMP_LAST] = {"prompt": prompt, "label": config.label(), "steps": df.to_dict("records")}
-    draw(df, final=True)
-elif st.session_state.get(K.CMP_LAST):
-    last = st.session_state[K.CMP_LAST]
-    df = pd.DataFrame(last["steps"], columns=render.STEP_COLUMNS)
-    right.caption(f"last run: {last['label']}")
-    draw(df, final=True)
-else:
-    st.info("Press **Generate** to stream both continuations.")
+_streams(st.session_state.get(K.CMP_JOB), inputs)

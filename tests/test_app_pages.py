@@ -391,21 +391,47 @@ def test_compare_page_streams_both(calibrated):
     at.text_area(key="cmp_prompt").input("The quick brown fox jumps over the lazy dog. " * 6)
     at.number_input(key="cmp_max_new").set_value(5)
     at.button(key="cmp_run").click().run()
-    assert_clean(at)
+    wait_jobs(at)
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["tokens"] == "5"
     htmls = [h.proto.body for h in at.get("html")]
     assert len(htmls) >= 2 and all('data-step="4"' in h for h in htmls[:2])
     chart = next(s for s in plotly_specs(at) if s["layout"]["title"]["text"] == "per-step agreement and cost")
     assert arr(chart["data"][0]["x"]) == [0, 1, 2, 3, 4]
-    # widget changes keep the last result on screen without generating again
+    # a changed setting keeps the last result on screen, marked stale, without generating again
     at.number_input(key="cmp_max_new").set_value(7).run()
     assert {m.label: m.value for m in at.metric}["tokens"] == "5"
+    assert any(w.startswith("**Stale**") for w in texts(at.warning))
+
+
+def test_compare_stop_keeps_the_partial_generation(calibrated):
+    """Stop ends the generation where it is: its tokens stay on screen under its own run's header."""
+    import time
+
+    from explorer_ui.jobs import JobState
+
+    at = calibrated
+    at.switch_page(PAGE["compare"]).run()
+    at.text_area(key="cmp_prompt").input("Stop me. " * 10)
+    at.number_input(key="cmp_max_new").set_value(400).run()
+    at.button(key="cmp_run").click().run()
+    job = at.session_state["app_jobs"].latest("compare")
+    t0 = time.monotonic()
+    while job.partial is None or len(job.partial) < 3:
+        assert time.monotonic() - t0 < 60
+        time.sleep(0.05)
+    job.cancel()  # what the Stop button's click does
+    wait_jobs(at)
+    assert job.state is JobState.DONE and job.result["stopped"]
+    n = len(job.result["steps"])
+    assert 3 <= n < 400
+    assert {m.label: m.value for m in at.metric}["tokens"] == str(n)
+    assert any(f"stopped after {n} tokens" in t for t in texts(at.markdown))
 
 
 def _run_accuracy(at, task: str, limit: int, **choices):
     """Open the Accuracy page, set the radios/select boxes in ``choices`` (key → value) in order, run
-    ``task`` on ``limit`` items, and return the result table after checking the run was clean."""
+    ``task`` on ``limit`` items in the background, wait for it, and return the result table."""
     at.switch_page(PAGE["accuracy"]).run()
     assert_clean(at)
     for key, value in choices.items():
@@ -415,17 +441,61 @@ def _run_accuracy(at, task: str, limit: int, **choices):
     at.button(key="acc_run").click().run()
     assert_clean(at)
     assert not at.error, texts(at.error)
+    wait_jobs(at)
+    assert not at.error, texts(at.error)
     return at.dataframe[0].value
 
 
 def test_accuracy_page_runs_and_saves(calibrated, env):
     at = calibrated
     df = _run_accuracy(at, "arc_easy", 3)
-    assert set(df["metric"]) >= {"acc", "acc_norm"} and (df["task"] == "arc_easy").all()
+    assert set(df["metric"]) >= {"acc", "acc_norm"} and len(df["variant"].unique()) == 1
     assert list(env["results"].glob("*.parquet"))
     titles = [s["layout"]["title"]["text"] for s in plotly_specs(at)]
-    assert "Top-θ − dense (with interval)" in titles
-    assert any(t.startswith("trade-off") for t in titles)
+    assert any(t.startswith("Δ = Top-θ − dense per variant") for t in titles)
+    assert any(t.startswith("trade-off: Δ") for t in titles)
+    assert any("Only 3 items" in c for c in texts(at.caption))  # a thin result says so
+
+
+def test_accuracy_dense_cache_skips_the_dense_pass_and_marks_stale(calibrated, env, monkeypatch):
+    """A second run on the same items (another variant) takes dense from the disk cache: the task scores
+    only the sparse arm.  Until the new run has numbers, the old ones are marked stale."""
+    from topθ_core.evaluation.multiple_choice import MultipleChoiceTask
+
+    calls = []
+    real = MultipleChoiceTask.score
+    monkeypatch.setattr(MultipleChoiceTask, "score",
+                        lambda self, lm, units, state, tick, dense=None:
+                        calls.append((state.arm.dense, len(units))) or real(self, lm, units, state, tick, dense))
+    at = calibrated
+    at.switch_page(PAGE["accuracy"]).run()
+    at.toggle(key="acc_live").set_value(False).run()
+    _run_accuracy(at, "arc_easy", 4, acc_kind="mc", acc_selection="top-theta")
+    first = list(calls)
+    assert sum(n for dense, n in first if dense) <= 4  # at most the 4 items (fewer when cached by an earlier test)
+    calls.clear()
+    at.selectbox(key="acc_sdc").set_value("offline").run()
+    assert_clean(at)
+    assert any(w.startswith("**Stale**") for w in texts(at.warning))  # live is off: the old run stays, marked
+    at.button(key="acc_run").click().run()
+    wait_jobs(at)
+    assert calls and not any(dense for dense, _ in calls), calls  # dense came from the cache
+    assert sum(n for _, n in calls) == 4
+    assert not any(w.startswith("**Stale**") for w in texts(at.warning))
+    df = at.dataframe[0].value
+    assert df["config"].str.contains("sdc=offline").all()
+
+
+def test_accuracy_variant_matrix_fills_every_row(calibrated):
+    at = calibrated
+    at.switch_page(PAGE["accuracy"]).run()
+    at.radio(key="acc_selection").set_value("top-theta").run()
+    at.selectbox(key="acc_sdc").set_value("exact").run()
+    at.multiselect(key="acc_matrix_vmc").set_value([True, False]).run()
+    df = _run_accuracy(at, "arc_easy", 3)
+    assert sorted(df["variant"].unique()) == ["vmc=off", "vmc=on"]
+    assert set(df.groupby("variant")["metric"].apply(frozenset)) == {frozenset({"acc", "acc_norm", "pred_changed"})}
+    assert df["n"].eq(3).all()
 
 
 def test_accuracy_invalid_combination_is_a_message(calibrated):

@@ -130,6 +130,9 @@ class AgreementTask(PairedTask):
             return float("nan")
         return float(df["kept_v_rows_decode"].dropna().mean())
 
+    def total_tokens(self) -> int:
+        return sum(int(u.ids.numel()) if u.ids is not None else self.max_new_tokens for u in self.units)
+
     def info(self) -> dict:
         return {"teacher_forced_tokens": int(sum(u.ids.numel() for u in self.units if u.ids is not None)),
                 "max_new_tokens": self.max_new_tokens}

@@ -69,6 +69,12 @@ class DenseCache:
         self.misses += len(units) - len(found)
         return found
 
+    def known(self, task_key: str, units: list[str]) -> int:
+        """How many of ``units`` have cached values (without counting hits or misses)."""
+        with _LOCK:
+            mem = self._load(task_key)
+            return sum(u in mem for u in units)
+
     def put(self, task_key: str, values: dict[str, dict]) -> None:
         """Add complete per-unit values (JSON-serialisable) and write the task's file atomically."""
         if not values:

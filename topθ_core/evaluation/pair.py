@@ -102,6 +102,10 @@ class PairedTask:
     def work(self, unit) -> int:
         return 1
 
+    def total_tokens(self) -> int:
+        """Tokens one arm runs through the model (for an estimate before running)."""
+        return sum(self.work(u) for u in self.units)
+
     def score(self, lm, units: Sequence, state: ArmState, tick: Callable[[int], None],
               dense: Sequence[dict] | None = None) -> list[dict]:
         raise NotImplementedError
