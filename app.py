@@ -37,7 +37,8 @@ page = st.navigation(PAGES)
 st.sidebar.title("Top-θ Explorer")
 render_sidebar()
 render_jobs_panel()
+state.write_url(page.url_path)  # this run's settings (widget changes are in the session before a run starts)
 try:
     page.run()
 finally:
-    state.write_url(page.url_path)
+    state.write_url(page.url_path)  # and what the page set itself (defaults on a first visit)

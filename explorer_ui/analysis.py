@@ -94,18 +94,19 @@ def eta_text(done: int, total: int, elapsed: float) -> str:
 # ---------------------------------------------------------------------------- sparsity snapshot
 @dataclass
 class SparsitySnapshot:
-    """What the Sparsity page draws for one prompt and one config."""
+    """What the Sparsity page draws for one prompt and one config: every layer's maps, so a layer or head
+    change only redraws.  Maps are pooled to at most :data:`MAP_CAP` cells a side and stored compactly
+    (float16 weights, uint8 kept share): about 5 bytes per cell per head and layer."""
 
     tokens: list[str]
-    layer: int
     metrics: pd.DataFrame  # SparsityMetrics.to_frame()
     popularity: pd.DataFrame  # layer, position, count (prefill, all query heads)
     decode: pd.DataFrame  # layer, step, kept_v_rows, kv_rows, kept_v_frac
     generated: list[str]
-    dense: np.ndarray  # (H, n, n) dense softmax of the layer's scores, pooled (row mass kept)
-    sparse: np.ndarray  # (H, n, n) weights applied to V after selection and compensation, pooled
-    kept: np.ndarray  # (H, n, n) fraction of kept elements per cell
-    visible: np.ndarray  # (n, n) fraction of visible elements per cell
+    dense: np.ndarray  # (L, H, n, n) float16 dense softmax of each layer's scores, pooled (row mass kept)
+    sparse: np.ndarray  # (L, H, n, n) float16 weights applied to V after selection and compensation, pooled
+    kept: np.ndarray  # (L, H, n, n) uint8 share of kept elements per cell, 0-255
+    visible: np.ndarray  # (n, n) share of visible elements per cell
     pool: int  # tokens per drawn cell along each axis
     seconds: float  # the prefill's compute time
     config_label: str = ""
@@ -115,6 +116,20 @@ class SparsitySnapshot:
     @property
     def n_tokens(self) -> int:
         return len(self.tokens)
+
+    @property
+    def n_layers(self) -> int:
+        return self.dense.shape[0]
+
+    def layer_maps(self, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(dense, sparse, kept share) of one layer, float32, (H, n, n)."""
+        return (self.dense[layer].astype(np.float32), self.sparse[layer].astype(np.float32),
+                self.kept[layer].astype(np.float32) / 255.0)
+
+    def cell_tokens(self) -> list[str]:
+        """The text of each drawn cell along an axis (the tokens it pools, joined)."""
+        f = self.pool
+        return ["".join(self.tokens[i:i + f]) for i in range(0, self.n_tokens, f)]
 
 
 def _pool_cols(x: torch.Tensor, f: int, reduce: str) -> torch.Tensor:
@@ -130,17 +145,15 @@ def _pool_cols(x: torch.Tensor, f: int, reduce: str) -> torch.Tensor:
 
 
 class _MapCapture:
-    """Observer that keeps one layer's prefill maps, column-pooled as chunks arrive."""
+    """Observer that keeps every layer's prefill maps, column-pooled as chunks arrive."""
 
-    def __init__(self, layer: int, pool: int):
-        self.layer, self.pool = layer, pool
-        self.dense: list[torch.Tensor] = []
-        self.sparse: list[torch.Tensor] = []
-        self.kept: list[torch.Tensor] = []
+    def __init__(self, pool: int):
+        self.pool = pool
+        self.chunks: dict[int, dict[str, list[torch.Tensor]]] = {}
         self.visible: list[torch.Tensor] = []
 
     def __call__(self, layer: int, block) -> None:
-        if layer != self.layer or block.q_len <= 1:
+        if block.q_len <= 1:
             return
         logits = block.logits[0].float()  # (H, R, N)
         m = logits.amax(-1, keepdim=True)
@@ -148,21 +161,24 @@ class _MapCapture:
         e = torch.exp(logits - m)
         dense = e / e.sum(-1, keepdim=True).clamp_min(1e-30)
         f = self.pool
-        self.dense.append(_pool_cols(dense, f, "sum"))
-        self.sparse.append(_pool_cols(block.probs[0].float(), f, "sum"))
-        self.kept.append(_pool_cols(block.kept[0].float(), f, "mean"))
-        self.visible.append(_pool_cols(block.visible[0, 0].float(), f, "mean"))
+        c = self.chunks.setdefault(layer, {"dense": [], "sparse": [], "kept": []})
+        c["dense"].append(_pool_cols(dense, f, "sum"))
+        c["sparse"].append(_pool_cols(block.probs[0].float(), f, "sum"))
+        c["kept"].append(_pool_cols(block.kept[0].float(), f, "mean"))
+        if layer == min(self.chunks):
+            self.visible.append(_pool_cols(block.visible[0, 0].float(), f, "mean"))
 
-    @staticmethod
-    def _rows(chunks: list[torch.Tensor], f: int) -> np.ndarray:
-        x = torch.cat(chunks, dim=-2)  # (..., n_rows, n_cols)
-        x = _pool_cols(x.transpose(-1, -2), f, "mean").transpose(-1, -2)
-        return x.numpy().astype(np.float32)
+    def _rows(self, chunks: list[torch.Tensor]) -> torch.Tensor:
+        n = max(x.shape[-1] for x in chunks)  # causal chunks may see growing key prefixes
+        x = torch.cat([torch.nn.functional.pad(c, (0, n - c.shape[-1])) for c in chunks], dim=-2)
+        return _pool_cols(x.transpose(-1, -2), self.pool, "mean").transpose(-1, -2)
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        f = self.pool
-        return (self._rows(self.dense, f), self._rows(self.sparse, f), self._rows(self.kept, f),
-                self._rows(self.visible, f))
+        layers = sorted(self.chunks)
+        dense = np.stack([self._rows(self.chunks[l]["dense"]).numpy() for l in layers]).astype(np.float16)
+        sparse = np.stack([self._rows(self.chunks[l]["sparse"]).numpy() for l in layers]).astype(np.float16)
+        kept = np.stack([np.rint(self._rows(self.chunks[l]["kept"]).numpy() * 255) for l in layers]).astype(np.uint8)
+        return dense, sparse, kept, self._rows(self.visible).numpy().astype(np.float32)
 
 
 def pool_factor(n_tokens: int, cap: int = MAP_CAP) -> int:
@@ -179,21 +195,19 @@ class DecodeContinuation:
     metrics: SparsityMetrics
 
 
-def sparsity_prefill(lm, text: str, config: SparseConfig, thresholds: Thresholds | None, *, layer: int,
+def sparsity_prefill(lm, text: str, config: SparseConfig, thresholds: Thresholds | None, *,
                      max_tokens: int = 256, map_cap: int = MAP_CAP,
                      keep_cache: bool = False) -> tuple[SparsitySnapshot, DecodeContinuation | None]:
     """One sparse prefill of ``text`` (truncated to ``max_tokens``): :class:`SparsityMetrics` (with V-row
-    popularity) for every layer and the maps of ``layer`` (all query heads), pooled to at most
-    ``map_cap`` cells a side.  With ``keep_cache`` it also returns what :func:`sparsity_decode` needs,
-    so a page can draw the prefill before the decode steps run."""
+    popularity) and the maps of every layer and query head, pooled to at most ``map_cap`` cells a side.
+    With ``keep_cache`` it also returns what :func:`sparsity_decode` needs, so a page can draw the
+    prefill before the decode steps run."""
     ids = lm.tokenizer(text, return_tensors="pt").input_ids[:, :max_tokens]
     if ids.shape[1] < 2:
         raise ValueError("the prompt needs at least two tokens")
     n = int(ids.shape[1])
-    if not 0 <= layer < lm.n_layers:
-        raise ValueError(f"layer {layer} does not exist (the model has {lm.n_layers})")
     metrics = SparsityMetrics(track_popularity=True)
-    capture = _MapCapture(layer, pool_factor(n, map_cap))
+    capture = _MapCapture(pool_factor(n, map_cap))
     cont = None
     t0 = time.perf_counter()
     with torch.inference_mode(), sparse_run(config, thresholds if config.needs_thresholds else None,
@@ -210,10 +224,10 @@ def sparsity_prefill(lm, text: str, config: SparseConfig, thresholds: Thresholds
     popularity = (pd.concat(pop_rows, ignore_index=True) if pop_rows
                   else pd.DataFrame(columns=["layer", "position", "count"]))
     snap = SparsitySnapshot(
-        tokens=lm.tokenizer.convert_ids_to_tokens(ids[0].tolist()), layer=layer, metrics=metrics.to_frame(),
+        tokens=[lm.tokenizer.decode([t]) for t in ids[0].tolist()], metrics=metrics.to_frame(),
         popularity=popularity, decode=_decode_frame(metrics), generated=[],
-        dense=dense, sparse=sparse, kept=kept, visible=visible[0] if visible.ndim == 3 else visible,
-        pool=capture.pool, seconds=seconds, config_label=config.label())
+        dense=dense, sparse=sparse, kept=kept, visible=visible, pool=capture.pool, seconds=seconds,
+        config_label=config.label())
     return snap, cont
 
 
@@ -241,10 +255,10 @@ def sparsity_decode(lm, snap: SparsitySnapshot, cont: DecodeContinuation, steps:
                                decode_seconds=time.perf_counter() - t0)
 
 
-def sparsity_snapshot(lm, text: str, config: SparseConfig, thresholds: Thresholds | None, *, layer: int,
+def sparsity_snapshot(lm, text: str, config: SparseConfig, thresholds: Thresholds | None, *,
                       max_tokens: int = 256, decode_steps: int = 8, map_cap: int = MAP_CAP) -> SparsitySnapshot:
     """:func:`sparsity_prefill` of ``text`` followed by ``decode_steps`` greedy steps (:func:`sparsity_decode`)."""
-    snap, cont = sparsity_prefill(lm, text, config, thresholds, layer=layer, max_tokens=max_tokens, map_cap=map_cap,
+    snap, cont = sparsity_prefill(lm, text, config, thresholds, max_tokens=max_tokens, map_cap=map_cap,
                                   keep_cache=decode_steps > 0)
     return sparsity_decode(lm, snap, cont, decode_steps) if cont is not None else snap
 

@@ -212,13 +212,14 @@ def colour_legend(width: int = 256, height: int = 14) -> np.ndarray:
 
 
 def attention_maps(dense: np.ndarray, sparse: np.ndarray, kept: np.ndarray, visible: np.ndarray, *, head: int,
-                   pool: int = 1, title: str = "") -> go.Figure:
+                   pool: int = 1, title: str = "", tokens: list[str] | None = None) -> go.Figure:
     """Side by side for one head, as heatmaps: the Top-θ map (weights applied to V, dropped cells grey)
     and the dense softmax, with per-cell hover.
 
     ``dense``/``sparse``/``kept``: (H, n, n) arrays (pooled: ``pool`` tokens per cell);
     ``visible`` (n, n).  Colour is log10 of the weight; cells with nothing kept are grey on
-    the left, future (masked) cells are blank on both sides.  For maps of more than
+    the left, future (masked) cells are blank on both sides.  ``tokens`` (one string per cell) label
+    the axes and the hover, as llm-transparency-tool does.  For maps of more than
     :data:`IMAGE_CELLS` cells a side the page draws :func:`attention_map_images` instead: a
     browser draws two images far faster than two large heatmaps.
     """
@@ -245,21 +246,51 @@ def attention_maps(dense: np.ndarray, sparse: np.ndarray, kept: np.ndarray, visi
         sparse_map.update(customdata=k.astype(np.float32),
                           hovertemplate="query %{y}, key %{x}<br>log10 w=%{z:.2f}"
                                         "<br>kept %{customdata:.0%}<extra>Top-θ</extra>")
-    data = [
-        sparse_map,
-        dict(type="heatmap", z=log_dense, zmin=floor, zmax=0, colorscale="Viridis", xaxis="x2", yaxis="y2",
-             colorbar=dict(title=dict(text="log10 p"), x=1.02), name="dense",
-             hovertemplate="query %{y}, key %{x}<br>log10 p=%{z:.2f}<extra>dense</extra>"),
-    ]
+    dense_map = dict(type="heatmap", z=log_dense, zmin=floor, zmax=0, colorscale="Viridis", xaxis="x2", yaxis="y2",
+                     colorbar=dict(title=dict(text="log10 p"), x=1.02), name="dense",
+                     hovertemplate="query %{y}, key %{x}<br>log10 p=%{z:.2f}<extra>dense</extra>")
+    axis_ticks = {}
+    if tokens is not None:
+        n = len(tokens)
+        label = [repr(t)[1:-1] for t in tokens]
+        pair = np.array([[f"{label[i]} → {label[j]}" for j in range(n)] for i in range(n)], dtype=object)
+        for trace in (sparse_map, dense_map):
+            trace["text"] = pair
+            trace["hovertemplate"] = trace["hovertemplate"].replace("<br>", "<br>%{text}<br>", 1)
+        step = max(1, n // 32)
+        axis_ticks = dict(tickmode="array", tickvals=list(range(0, n, step)), ticktext=label[::step],
+                          tickfont=dict(size=8))
+    data = [sparse_map, dense_map]
     ann = [dict(text=f"Top-θ: kept weights (grey = dropped), {kept_share:.1%} kept", x=0.23, y=1.0, xref="paper",
                 yref="paper", showarrow=False, yanchor="bottom"),
            dict(text="dense softmax probabilities", x=0.77, y=1.0, xref="paper", yref="paper", showarrow=False,
                 yanchor="bottom")]
     return _figure(data, title=title or f"head {head}", height=480, annotations=ann,
-                   xaxis=dict(domain=[0.0, 0.46], title=f"key ({unit})"),
-                   xaxis2=dict(domain=[0.54, 1.0], title=f"key ({unit})"),
-                   yaxis=dict(autorange="reversed", title=f"query ({unit})"),
+                   xaxis=dict(domain=[0.0, 0.46], title=f"key ({unit})", **axis_ticks),
+                   xaxis2=dict(domain=[0.54, 1.0], title=f"key ({unit})", **axis_ticks),
+                   yaxis=dict(autorange="reversed", title=f"query ({unit})", **axis_ticks),
                    yaxis2=dict(autorange="reversed", anchor="x2", matches="y", showticklabels=False))
+
+
+def row_attention(dense: np.ndarray, sparse: np.ndarray, kept: np.ndarray, *, head: int, row: int,
+                  tokens: list[str]) -> go.Figure:
+    """One query's weights over the keys it sees, labelled by token: the dense softmax (outline) and what
+    Top-θ applies to V (filled; dropped keys drawn grey at their dense weight)."""
+    label = [repr(t)[1:-1] for t in tokens]
+    title = f"query {row} {label[row]!r} · head {head}: weight per key (dense outline, Top-θ filled, grey dropped)"
+    keys = np.arange(row + 1)
+    d, s_, k = dense[head, row, : row + 1], sparse[head, row, : row + 1], kept[head, row, : row + 1]
+    colours = [PALETTE[0] if x > 0 else DROPPED_GREY for x in k]
+    return _figure([dict(type="bar", x=keys, y=np.where(k > 0, s_, d), marker=dict(color=colours), name="Top-θ",
+                         customdata=[label[j] for j in keys],
+                         hovertemplate="key %{x} %{customdata}<br>weight %{y:.4f}<extra>Top-θ</extra>"),
+                    dict(type="scatter", x=keys, y=d, mode="markers", name="dense", marker=dict(
+                        symbol="line-ew", size=12, line=dict(width=2, color="#222")),
+                         hovertemplate="key %{x}<br>dense p %{y:.4f}<extra>dense</extra>")],
+                   title=title, height=320, bargap=0.1,
+                   xaxis=dict(title="key", tickmode="array", tickvals=list(keys[:: max(1, len(keys) // 40)]),
+                              ticktext=label[: row + 1][:: max(1, len(keys) // 40)], tickfont=dict(size=8)),
+                   yaxis=dict(title="weight", type="log"), legend=dict(orientation="h"))
 
 
 def layer_head_heatmap(metrics: pd.DataFrame, value: str = "kept_frac", phase: str = "prefill",

@@ -61,6 +61,7 @@ SP_PROMPT = "sp_prompt"
 SP_MAX_TOKENS = "sp_max_tokens"
 SP_LAYER = "sp_layer"
 SP_HEAD = "sp_head"
+SP_ROW = "sp_row"  # the query row inspected below the maps
 SP_DECODE = "sp_decode_steps"
 SP_TABLE_OPEN = "sp_table_open"  # expander open state
 SP_SAMPLE_APPLIED = "sp_sample_applied"  # not a widget: the sample last copied into the prompt

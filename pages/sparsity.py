@@ -4,7 +4,7 @@ import json
 
 import streamlit as st
 
-from explorer_ui import analysis, figures
+from explorer_ui import analysis, figures, state
 from explorer_ui import session_keys as K
 from explorer_ui.controls import sample_prompt_picker, sparse_config_controls
 from explorer_ui.sidebar import require_model
@@ -30,42 +30,38 @@ decode_steps = c2.number_input("Decode steps", min_value=0, max_value=64, value=
 
 with st.expander("Sparse settings", expanded=ctx.thresholds is None):
     config, err = sparse_config_controls("sp", ctx.thresholds)
-if err:
-    st.error(err)
-    st.stop()
 if ctx.thresholds is None:
     st.caption("No threshold set is active for this model, so Top-θ is unavailable: showing top-k. "
                "Calibrate on the Calibrate page to see Top-θ.")
-
-l1, _ = st.columns([1, 3])
-if st.session_state.get(K.SP_LAYER, 0) >= lm.n_layers:
-    st.session_state[K.SP_LAYER] = 0
-if K.SP_LAYER not in st.session_state:
-    st.session_state[K.SP_LAYER] = min(2, lm.n_layers - 1)
-layer = l1.selectbox("Layer (maps)", list(range(lm.n_layers)), key=K.SP_LAYER)
-
 if not prompt.strip():
     st.info("Enter a prompt.")
     st.stop()
-# The last snapshot of this session, by its inputs: reruns that change none of them (opening the
-# table, coming back to the page) draw it again without a model call.
-snap_key = (ctx.model_key, ctx.run_key, prompt, json.dumps(config.to_dict(), sort_keys=True), int(layer),
-            int(max_tokens), int(decode_steps))
+
+# The last snapshot of this session, by its inputs: reruns that change none of them (a layer or head,
+# opening the table, coming back to the page) draw it again without a model call.
 memo = st.session_state.get(K.SP_SNAPSHOT)
 cont = None  # set when decode steps are still to run (after the prefill is drawn)
-if memo is not None and memo[0] == snap_key:
+if err:  # refused: the view (layer, head, last maps) stays where it was, marked as not matching
+    st.error(f"{err} The maps below are the last valid run's.")
+    if memo is None:
+        st.stop()
     snap = memo[1]
 else:
-    busy = st.empty()
-    busy.caption("Running the model…")  # static text: an animated spinner made the browser repaint throughout
-    try:
-        snap, cont = analysis.sparsity_prefill(lm, prompt, config, ctx.thresholds, layer=int(layer),
-                                               max_tokens=int(max_tokens), keep_cache=decode_steps > 0)
-    except (ValueError, ThresholdsError) as e:
+    snap_key = (ctx.model_key, ctx.run_key, prompt, json.dumps(config.to_dict(), sort_keys=True), int(max_tokens),
+                int(decode_steps))
+    if memo is not None and memo[0] == snap_key:
+        snap = memo[1]
+    else:
+        busy = st.empty()
+        busy.caption("Running the model…")  # static text: an animated spinner made the browser repaint throughout
+        try:
+            snap, cont = analysis.sparsity_prefill(lm, prompt, config, ctx.thresholds, max_tokens=int(max_tokens),
+                                                   keep_cache=decode_steps > 0)
+        except (ValueError, ThresholdsError) as e:
+            busy.empty()
+            st.error(f"Cannot run this prompt: {e}")
+            st.stop()
         busy.empty()
-        st.error(f"Cannot run this prompt: {e}")
-        st.stop()
-    busy.empty()
 
 pre = summarize(snap.metrics, "prefill")
 m = st.columns(5)
@@ -79,39 +75,50 @@ st.caption(f"{snap.config_label} · prefill {snap.seconds:.2f} s · empty rows {
 
 
 @st.fragment
-def _maps(snap, layer: int, n_heads: int) -> None:
-    """Head picker and the attention maps: changing the head reruns only this part (no model call)."""
+def _maps(snap) -> None:
+    """Layer and head pickers, the maps, one query's weights and V-row popularity: every layer's maps are in
+    the snapshot, so a change here only redraws (no model call)."""
+    n_layers, n_heads = snap.dense.shape[:2]
+    if st.session_state.get(K.SP_LAYER) not in range(n_layers):
+        st.session_state[K.SP_LAYER] = min(2, n_layers - 1)
     if st.session_state.get(K.SP_HEAD, 0) not in range(n_heads):
         st.session_state[K.SP_HEAD] = 0
-    h1, _ = st.columns([1, 3])
-    head = h1.selectbox("Head", list(range(n_heads)), key=K.SP_HEAD)
+    h1, h2, _ = st.columns([1, 1, 2])
+    layer = h1.selectbox("Layer", list(range(n_layers)), key=K.SP_LAYER)
+    head = h2.selectbox("Head", list(range(n_heads)), key=K.SP_HEAD)
+    dense, sparse, kept = snap.layer_maps(int(layer))
+    cells = snap.cell_tokens()
     title = f"layer {layer} · head {head}" + (f" · {snap.pool} tokens per cell" if snap.pool > 1 else "")
-    n = snap.dense.shape[-1]
-    if n <= figures.IMAGE_CELLS:  # small maps: heatmaps with per-cell hover
-        st.plotly_chart(figures.attention_maps(snap.dense, snap.sparse, snap.kept, snap.visible, head=int(head),
-                                               pool=snap.pool, title=title), width="stretch", key="sp_maps")
-        return
-    # large maps: two images (a browser draws them far faster than a chart; switching heads stays quick)
-    img_s, img_d, share = figures.attention_map_images(snap.dense, snap.sparse, snap.kept, snap.visible,
-                                                       head=int(head))
-    unit = "token" if snap.pool == 1 else f"{snap.pool}-token block"
-    st.markdown(f"**{title}**")
-    a, b = st.columns(2)
-    up = max(1, 512 // n)
-    a.image(figures.upscale(img_s, up), caption=f"Top-θ: kept weights (grey = dropped), {share:.1%} kept",
-            width="stretch", output_format="PNG")
-    b.image(figures.upscale(img_d, up), caption="dense softmax probabilities", width="stretch", output_format="PNG")
-    c, _ = st.columns([2, 3])
-    c.image(figures.colour_legend(), output_format="PNG", width="stretch",
-            caption=f"log10 weight {figures.MAP_FLOOR:.0f} … 0 · grey: dropped · white: future keys · "
-                    f"rows: queries, columns: keys (one {unit} per pixel)")
+    n = dense.shape[-1]
+    if n <= figures.IMAGE_CELLS:  # small maps: heatmaps with per-cell hover and token labels
+        st.plotly_chart(figures.attention_maps(dense, sparse, kept, snap.visible, head=int(head), pool=snap.pool,
+                                               title=title, tokens=cells), width="stretch", key="sp_maps")
+    else:  # large maps: two images (a browser draws them far faster than a chart)
+        img_s, img_d, share = figures.attention_map_images(dense, sparse, kept, snap.visible, head=int(head))
+        unit = "token" if snap.pool == 1 else f"{snap.pool}-token block"
+        st.markdown(f"**{title}**")
+        a, b = st.columns(2)
+        up = max(1, 512 // n)
+        a.image(figures.upscale(img_s, up), caption=f"Top-θ: kept weights (grey = dropped), {share:.1%} kept",
+                width="stretch", output_format="PNG")
+        b.image(figures.upscale(img_d, up), caption="dense softmax probabilities", width="stretch",
+                output_format="PNG")
+        c, _ = st.columns([2, 3])
+        c.image(figures.colour_legend(), output_format="PNG", width="stretch",
+                caption=f"log10 weight {figures.MAP_FLOOR:.0f} … 0 · grey: dropped · white: future keys · "
+                        f"rows: queries, columns: keys (one {unit} per pixel)")
+    row = st.select_slider("Query (row) to inspect", options=list(range(n)), value=n - 1, key=K.SP_ROW,
+                           format_func=lambda i: f"{i}: {cells[i]!r}")
+    st.plotly_chart(figures.row_attention(dense, sparse, kept, head=int(head), row=int(row), tokens=cells),
+                    width="stretch", key="sp_row_chart")
+    st.plotly_chart(figures.popularity_bar(snap.popularity, int(layer), snap.tokens), width="stretch", key="sp_pop")
+    state.write_url("sparsity")  # a fragment rerun does not reach app.py's URL update
 
 
-_maps(snap, int(layer), lm.fingerprint.n_heads)
+_maps(snap)
 a, b = st.columns(2)
 a.plotly_chart(figures.layer_head_heatmap(snap.metrics, "kept_frac", "prefill"), width="stretch", key="sp_kept")
 b.plotly_chart(figures.kv_rows_heatmap(snap.metrics, "prefill"), width="stretch", key="sp_kv")
-st.plotly_chart(figures.popularity_bar(snap.popularity, int(layer), snap.tokens), width="stretch", key="sp_pop")
 if decode_steps:
     strip = st.empty()
     if cont is not None:  # the prefill is on screen; the browser draws it while the decode steps run
@@ -125,7 +132,8 @@ if decode_steps:
         st.caption(f"{len(snap.generated)} greedy decode steps · {snap.decode_seconds:.2f} s")
 else:
     decode_metric.metric("kept V rows (decode)", "–", help="set decode steps > 0")
-st.session_state[K.SP_SNAPSHOT] = (snap_key, snap)
+if not err:
+    st.session_state[K.SP_SNAPSHOT] = (snap_key, snap)
 table = st.expander("Metrics table", expanded=False, key=K.SP_TABLE_OPEN, on_change="rerun")
 if table.open:  # drawn only when opened: a data grid costs the browser even when collapsed
     with table:

@@ -140,6 +140,33 @@ def test_bad_model_path_is_a_message_not_a_traceback(env):
     assert any("No model is loaded" in i for i in texts(at.info))
 
 
+def test_settings_survive_a_page_switch_and_a_reload_from_the_url(env):
+    at = open_app()
+    at.number_input(key="cal_k").set_value(48).run()
+    at.slider(key="cal_sigma").set_value(0.3).run()
+    at.checkbox(key="cal_near_dense").uncheck().run()
+    at.switch_page(PAGE["thresholds"]).run()
+    at.switch_page(PAGE["accuracy"]).run()
+    at.number_input(key="acc_limit").set_value(7).run()
+    at.switch_page(PAGE["calibrate"]).run()
+    assert_clean(at)
+    assert (at.number_input(key="cal_k").value, at.slider(key="cal_sigma").value,
+            at.checkbox(key="cal_near_dense").value) == (48, 0.3, False)
+    url = dict(at.query_params)  # the open page's view is in the URL
+    assert (url["cal_k"], url["cal_sigma"], url["cal_near_dense"]) == ("48", "0.3", "false")
+    # a reload is a new session that starts from the URL; a value that does not parse is ignored
+    again = new_app()
+    again.query_params.update({**url, "cal_docs": "many"})
+    again.run()
+    again.switch_page(PAGE["calibrate"]).run()
+    assert_clean(again)
+    assert (again.number_input(key="cal_k").value, again.slider(key="cal_sigma").value,
+            again.checkbox(key="cal_near_dense").value) == (48, 0.3, False)
+    assert again.number_input(key="cal_docs").value == 8  # the default
+    at.switch_page(PAGE["accuracy"]).run()
+    assert at.number_input(key="acc_limit").value == 7
+
+
 def test_calibrate_saves_run_and_activates_it(calibrated, env):
     at = calibrated
     assert any("Saved **k16**" in s for s in texts(at.success))
@@ -373,6 +400,40 @@ def test_sparsity_page(calibrated, monkeypatch):
     assert_clean(at)
     assert any(t.startswith("**layer 2 · head 3 · 3 tokens per cell") for t in texts(at.markdown))
     assert drawn[0] == (256, 256) and 150 < drawn[-1][0] <= 256 and drawn[-1][0] == drawn[-1][1]
+
+
+def test_sparsity_layer_change_only_redraws_and_invalid_settings_keep_the_view(calibrated, monkeypatch):
+    from explorer_ui import analysis
+
+    prefills = []
+    real_prefill = analysis.sparsity_prefill
+    monkeypatch.setattr(analysis, "sparsity_prefill", lambda *a, **kw: prefills.append(1) or real_prefill(*a, **kw))
+    at = calibrated
+    at.sidebar.selectbox(key="sb_active_run").set_value("k16").run()
+    at.switch_page(PAGE["sparsity"]).run()
+    at.text_area(key="sp_prompt").input("alpha beta gamma delta epsilon " * 8)
+    at.number_input(key="sp_max_tokens").set_value(48)  # small enough for heatmaps (token labels, hover)
+    at.number_input(key="sp_decode_steps").set_value(0).run()
+    assert_clean(at)
+    n_runs = len(prefills)
+    at.selectbox(key="sp_layer").set_value(1).run()
+    at.selectbox(key="sp_head").set_value(2).run()
+    assert_clean(at)
+    assert len(prefills) == n_runs  # every layer's maps came with the one prefill
+    maps = next(s for s in plotly_specs(at) if s["layout"]["title"]["text"].startswith("layer 1 · head 2"))
+    assert " → " in str(maps["data"][0]["text"][3][1])  # token strings in the hover ("query token → key token")
+    assert maps["layout"]["xaxis"]["ticktext"]  # and on the axes
+    row = next(s for s in plotly_specs(at) if s["layout"]["title"]["text"].startswith("query "))
+    assert "head 2" in row["layout"]["title"]["text"]
+    # an invalid combination is refused; the view stays on layer 1, head 2 with the last maps
+    at.radio(key="sp_selection").set_value("top-theta").run()
+    at.selectbox(key="sp_sdc").set_value("none")
+    at.checkbox(key="sp_vmc").check().run()
+    assert_clean(at)
+    assert any("VMC" in e for e in texts(at.error))
+    assert at.selectbox(key="sp_layer").value == 1 and at.selectbox(key="sp_head").value == 2
+    assert any(s["layout"]["title"]["text"].startswith("layer 1 · head 2") for s in plotly_specs(at))
+    assert len(prefills) == n_runs
 
 
 def test_sparsity_without_thresholds_uses_top_k(env):

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 import pandas as pd
 import pytest
 
@@ -185,17 +186,48 @@ def test_compare_chart_marks_divergence():
     assert any(s.x0 == 2 for s in fig.layout.shapes)
 
 
-def test_delta_and_tradeoff_charts():
-    summary = pd.DataFrame({"task": ["arc", "arc"], "metric": ["acc", "acc_norm"], "dense": [0.5, 0.6],
-                            "sparse": [0.49, 0.61], "delta": [-0.01, 0.01], "ci_low": [-0.03, -0.01],
-                            "ci_high": [0.01, 0.03]})
-    fig = figures.delta_chart(summary)
-    assert list(fig.data[0].x) == ["arc · acc", "arc · acc_norm"]
-    assert list(fig.data[0].error_y.array) == pytest.approx([0.02, 0.02])
-    res = summary.assign(kept_attention=[0.2, 0.2], config=["top-theta k=64", "top-theta k=64"])
-    trade = figures.tradeoff_chart(res, metric="acc")
-    assert list(trade.data[0].text) == ["top-theta k=64"] and trade.data[0].name == "arc"
+def test_variant_delta_and_tradeoff_charts_colour_losses_red_whatever_the_metric():
+    from explorer_ui import evaluation_view as view
+
+    table = pd.DataFrame({"variant": ["a", "b", "a", "b"], "metric": ["acc", "acc", "ppl", "ppl"],
+                          "dense": [0.5, 0.5, 10.0, 10.0], "Top-θ": [0.45, 0.55, 10.5, 9.5],
+                          "Δ": [-0.05, 0.05, 0.5, -0.5], "ci_low": [-0.08, 0.01, 0.3, -0.7],
+                          "ci_high": [-0.02, 0.09, 0.7, -0.3], "n": [20] * 4})
+    table["worse"] = [view.is_worse(m, d) for m, d in zip(table["metric"], table["Δ"])]
+    assert list(table["worse"]) == [True, False, True, False]  # a perplexity increase is a loss
+    fig = figures.variant_delta_chart(table)
+    acc, ppl = fig.data
+    assert (acc.xaxis, ppl.xaxis) == ("x", "x2") and (acc.yaxis, ppl.yaxis) == ("y", "y2")  # one axis per metric
+    assert list(acc.marker.color) == [figures.WORSE, figures.BETTER]
+    assert list(ppl.marker.color) == [figures.WORSE, figures.BETTER]
+    assert list(acc.error_y.array) == pytest.approx([0.03, 0.04])
+    assert [a.text for a in fig.layout.annotations] == ["Δ acc", "Δ ppl"]
+    res = pd.DataFrame({"task": ["arc"], "metric": ["ppl"], "delta": [0.4], "ci_low": [0.1], "ci_high": [0.7],
+                        "kept_attention": [0.2], "config": ["top-theta k=64"]})
+    trade = figures.tradeoff_chart(res, metric="ppl")
+    assert list(trade.data[0].text) == ["top-theta k=64"] and list(trade.data[0].marker.color) == [figures.WORSE]
+    assert "Δ ppl" in trade.layout.title.text
     assert not figures.tradeoff_chart(pd.DataFrame()).data
+
+
+def test_variant_matrix_and_notes():
+    from explorer_ui import evaluation_view as view
+    from topθ_core.config import ConfigError, KSchedule, SparseConfig
+
+    base = SparseConfig(k=KSchedule(64, {0: 512}))
+    configs, refused = view.variant_configs(base, ["none", "exact", "offline"], [True, False], view.parse_k_list("32,64"))
+    assert configs[0] == base and len(configs) == 10 and len(set(configs)) == 10
+    assert len(refused) == 2 and all("sdc=none, vmc=on" in r for r in refused)  # VMC without SDC does nothing
+    assert {c.k.overrides for c in configs} == {((0, 512),)}  # per-layer k kept
+    assert view.short_labels(configs[:2]) == ["sdc=exact · vmc=on · k=64", "sdc=none · vmc=off · k=32"]
+    with pytest.raises(ConfigError, match="not an integer"):
+        view.parse_k_list("32,x")
+    table = pd.DataFrame({"n": [3], "kept attention": [0.9], "metric": ["acc"]})
+    notes = view.thin_notes(table, 64, 31.5)
+    assert len(notes) == 2 and "Only 3 items" in notes[0] and "90%" in notes[1] and "32 tokens" in notes[1]
+    est = view.estimate(20, 4000, 20, 2, {"dense": 100.0, "sparse": 400.0})
+    assert est.seconds == pytest.approx(2 * 4000 / 400.0) and "dense cached" in est.text("items")
+    assert view.estimate(20, 4000, 0, 1, None).seconds is None
 
 
 def test_k_schedule_bar_and_kernel_chart():
@@ -324,20 +356,43 @@ def test_bundled_sources_and_texts():
     assert len(analysis.bundled_texts("corpus", "pydoc", 3)) == 3
 
 
-def test_sparsity_snapshot_pools_long_prompts(tiny):
+def test_sparsity_snapshot_pools_long_prompts_and_keeps_every_layer(tiny):
     from topθ_core.config import KSchedule, SparseConfig
 
     cfg = SparseConfig(selection="top-k", sdc="exact", vmc=True, k=KSchedule(8))
-    snap = analysis.sparsity_snapshot(tiny, "word " * 300, cfg, None, layer=1, max_tokens=300, decode_steps=3,
-                                      map_cap=100)
-    assert snap.n_tokens == 300 and snap.pool == 3
-    assert snap.dense.shape == (4, 100, 100) and snap.visible.shape == (100, 100)
-    assert np.allclose(snap.dense.sum(-1), 1.0, atol=1e-4)  # pooled rows keep their mass
-    assert 0 < snap.kept.mean() < 1
+    snap = analysis.sparsity_snapshot(tiny, "word " * 300, cfg, None, max_tokens=300, decode_steps=3, map_cap=100)
+    assert snap.n_tokens == 300 and snap.pool == 3 and snap.n_layers == 3
+    assert snap.dense.shape == (3, 4, 100, 100) and snap.visible.shape == (100, 100)
+    for layer in range(3):
+        dense, sparse, kept = snap.layer_maps(layer)
+        assert np.allclose(dense.sum(-1), 1.0, atol=3e-3)  # pooled rows keep their mass (float16 storage)
+        assert 0 < kept.mean() < 1 and kept.max() <= 1.0
+    assert not np.array_equal(snap.dense[0], snap.dense[1])  # each layer its own maps
+    assert len(snap.cell_tokens()) == 100 and "".join(snap.cell_tokens()) == "".join(snap.tokens)
     assert len(snap.generated) == 3 and set(snap.decode["step"]) == {0, 1, 2}
     assert set(snap.popularity["layer"]) == {0, 1, 2}
     with pytest.raises(ValueError):
-        analysis.sparsity_snapshot(tiny, "hi", cfg, None, layer=9)
+        analysis.sparsity_snapshot(tiny, "", cfg, None)
+
+
+def test_sparsity_maps_match_the_reference_weights(tiny):
+    """Unpooled, a layer's map is the reference attention's own dense softmax and applied weights."""
+    from topθ_core.attention import RowBlock
+    from topθ_core.config import KSchedule, SparseConfig
+    from topθ_core.integration import sparse_run
+
+    cfg = SparseConfig(selection="top-k", sdc="exact", vmc=True, k=KSchedule(4))
+    text = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu"
+    snap = analysis.sparsity_snapshot(tiny, text, cfg, None, max_tokens=64, decode_steps=0)
+    seen: dict[int, RowBlock] = {}
+    ids = tiny.tokenizer(text, return_tensors="pt").input_ids[:, :64]
+    with torch.inference_mode(), sparse_run(cfg, None, model=tiny.model, observers=(lambda l, b: seen.setdefault(l, b),)):
+        tiny.model(input_ids=ids, use_cache=False)
+    for layer, block in seen.items():
+        dense, sparse, kept = snap.layer_maps(layer)
+        np.testing.assert_allclose(sparse, block.probs[0].float().numpy(), atol=2e-3)
+        np.testing.assert_array_equal(kept > 0.5, block.kept[0].numpy())
+        assert snap.pool == 1 and len(snap.cell_tokens()) == ids.shape[1]
 
 
 def test_sparsity_prefill_then_decode_matches_one_call(tiny):
@@ -349,8 +404,8 @@ def test_sparsity_prefill_then_decode_matches_one_call(tiny):
 
     cfg = SparseConfig(selection="top-k", sdc="exact", vmc=True, k=KSchedule(8))
     text = "alpha beta gamma delta " * 20
-    one = analysis.sparsity_snapshot(tiny, text, cfg, None, layer=1, max_tokens=64, decode_steps=4)
-    pre, cont = analysis.sparsity_prefill(tiny, text, cfg, None, layer=1, max_tokens=64, keep_cache=True)
+    one = analysis.sparsity_snapshot(tiny, text, cfg, None, max_tokens=64, decode_steps=4)
+    pre, cont = analysis.sparsity_prefill(tiny, text, cfg, None, max_tokens=64, keep_cache=True)
     assert active_run() is None and pre.decode.empty and pre.generated == []
     assert set(pre.metrics["phase"]) == {"prefill"}
     two = analysis.sparsity_decode(tiny, pre, cont, 4)
@@ -360,7 +415,7 @@ def test_sparsity_prefill_then_decode_matches_one_call(tiny):
     cols = ["phase", "layer", "head", "kept", "visible"]
     pd.testing.assert_frame_equal(two.metrics[cols].reset_index(drop=True), one.metrics[cols].reset_index(drop=True))
     assert np.array_equal(two.kept, one.kept) and two.seconds == pre.seconds and two.decode_seconds > 0
-    _, none = analysis.sparsity_prefill(tiny, text, cfg, None, layer=1, max_tokens=64)
+    _, none = analysis.sparsity_prefill(tiny, text, cfg, None, max_tokens=64)
     assert none is None
 
 
