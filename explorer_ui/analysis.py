@@ -83,14 +83,6 @@ def k_schedule_from_table(table: pd.DataFrame, default: int) -> KSchedule:
     return KSchedule(default=int(default), overrides=tuple(sorted(overrides.items())))
 
 
-def eta_text(done: int, total: int, elapsed: float) -> str:
-    """``"512/2,048 tokens · 3.1 s elapsed · ETA 9 s"``."""
-    text = f"{done:,}/{total:,} tokens · {elapsed:.1f} s elapsed"
-    if 0 < done < total and elapsed > 0:
-        text += f" · ETA {elapsed * (total - done) / done:.0f} s"
-    return text
-
-
 # ---------------------------------------------------------------------------- sparsity snapshot
 @dataclass
 class SparsitySnapshot:

@@ -343,11 +343,6 @@ def test_k_table_round_trip():
     assert dict(analysis.k_schedule_from_table(t, 32).overrides) == {0: 512, 1: 512, 3: 8}
 
 
-def test_eta_text():
-    assert analysis.eta_text(50, 100, 10.0) == "50/100 tokens · 10.0 s elapsed · ETA 10 s"
-    assert "ETA" not in analysis.eta_text(0, 100, 0.0)
-
-
 def test_bundled_sources_and_texts():
     src = analysis.bundled_sources()
     assert "pydoc" in src["corpus"] and "mc:arc_easy" in src["task"] and "gen:gsm8k" in src["task"]
