@@ -12,7 +12,7 @@ mkdir -p "$OUT"
 STEPS=${1:-tune,bench,tests}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv 2>&1 | tee "$OUT/prefill_tune.log"
 if [[ $STEPS == *tune* ]]; then  # the launch search; its table is then written into prefill.py (this copy)
-  timeout 170 python3 -W ignore benchmarks/tune_prefill.py --n 16384 4096 ${OLD:+--old "$OLD"} --out "$OUT" 2>&1 \
+  timeout 150 python3 -W ignore benchmarks/tune_prefill.py --n 16384 4096 ${OLD:+--old "$OLD"} --out "$OUT" 2>&1 \
     | tee -a "$OUT/prefill_tune.log"
   [[ -f $OUT/prefill_best.json ]] && python3 benchmarks/tune_prefill.py --apply "$OUT/prefill_best.json" 2>&1 \
     | tee -a "$OUT/prefill_tune.log"
@@ -20,10 +20,10 @@ fi
 TUTORIAL_LAUNCH=""
 [[ -f $OUT/prefill_best.env ]] && source "$OUT/prefill_best.env"
 if [[ $STEPS == *bench* ]]; then  # the kernel's defaults, as the tests below see them
-  timeout 200 python3 -W ignore benchmarks/bench_kernels.py --only prefill,real --out "$OUT" \
+  timeout 170 python3 -W ignore benchmarks/bench_kernels.py --only prefill,real --out "$OUT" \
     ${TUTORIAL_LAUNCH:+--tutorial-launch $TUTORIAL_LAUNCH} 2>&1 | tee "$OUT/prefill_bench.log"
 fi
 if [[ $STEPS == *tests* ]]; then
-  timeout 190 python3 -m pytest -q -p no:cacheprovider -n 12 tests/test_kernels.py \
+  timeout 130 python3 -m pytest -q -p no:cacheprovider -n 12 tests/test_kernels.py \
     -k "prefill_gpu or dispatch_gpu or model_generation_gpu" 2>&1 | tee "$OUT/prefill_gpu_tests.log"
 fi
