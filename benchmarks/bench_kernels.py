@@ -270,37 +270,32 @@ PREFILL_CFG = SparseConfig()  # the project default: exact SDC, VMC, floor max
 PREFILL_CONFIGS = {"prefill": PREFILL_CFG, "prefill offline-sdc": SparseConfig(sdc=SDC.OFFLINE)}
 
 
-def _launch_kw(args, d: int) -> dict:
-    """``--prefill-launch 128=BM,BN,WARPS,STAGES,WS ...`` for head dim d as topθ_prefill keywords (empty: the
-    kernel's default)."""
-    for spec in getattr(args, "prefill_launch", None) or []:
-        dd, la = spec.split("=")
-        if int(dd) == d:
-            bm, bn, nw, ns, ws = (int(x) for x in la.split(","))
-            return dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns, warp_specialize=bool(ws))
-    return {}
-
-
-def _form(kw: dict, d: int, device) -> str:
+def _form(d: int, device) -> str:
     from topθ_core.kernels.prefill import prefill_config
 
-    la = prefill_config(d, device) if not kw else None
-    bm, bn, nw, ns, ws = (kw["block_m"], kw["block_n"], kw["num_warps"], kw["num_stages"], kw["warp_specialize"]) \
-        if kw else la
-    return f"{bm}x{bn} w{nw} s{ns} {'ws' if ws else 'two-loop'}"
+    bm, bn, nw, ns = prefill_config(d, device)
+    return f"{bm}x{bn} w{nw} s{ns}"
+
+
+def _timed(base_fn, fn, rounds: int) -> dict:
+    """CUDA-graph medians of interleaved rounds (both sides replayed: no host time) and one eager pair."""
+    base_g, ours_g = paired(base_fn, fn, graph=True, rounds=rounds)
+    base, ours = paired(base_fn, fn, rounds=1)
+    return dict(baseline_ms=base, ours_ms=ours, speedup=base / ours, baseline_graph_ms=base_g, ours_graph_ms=ours_g,
+                speedup_graph=base_g / ours_g)
 
 
 def _prefill_rows(q, k, v, data, thetas, args, scale=None, check_rows=1024, k_keep=64, sdc_term=None):
     """Rows for the default config and offline SDC at each θ, and the plain path (θ = −∞, dense) once;
-    every timed call is checked against the fp32 reference on the last rows first."""
+    every timed call is checked against the fp32 reference on the last rows first.  TFLOP/s are
+    from the CUDA-graph times."""
     B, Hq, Sq, d = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     dt = "bf16" if q.dtype == torch.bfloat16 else "fp16"
     base_fn, be = sdpa_best(q, k, v, True)
     flops = 4 * B * Hq * d * (Sq * (Sk - Sq) + Sq * (Sq + 1) / 2)
     sdc_term = sdc_term if sdc_term is not None else torch.rand(B, Hq, Sq, device="cuda")
-    launch = _launch_kw(args, d)
-    form = _form(launch, d, q.device)
+    form = _form(d, q.device)
     r0 = Sq - min(Sq, check_rows)
     vis_total = B * Hq * (Sq * (Sk - Sq) + Sq * (Sq + 1) / 2)
     common = dict(B=B, N=Sk, heads=f"{Hq}/{Hkv}", d=d, dtype=dt, baseline_backend=be, form=form)
@@ -308,8 +303,8 @@ def _prefill_rows(q, k, v, data, thetas, args, scale=None, check_rows=1024, k_ke
     jobs += [(name, cfg, label, theta) for label, theta in thetas for name, cfg in PREFILL_CONFIGS.items()]
     for name, cfg, label, theta in jobs:
         kw = dict(config=cfg, k_keep=k_keep, sdc_term=sdc_term, scale=scale)
-        out_c, c = topθ_prefill(q, k, v, theta, **kw)  # the counting (two-loop) form
-        fn = lambda: topθ_prefill(q, k, v, theta, counts=False, **kw, **launch)[0]  # noqa: E731
+        out_c, c = topθ_prefill(q, k, v, theta, **kw)  # the counting launch
+        fn = lambda: topθ_prefill(q, k, v, theta, counts=False, **kw)[0]  # noqa: E731
         out = fn()
         assert not torch.isnan(out).any()
         ref, _ = topθ_prefill_ref(q[:, :, r0:], k, v, None if theta is None else theta[:, :, r0:], config=cfg,
@@ -317,12 +312,14 @@ def _prefill_rows(q, k, v, data, thetas, args, scale=None, check_rows=1024, k_ke
         err = max((o[:, :, r0:].float() - ref.float()).abs().max().item() for o in (out, out_c))
         fe = c.kept.sum().item() / vis_total
         fv = c.kept_v_rows.sum().item() / (B * Hkv * Sk)
-        base, ours = paired(base_fn, fn)
+        t = _timed(base_fn, fn, args.prefill_rounds)
         ROWS.append(dict(kernel=name, data=data, f_target=label, f_kept_v=round(fv, 4), f_kept_elems=round(fe, 4),
-                         baseline_ms=base, ours_ms=ours, speedup=base / ours, max_err=err,
-                         baseline_TFLOPs=flops / base / 1e9, ours_TFLOPs=flops / ours / 1e9, **common))
-        log(f"{name} {data} B={B} N={Sk} {label} fe={fe:.3f} sdpa {base:.3f}ms ({be}, {flops/base/1e9:.0f} TF/s) "
-            f"ours {ours:.3f}ms ({flops/ours/1e9:.0f} TF/s) x{base/ours:.3f}; {form}; err {err:.2e}")
+                         max_err=err, baseline_TFLOPs=flops / t["baseline_graph_ms"] / 1e9,
+                         ours_TFLOPs=flops / t["ours_graph_ms"] / 1e9, **t, **common))
+        log(f"{name} {data} B={B} N={Sk} {label} fe={fe:.3f}: graph sdpa {t['baseline_graph_ms']:.3f}ms ({be}, "
+            f"{flops / t['baseline_graph_ms'] / 1e9:.0f} TF/s) ours {t['ours_graph_ms']:.3f}ms "
+            f"({flops / t['ours_graph_ms'] / 1e9:.0f} TF/s) x{t['speedup_graph']:.3f}; eager x{t['speedup']:.3f} "
+            f"({t['baseline_ms']:.3f} / {t['ours_ms']:.3f} ms); {form}; err {err:.2e}")
     if args.tutorial_launch and Sq == Sk and Sq % 128 == 0 and d == 128:
         from tune_prefill import tutorial_fa
 
@@ -332,12 +329,18 @@ def _prefill_rows(q, k, v, data, thetas, args, scale=None, check_rows=1024, k_ke
                                                                attn_mask=_causal_tail(Sq, r0, q.device),
                                                                enable_gqa=True)
         err = (fn()[:, :, r0:].float() - ref).abs().max().item()
-        base, ours = paired(base_fn, fn)
-        ROWS.append(dict(kernel="prefill tutorial-form (dense)", data=data, f_target="1.0", baseline_ms=base,
-                         ours_ms=ours, speedup=base / ours, max_err=err, baseline_TFLOPs=flops / base / 1e9,
-                         ours_TFLOPs=flops / ours / 1e9, **{**common, "form": f"{bm}x{bn} w{nw} s{ns} two-loop"}))
-        log(f"tutorial-form {data} B={B} N={Sk}: {ours:.3f}ms ({flops/ours/1e9:.0f} TF/s) x{base/ours:.3f}; "
+        t = _timed(base_fn, fn, args.prefill_rounds)
+        ROWS.append(dict(kernel="prefill tutorial-form (dense)", data=data, f_target="1.0", max_err=err,
+                         baseline_TFLOPs=flops / t["baseline_graph_ms"] / 1e9,
+                         ours_TFLOPs=flops / t["ours_graph_ms"] / 1e9, **t,
+                         **{**common, "form": f"{bm}x{bn} w{nw} s{ns}"}))
+        log(f"tutorial-form {data} B={B} N={Sk}: graph {t['ours_graph_ms']:.3f}ms "
+            f"({flops / t['ours_graph_ms'] / 1e9:.0f} TF/s) x{t['speedup_graph']:.3f}; eager x{t['speedup']:.3f}; "
             f"err {err:.2e}")
+    if d == 128 or data.endswith("L2"):  # what VMC's prefix sum of V costs by itself
+        from topθ_core.kernels.prefill import v_prefix_sum
+
+        log(f"  v_prefix_sum {tuple(v.shape)}: {bench(lambda: v_prefix_sum(v), graph=True) * 1e3:.1f} us (graph)")
 
 
 def _causal_tail(N, r0, device):
@@ -353,7 +356,7 @@ def run_prefill(args):
         k = torch.randn(B, Hkv, N, d, device="cuda", dtype=dt)
         v = torch.randn(B, Hkv, N, d, device="cuda", dtype=dt)
         thetas = [("1.0", torch.full((B, Hq, N), float("-inf"), device="cuda"))]
-        for f in (0.25, 0.1):
+        for f in args.prefill_fracs:
             thetas.append((str(f), _length_theta(q, k, f)))
         _prefill_rows(q, k, v, "random", thetas, args)
         del q, k, v, thetas
@@ -370,7 +373,7 @@ def run_real(args):
         q, k, v = (t[x].cuda() for x in ("q", "k", "v"))
         B, Hq, N, d = q.shape
         thetas = [("1.0", torch.full((B, Hq, N), float("-inf"), device="cuda"))]
-        for f in (0.25, 0.1):
+        for f in args.prefill_fracs:
             thetas.append((str(f), _length_theta(q, k, f)))
         # calibrated for k = 64 with the calibration kernel: θ = mean + 0.1·std of t per 64-token bin
         tt, du = row_samples(q, k, 65)
@@ -385,7 +388,7 @@ def run_real(args):
         thetas.append(("calib k=64", th))
         _prefill_rows(q, k, v, f"smollm2-L{layer}", thetas, args, sdc_term=C)
         # decode on the real cache: the last query row against the full cache
-        for label, theta in thetas:
+        for label, theta in thetas if args.real_decode else ():
             qd, thd = q[:, :, -1:], theta[:, :, -1:]
             kw = dict(config=CFG, k_keep=64, sdc_term=C[:, :, -1:], v_sum=v.float().sum(2))
             out, c = topθ_decode(qd, k, v, thd, **kw)
@@ -530,9 +533,11 @@ def main():
     ap.add_argument("--decode-n", type=int, nargs="+", default=[4096, 16384, 32768])
     ap.add_argument("--prefill-shapes", nargs="+", default=["1x4096", "1x16384", "1x32768", "8x4096"],
                     help="prefill shapes as BxN (Llama-3-8B attention: 32/8 heads, d 128, bf16)")
-    ap.add_argument("--prefill-launch", nargs="*", default=None,
-                    help="D=BM,BN,WARPS,STAGES,WS per head dim for topθ_prefill in the prefill and real rows "
-                         "(default: the kernel's)")
+    ap.add_argument("--prefill-fracs", type=float, nargs="+", default=[0.25, 0.1],
+                    help="kept-element fractions of the prefill and real rows (besides 1.0)")
+    ap.add_argument("--prefill-rounds", type=int, default=3, help="interleaved CUDA-graph rounds per prefill row")
+    ap.add_argument("--no-real-decode", dest="real_decode", action="store_false",
+                    help="real section: prefill rows only")
     ap.add_argument("--tutorial-launch", default=None,
                     help="BM,BN,WARPS,STAGES: also time tune_prefill's tutorial-form kernel at each square shape")
     ap.add_argument("--e2e-n", type=int, default=16384)

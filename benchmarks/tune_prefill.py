@@ -8,13 +8,14 @@ SmolLM2's shape (9/3 heads, d 64, fp16) at 4k.  Timed, interleaved (median of ro
 correctness check against the fp32 reference on the last rows:
 
 * SDPA, every backend that takes the call (cuDNN, flash, efficient);
-* ``topθ_prefill`` at each candidate launch (:data:`CANDIDATES`, warp-specialised single loop or
-  two loops) in three configurations: the project default (exact SDC + VMC + floor), offline SDC
-  (the paper's), and the plain path (dense: θ = −∞, no compensation);
+* ``topθ_prefill`` at each candidate launch (:data:`CANDIDATES`) in three configurations: the
+  project default (exact SDC + VMC + floor), offline SDC (the paper's), and the plain path
+  (dense: θ = −∞, no compensation);
 * the tutorial form: Triton's fused-attention tutorial forward (python/tutorials/06-fused-attention.py,
   Triton 3.6) re-expressed here for bf16 and GQA: tensor descriptors, its two causal loops, its
   launch space.  Triton 3.6 does not warp-specialise its causal two-loop form on Hopper (the
-  compile fails; the script records it), so on Hopper it runs without;
+  compile fails; the script records it), so on Hopper it runs without.  (A single causal loop
+  does compile warp-specialised, but gave wrong results on an H200: run 12 in kernels.md.);
 * the previous pointer-load kernels (``plain_fa``, and the old ``topθ_prefill`` if ``--old`` names
   its file) for the before/after.
 
@@ -53,12 +54,10 @@ DEFAULT = SparseConfig()  # exact SDC, VMC, floor max: the project default
 OFFLINE = SparseConfig(sdc=SDC.OFFLINE)
 MODES = {"default": DEFAULT, "offline": OFFLINE, "plain": DENSE}
 
-CANDIDATES: dict[int, list[PrefillLaunch]] = {  # head dim → launches tried
-    128: [PrefillLaunch(128, 128, 4, 2, True), PrefillLaunch(128, 64, 4, 3, True), PrefillLaunch(128, 64, 4, 2, True),
-          PrefillLaunch(128, 128, 8, 2, False), PrefillLaunch(128, 64, 8, 3, False),
-          PrefillLaunch(128, 128, 8, 3, False), PrefillLaunch(64, 64, 4, 3, False)],
-    64: [PrefillLaunch(128, 64, 4, 3, True), PrefillLaunch(128, 128, 4, 2, True), PrefillLaunch(128, 64, 4, 3, False),
-         PrefillLaunch(64, 64, 4, 3, False), PrefillLaunch(128, 128, 8, 2, False)],
+CANDIDATES: dict[int, list[PrefillLaunch]] = {  # head dim → launches tried (without counts)
+    128: [PrefillLaunch(128, 128, 8, 2), PrefillLaunch(128, 64, 8, 3), PrefillLaunch(128, 128, 8, 3),
+          PrefillLaunch(64, 64, 4, 3)],
+    64: [PrefillLaunch(128, 64, 4, 3), PrefillLaunch(64, 64, 4, 3), PrefillLaunch(128, 128, 8, 2)],
 }
 TUTORIAL_LAUNCHES = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4)]
 
@@ -239,7 +238,7 @@ def _variants(d: int, old_path: str | None):
     """(name, kind, params) of everything timed at head dim d."""
     out = []
     for la in CANDIDATES[d]:
-        tag = f"{la.block_m}x{la.block_n} w{la.num_warps} s{la.num_stages} {'ws' if la.warp_specialize else 'two-loop'}"
+        tag = f"{la.block_m}x{la.block_n} w{la.num_warps} s{la.num_stages}"
         for mode in (MODES if d == 128 else ("default", "plain")):
             out.append((f"ours {mode} {tag}", "ours", (mode, la)))
     if d == 128:
@@ -258,7 +257,7 @@ def _call(kind, params, q, k, v, theta, sdc, old):
         mode, la = params
         return lambda: topθ_prefill(q, k, v, theta, config=MODES[mode], k_keep=64, sdc_term=sdc, counts=False,
                                     block_m=la.block_m, block_n=la.block_n, num_warps=la.num_warps,
-                                    num_stages=la.num_stages, warp_specialize=la.warp_specialize)[0]
+                                    num_stages=la.num_stages)[0]
     if kind == "tutorial":
         return lambda: tutorial_fa(q, k, v, *params)
     if kind == "plain_fa":
@@ -399,49 +398,37 @@ def tune(d, N, B, old_path, failed, rounds, rows):
 
 
 def best_launches(rows):
-    """Per head dim and form, the launch with the best default-config speed-up (geometric mean over shapes)."""
+    """Per head dim, the launch with the best default-config speed-up (geometric mean over shapes)."""
     import math
 
-    score: dict[tuple[int, str, str], list[float]] = {}
+    score: dict[tuple[int, str], list[float]] = {}
     for r in rows:
         if r["variant"].startswith("ours default") and "speedup" in r:
-            tag = r["variant"].removeprefix("ours default ")
-            form = tag.split()[-1]
-            score.setdefault((r["d"], form, tag), []).append(math.log(r["speedup"]))
-    best: dict[tuple[int, str], tuple[float, str]] = {}
-    for (d, form, tag), xs in score.items():
+            score.setdefault((r["d"], r["variant"].removeprefix("ours default ")), []).append(math.log(r["speedup"]))
+    best: dict[int, tuple[float, str]] = {}
+    for (d, tag), xs in score.items():
         g = math.exp(sum(xs) / len(xs))
-        if (d, form) not in best or g > best[(d, form)][0]:
-            best[(d, form)] = (g, tag)
+        if d not in best or g > best[d][0]:
+            best[d] = (g, tag)
     return best
 
 
-def choose(rows, best, n_max) -> dict:
-    """The launch table for ``prefill.py`` (best launch per head dim and form, the preferred form per
-    head dim) and the tutorial form's best launch at the largest N."""
-    def parse(tag):
-        tile, nw, ns, form = tag.split()
-        bm, bn = tile.split("x")
-        return [int(bm), int(bn), int(nw[1:]), int(ns[1:])], form == "ws"
+def _parse(tag: str) -> list[int]:
+    tile, nw, ns = tag.split()[-3:]
+    bm, bn = tile.split("x")
+    return [int(bm), int(bn), int(nw[1:]), int(ns[1:])]
 
-    launches, prefer = {}, {}
-    for (d, _), (g, tag) in best.items():
-        la, ws = parse(tag)
-        launches[f"{d},{int(ws)}"] = la
-        if str(d) not in prefer or g > prefer[str(d)][0]:
-            prefer[str(d)] = (g, ws)
+
+def choose(rows, best, n_max) -> dict:
+    """The launch per head dim (calls without counts) and the tutorial form's best launch at the largest N."""
     tut = sorted((r["ms"], r["variant"]) for r in rows
                  if r["variant"].startswith("tutorial") and r["N"] == n_max and "ms" in r)
-    tutorial = None
-    if tut:
-        _, tile, nw, ns = tut[0][1].split()
-        bm, bn = tile.split("x")
-        tutorial = [int(bm), int(bn), int(nw[1:]), int(ns[1:])]
-    return dict(launches=launches, prefer_ws={d: ws for d, (_, ws) in prefer.items()}, tutorial=tutorial)
+    return dict(launches={str(d): _parse(tag) for d, (_, tag) in best.items()},
+                tutorial=_parse(tut[0][1]) if tut else None)
 
 
 def apply(choice: dict, path: Path = ROOT / "topθ_core" / "kernels" / "prefill.py") -> str:
-    """Write the chosen launch table into prefill.py (``_LAUNCHES`` and ``_PREFER_WS``); returns the new table."""
+    """Write the chosen launches into prefill.py's ``_LAUNCHES`` (entries without counts); returns the table."""
     import re
 
     src = path.read_text()
@@ -450,17 +437,11 @@ def apply(choice: dict, path: Path = ROOT / "topθ_core" / "kernels" / "prefill.
     for line in m.group(1).splitlines():
         k = re.match(r"\s*\((\d+), (True|False)\): (PrefillLaunch\([^)]*\)),", line)
         entries[(int(k.group(1)), k.group(2) == "True")] = k.group(3)
-    for key, (bm, bn, nw, ns) in choice["launches"].items():
-        d, ws = (int(x) for x in key.split(","))
-        entries[(d, bool(ws))] = f"PrefillLaunch({bm}, {bn}, {nw}, {ns}, {bool(ws)})"
-    body = "\n".join(f"    ({d}, {ws}): {la}," for (d, ws), la in sorted(entries.items()))
-    src = src[:m.start(1)] + body + src[m.end(1):]
-    m2 = re.search(r"_PREFER_WS: dict\[int, bool\] = \{([^}]*)\}", src)
-    prefer = dict((int(d), ws == "True") for d, ws in re.findall(r"(\d+): (True|False)", m2.group(1)))
-    prefer.update({int(d): bool(ws) for d, ws in choice["prefer_ws"].items()})
-    src = src[:m2.start(1)] + ", ".join(f"{d}: {ws}" for d, ws in sorted(prefer.items())) + src[m2.end(1):]
-    path.write_text(src)
-    return body + f"\n_PREFER_WS = {prefer}"
+    for d, (bm, bn, nw, ns) in choice["launches"].items():
+        entries[(int(d), False)] = f"PrefillLaunch({bm}, {bn}, {nw}, {ns})"
+    body = "\n".join(f"    ({d}, {c}): {la}," for (d, c), la in sorted(entries.items()))
+    path.write_text(src[:m.start(1)] + body + src[m.end(1):])
+    return body
 
 
 def main():
@@ -485,8 +466,8 @@ def main():
         tune(128, N, 1, args.old, failed, args.rounds, rows)
     tune(64, 4096, 1, args.old, failed, args.rounds, rows)
     best = best_launches(rows)
-    for (d, form), (g, tag) in sorted(best.items()):
-        log(f"best default-config launch, d={d}, {form}: {tag} (geometric-mean speed-up vs SDPA x{g:.3f})")
+    for d, (g, tag) in sorted(best.items()):
+        log(f"best default-config launch, d={d}: {tag} (geometric-mean speed-up vs SDPA x{g:.3f})")
     choice = choose(rows, best, max(args.n))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "prefill_best.json").write_text(json.dumps(choice, indent=1))

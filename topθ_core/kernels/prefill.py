@@ -1,11 +1,11 @@
 """Top-θ prefill: causal FlashAttention-2 tiles with a per-element θ test, in the form of Triton's
-fused-attention tutorial (tensor descriptors, warp-specialised key loop).
+fused-attention tutorial (K/V tiles by TMA through tensor descriptors, two causal key loops).
 
 Grid: (batch·query heads, query blocks), heaviest causal blocks launched first across all heads.
 One program holds BLOCK_M query rows of one head and walks the key blocks the rows can see
 (bottom-right causal alignment, so chunked prefill with ``Sq < Sk`` works): first the blocks
 below the diagonal without a mask, then the diagonal blocks with one.  K and V tiles arrive by
-TMA (``tl.make_tensor_descriptor`` per (batch, head), out-of-range rows read as zeros).
+TMA (``tl.make_tensor_descriptor`` per (batch, head); out-of-range rows read as zeros).
 
 Every tile computes QKᵀ (a threshold needs every score), the running row maximum over all
 visible scores and the denominator steps of FlashAttention.  The θ test is one compare of the
@@ -25,9 +25,9 @@ element, and nothing more:
 exponentials, the V tile and P·V (θ is static, so this test does not depend on tile order), and
 rescales its accumulators lazily.  Exact SDC still needs every exponential there.
 
-VMC reads ``v̄_i`` from a causal prefix sum of V made by :func:`_v_prefix_kernel` (two small
-launches: per-segment sums, then a scan within each segment).  Kept counts come out per row and
-the kept-V-row union as a byte mask over keys per KV head, only when asked for.
+VMC reads ``v̄_i`` from a causal prefix sum of V made by :func:`v_prefix_sum` (two small launches:
+per-segment sums, then a scan within each segment).  Kept counts come out per row and the
+kept-V-row union as a byte mask over keys per KV head, only when asked for.
 
 Layers: ``_prefill_kernel`` (Triton) → ``_prefill_launch`` → ``toptheta::prefill`` (custom op
 + fake) → :func:`topθ_prefill`.
@@ -53,9 +53,9 @@ def _prefill_tiles(acc, l_i, d_s, m_i, m_acc, n_k, m_t, q_min, q, th_raw, rows_a
                    lo, hi, qk_scale,
                    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, THRESHOLD: tl.constexpr, EXACT: tl.constexpr,
                    COUNT: tl.constexpr, ANY_DROP: tl.constexpr, FLOOR: tl.constexpr, KV_MASK: tl.constexpr,
-                   SKIP: tl.constexpr, WS: tl.constexpr):
+                   SKIP: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
-    for n0 in tl.range(lo, hi, BLOCK_N, warp_specialize=WS):
+    for n0 in range(lo, hi, BLOCK_N):
         n0 = tl.multiple_of(n0, BLOCK_N)
         qk = tl.dot(q, desc_k.load([n0, 0]).T)  # (BLOCK_M, BLOCK_N) raw scores
         if MASKED:
@@ -133,12 +133,12 @@ def _row_argmax(q, rows_abs, need, m_t, desc_k, hi, BLOCK_M: tl.constexpr, BLOCK
 
 @triton.jit
 def _prefill_kernel(
-    Q, K, V, THETA, SDCT, VCUM, OUT, NK, EMPTY, KVM, FT, FL, FM,
-    sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_m, sc_b, sc_h, sc_n, st_row,
+    Q, K, V, THETA, SDCT, VCUM, OUT, NK, EMPTY, KVM,
+    sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_m, sc_b, sc_h, sc_n,
     Hq, Sq, Sk, k_keep, qk_scale, sdc_scale,
     G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     THRESHOLD: tl.constexpr, SDC_MODE: tl.constexpr, FLOOR: tl.constexpr, VMC: tl.constexpr,
-    COUNTS: tl.constexpr, SKIP: tl.constexpr, WS: tl.constexpr,
+    COUNTS: tl.constexpr, SKIP: tl.constexpr,
 ):
     EXACT: tl.constexpr = SDC_MODE == "exact"
     COUNT: tl.constexpr = COUNTS or SDC_MODE == "exp-threshold"
@@ -163,7 +163,8 @@ def _prefill_kernel(
     q = desc_q.load([m0, 0])
     row = bh * Sq + offs_m
     if THRESHOLD:
-        theta = _row_theta(THETA, bh, st_row, m0, offs_m, L, Sq, k_keep, BLOCK_M)
+        theta = tl.load(THETA + row, mask=mask_m, other=float("inf"))
+        theta = tl.where(mask_m & (L <= k_keep), float("-inf"), theta)  # rows with L ≤ k are dense
         th_raw = theta * LOG2E / qk_scale  # compared with the raw score q·k
     else:
         theta = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -178,17 +179,14 @@ def _prefill_kernel(
     q_min = tl.full([BLOCK_M], float("inf"), tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     kvm_base = KVM + (b * (Hq // G) + hkv) * Sk
+    full_hi = tl.minimum(((m0 + offset + 1) // BLOCK_N) * BLOCK_N, Sk)  # tiles below the diagonal
     hi = tl.minimum(m0 + BLOCK_M + offset, Sk)
-    if WS:  # one loop, masked everywhere: Triton 3.6 warp-specialises a single key loop only on Hopper
-        full_hi = 0
-    else:
-        full_hi = tl.minimum(((m0 + offset + 1) // BLOCK_N) * BLOCK_N, Sk)
-        acc, l_i, d_s, m_i, m_acc, n_k, m_t, q_min = _prefill_tiles(
-            acc, l_i, d_s, m_i, m_acc, n_k, m_t, q_min, q, th_raw, rows_abs, desc_k, desc_v, kvm_base, 0, full_hi,
-            qk_scale, BLOCK_N, False, THRESHOLD, EXACT, COUNT, ANY_DROP, FLOOR, COUNTS, SKIP, False)
+    acc, l_i, d_s, m_i, m_acc, n_k, m_t, q_min = _prefill_tiles(
+        acc, l_i, d_s, m_i, m_acc, n_k, m_t, q_min, q, th_raw, rows_abs, desc_k, desc_v, kvm_base, 0, full_hi,
+        qk_scale, BLOCK_N, False, THRESHOLD, EXACT, COUNT, ANY_DROP, FLOOR, COUNTS, SKIP)
     acc, l_i, d_s, m_i, m_acc, n_k, m_t, q_min = _prefill_tiles(
         acc, l_i, d_s, m_i, m_acc, n_k, m_t, q_min, q, th_raw, rows_abs, desc_k, desc_v, kvm_base, full_hi, hi,
-        qk_scale, BLOCK_N, True, THRESHOLD, EXACT, COUNT, ANY_DROP, FLOOR, COUNTS, SKIP, WS)
+        qk_scale, BLOCK_N, True, THRESHOLD, EXACT, COUNT, ANY_DROP, FLOOR, COUNTS, SKIP)
     if SKIP and not EXACT:  # bring the lazily rescaled accumulators to the final maximum
         alpha = tl.math.exp2(m_acc - m_i)
         acc = acc * alpha[:, None]
@@ -197,11 +195,7 @@ def _prefill_kernel(
     empty = (d_s == 0.0) & mask_m  # nothing passed θ (the row maximum would have, with e⁰ = 1)
     d_u = tl.maximum(l_i - d_s, 0.0)  # exact SDC's dropped mass (unused by the other variants)
     if FLOOR:  # an empty row keeps its maximum element: p ∝ e^(m − m) = 1
-        if WS:  # a second loop of dots would stop the warp specialisation: _floor_fixup_kernel does it
-            tl.store(FT + row, tl.where(empty, m_t, -1), mask=mask_m)
-            tl.store(FL + row, l_i, mask=empty)
-            tl.store(FM + row, m_i, mask=empty)
-        elif tl.max(empty.to(tl.int32), 0) > 0:  # rare: only then find the argmax
+        if tl.max(empty.to(tl.int32), 0) > 0:  # rare: only then find the argmax
             idx = _row_argmax(q, rows_abs, empty, m_t, desc_k, hi, BLOCK_M, BLOCK_N)
             d_s = tl.where(empty, 1.0, d_s)
             d_u = tl.where(empty, tl.maximum(l_i - 1.0, 0.0), d_u)
@@ -217,16 +211,6 @@ def _prefill_kernel(
     if COUNTS:
         tl.store(NK + row, kept, mask=mask_m)
         tl.store(EMPTY + row, empty.to(tl.int8), mask=mask_m)
-
-
-@triton.jit
-def _row_theta(THETA, bh, st_row, m0, offs_m, L, Sq, k_keep, BLOCK_M: tl.constexpr):
-    """θ of the block's rows: −∞ for rows with L ≤ k (dense), +∞ past the last row.  Read through a
-    1-D tensor descriptor: a pointer load ahead of the key loop stops Triton 3.6 warp-specialising it."""
-    theta = tl.make_tensor_descriptor(THETA + bh.to(tl.int64) * st_row, shape=[Sq], strides=[1],
-                                      block_shape=[BLOCK_M]).load([m0])
-    theta = tl.where(offs_m < Sq, theta, float("inf"))
-    return tl.where(L <= k_keep, float("-inf"), theta)
 
 
 @triton.jit
@@ -253,47 +237,6 @@ def _store_rows(acc, d_s, d_u_exact, any_drop, theta, m_i, kept, L, row, rows_ab
         o += (1.0 - d_s / denom)[:, None] * (vsum / L.to(tl.float32)[:, None])
     tl.store(OUT + b.to(tl.int64) * so_b + h.to(tl.int64) * so_h + offs_m[:, None] * so_m + offs_d[None, :],
              o.to(OUT.dtype.element_ty), mask=mask_rows[:, None])
-
-
-@triton.jit
-def _floor_fixup_kernel(
-    Q, K, V, THETA, SDCT, VCUM, OUT, FT, FL, FM,
-    sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_m, sc_b, sc_h, sc_n, st_row,
-    Hq, Sq, Sk, k_keep, qk_scale, sdc_scale,
-    G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, SDC_MODE: tl.constexpr,
-    VMC: tl.constexpr,
-):
-    """The empty-row floor after a warp-specialised launch: rows the main kernel marked empty (FT ≥ 0,
-    the tile that holds their maximum) keep their maximum element; everything else is left alone."""
-    bh = tl.program_id(0)
-    m0 = tl.program_id(1) * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    row = bh * Sq + offs_m
-    m_t = tl.load(FT + row, mask=offs_m < Sq, other=-1)
-    empty = m_t >= 0
-    if tl.max(empty.to(tl.int32), 0) > 0:
-        b = bh // Hq
-        h = bh % Hq
-        hkv = h // G
-        offset = Sk - Sq
-        rows_abs = tl.minimum(offs_m + offset, Sk - 1)
-        L = offs_m + offset + 1
-        offs_d = tl.arange(0, D)
-        q = tl.load(Q + b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h + offs_m[:, None] * sq_m + offs_d[None, :],
-                    mask=(offs_m < Sq)[:, None], other=0.0)
-        desc_k = tl.make_tensor_descriptor(K + b.to(tl.int64) * sk_b + hkv.to(tl.int64) * sk_h, shape=[Sk, D],
-                                           strides=[sk_n, 1], block_shape=[BLOCK_N, D])
-        hi = tl.minimum(m0 + BLOCK_M + offset, Sk)
-        idx = _row_argmax(q, rows_abs, empty, m_t, desc_k, hi, BLOCK_M, BLOCK_N)
-        vrow = tl.load(V + b.to(tl.int64) * sv_b + hkv.to(tl.int64) * sv_h + idx[:, None] * sv_n + offs_d[None, :],
-                       mask=empty[:, None], other=0.0)
-        theta = _row_theta(THETA, bh, st_row, m0, offs_m, L, Sq, k_keep, BLOCK_M)
-        l_i = tl.load(FL + row, mask=empty, other=1.0)
-        m_i = tl.load(FM + row, mask=empty, other=0.0)
-        ones = tl.full([BLOCK_M], 1.0, tl.float32)
-        _store_rows(vrow.to(tl.float32), ones, tl.maximum(l_i - 1.0, 0.0), empty, theta, m_i,
-                    tl.full([BLOCK_M], 1, tl.int32), L, row, rows_abs, empty, b, h, hkv, SDCT, VCUM, OUT,
-                    sc_b, sc_h, sc_n, so_b, so_h, so_m, offs_m, sdc_scale, SDC_MODE, VMC, D)
 
 
 @triton.jit
@@ -353,32 +296,29 @@ def v_prefix_sum(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class PrefillLaunch(NamedTuple):
-    """Launch configuration: tile sizes, warps, pipeline stages, warp specialisation of the key loop."""
+    """Launch configuration: tile sizes, warps, pipeline stages."""
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
-    warp_specialize: bool
 
 
-# Default launches per (head dim, warp-specialised form), chosen by benchmarks/tune_prefill.py on an H200.
-# The two-loop form serves calls that count (kept-V-row mask stores in the loop) or skip tiles.
+# Default launches per (head dim, counting), chosen by benchmarks/tune_prefill.py on an H200.  A counting
+# launch (kept counts and the kept-V-row mask) needs more shared memory, so it has its own entry.
 _LAUNCHES: dict[tuple[int, bool], PrefillLaunch] = {
-    (64, True): PrefillLaunch(128, 64, 4, 3, True),
-    (64, False): PrefillLaunch(128, 64, 4, 3, False),
-    (128, True): PrefillLaunch(128, 128, 4, 2, True),
-    (128, False): PrefillLaunch(128, 64, 8, 3, False),
+    (64, False): PrefillLaunch(64, 64, 4, 3),
+    (64, True): PrefillLaunch(64, 64, 4, 3),
+    (128, False): PrefillLaunch(128, 128, 8, 3),
+    (128, True): PrefillLaunch(128, 64, 8, 3),
 }
-_PREFER_WS: dict[int, bool] = {64: True, 128: True}  # the default form per head dim, when the call allows it
 
 
-def prefill_config(d: int, device: torch.device, warp_specialize: bool | None = None) -> PrefillLaunch:
-    """The default launch for a head dim and loop form (``None``: the preferred form for ``d``)."""
-    ws = _PREFER_WS[d] if warp_specialize is None else bool(warp_specialize)
+def prefill_config(d: int, device: torch.device, counts: bool = False) -> PrefillLaunch:
+    """The default launch for a head dim, for a call with or without counts."""
     if device.type != "cuda":
-        return PrefillLaunch(16, 16, 4, 1, ws)
-    return _LAUNCHES[(d, ws)]
+        return PrefillLaunch(16, 16, 4, 1)
+    return _LAUNCHES[(d, bool(counts))]
 
 
 def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
@@ -402,16 +342,6 @@ def _tma_ready(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _theta_rows(theta: torch.Tensor, rows: int, Sq: int) -> torch.Tensor:
-    """θ as float32 rows whose starts are 16-byte aligned (what the 1-D tensor descriptor needs)."""
-    th = theta.to(torch.float32).reshape(rows, Sq)
-    if Sq % 4 or th.stride(0) != Sq or th.stride(1) != 1 or th.data_ptr() % 16:
-        padded = th.new_empty(rows, -(-Sq // 4) * 4)
-        padded[:, :Sq] = th
-        th = padded
-    return th
-
-
 def _prefill_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor | None,
                     sdc_term: torch.Tensor | None, scale: float, k_keep: int, sdc: SDC, sdc_scale: float,
                     vmc: bool, floor_max: bool, counts: bool, launch: PrefillLaunch, skip: bool = False
@@ -427,7 +357,7 @@ def _prefill_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: to
         raise ValueError("offline SDC needs sdc_term (B, Hq, Sq)")
     q, k, v = _tma_ready(q), _tma_ready(k), _tma_ready(v)
     dev = q.device
-    th = _theta_rows(theta, B * Hq, Sq) if threshold else q.new_empty(1, 4, dtype=torch.float32)
+    th = theta.to(torch.float32).contiguous() if threshold else q.new_empty(1, dtype=torch.float32)
     sdc_t = sdc_term.to(torch.float32).contiguous() if sdc is SDC.OFFLINE else th
     if vmc:
         vcum, v_total = v_prefix_sum(v)
@@ -442,13 +372,6 @@ def _prefill_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: to
         nk = torch.empty(1, 1, 1, dtype=torch.int32, device=dev)
         empty = torch.empty(1, 1, 1, dtype=torch.int8, device=dev)
         kvm = torch.empty(1, 1, 1, dtype=torch.int8, device=dev)
-    ws = launch.warp_specialize and not (skip or counts)  # the loop forms that Triton 3.6 can specialise
-    fixup = ws and floor_max and threshold
-    if fixup:  # per row: the tile of an empty row's maximum (−1: not empty), its denominator and maximum
-        ft = torch.empty(B * Hq * Sq, dtype=torch.int32, device=dev)
-        fl, fm = torch.empty_like(ft, dtype=torch.float32), torch.empty_like(ft, dtype=torch.float32)
-    else:
-        ft = fl = fm = nk
     if _decode_mod.POISON_OUTPUTS:
         out.fill_(float("nan"))
         if counts:
@@ -456,22 +379,15 @@ def _prefill_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: to
     if dev.type == "cuda":
         _ensure_allocator()
     grid = (B * Hq, triton.cdiv(Sq, launch.block_m))
-    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
-               v.stride(2), out.stride(0), out.stride(2), out.stride(1), vcum.stride(0), vcum.stride(1),
-               vcum.stride(2), th.stride(0))
-    scalars = (Hq, Sq, Sk, int(k_keep), float(scale) * LOG2E.value, float(sdc_scale))
     _prefill_kernel[grid](
-        q, k, v, th, sdc_t, vcum, out, nk, empty, kvm, ft, fl, fm, *strides, *scalars,
+        q, k, v, th, sdc_t, vcum, out, nk, empty, kvm,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+        v.stride(2), out.stride(0), out.stride(2), out.stride(1), vcum.stride(0), vcum.stride(1), vcum.stride(2),
+        Hq, Sq, Sk, int(k_keep), float(scale) * LOG2E.value, float(sdc_scale),
         G=Hq // Hkv, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, D=D, THRESHOLD=threshold, SDC_MODE=sdc.value,
-        FLOOR=floor_max and threshold, VMC=vmc, COUNTS=counts, SKIP=skip, WS=ws,
+        FLOOR=floor_max and threshold, VMC=vmc, COUNTS=counts, SKIP=skip,
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
-    if fixup:
-        _floor_fixup_kernel[grid](
-            q, k, v, th, sdc_t, vcum, out, ft, fl, fm, *strides, *scalars,
-            G=Hq // Hkv, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, D=D, SDC_MODE=sdc.value, VMC=vmc,
-            num_warps=4 if launch.block_m * launch.block_n <= 64 * 64 else 8, num_stages=1,
-        )
     return out, nk, empty, kvm, v_total
 
 
@@ -481,7 +397,7 @@ def _prefill_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.
                 floor_max: bool, counts: bool, launch: list[int], skip: bool
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _prefill_launch(q, k, v, theta, sdc_term, scale, k_keep, SDC(sdc), sdc_scale, vmc, floor_max, counts,
-                           PrefillLaunch(*launch[:4], bool(launch[4])), skip)
+                           PrefillLaunch(*launch), skip)
 
 
 @_prefill_op.register_fake
@@ -498,7 +414,7 @@ def topθ_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torc
                  config: SparseConfig, k_keep: int, sdc_term: torch.Tensor | None = None,
                  scale: float | None = None, counts: bool = True, return_v_sum: bool = False,
                  block_m: int = 0, block_n: int = 0, num_warps: int = 0, num_stages: int = 0,
-                 warp_specialize: bool | None = None, skip_tiles: bool = False):
+                 skip_tiles: bool = False):
     """Causal Top-θ attention (prefill or chunked prefill).
 
     Args:
@@ -512,8 +428,8 @@ def topθ_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torc
         counts: also return :class:`KernelCounts` (otherwise ``None``).
         return_v_sum: also return the float32 sum of all V rows (B, Hkv, d) (VMC only), which
             seeds the running sum the decode kernel reads.
-        block_m, block_n, num_warps, num_stages, warp_specialize: launch configuration (0 / ``None``:
-            :func:`prefill_config`'s default for the head dim).
+        block_m, block_n, num_warps, num_stages: launch configuration (0: :func:`prefill_config`'s
+            default for the head dim).
         skip_tiles: test each tile for a survivor and skip the exponentials, the V load and P·V
             of empty tiles.  The result is the same either way.  Off by default: the test and the
             branch cost more than they save unless whole tiles are empty, which real attention
@@ -533,18 +449,14 @@ def topθ_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torc
     else:
         sdc = config.sdc
     skip = bool(skip_tiles) and not var.dense
-    can_ws = not (skip or counts)  # the kept-V-row stores and the tile-skip branch need the two-loop form
-    dflt = prefill_config(d, q.device, None if warp_specialize is None else bool(warp_specialize))
-    if not can_ws and dflt.warp_specialize:
-        dflt = prefill_config(d, q.device, False)
+    dflt = prefill_config(d, q.device, counts)
     launch = PrefillLaunch(block_m or dflt.block_m, block_n or dflt.block_n, num_warps or dflt.num_warps,
-                           num_stages or dflt.num_stages, dflt.warp_specialize and can_ws)
+                           num_stages or dflt.num_stages)
     scale = float(d ** -0.5 if scale is None else scale)
     if torch.compiler.is_compiling():
         out, nk, empty, kvm, v_total = torch.ops.toptheta.prefill(
             q, k, v, theta, sdc_term, scale, int(k_keep), sdc.value, var.sdc_scale, var.vmc, var.floor_max,
-            bool(counts), [launch.block_m, launch.block_n, launch.num_warps, launch.num_stages,
-                           int(launch.warp_specialize)], skip)
+            bool(counts), list(launch), skip)
     else:  # eager: no op overhead
         out, nk, empty, kvm, v_total = _prefill_launch(q, k, v, theta, sdc_term, scale, int(k_keep), sdc,
                                                        var.sdc_scale, var.vmc, var.floor_max, bool(counts), launch,
