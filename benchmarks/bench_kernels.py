@@ -10,8 +10,10 @@ Sections (``--only decode,host,prefill,real,calib,e2e``):
 * **host**: CPU time per eager decode call at latency-bound shapes (B = 1 and 8, N = 4k): SDPA,
   ``topθ_decode``, the θ lookup and ``dispatch.try_kernels`` (what one layer's attention call
   costs before the GPU does anything), and a cProfile of ``topθ_decode``.
-* **prefill**: B = 1, N ∈ {4k, 16k}, random Q/K/V, kept element fraction {1, 0.25, 0.1}
-  (θ per head interpolated over row length from sampled rows' quantiles, as calibration does).
+* **prefill**: (B, N) ∈ {(1, 4k), (1, 16k), (1, 32k), (8, 4k)}, random Q/K/V, kept element fraction
+  {1, 0.25, 0.1} (θ per head interpolated over row length from sampled rows' quantiles, as
+  calibration does): the project default config (exact SDC, VMC, floor), offline SDC, the plain
+  path (dense, θ = −∞) and, with ``--tutorial-launch``, the tutorial-form kernel of tune_prefill.py.
 * **real**: SmolLM2-135M Q/K/V captured at 4k tokens (``capture_smollm2_qkv.py``; 9/3 heads,
   d 64), same fractions plus θ calibrated for k = 64 with the calibration kernel.
 * **calib**: the calibration-sample kernel vs the PyTorch path (dense scores + topk).
@@ -41,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 import triton  # noqa: E402
 from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
 
-from topθ_core.config import SDC, SparseConfig  # noqa: E402
+from topθ_core.config import DENSE, SDC, SparseConfig  # noqa: E402
 from topθ_core.kernels import row_samples, topθ_decode, topθ_prefill  # noqa: E402
 from topθ_core.kernels.decode import decode_plan  # noqa: E402
 from topθ_core.kernels.reference import row_samples_causal_ref, topθ_decode_ref, topθ_prefill_ref  # noqa: E402
@@ -249,66 +251,116 @@ def _length_theta(q, k, keep_frac, rows=48, scale=None):
     off = Sk - Sq
     idx = torch.linspace(min(Sq - 1, 16), Sq - 1, rows, device=q.device).long().unique()
     kk = k.float().repeat_interleave(Hq // Hkv, 1)
-    s = (q[:, :, idx].float() @ kk.transpose(-1, -2)) * scale  # (B, Hq, r, Sk)
     L = idx + off + 1
-    vis = torch.arange(Sk, device=q.device)[None] < L[:, None]
-    s = s.masked_fill(~vis, float("-inf"))
-    th = torch.stack([torch.stack([row_quantile_theta(s[b, h, i, : L[i]], keep_frac) for i in range(len(idx))])
-                      for b in range(B) for h in range(Hq)]).view(B, Hq, -1)  # (B, Hq, r)
+    th = torch.empty(B, Hq, len(idx), device=q.device)
+    for j, (i, n) in enumerate(zip(idx.tolist(), L.tolist())):  # one sampled row at a time, every (b, h) at once
+        s = (q[:, :, i].float().unsqueeze(2) @ kk[:, :, :n].transpose(-1, -2)).squeeze(2) * scale  # (B, Hq, n)
+        kth = max(1, min(n - 1, int(round(n * (1 - keep_frac)))))
+        lo, hi = s.kthvalue(kth, dim=-1).values, s.kthvalue(kth + 1, dim=-1).values
+        th[:, :, j] = (lo + hi) / 2  # between two scores: no score of a sampled row sits on θ
+    # linear in L between the samples, flat beyond
     allL = torch.arange(off + 1, Sk + 1, device=q.device).float()
-    out = torch.empty(B, Hq, Sq, device=q.device)
-    x = L.float().cpu().numpy()
-    import numpy as np
-
-    for b in range(B):
-        for h in range(Hq):
-            out[b, h] = torch.from_numpy(np.interp(allL.cpu().numpy(), x, th[b, h].cpu().numpy())).to(q.device)
-    return out
+    x = L.float()
+    pos = torch.searchsorted(x, allL).clamp(1, len(x) - 1)
+    x0, x1 = x[pos - 1], x[pos]
+    w = ((allL - x0) / (x1 - x0)).clamp(0, 1)
+    return th[..., pos - 1] * (1 - w) + th[..., pos] * w
 
 
-def _prefill_rows(q, k, v, data, thetas, scale=None, check_rows=1024, k_keep=64, sdc_term=None):
+PREFILL_CFG = SparseConfig()  # the project default: exact SDC, VMC, floor max
+PREFILL_CONFIGS = {"prefill": PREFILL_CFG, "prefill offline-sdc": SparseConfig(sdc=SDC.OFFLINE)}
+
+
+def _form(d: int, device) -> str:
+    from topθ_core.kernels.prefill import prefill_config
+
+    bm, bn, nw, ns = prefill_config(d, device)
+    return f"{bm}x{bn} w{nw} s{ns}"
+
+
+def _timed(base_fn, fn, rounds: int) -> dict:
+    """CUDA-graph medians of interleaved rounds (both sides replayed: no host time) and one eager pair."""
+    base_g, ours_g = paired(base_fn, fn, graph=True, rounds=rounds)
+    base, ours = paired(base_fn, fn, rounds=1)
+    return dict(baseline_ms=base, ours_ms=ours, speedup=base / ours, baseline_graph_ms=base_g, ours_graph_ms=ours_g,
+                speedup_graph=base_g / ours_g)
+
+
+def _prefill_rows(q, k, v, data, thetas, args, scale=None, check_rows=1024, k_keep=64, sdc_term=None):
+    """Rows for the default config and offline SDC at each θ, and the plain path (θ = −∞, dense) once;
+    every timed call is checked against the fp32 reference on the last rows first.  TFLOP/s are
+    from the CUDA-graph times."""
     B, Hq, Sq, d = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     dt = "bf16" if q.dtype == torch.bfloat16 else "fp16"
-    base, be = sdpa_ms(q, k, v, True)
+    base_fn, be = sdpa_best(q, k, v, True)
     flops = 4 * B * Hq * d * (Sq * (Sk - Sq) + Sq * (Sq + 1) / 2)
     sdc_term = sdc_term if sdc_term is not None else torch.rand(B, Hq, Sq, device="cuda")
-    for label, theta in thetas:
-        kw = dict(config=CFG, k_keep=k_keep, sdc_term=sdc_term, scale=scale)
-        out, c = topθ_prefill(q, k, v, theta, **kw)
+    form = _form(d, q.device)
+    r0 = Sq - min(Sq, check_rows)
+    vis_total = B * Hq * (Sq * (Sk - Sq) + Sq * (Sq + 1) / 2)
+    common = dict(B=B, N=Sk, heads=f"{Hq}/{Hkv}", d=d, dtype=dt, baseline_backend=be, form=form)
+    jobs = [("prefill plain", DENSE, "1.0", None)]
+    jobs += [(name, cfg, label, theta) for label, theta in thetas for name, cfg in PREFILL_CONFIGS.items()]
+    for name, cfg, label, theta in jobs:
+        kw = dict(config=cfg, k_keep=k_keep, sdc_term=sdc_term, scale=scale)
+        out_c, c = topθ_prefill(q, k, v, theta, **kw)  # the counting launch
+        fn = lambda: topθ_prefill(q, k, v, theta, counts=False, **kw)[0]  # noqa: E731
+        out = fn()
         assert not torch.isnan(out).any()
-        # correctness on the last rows (the reference materialises scores; the longest rows are the hardest)
-        r0 = Sq - min(Sq, check_rows)
-        ref, _ = topθ_prefill_ref(q[:, :, r0:], k, v, theta[:, :, r0:], config=CFG, k_keep=k_keep,
-                                  sdc_term=sdc_term[:, :, r0:], scale=scale)
-        err = (out[:, :, r0:].float() - ref.float()).abs().max().item()
-        vis_total = B * Hq * (Sq * (Sk - Sq) + Sq * (Sq + 1) / 2)
+        ref, _ = topθ_prefill_ref(q[:, :, r0:], k, v, None if theta is None else theta[:, :, r0:], config=cfg,
+                                  k_keep=k_keep, sdc_term=sdc_term[:, :, r0:], scale=scale)
+        err = max((o[:, :, r0:].float() - ref.float()).abs().max().item() for o in (out, out_c))
         fe = c.kept.sum().item() / vis_total
         fv = c.kept_v_rows.sum().item() / (B * Hkv * Sk)
-        ours = bench(lambda: topθ_prefill(q, k, v, theta, counts=False, **kw))
-        skipping = bench(lambda: topθ_prefill(q, k, v, theta, counts=False, skip_tiles=True, **kw))
-        row = dict(kernel="prefill", data=data, B=B, N=Sk, heads=f"{Hq}/{Hkv}", d=d, dtype=dt, f_target=label,
-                   f_kept_v=round(fv, 4), f_kept_elems=round(fe, 4), baseline_ms=base, ours_ms=ours,
-                   speedup=base / ours, max_err=err, baseline_backend=be,
-                   baseline_TFLOPs=flops / base / 1e9, ours_TFLOPs=flops / ours / 1e9,
-                   ours_skip_tiles_ms=skipping, speedup_skip_tiles=base / skipping)
-        ROWS.append(row)
-        log(f"prefill {data} N={Sk} {label} fe={fe:.3f} sdpa {base:.3f}ms ({be}, {flops/base/1e9:.0f} TF/s) "
-            f"ours {ours:.3f}ms ({flops/ours/1e9:.0f} TF/s) x{base/ours:.2f}; skip_tiles=True {skipping:.3f}ms "
-            f"x{base/skipping:.2f}; err {err:.2e}")
+        t = _timed(base_fn, fn, args.prefill_rounds)
+        ROWS.append(dict(kernel=name, data=data, f_target=label, f_kept_v=round(fv, 4), f_kept_elems=round(fe, 4),
+                         max_err=err, baseline_TFLOPs=flops / t["baseline_graph_ms"] / 1e9,
+                         ours_TFLOPs=flops / t["ours_graph_ms"] / 1e9, **t, **common))
+        log(f"{name} {data} B={B} N={Sk} {label} fe={fe:.3f}: graph sdpa {t['baseline_graph_ms']:.3f}ms ({be}, "
+            f"{flops / t['baseline_graph_ms'] / 1e9:.0f} TF/s) ours {t['ours_graph_ms']:.3f}ms "
+            f"({flops / t['ours_graph_ms'] / 1e9:.0f} TF/s) x{t['speedup_graph']:.3f}; eager x{t['speedup']:.3f} "
+            f"({t['baseline_ms']:.3f} / {t['ours_ms']:.3f} ms); {form}; err {err:.2e}")
+    if args.tutorial_launch and Sq == Sk and Sq % 128 == 0 and d == 128:
+        from tune_prefill import tutorial_fa
+
+        bm, bn, nw, ns = (int(x) for x in args.tutorial_launch.split(","))
+        fn = lambda: tutorial_fa(q, k, v, bm, bn, nw, ns)  # noqa: E731
+        ref = torch.nn.functional.scaled_dot_product_attention(q[:, :, r0:].float(), k.float(), v.float(),
+                                                               attn_mask=_causal_tail(Sq, r0, q.device),
+                                                               enable_gqa=True)
+        err = (fn()[:, :, r0:].float() - ref).abs().max().item()
+        t = _timed(base_fn, fn, args.prefill_rounds)
+        ROWS.append(dict(kernel="prefill tutorial-form (dense)", data=data, f_target="1.0", max_err=err,
+                         baseline_TFLOPs=flops / t["baseline_graph_ms"] / 1e9,
+                         ours_TFLOPs=flops / t["ours_graph_ms"] / 1e9, **t,
+                         **{**common, "form": f"{bm}x{bn} w{nw} s{ns}"}))
+        log(f"tutorial-form {data} B={B} N={Sk}: graph {t['ours_graph_ms']:.3f}ms "
+            f"({flops / t['ours_graph_ms'] / 1e9:.0f} TF/s) x{t['speedup_graph']:.3f}; eager x{t['speedup']:.3f}; "
+            f"err {err:.2e}")
+    if d == 128 or data.endswith("L2"):  # what VMC's prefix sum of V costs by itself
+        from topθ_core.kernels.prefill import v_prefix_sum
+
+        log(f"  v_prefix_sum {tuple(v.shape)}: {bench(lambda: v_prefix_sum(v), graph=True) * 1e3:.1f} us (graph)")
+
+
+def _causal_tail(N, r0, device):
+    """Bool mask of the last N − r0 rows of an N×N causal attention."""
+    return torch.arange(N, device=device)[None, :] <= torch.arange(r0, N, device=device)[:, None]
 
 
 def run_prefill(args):
     Hq, Hkv, d, dt = 32, 8, 128, torch.bfloat16
-    for N in args.prefill_n:
-        q = torch.randn(1, Hq, N, d, device="cuda", dtype=dt)
-        k = torch.randn(1, Hkv, N, d, device="cuda", dtype=dt)
-        v = torch.randn(1, Hkv, N, d, device="cuda", dtype=dt)
-        thetas = [("1.0", torch.full((1, Hq, N), float("-inf"), device="cuda"))]
-        for f in (0.25, 0.1):
+    for shape in args.prefill_shapes:
+        B, N = (int(x) for x in shape.split("x"))
+        q = torch.randn(B, Hq, N, d, device="cuda", dtype=dt)
+        k = torch.randn(B, Hkv, N, d, device="cuda", dtype=dt)
+        v = torch.randn(B, Hkv, N, d, device="cuda", dtype=dt)
+        thetas = [("1.0", torch.full((B, Hq, N), float("-inf"), device="cuda"))]
+        for f in args.prefill_fracs:
             thetas.append((str(f), _length_theta(q, k, f)))
-        _prefill_rows(q, k, v, "random", thetas)
-        del q, k, v
+        _prefill_rows(q, k, v, "random", thetas, args)
+        del q, k, v, thetas
         torch.cuda.empty_cache()
 
 
@@ -322,7 +374,7 @@ def run_real(args):
         q, k, v = (t[x].cuda() for x in ("q", "k", "v"))
         B, Hq, N, d = q.shape
         thetas = [("1.0", torch.full((B, Hq, N), float("-inf"), device="cuda"))]
-        for f in (0.25, 0.1):
+        for f in args.prefill_fracs:
             thetas.append((str(f), _length_theta(q, k, f)))
         # calibrated for k = 64 with the calibration kernel: θ = mean + 0.1·std of t per 64-token bin
         tt, du = row_samples(q, k, 65)
@@ -335,9 +387,9 @@ def run_real(args):
                 th[..., b0:b0 + 64] = (s.mean(-1) + 0.1 * s.std(-1, unbiased=False)).unsqueeze(-1)
                 C[..., b0:b0 + 64] = segd[..., ok].mean(-1).unsqueeze(-1)
         thetas.append(("calib k=64", th))
-        _prefill_rows(q, k, v, f"smollm2-L{layer}", thetas, sdc_term=C)
+        _prefill_rows(q, k, v, f"smollm2-L{layer}", thetas, args, sdc_term=C)
         # decode on the real cache: the last query row against the full cache
-        for label, theta in thetas:
+        for label, theta in thetas if args.real_decode else ():
             qd, thd = q[:, :, -1:], theta[:, :, -1:]
             kw = dict(config=CFG, k_keep=64, sdc_term=C[:, :, -1:], v_sum=v.float().sum(2))
             out, c = topθ_decode(qd, k, v, thd, **kw)
@@ -481,7 +533,15 @@ def main():
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "benchmarks" / "results")))
     ap.add_argument("--decode-b", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--decode-n", type=int, nargs="+", default=[4096, 16384, 32768])
-    ap.add_argument("--prefill-n", type=int, nargs="+", default=[4096, 16384])
+    ap.add_argument("--prefill-shapes", nargs="+", default=["1x4096", "1x16384", "1x32768", "8x4096"],
+                    help="prefill shapes as BxN (Llama-3-8B attention: 32/8 heads, d 128, bf16)")
+    ap.add_argument("--prefill-fracs", type=float, nargs="+", default=[0.25, 0.1],
+                    help="kept-element fractions of the prefill and real rows (besides 1.0)")
+    ap.add_argument("--prefill-rounds", type=int, default=3, help="interleaved CUDA-graph rounds per prefill row")
+    ap.add_argument("--no-real-decode", dest="real_decode", action="store_false",
+                    help="real section: prefill rows only")
+    ap.add_argument("--tutorial-launch", default=None,
+                    help="BM,BN,WARPS,STAGES: also time tune_prefill's tutorial-form kernel at each square shape")
     ap.add_argument("--e2e-n", type=int, default=16384)
     ap.add_argument("--e2e-b", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--e2e-no-cudnn", action="store_true",

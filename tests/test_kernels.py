@@ -140,8 +140,12 @@ def _run_prefill(B, Hq, Hkv, Sq, Sk, d, dtype, device, variant, k_keep, **tuning
     out, c = topθ_prefill(q, k, v, theta, config=cfg, k_keep=k_keep, sdc_term=sdc_term, **tuning)
     ref, rc = topθ_prefill_ref(q, k, v, theta, config=cfg, k_keep=k_keep, sdc_term=sdc_term)
     low, _ = topθ_prefill_ref(q, k, v, theta, config=cfg, k_keep=k_keep, sdc_term=sdc_term, upcast=False)
-    what = f"prefill Sq={Sq} Sk={Sk} Hq/Hkv={Hq}/{Hkv} {cfg.label()} {dtype}"
+    what = f"prefill Sq={Sq} Sk={Sk} Hq/Hkv={Hq}/{Hkv} {cfg.label()} {dtype} {tuning}"
     _check_out(out, ref, low, what)
+    # without counts the kernel takes another launch (no kept-V-row stores)
+    out_nc, none = topθ_prefill(q, k, v, theta, config=cfg, k_keep=k_keep, sdc_term=sdc_term, counts=False, **tuning)
+    assert none is None
+    _check_out(out_nc, ref, low, what + " counts=False")
     L = torch.arange(Sk - Sq + 1, Sk + 1, device=device)
     amb = _ambiguous(logits[:, :, L > k_keep], theta[:, :, L > k_keep])
     _check_counts(c, rc, amb, Hkv, what)
@@ -234,21 +238,48 @@ def test_decode_plan_dispatch_interpret(monkeypatch):
         assert spies["_decode_combine_kernel"].grids == ([] if fused else [(4,)])
 
 
+PREFILL_FORMS = {"straight": {}, "skip": dict(skip_tiles=True)}  # the loop forms: every tile, or tile skipping
+
+
 @cpu
+@pytest.mark.parametrize("form", PREFILL_FORMS)
 @pytest.mark.parametrize("S", [(17, 17), (97, 97), (130, 130), (23, 130)], ids=lambda s: f"{s[0]}x{s[1]}")
-def test_prefill_interpret(S):
+def test_prefill_interpret(S, form):
     Sq, Sk = S
     i = [17, 97, 130, 23].index(Sq)
     heads = (4, 2) if i % 2 else (2, 2)
-    _run_prefill(1, *heads, Sq, Sk, 64, torch.float16, "cpu", VARIANTS[(3 * i + 1) % len(VARIANTS)], k_keep=8)
+    _run_prefill(1, *heads, Sq, Sk, 64, torch.float16, "cpu", VARIANTS[(3 * i + 1) % len(VARIANTS)], k_keep=8,
+                 **PREFILL_FORMS[form])
 
 
 @cpu
-@pytest.mark.parametrize("skip", [True, False], ids=["skip", "straight"])
-@pytest.mark.parametrize("variant", VARIANTS[:4], ids=lambda v: f"{v[0].value}-vmc{int(v[1])}-{v[2].value}")
-def test_prefill_interpret_variants(variant, skip):
-    """Both loop forms (tile skipping, straight-line FlashAttention steps) against the reference."""
-    _run_prefill(1, 4, 2, 40, 48, 64, torch.float16, "cpu", variant, k_keep=5, skip_tiles=skip)
+@pytest.mark.parametrize("form", PREFILL_FORMS)
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"{v[0].value}-vmc{int(v[1])}-{v[2].value}")
+def test_prefill_interpret_variants(variant, form):
+    """Every SDC / VMC / floor variant in every loop form against the reference."""
+    _run_prefill(1, 4, 2, 40, 48, 64, torch.float16, "cpu", variant, k_keep=5, **PREFILL_FORMS[form])
+
+
+@cpu
+def test_prefill_interpret_blocks():
+    """Tiles wider than tall and taller than wide (the diagonal spans several key tiles or one)."""
+    for bm, bn in ((16, 32), (32, 16)):
+        for form in PREFILL_FORMS:
+            _run_prefill(1, 4, 2, 50, 77, 64, torch.float16, "cpu", VARIANTS[1], k_keep=5, block_m=bm, block_n=bn,
+                         **PREFILL_FORMS[form])
+
+
+@cpu
+@pytest.mark.parametrize("Sk", [1, 17, 300, 1025])
+def test_v_prefix_sum_interpret(Sk):
+    """VMC's causal prefix sum of V (segment sums, then a scan within each segment) and its total."""
+    from topθ_core.kernels.prefill import v_prefix_sum
+
+    v = torch.randn(2, 3, Sk, 64).to(torch.float16).transpose(0, 1).contiguous().transpose(0, 1)  # strided batch
+    cum, tot = v_prefix_sum(v)
+    ref = v.double().cumsum(2)
+    torch.testing.assert_close(cum.double(), ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(tot.double(), ref[:, :, -1], rtol=1e-5, atol=1e-4)
 
 
 @cpu
@@ -444,11 +475,15 @@ def test_decode_repeatable_and_graph_gpu(fused):
                          ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_prefill_gpu(S, dtype):
+    """The default launches (with and without counts), and tile skipping, with every SDC / VMC / floor
+    variant."""
     Sq, Sk = S
-    for variant in VARIANTS[:4]:
+    for i, variant in enumerate(VARIANTS):
         _run_prefill(1, 32, 8, Sq, Sk, 128, dtype, "cuda", variant, k_keep=64)
-        _run_prefill(1, 32, 8, Sq, Sk, 128, dtype, "cuda", variant, k_keep=64, skip_tiles=False)
-    _run_prefill(2, 9, 3, Sq, Sk, 64, dtype, "cuda", VARIANTS[2], k_keep=64)
+        if i < 4:
+            _run_prefill(1, 32, 8, Sq, Sk, 128, dtype, "cuda", variant, k_keep=64, **PREFILL_FORMS["skip"])
+    for variant in (VARIANTS[1], VARIANTS[2], VARIANTS[3]):
+        _run_prefill(2, 9, 3, Sq, Sk, 64, dtype, "cuda", variant, k_keep=64)
 
 
 @pytest.mark.gpu
