@@ -5,6 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from . import session_keys as K
+from . import state
 from .jobs import Job, JobBoard, JobState, register_cancel_error
 
 POLL_S = 1.0  # how often a panel or a result area redraws while a job runs
@@ -51,7 +52,7 @@ def render_jobs_panel() -> None:
     jobs = board()
     run_every = POLL_S if jobs.any_active else None
 
-    @st.fragment(run_every=run_every)
+    @state.fragment(run_every=run_every)
     def panel() -> None:
         listed = list(reversed(jobs.jobs()))[:6]
         if not listed:

@@ -1,8 +1,9 @@
 """Settings that survive: page switches, reloads, and links (``st.query_params``).
 
-Streamlit forgets a widget's value when a run does not draw the widget (another page is open).
-:func:`keep` re-assigns every declared setting at the start of each run, which turns it into plain
-session state that outlives the page.  :func:`write_url` mirrors the open page's settings (and the
+Streamlit forgets a widget's value when a run does not draw the widget (another page is open, or a
+fragment reran alone).  :func:`keep` runs at the start of every run and every fragment run (through
+:func:`fragment`): it copies each declared setting into a store that is not a widget's, and puts back
+from that store what Streamlit dropped, so a setting outlives the page.  :func:`write_url` mirrors the open page's settings (and the
 sidebar's) into the URL after each run, and :func:`restore_from_url` seeds a new session from it, so a
 reload keeps the view and a copied link opens the same view elsewhere.  Values coming from a URL are
 parsed by the setting's declared type; one that does not parse is ignored, never an error.
@@ -12,6 +13,7 @@ The declarations are ``session_keys.SETTINGS``: key → (page, type).
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -20,6 +22,7 @@ import streamlit as st
 from . import session_keys as K
 
 _RESTORED = "_state_restored"  # not a widget: the session read its URL once
+_STORE = "_state_store"  # not a widget: the last value of every declared setting
 
 
 def encode(value: Any) -> str:
@@ -55,10 +58,27 @@ def decode(text: str, kind: type) -> Any:
 
 
 def keep() -> None:
-    """Call first in every run: declared settings outlive the pages that draw them."""
+    """Call first in every run and fragment run: declared settings outlive the pages that draw them."""
+    store = st.session_state.setdefault(_STORE, {})
     for key in K.SETTINGS:
         if key in st.session_state:
-            st.session_state[key] = st.session_state[key]
+            store[key] = st.session_state[key]
+        elif key in store:
+            st.session_state[key] = store[key]
+
+
+def fragment(func=None, *, run_every=None):
+    """``st.fragment`` whose every run first :func:`keep` s the settings (a fragment's rerun would
+    otherwise let Streamlit drop the widgets it did not draw)."""
+    def wrap(f):
+        @functools.wraps(f)  # the fragment's identity is the wrapped function's module and name
+        def body(*args, **kwargs):
+            keep()
+            return f(*args, **kwargs)
+
+        return st.fragment(body, run_every=run_every)
+
+    return wrap(func) if func is not None else wrap
 
 
 def restore_from_url() -> None:

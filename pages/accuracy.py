@@ -5,7 +5,7 @@ import json
 import streamlit as st
 
 from explorer_ui import evaluation_view as view
-from explorer_ui import figures, runs, services
+from explorer_ui import figures, runs, services, state
 from explorer_ui import session_keys as K
 from explorer_ui.controls import sparse_config_controls
 from explorer_ui.jobs import JobState
@@ -119,11 +119,12 @@ with tab_run:
         label = f"{task} · {len(configs)} variant{'s' if len(configs) > 1 else ''}"
         job = jobs.submit("evaluate", label, "accuracy", work, inputs=inputs, replace=True)
         st.session_state[K.ACC_JOB] = job.id
+        st.rerun()  # draw the app again: the sidebar's jobs panel lists the new job and polls it
     elif live and changed and est is not None and not running:
         st.info("Settings changed since the result below. " + ("Press **Run**: the estimate is longer than live "
                 "mode runs by itself." if est.seconds is not None else "Press **Run** (no speed measured yet)."))
 
-    @st.fragment(run_every=POLL_S if job is not None and job.active else None)
+    @state.fragment(run_every=POLL_S if job is not None and job.active else None)
     def _results(job_id, inputs) -> None:
         """The run's results so far (per item as they complete), or the last run's, marked stale when the
         controls no longer match what it ran."""

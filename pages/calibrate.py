@@ -4,7 +4,7 @@ from functools import partial
 
 import streamlit as st
 
-from explorer_ui import analysis, controls, figures, runs, services
+from explorer_ui import analysis, controls, figures, runs, services, state
 from explorer_ui.jobs import JobState
 from explorer_ui.jobs_panel import POLL_S, board, job_of
 from explorer_ui import session_keys as K
@@ -148,9 +148,10 @@ if run and cal_config is not None and not running:
 
     job = jobs.submit("calibrate", f"calibrate {name}", "calibrate", work, inputs={"name": name})
     st.session_state[K.CAL_JOB] = job.id
+    st.rerun()  # draw the app again: the sidebar's jobs panel lists the new job and polls it
 
 
-@st.fragment(run_every=POLL_S if job is not None and job.active else None)
+@state.fragment(run_every=POLL_S if job is not None and job.active else None)
 def _status(job_id: str | None) -> None:
     """The calibration's progress while it runs; its result (or why there is none) once it ended."""
     job = board().get(job_id) if job_id else None

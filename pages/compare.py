@@ -5,7 +5,7 @@ import math
 
 import streamlit as st
 
-from explorer_ui import figures, render
+from explorer_ui import figures, render, state
 from explorer_ui import session_keys as K
 from explorer_ui.controls import sample_prompt_picker, sparse_config_controls
 from explorer_ui.jobs import JobState
@@ -62,9 +62,10 @@ if run and prompt.strip() and not running:
     job = board().submit("generate", f"generate {int(max_new)} tokens", "compare", work, inputs=inputs,
                          replace=True)
     st.session_state[K.CMP_JOB] = job.id
+    st.rerun()  # draw the app again: the sidebar's jobs panel lists the new job and polls it
 
 
-@st.fragment(run_every=POLL_S if job is not None and job.active else None)
+@state.fragment(run_every=POLL_S if job is not None and job.active else None)
 def _streams(job_id, inputs) -> None:
     """Both streams as they grow; after Stop, the partial generation under its own run's header."""
     job = board().get(job_id) if job_id else None

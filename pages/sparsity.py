@@ -74,7 +74,7 @@ st.caption(f"{snap.config_label} · prefill {snap.seconds:.2f} s · empty rows {
            f"{pre['extrapolated_rows']}")
 
 
-@st.fragment
+@state.fragment
 def _maps(snap) -> None:
     """Layer and head pickers, the maps, one query's weights and V-row popularity: every layer's maps are in
     the snapshot, so a change here only redraws (no model call)."""

@@ -1,7 +1,7 @@
 """Start the Streamlit app on a free 127.0.0.1 port and drive it with Playwright in Debian's Chromium.
 
 Shared by the browser test (``tests/e2e/test_app_browser.py``) and the speed measurement
-(``tests/e2e/measure_speed.py``).  Never downloads a browser: Chromium comes from
+(``benchmarks/app_speed.py``).  Never downloads a browser: Chromium comes from
 ``apt-get install chromium`` and is launched through ``executable_path``.
 """
 

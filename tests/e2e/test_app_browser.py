@@ -58,14 +58,15 @@ def open_app(browser, url):
     return ctx, page
 
 
-def run_calibration(page, k: int, name: str, docs: int = 2) -> None:
+def run_calibration(page, k: int, name: str, docs: int = 2, max_tokens: int = 96) -> None:
+    goto_page(page, "Calibrate")
     nd = page.get_by_label("Layers 0–1 near-dense (k=512, as in the paper)")
     if nd.is_checked():
         nd.uncheck(force=True)
         wait_idle(page)
     set_number(page, "k (kept per row)", k)
     set_number(page, "Documents", docs)
-    set_number(page, "Max tokens per document", 96)
+    set_number(page, "Max tokens per document", max_tokens)
     box = page.get_by_label("Run name")
     box.fill(name)
     box.press("Enter")
@@ -73,16 +74,29 @@ def run_calibration(page, k: int, name: str, docs: int = 2) -> None:
     page.get_by_role("button", name="Run calibration").click()
 
 
+def sidebar(page):
+    return page.locator('[data-testid="stSidebar"]')
+
+
+def plot_with(page, text: str):
+    return page.locator(".js-plotly-plot").filter(has_text=text).first
+
+
+def result_files(app) -> list:
+    d = app["root"] / "results"
+    return sorted(p.name for p in d.glob("*.parquet")) if d.is_dir() else []
+
+
 def test_full_tour(app, browser):
     ctx, page = open_app(browser, app["url"])
     try:
-        screenshot(page, "01-calibrate-start")
+        screenshot(page, "00-overview")
         # 1. a small calibration on bundled data
         run_calibration(page, 16, "e2e-k16")
         page.get_by_text("Saved e2e-k16").wait_for(timeout=120_000)
         wait_idle(page)
         assert (app["runs"] / "e2e-k16" / "meta.json").is_file()
-        assert "e2e-k16" in page.locator('[data-testid="stSidebar"]').inner_text()
+        sidebar(page).get_by_text("thresholds e2e-k16").wait_for()
         screenshot(page, "02-calibrate-done")
 
         # 2. download the thresholds
@@ -92,19 +106,37 @@ def test_full_tour(app, browser):
         dl.value.save_as(str(target))
         assert sorted(zipfile.ZipFile(target).namelist()) == ["e2e-k16/meta.json", "e2e-k16/thresholds.parquet"]
 
-        # 3. cancel a long calibration: a message, and nothing is written
+        # 3. a long calibration outlives two page switches, then finishes and becomes the active set
         page.get_by_label("Corpus", exact=True).click()
         page.get_by_role("option", name="lambada", exact=True).click()
         wait_idle(page)
-        run_calibration(page, 16, "to-cancel", docs=400)
-        page.get_by_text("ETA").first.wait_for()
-        page.get_by_role("button", name="Cancel").click()
-        page.get_by_text("Calibration cancelled; nothing was saved.").wait_for()
+        run_calibration(page, 16, "e2e-long", docs=150, max_tokens=96)
+        sidebar(page).get_by_text("calibrate e2e-long").wait_for()  # the jobs panel
+        goto_page(page, "Thresholds")
+        goto_page(page, "Sparsity")
+        assert "calibrate e2e-long" in sidebar(page).inner_text()
+        goto_page(page, "Calibrate")
+        progress = page.get_by_text("calibrate e2e-long:").first
+        progress.wait_for()
+        assert "%" in progress.inner_text()  # still running, with its progress
+        # the page's settings are intact although the jobs panel reran alone every second meanwhile
+        assert page.get_by_label("k (kept per row)", exact=True).input_value() == "16"
+        assert page.get_by_label("Documents", exact=True).input_value() == "150"
+        screenshot(page, "03-calibrate-still-running")
+        page.get_by_text("Saved e2e-long").wait_for(timeout=300_000)
+        sidebar(page).get_by_text("thresholds e2e-long").wait_for(timeout=30_000)
+        assert (app["runs"] / "e2e-long" / "meta.json").is_file()
+
+        # 4. cancel a long calibration: a message, and nothing is written
+        run_calibration(page, 16, "to-cancel", docs=150, max_tokens=96)
+        page.get_by_text("calibrate to-cancel:").first.wait_for()
+        page.get_by_role("button", name="Cancel").first.click()
+        page.get_by_text("Calibration cancelled; nothing was saved.").wait_for(timeout=60_000)
         assert not (app["runs"] / "to-cancel").exists()
         assert not [p for p in app["runs"].iterdir() if p.name.startswith(".")]  # no temporary folder left
-        screenshot(page, "03a-calibrate-cancelled")
+        screenshot(page, "04-calibrate-cancelled")
 
-        # 4. upload a broken file: a message, never a traceback
+        # 5. upload a broken file: a message, never a traceback
         page.get_by_text("Upload a file").click()
         wait_idle(page)
         page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(
@@ -113,16 +145,16 @@ def test_full_tour(app, browser):
         page.get_by_text("Cannot use this file").wait_for()
         assert "line 2 is not valid JSON" in page.get_by_text("Cannot use this file").inner_text()
         assert page.locator('[data-testid="stException"]').count() == 0
-        screenshot(page, "03-calibrate-upload-error")
+        screenshot(page, "05-calibrate-upload-error")
 
-        # 5. thresholds: open a head by clicking a grid cell
+        # 6. thresholds: open a head by clicking a grid cell
         goto_page(page, "Thresholds")
-        grid = page.locator(".js-plotly-plot").filter(has_text="θ at L").first
+        grid = plot_with(page, "θ at L")
         grid.wait_for()
         points = grid.locator(".scatterlayer .trace").first.locator(".points path")
         assert points.count() == 12  # 3 layers × 4 heads
         wait_idle(page)
-        opened = page.locator(".js-plotly-plot").filter(has_text="θ vs row length · layer 1").first
+        opened = plot_with(page, "θ vs row length · layer 1")
         for attempt in range(4):  # plotly binds its click handler a moment after drawing
             box = points.nth(5).bounding_box()  # layer 1, head 1
             page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
@@ -135,11 +167,10 @@ def test_full_tour(app, browser):
                 if attempt == 3:
                     raise
         wait_idle(page)
-        curve = page.locator(".js-plotly-plot").filter(has_text="θ vs row length · layer 1").first
-        assert "head 1" in curve.inner_text()
-        screenshot(page, "04-thresholds")
+        assert "head 1" in plot_with(page, "θ vs row length · layer 1").inner_text()
+        screenshot(page, "06-thresholds")
 
-        # 6. sparsity page renders the maps and heatmaps
+        # 7. sparsity page renders the maps and heatmaps
         goto_page(page, "Sparsity")
         page.get_by_text("kept attention (prefill)").wait_for()
         page.get_by_text("layer 2 · head 0", exact=True).first.wait_for()
@@ -148,62 +179,98 @@ def test_full_tour(app, browser):
             "() => { const im = [...document.querySelectorAll('[data-testid=\"stImage\"] img')];"
             " return im.length >= 3 && im.every(i => i.complete && i.naturalWidth > 0); }")
         assert page.locator(".js-plotly-plot").count() >= 4  # kept-fraction and V-row heatmaps, popularity, decode
-        screenshot(page, "05-sparsity")
+        screenshot(page, "07-sparsity")
 
-        # 7. a comparison streams both generations
+        # 8. a comparison streams both generations
         goto_page(page, "Compare")
         set_number(page, "New tokens", 6)
         page.get_by_role("button", name="Generate").click()
-        page.locator('.tt-stream [data-step="5"]').first.wait_for()
-        page.get_by_text("per-step agreement and cost").first.wait_for()
+        page.get_by_text("per-step agreement and cost").first.wait_for(timeout=60_000)
         wait_idle(page)
         assert page.locator(".tt-stream").count() == 2
         assert page.locator('.tt-stream [data-step="5"]').count() == 2
-        screenshot(page, "06-compare")
+        screenshot(page, "08-compare")
 
-        # 8. accuracy: a 3-item run, then the trade-off tab
+        # 9. accuracy: a 4-item run; an SDC toggle marks it stale, then updates by itself (live)
         goto_page(page, "Accuracy")
-        set_number(page, "Items / documents", 3)
-        page.get_by_role("button", name="Run evaluation").click()
-        page.get_by_text("Saved to").wait_for(timeout=120_000)
+        set_number(page, "Items", 4)
+        page.get_by_role("button", name="Run", exact=True).click()
+        plot_with(page, "Δ acc_norm").wait_for(timeout=120_000)
+        page.get_by_text("all items scored").wait_for(timeout=120_000)
         wait_idle(page)
-        screenshot(page, "07-accuracy")
-        page.get_by_role("tab", name="Trade-off across saved results").click()
-        page.locator(".js-plotly-plot").filter(has_text="trade-off").first.wait_for()
-        screenshot(page, "08-accuracy-tradeoff")
+        screenshot(page, "09-accuracy")
+        page.get_by_label("SDC", exact=True).click()
+        page.get_by_role("option", name="offline", exact=True).click()
+        page.get_by_text("these results are for other settings").wait_for(timeout=30_000)
+        screenshot(page, "10-accuracy-stale")
+        plot_with(page, "sdc=offline").wait_for(timeout=120_000)  # the new run's numbers, labelled by its config
+        page.get_by_text("these results are for other settings").wait_for(state="detached", timeout=60_000)
+        screenshot(page, "11-accuracy-updated")
 
-        # 9. kernels
+        # 10. a variant matrix of 2 variants (VMC on and off) fills both rows
+        page.get_by_text("Variant matrix: several variants side by side").click()
+        vmc = page.get_by_label("VMC", exact=True).last
+        page.locator('[data-testid="stMultiSelect"]').filter(has_text="VMC").locator("input").click()
+        page.get_by_role("option", name="on", exact=True).click()
+        page.locator('[data-testid="stMultiSelect"]').filter(has_text="VMC").locator("input").click()
+        page.get_by_role("option", name="off", exact=True).click()
+        page.keyboard.press("Escape")
+        del vmc
+        plot_with(page, "vmc=off").wait_for(timeout=120_000)
+        page.get_by_text("all items scored").wait_for(timeout=120_000)
+        assert "vmc=on" in plot_with(page, "vmc=off").inner_text()
+        screenshot(page, "12-accuracy-matrix")
+
+        # 11. Cancel on Accuracy leaves no result file
+        saved = result_files(app)
+        set_number(page, "Items", 500)
+        run = page.get_by_role("button", name="Run", exact=True)
+        if run.is_enabled():
+            run.click()
+        page.get_by_role("button", name="Cancel").first.wait_for()
+        page.get_by_text("evaluate", exact=False).first.wait_for()
+        page.locator('[data-testid="stMain"]').get_by_role("button", name="Cancel").click()
+        page.get_by_text("Cancelled: no result was saved.").wait_for(timeout=60_000)
+        assert result_files(app) == saved
+        page.get_by_role("tab", name="Trade-off across saved results").click()
+        plot_with(page, "trade-off").wait_for()
+        screenshot(page, "13-accuracy-tradeoff")
+
+        # 12. kernels
         goto_page(page, "Kernels")
-        screenshot(page, "09-kernels")
+        screenshot(page, "14-kernels")
         assert page.locator('[data-testid="stException"]').count() == 0
     finally:
         ctx.close()
 
 
-def test_two_sessions_calibrate_at_once(app, browser):
-    """Two browser contexts calibrate different k at the same time on one shared model."""
+def test_two_sessions_jobs_stay_separate(app, browser):
+    """Two browser contexts calibrate different k at the same time on one shared model; each sees its own jobs."""
     (ca, a), (cb, b) = open_app(browser, app["url"]), open_app(browser, app["url"])
     try:
-        run_calibration(a, 8, "sess-a-k8", docs=3)
+        run_calibration(a, 8, "sess-a-k8", docs=300)
+        sidebar(a).get_by_text("calibrate sess-a-k8").wait_for()
         run_calibration(b, 24, "sess-b-k24", docs=3)
+        sidebar(b).get_by_text("calibrate sess-b-k24").wait_for()
+        assert "sess-b-k24" not in sidebar(a).inner_text() and "sess-a-k8" not in sidebar(b).inner_text()
         a.get_by_text("Saved sess-a-k8").wait_for(timeout=180_000)
         b.get_by_text("Saved sess-b-k24").wait_for(timeout=180_000)
         wait_idle(a)
         wait_idle(b)
-        screenshot(a, "10-session-a")
-        screenshot(b, "11-session-b")
+        screenshot(a, "15-session-a")
+        screenshot(b, "16-session-b")
         meta_a = json.loads((app["runs"] / "sess-a-k8" / "meta.json").read_text())
         meta_b = json.loads((app["runs"] / "sess-b-k24" / "meta.json").read_text())
         assert meta_a["k"]["default"] == 8 and meta_b["k"]["default"] == 24
-        # each session's active set is its own run
-        assert "sess-a-k8" in a.locator('[data-testid="stSidebar"]').inner_text()
-        assert "sess-b-k24" in b.locator('[data-testid="stSidebar"]').inner_text()
-        # and the thresholds differ as k says they should (smaller k → higher θ)
+        # each session's active set is its own run, and its jobs panel lists only its own job
+        sidebar(a).get_by_text("thresholds sess-a-k8").wait_for(timeout=30_000)
+        sidebar(b).get_by_text("thresholds sess-b-k24").wait_for(timeout=30_000)
+        assert "sess-b-k24" not in sidebar(a).inner_text() and "sess-a-k8" not in sidebar(b).inner_text()
         import pandas as pd
 
         ta = pd.read_parquet(app["runs"] / "sess-a-k8" / "thresholds.parquet")
         tb = pd.read_parquet(app["runs"] / "sess-b-k24" / "thresholds.parquet")
-        assert ta["theta"].mean() > tb["theta"].mean()
+        assert ta["theta"].mean() > tb["theta"].mean()  # smaller k → higher θ
     finally:
         ca.close()
         cb.close()

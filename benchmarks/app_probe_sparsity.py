@@ -1,6 +1,6 @@
 """Time Sparsity prompts in the real app and read the snapshot's own seconds from its caption.
 
-    python tests/e2e/probe_sparsity.py MODE [PROMPTS]
+    python benchmarks/app_probe_sparsity.py MODE [PROMPTS]
 
 MODE ``plain`` runs the app as it is; ``noanim`` first injects a style rule that turns off every CSS
 transition and animation in the page; ``nice`` lowers the browser's priority (nice 19).  Each prompt
@@ -18,9 +18,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests" / "e2e"))  # the browser harness the tests use
 sys.path.insert(0, str(HERE))
 import harness  # noqa: E402
-import measure_speed  # noqa: E402
+import app_speed as measure_speed  # noqa: E402
 from harness import goto_page, wait_idle  # noqa: E402
 
 STATE = "() => document.querySelector('[data-testid=\"stApp\"]').getAttribute('data-test-script-state')"

@@ -1,6 +1,6 @@
 """Browser cost of the app's Plotly figures, each drawn alone in the harness's Chromium.
 
-    python tests/e2e/plotly_cost.py          # → medians of Plotly.newPlot per figure (ms)
+    python benchmarks/app_plotly_cost.py          # → medians of Plotly.newPlot per figure (ms)
 
 A synthetic 28-layer × 9-head threshold table stands in for a calibration run.  Each figure is drawn
 5 times after one warm-up round, in turn with the others, so machine noise hits all of them; the
@@ -19,8 +19,8 @@ import pandas as pd
 import plotly
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parents[1]))
+sys.path.insert(0, str(HERE.parent / "tests" / "e2e"))  # the browser harness the tests use
+sys.path.insert(0, str(HERE.parent))
 import harness  # noqa: E402
 
 from explorer_ui import figures  # noqa: E402
