@@ -28,7 +28,7 @@ from topθ_core.attention import causal_visible, dense_attention_ref, topθ_atte
 from topθ_core.config import DENSE, SDC, EmptyRowFloor, KSchedule, SparseConfig  # noqa: E402
 from topθ_core.integration import RunState  # noqa: E402
 from topθ_core.kernels import decode as decode_mod  # noqa: E402
-from topθ_core.kernels import KernelSdc, kernel_variant, topθ_decode, topθ_prefill  # noqa: E402
+from topθ_core.kernels import kernel_variant, topθ_decode, topθ_prefill  # noqa: E402
 from topθ_core.kernels.reference import topθ_decode_ref, topθ_prefill_ref  # noqa: E402
 from topθ_core.metrics import SparsityMetrics  # noqa: E402
 
@@ -617,8 +617,8 @@ def test_model_generation_gpu():
 
 def _graph_model(device, dtype, d=64, layers=2, heads=2, kv_heads=1, row_max=False):
     """A random Llama whose attention the kernels take (head dim 64/128), prepared for Top-θ, with
-    thresholds that keep part of every row: θ = 0.05 at every length (``row_max``: θ_rel = −2, what
-    lies within 2 of the row max), offline SDC term 0.5."""
+    thresholds that keep part of every row: θ = 0.05 at every length (``row_max``: θ_rel = −0.05, what
+    lies within 0.05 of the row max), offline SDC term 0.5."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from topθ_core.integration import model_fingerprint, prepare_model
@@ -629,7 +629,7 @@ def _graph_model(device, dtype, d=64, layers=2, heads=2, kv_heads=1, row_max=Fal
                      num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=d, max_position_embeddings=4096)
     model = prepare_model(LlamaForCausalLM(mc).to(device, dtype).eval())
     stats = ThresholdStats(layers, heads, bin_width=16, device="cpu")
-    value = -2.0 if row_max else 0.05
+    value = -0.05 if row_max else 0.05
     for layer in range(layers):
         stats.add(layer, torch.arange(1, 2049), torch.full((2048, heads), value), torch.full((2048, heads), 0.5))
     ref = "row-max" if row_max else "absolute"

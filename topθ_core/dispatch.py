@@ -40,6 +40,8 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read once at import: C
 _VSUM_KEY = "topθ.vsum"
 _VSUM_STATIC_KEY = "topθ.vsum_static"
 STATIC_PREFIX = "topθ.static_prefix"  # scratch flag: decode masks are key prefixes (set by graph_decode)
+STATIC_LENGTHS = "topθ.static_lengths"  # optional: (B,) int32 valid keys of this step, and (B,) int64 L − 1,
+# kept by the caller on the device (one tensor op per step instead of a mask reduction per layer)
 COUNTS = "topθ.counts"  # scratch key prefix: (COUNTS, layer) → the layer's last KernelCounts (static prefix runs)
 
 _KERNELS = None  # the kernels package once imported, False when Triton is missing
@@ -89,7 +91,8 @@ def _running_v_sum(state, layer: int, value: torch.Tensor) -> torch.Tensor:
     return vsum
 
 
-def _static_v_sum(state, layer: int, value: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def _static_v_sum(state, layer: int, value: torch.Tensor, lengths: torch.Tensor,
+                  last: torch.Tensor | None = None) -> torch.Tensor:
     """(B, Hkv, d) float32 sum of each sequence's first L_b V rows of a static cache, on the device.
 
     The first call (eager) sums the valid rows; every later call adds row ``L_b − 1``, the one
@@ -104,8 +107,8 @@ def _static_v_sum(state, layer: int, value: torch.Tensor, lengths: torch.Tensor)
         vsum = (value.float() * valid.view(B, 1, N, 1)).sum(2)
         state.scratch[(_VSUM_STATIC_KEY, layer)] = vsum
         return vsum
-    last = (lengths.long() - 1).view(B, 1, 1, 1).expand(B, Hkv, 1, d)
-    vsum.add_(value.gather(2, last).squeeze(2).float())
+    last = (lengths.long() - 1) if last is None else last
+    vsum.add_(value.gather(2, last.view(B, 1, 1, 1).expand(B, Hkv, 1, d)).squeeze(2))
     return vsum
 
 
@@ -219,10 +222,11 @@ def try_kernels(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, 
 def _decode(kernels, query, key, value, visible, theta, sdc_term, cfg, var, k_keep, scale, state, layer):
     B, Hq, _, _ = query.shape
     Hkv, Sk = key.shape[1], key.shape[2]
-    lengths = None
+    lengths = last = None
     if visible is not None:
         if state.scratch.get(STATIC_PREFIX):  # a key prefix by construction: lengths stay on the device
-            lengths = visible.reshape(B, Sk).sum(-1, dtype=torch.int32)
+            lengths, last = state.scratch.get(STATIC_LENGTHS) or (visible.reshape(B, Sk).sum(-1, dtype=torch.int32),
+                                                                   None)
         else:
             L = _prefix_length(visible)
             if L is None:
@@ -230,7 +234,8 @@ def _decode(kernels, query, key, value, visible, theta, sdc_term, cfg, var, k_ke
             key, value, Sk = key[:, :, :L], value[:, :, :L], L
     v_sum = None
     if var.vmc:
-        v_sum = _running_v_sum(state, layer, value) if lengths is None else _static_v_sum(state, layer, value, lengths)
+        v_sum = (_running_v_sum(state, layer, value) if lengths is None
+                 else _static_v_sum(state, layer, value, lengths, last))
     out, counts = kernels.topθ_decode(query, key, value, theta, config=cfg, k_keep=k_keep, sdc_term=sdc_term,
                                       v_sum=v_sum, lengths=lengths, scale=scale)
     if lengths is not None:

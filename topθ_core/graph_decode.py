@@ -113,6 +113,33 @@ class _StaticLayer(CacheLayerMixin):
         return self.max_cache_len
 
 
+class _StepThresholds:
+    """A run's thresholds, looked up once per decode step for every layer.
+
+    A static-cache step hands every layer the same mask, so all layers' rows have one length: the
+    first lookup of a step computes every layer at once (``Thresholds.lookup(None, …)``) and the
+    others take their slice, as the attention function already does for unmasked decode.  In a
+    captured step that is one set of tensor ops per step instead of one per layer.
+    """
+
+    def __init__(self, thresholds):
+        self._th = thresholds
+        self._step = None
+
+    def __getattr__(self, name):
+        return getattr(self._th, name)
+
+    def start_step(self) -> None:
+        self._step = None
+
+    def lookup(self, layer, row_len, *args, **kwargs):
+        if layer is None:
+            return self._th.lookup(None, row_len, *args, **kwargs)
+        if self._step is None:
+            self._step = self._th.lookup(None, row_len, *args, **kwargs)
+        return tuple(t[layer] for t in self._step)
+
+
 class StaticKVCache(Cache):
     """A transformers cache over preallocated (B, Hkv, max_len, d) buffers, one per layer.
 
@@ -158,23 +185,30 @@ class GraphDecoder:
         self._kv_heads = 0
 
     # ---- cache ------------------------------------------------------------------------------
-    def load_cache(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-        """Start from per-layer keys/values (B, Hkv, L, d) (e.g. a prefill's): copied into fresh
-        static buffers of ``max_len`` keys.  Drops any captured step."""
-        B, _, L, _ = keys[0].shape
+    def load_cache(self, keys: list[torch.Tensor], values: list[torch.Tensor], length: int | None = None) -> None:
+        """Start from per-layer keys/values (B, Hkv, L, d) (e.g. a prefill's), copied into fresh static
+        buffers of ``max_len`` keys; or, with ``length``, adopt (B, Hkv, max_len, d) buffers as they are
+        (no copy) of which the first ``length`` keys are the cache.  Drops any captured step."""
+        B, _, n, _ = keys[0].shape
+        L = n if length is None else int(length)
         if L >= self.max_len:
             raise ValueError(f"the cache holds {L} keys: max_len={self.max_len} leaves no room to decode")
+        if length is not None and (n != self.max_len or not 1 <= L):
+            raise ValueError(f"adopted buffers must hold max_len={self.max_len} keys and 1 ≤ length, got {n}, {L}")
         dev, dt = keys[0].device, keys[0].dtype
         self._graph, self.graphed, self._scratch, self._kept_total = None, False, {}, None
         self.pos = torch.full((1,), L, dtype=torch.long, device=dev)
-        ks, vs = [], []
-        for k, v in zip(keys, values):
-            kb = torch.zeros(B, k.shape[1], self.max_len, k.shape[3], dtype=dt, device=dev)
-            vb = torch.zeros(B, v.shape[1], self.max_len, v.shape[3], dtype=dt, device=dev)
-            kb[:, :, :L] = k
-            vb[:, :, :L] = v
-            ks.append(kb)
-            vs.append(vb)
+        if length is None:
+            ks, vs = [], []
+            for k, v in zip(keys, values):
+                kb = torch.zeros(B, k.shape[1], self.max_len, k.shape[3], dtype=dt, device=dev)
+                vb = torch.zeros(B, v.shape[1], self.max_len, v.shape[3], dtype=dt, device=dev)
+                kb[:, :, :L] = k
+                vb[:, :, :L] = v
+                ks.append(kb)
+                vs.append(vb)
+        else:
+            ks, vs = list(keys), list(values)
         self.cache = StaticKVCache(ks, vs, self.pos)
         self.batch = B
         self._kv_heads = len(ks) * B * ks[0].shape[1]
@@ -182,6 +216,8 @@ class GraphDecoder:
         self.mask[..., :L] = True
         self.position_ids = torch.full((B, 1), L, dtype=torch.long, device=dev)
         self.next_tokens = torch.zeros(B, 1, dtype=torch.long, device=dev)
+        self._lengths = torch.full((B,), L + 1, dtype=torch.int32, device=dev)
+        self._last = self.pos.expand(B)
         self.length = L
 
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
@@ -205,6 +241,9 @@ class GraphDecoder:
         """One step on the static state: key ``pos`` becomes visible, the model writes its K/V there,
         greedy next token, position + 1, the kept-V total.  Device work only (capturable)."""
         self.mask.index_fill_(-1, self.pos, True)
+        self._lengths.copy_(self.pos.expand(self.batch)).add_(1)  # this step's valid keys (its new key: pos)
+        if state is not None and isinstance(getattr(state, "thresholds", None), _StepThresholds):
+            state.thresholds.start_step()
         out = self.model(input_ids=self.next_tokens, position_ids=self.position_ids, attention_mask=self.mask,
                          use_cache=True, **{cache_kwarg(self.model): self.cache})
         logits = out.logits[:, -1]
@@ -250,6 +289,9 @@ class GraphDecoder:
                 state.scratch.update({k: v for k, v in self._scratch.items()
                                       if not (isinstance(k, tuple) and k and k[0] == dispatch.COUNTS)})
                 state.scratch[dispatch.STATIC_PREFIX] = True
+                state.scratch[dispatch.STATIC_LENGTHS] = (self._lengths, self._last)
+                if state.thresholds is not None:
+                    state.thresholds = _StepThresholds(state.thresholds)
             if not capture:
                 logits = self._forward(state)
             else:  # eager step on the stream that will capture: lazy initialisations happen there

@@ -7,16 +7,17 @@ group keeps are read (a d=128 bf16 row is 256 contiguous bytes).
 
 Key loop, two forms (:class:`DecodePlan` picks; same result up to summation order):
 
-* **two-pass** (default): each chunk of a split (≤ ``chunk`` keys) is read twice.  Pass A streams
-  K (no load in it depends on a score, so the compiler pipelines it), computes the scores, the
+* **one-pass** (the plan's, everywhere): the V rows of a block are loaded as soon as its keep mask is
+  known and consumed a block later (software pipelining by hand), inside the K loop.
+* **two-pass** (``two_pass=True``; slower at every measured shape, results/kernels.md): each chunk
+  of a split (≤ ``chunk`` keys) is read twice.  Pass A streams K (no load in it depends on a
+  score, so the compiler pipelines it), computes the scores, the
   running max and its index, ``D_S``, the exact ``D_U`` and the kept count, and compacts the
   chunk's kept rows (any head of the group) into a per-program scratch: their positions and
   scores.  Pass B walks that short list: it gathers only the kept V rows (addresses known one
   block ahead, so each gather is issued a block before its use) and accumulates ``Σ p v``.  The
   scratch (positions + G scores per kept row) is written and read back by the same program, a
   few KB at a time, so it stays in L2.
-* **one-pass**: the V rows of a block are loaded as soon as its keep mask is known and consumed a
-  block later (software pipelining by hand), inside the K loop.
 
 θ relative to the row maximum (``KernelTheta.ROW_MAX``: keep ``s − m_row > θ_rel``) needs the
 row max before any decision.  It runs in two launches: the first streams K and compacts, per
@@ -260,6 +261,7 @@ def _split_partials(
         # right after its keep mask is known and consumed one iteration later.
         p_prev = tl.zeros([BLOCK_G, BLOCK_N], V.dtype.element_ty)
         v_prev = tl.zeros([BLOCK_N, D], V.dtype.element_ty)
+        kv_lane = tl.zeros([BLOCK_N], tl.int32)  # kept V rows per lane, reduced once after the loop
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + offs_b
             s = _scores(q, k_base, sk_n, offs_n, offs_n < end, scale_log2, D)
@@ -273,11 +275,12 @@ def _split_partials(
             if SDC_MODE == 1:
                 du = du * alpha + tl.sum(p_all - p, 1)
             krow = tl.max(keep.to(tl.int32), 0)  # (BLOCK_N,) 1 where some head keeps the row
-            kvc += tl.sum(krow, 0)
+            kv_lane += krow
             # only kept rows are read: a fully masked row issues no memory transaction
             v_prev = tl.load(v_base + offs_n[:, None] * sv_n + offs_d[None, :], mask=(krow > 0)[:, None], other=0.0)
             p_prev = p.to(V.dtype.element_ty)
         acc += tl.dot(p_prev, v_prev)
+        kvc = tl.sum(kv_lane, 0)
     _store_partials(WS, pid, sid, b, h, mask_g, S, Hq, acc, m, ds, du, nk, idx, kvc, G, D)
 
 
@@ -582,7 +585,7 @@ class DecodePlan(NamedTuple):
     block_n: int  # keys per block
     num_warps: int
     num_stages: int
-    two_pass: bool = True  # key loop: K pass then a gather of the kept V rows, or V inside the K loop
+    two_pass: bool = False  # key loop: K pass then a gather of the kept V rows, or V inside the K loop
     chunk: int = 1024  # two-pass: keys per K pass (the scratch list holds one chunk's kept rows)
     block_v: int = 32  # two-pass and row-max: V rows per gather step
 
@@ -595,6 +598,8 @@ def decode_plan(B: int, Hkv: int, N: int, device: torch.device) -> DecodePlan:
     * B·Hkv·N ≤ :data:`FUSED_MAX_KV_ROWS` (latency-bound): fused, one wave of about 8 warps per
       SM, splits of at least 256 keys, 4 warps per program when B·Hkv ≤ 16.
     * larger (bandwidth-bound): two launches, 64 keys, 2 warps, 3 stages, 8 programs per SM.
+    * the one-pass key loop everywhere: the two-pass loop measured slower at every shape (run 12,
+      results/kernels.md), so it is an option (``two_pass=True``), not the plan.
     """
     if B * Hkv * N <= FUSED_MAX_KV_ROWS:
         warps = 4 if B * Hkv <= 16 else 2
