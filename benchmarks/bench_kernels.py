@@ -1,12 +1,14 @@
 """Top-θ Triton kernels vs torch SDPA on one GPU: correctness first, then timings.
 
-Sections (``--only decode,host,prefill,real,calib,e2e``):
+Sections (``--only decode,host,prefill,real,e2e``):
 
-* **decode**: Llama-3-8B attention shapes (32/8 heads, d 128, bf16), B ∈ {1, 8, 32},
-  N ∈ {4k, 16k, 32k}, kept V-row fraction f ∈ {1, 1/3, 0.15, 0.05} (θ per row from the
-  scores' quantile so that each head keeps 1 − (1 − f)^(1/4) of the keys: the union over
-  the 4 heads of a group is then ≈ f).  Default config (offline SDC, VMC, floor max).
-  Eager medians (``do_bench``) and CUDA-graph medians (``do_bench_cudagraph``) for both sides.
+* **decode**: Llama-3-8B attention shapes (32/8 heads, d 128, bf16), (B, N) ∈ {(32, 32k), (8, 32k),
+  (32, 8k)} (bandwidth-bound) and {(1, 4k), (1, 16k), (1, 32k)} (latency-bound), kept V-row fraction
+  f ∈ {1, 1/3, 0.15, 0.05} (θ per row from the scores' quantile so that each head keeps
+  1 − (1 − f)^(1/4) of the keys: the union over the 4 heads of a group is then ≈ f).  Default
+  config (exact SDC, VMC, floor max).  Eager medians (``do_bench``) and CUDA-graph medians
+  (``do_bench_cudagraph``) for both sides, interleaved.  Rows ``decode row-max θ``: the same kept
+  sets given as θ relative to the row max (θ_rel = θ − row max), through the row-max kernel.
 * **host**: CPU time per eager decode call at latency-bound shapes (B = 1 and 8, N = 4k): SDPA,
   ``topθ_decode``, the θ lookup and ``dispatch.try_kernels`` (what one layer's attention call
   costs before the GPU does anything), and a cProfile of ``topθ_decode``.
@@ -15,9 +17,12 @@ Sections (``--only decode,host,prefill,real,calib,e2e``):
   calibration does): the project default config (exact SDC, VMC, floor), offline SDC, the plain
   path (dense, θ = −∞) and, with ``--tutorial-launch``, the tutorial-form kernel of tune_prefill.py.
 * **real**: SmolLM2-135M Q/K/V captured at 4k tokens (``capture_smollm2_qkv.py``; 9/3 heads,
-  d 64), same fractions plus θ calibrated for k = 64 with the calibration kernel.
-* **calib**: the calibration-sample kernel vs the PyTorch path (dense scores + topk).
-* **e2e**: decode tokens/s of a random-weight Llama-3-8B-shaped model at N = 16k, Top-θ vs sdpa.
+  d 64), same fractions plus θ calibrated for k = 64 from the dense scores.
+* **e2e**: decode tokens/s of random-weight models (Llama-3-8B shape; SmolLM2-135M's config), both
+  sides one CUDA-graph replay per step on a static cache (:class:`topθ_core.graph_decode.GraphDecoder`):
+  dense through transformers' sdpa (its best backend) and through SDPA with each GQA group's heads
+  as query rows (no K/V copies; the faster of the two is the baseline), Top-θ through the kernels at
+  f ≈ 0.15; with the step's byte model (weights + K + f·V against weights + K + V).
 
 Each row: card, kernel, data, B, N, heads, d, dtype, f_kept_v, f_kept_elems, baseline_ms,
 ours_ms, speedup, max_err (+ GB/s or TFLOP/s, the byte/FLOP floor, graph timings; for decode the
@@ -28,7 +33,6 @@ Writes ``kernels_<card>.csv`` and ``kernels_<card>.md`` into ``--out``.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -44,11 +48,15 @@ import triton  # noqa: E402
 from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
 
 from topθ_core.config import DENSE, SDC, SparseConfig  # noqa: E402
-from topθ_core.kernels import row_samples, topθ_decode, topθ_prefill  # noqa: E402
+from topθ_core.kernels import topθ_decode, topθ_prefill  # noqa: E402
 from topθ_core.kernels.decode import decode_plan  # noqa: E402
-from topθ_core.kernels.reference import row_samples_causal_ref, topθ_decode_ref, topθ_prefill_ref  # noqa: E402
+from topθ_core.kernels.reference import topθ_decode_ref, topθ_prefill_ref  # noqa: E402
 
-CFG = SparseConfig(sdc=SDC.OFFLINE)  # top-θ, pre-softmax, offline SDC (the paper's), VMC, floor max
+CFG = SparseConfig(sdc=SDC.OFFLINE)  # prefill / real sections: top-θ, pre-softmax, offline SDC, VMC, floor max
+DECODE_CFG = SparseConfig()  # decode / host / e2e: the default (exact SDC, VMC, floor max), as issue 16 measured
+CFG_ROW_MAX = DECODE_CFG.with_(theta_reference="row-max")
+DECODE_SHAPES = [(32, 32768), (8, 32768), (32, 8192), (1, 4096), (1, 16384), (1, 32768)]  # (B, N)
+ROW_MAX_SHAPES = {(32, 32768), (1, 16384)}
 ROWS: list[dict] = []
 NOTES: list[str] = []
 
@@ -141,43 +149,52 @@ def sdpa_best(q, k, v, causal: bool):
 def run_decode(args, bw):
     Hq, Hkv, d, dt = 32, 8, 128, torch.bfloat16
     g = Hq // Hkv
-    for N in args.decode_n:
-        for B in args.decode_b:
-            q = torch.randn(B, Hq, 1, d, device="cuda", dtype=dt)
-            k = torch.randn(B, Hkv, N, d, device="cuda", dtype=dt)
-            v = torch.randn(B, Hkv, N, d, device="cuda", dtype=dt)
-            v_sum = v.float().sum(2)
-            scores = (q.float() @ k.float().repeat_interleave(g, 1).transpose(-1, -2)) * d ** -0.5  # (B,Hq,1,N)
-            sdc = torch.rand(B, Hq, 1, device="cuda")
-            base_fn, be = sdpa_best(q, k, v, False)
-            kv_bytes = 2 * B * Hkv * N * d * 2
-            form = "fused" if decode_plan(B, Hkv, N, q.device).fused else "two-launch"
-            for f in (1.0, 1 / 3, 0.15, 0.05):
-                p = 1 - (1 - f) ** (1 / g)
-                theta = torch.full((B, Hq, 1), float("-inf"), device="cuda") if f >= 1 else \
-                    row_quantile_theta(scores, p)
-                kw = dict(config=CFG, k_keep=64, sdc_term=sdc, v_sum=v_sum)
-                out, c = topθ_decode(q, k, v, theta, **kw)
-                ref, _ = topθ_decode_ref(q, k, v, theta, config=CFG, k_keep=64, sdc_term=sdc)
-                err = (out.float() - ref.float()).abs().max().item()
+    shapes = [(B, N) for B, N in DECODE_SHAPES if (not args.decode_b or B in args.decode_b)
+              and (not args.decode_n or N in args.decode_n)]
+    for B, N in shapes:
+        q = torch.randn(B, Hq, 1, d, device="cuda", dtype=dt)
+        k = torch.randn(B, Hkv, N, d, device="cuda", dtype=dt)
+        v = torch.randn(B, Hkv, N, d, device="cuda", dtype=dt)
+        v_sum = v.float().sum(2)
+        scores = (q.float() @ k.float().repeat_interleave(g, 1).transpose(-1, -2)) * d ** -0.5  # (B,Hq,1,N)
+        row_max = scores.amax(-1)
+        base_fn, be = sdpa_best(q, k, v, False)
+        kv_bytes = 2 * B * Hkv * N * d * 2
+        plan = decode_plan(B, Hkv, N, q.device)
+        form = ("fused" if plan.fused else "two-launch") + (" two-pass" if plan.two_pass else " one-pass")
+        for f in (1.0, 1 / 3, 0.15, 0.05):
+            p = 1 - (1 - f) ** (1 / g)
+            theta = torch.full((B, Hq, 1), float("-inf"), device="cuda") if f >= 1 else row_quantile_theta(scores, p)
+            variants = [("decode", DECODE_CFG, theta)]
+            if (B, N) in ROW_MAX_SHAPES and f in (1 / 3, 0.15):
+                variants.append(("decode row-max θ", CFG_ROW_MAX, theta - row_max))
+            for kernel, cfg, th in variants:
+                kw = dict(config=cfg, k_keep=64, v_sum=v_sum)
+                out, c = topθ_decode(q, k, v, th, **kw)
+                rs = slice(0, min(B, 4))  # the reference on up to 4 sequences
+                ref, _ = topθ_decode_ref(q[rs], k[rs], v[rs], th[rs], config=cfg, k_keep=64)
+                err = (out[rs].float() - ref.float()).abs().max().item()
                 assert not torch.isnan(out).any()
                 fv = c.kept_v_rows.sum().item() / (B * Hkv * N)
                 fe = c.kept.sum().item() / (B * Hq * N)
-                base, ours = paired(base_fn, lambda: topθ_decode(q, k, v, theta, **kw))
-                base_g, ours_g = paired(base_fn, lambda: topθ_decode(q, k, v, theta, **kw), graph=True)
+                ours_fn = lambda: topθ_decode(q, k, v, th, **kw)  # noqa: E731
+                base, ours = paired(base_fn, ours_fn)
+                base_g, ours_g = paired(base_fn, ours_fn, graph=True)
                 moved = kv_bytes / 2 * (1 + fv)
-                row = dict(kernel="decode", data="random", B=B, N=N, heads=f"{Hq}/{Hkv}", d=d, dtype="bf16",
-                           form=form, f_target=round(f, 3), f_kept_v=round(fv, 4), f_kept_elems=round(fe, 4),
+                row = dict(kernel=kernel, data="random", B=B, N=N, heads=f"{Hq}/{Hkv}", d=d, dtype="bf16",
+                           form=form if kernel == "decode" else "two launches (candidates, keep + merge)",
+                           f_target=round(f, 3), f_kept_v=round(fv, 4), f_kept_elems=round(fe, 4),
                            baseline_ms=base, ours_ms=ours, speedup=base / ours, max_err=err,
                            baseline_graph_ms=base_g, ours_graph_ms=ours_g, speedup_graph=base_g / ours_g,
                            baseline_backend=be, baseline_GBps=kv_bytes / base / 1e6, ours_GBps=moved / ours / 1e6,
                            floor_ms=moved / bw / 1e6, limit_speedup=2 / (1 + fv))
                 ROWS.append(row)
-                log(f"decode {form} B={B:2d} N={N:5d} f={f:.3f} fv={fv:.3f} sdpa {base*1e3:7.1f}us ({be}, "
+                log(f"{kernel} {form} B={B:2d} N={N:5d} f={f:.3f} fv={fv:.3f} sdpa {base*1e3:7.1f}us ({be}, "
                     f"{row['baseline_GBps']:.0f} GB/s) ours {ours*1e3:7.1f}us ({row['ours_GBps']:.0f} GB/s) "
-                    f"x{base/ours:.2f} graph x{base_g/ours_g:.2f} (limit {2/(1+fv):.2f}) err {err:.2e}")
-            del q, k, v, scores
-            torch.cuda.empty_cache()
+                    f"x{base/ours:.2f} | graph sdpa {base_g*1e3:.1f}us ours {ours_g*1e3:.1f}us x{base_g/ours_g:.2f} "
+                    f"(limit {2/(1+fv):.2f}) err {err:.2e}")
+        del q, k, v, scores
+        torch.cuda.empty_cache()
 
 
 def _host_us(fn, n: int = 2000) -> float:
@@ -211,20 +228,21 @@ def run_host(args):
         stats = ThresholdStats(1, Hq, bin_width=1024, device="cpu")
         lengths = torch.arange(1024, N + 2048, 1024)
         stats.add(0, lengths, torch.full((len(lengths), Hq), 2.0), torch.full((len(lengths), Hq), 1.0))
-        th = stats.finalize(0.0, fingerprint=ModelFingerprint("bench", "0", 1, Hq, Hkv, d), k=CFG.k,
-                            placement=CFG.placement)
+        th = stats.finalize(0.0, fingerprint=ModelFingerprint("bench", "0", 1, Hq, Hkv, d), k=DECODE_CFG.k,
+                            placement=DECODE_CFG.placement)
         row_len = torch.full((B, 1), N, device="cuda")
-        theta, sdc, _ = th.lookup(0, row_len, CFG.lookup)
+        theta, sdc, _ = th.lookup(0, row_len, DECODE_CFG.lookup)
         v_sum = v.float().sum(2)
-        state = RunState(config=CFG, thresholds=th)
+        state = RunState(config=DECODE_CFG, thresholds=th)
         state.scratch[("topθ.vsum", 0)] = (N, v_sum)
-        kw = dict(config=CFG, k_keep=64, sdc_term=sdc, v_sum=v_sum)
+        kw = dict(config=DECODE_CFG, k_keep=64, sdc_term=sdc, v_sum=v_sum)
         fns = {
             "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
             "topθ_decode": lambda: topθ_decode(q, k, v, theta, **kw),
-            "θ lookup": lambda: th.lookup(0, row_len, CFG.lookup),
-            "dispatch.try_kernels": lambda: dispatch.try_kernels(q, k, v, None, True, theta, sdc, CFG, 64, None, None,
-                                                                  state, 0, None),
+            "θ lookup": lambda: th.lookup(0, row_len, DECODE_CFG.lookup),
+            "dispatch.try_kernels": lambda: dispatch.try_kernels(q, k, v, visible=None, theta=theta, sdc_term=sdc,
+                                                                  k_keep=64, scaling=None, softcap=None, state=state,
+                                                                  layer=0),
         }
         res = {name: _host_us(fn) for name, fn in fns.items()}
         for name, us in res.items():
@@ -376,8 +394,8 @@ def run_real(args):
         thetas = [("1.0", torch.full((B, Hq, N), float("-inf"), device="cuda"))]
         for f in args.prefill_fracs:
             thetas.append((str(f), _length_theta(q, k, f)))
-        # calibrated for k = 64 with the calibration kernel: θ = mean + 0.1·std of t per 64-token bin
-        tt, du = row_samples(q, k, 65)
+        # calibrated for k = 64: θ = mean + 0.1·std of t per 64-token bin (t, D_U from the dense scores)
+        tt, du = _row_samples_dense(q, k, 65)
         th, C = torch.full_like(tt, float("-inf")), torch.zeros_like(tt)
         for b0 in range(0, N, 64):
             seg, segd = tt[..., b0:b0 + 64], du[..., b0:b0 + 64]
@@ -405,108 +423,274 @@ def run_real(args):
             log(f"decode smollm2-L{layer} {label} fv={fv:.3f} x{base/ours:.2f} (latency-bound shape)")
 
 
-def run_calib(args):
-    for N, kth in ((4096, 65), (4096, 513)):
-        q = torch.randn(1, 32, N, 128, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(1, 8, N, 128, device="cuda", dtype=torch.bfloat16)
-        t, du = row_samples(q, k, kth)
-        tr, dr = row_samples_causal_ref(q, k, kth)
-        ok = ~torch.isnan(tr)
-        err = (t[ok] - tr[ok]).abs().max().item()
-        ours = bench(lambda: row_samples(q, k, kth))
-        base = bench(lambda: row_samples_causal_ref(q, k, kth))
-        ROWS.append(dict(kernel=f"calib kth={kth}", data="random", B=1, N=N, heads="32/8", d=128, dtype="bf16",
-                         baseline_ms=base, ours_ms=ours, speedup=base / ours, max_err=err,
-                         baseline_backend="torch topk (dense scores)"))
-        log(f"calib N={N} kth={kth}: torch {base:.2f}ms ours {ours:.2f}ms x{base/ours:.2f} err {err:.2e}")
-        del q, k
-        torch.cuda.empty_cache()
+def _row_samples_dense(q, k, kth):
+    """Per causal row the kth-largest logit t and D_U = Σ_{a ≤ t} e^(a − m), (B, Hq, Sq); NaN where L < kth."""
+    B, Hq, Sq, d = q.shape
+    Hkv = k.shape[1]
+    t = torch.full((B, Hq, Sq), float("nan"), device=q.device)
+    du = torch.full_like(t, float("nan"))
+    vis = torch.ones(Sq, Sq, dtype=torch.bool, device=q.device).tril()
+    for h in range(Hq):
+        s = (q[:, h:h + 1].float() @ k[:, h // (Hq // Hkv):h // (Hq // Hkv) + 1].float().transpose(-1, -2)) * d ** -0.5
+        s = s.masked_fill(~vis, float("-inf"))[:, 0]  # (B, Sq, Sk)
+        top = s.topk(kth, dim=-1).values
+        tt = top[..., -1]
+        m = top[..., 0]
+        e = torch.exp(s - m.unsqueeze(-1))
+        d_u = (e * (s <= tt.unsqueeze(-1))).sum(-1)
+        ok = vis.sum(-1) >= kth
+        t[:, h] = torch.where(ok, tt, float("nan"))
+        du[:, h] = torch.where(ok, d_u, float("nan"))
+    return t, du
+
+
+E2E_MODELS = {  # random weights; head dim 128 (Llama-3-8B) and 64 (SmolLM2-135M's config)
+    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
+                      rope_theta=500000.0),
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
+                         rope_theta=100000.0, tie_word_embeddings=True),
+}
+E2E_SHAPES = {"llama3-8b": [(1, 16384), (8, 16384), (32, 16384), (1, 131072)],
+              "smollm2-135m": [(1, 8000), (8, 8000)]}
+E2E_GQA_ROWS = "bench_sdpa_gqa_rows"
+
+
+def _sdpa_gqa_rows(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Dense decode through SDPA with each GQA group's query heads as rows of one KV head: the static
+    mask (B, 1, 1, N) broadcasts, and K/V are read once (transformers' sdpa repeats them per query
+    head when a mask is given)."""
+    import torch.nn.functional as F
+
+    B, Hq, Sq, d = query.shape
+    Hkv = key.shape[1]
+    if Sq != 1 or attention_mask is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    q = query.reshape(B, Hkv, Hq // Hkv, d)
+    o = F.scaled_dot_product_attention(q, key, value, attn_mask=attention_mask[..., :key.shape[2]], scale=scaling)
+    return o.reshape(B, Hq, 1, d).transpose(1, 2), None
+
+
+E2E_NO_MASK = {"dense": "bench_sdpa_no_mask", "topθ": "bench_top_theta_no_mask"}
+
+
+def _register_no_mask() -> None:
+    """Attention implementations with no mask function: transformers then hands the attention no mask at
+    all (it builds one while a CUDA graph is being captured otherwise, run 13), so a fixed-length step
+    attends over exactly the keys it is given: SDPA takes its unmasked GQA decode kernels, Top-θ its
+    plain causal path."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from topθ_core.integration import top_theta_attention_forward
+
+    AttentionInterface.register(E2E_NO_MASK["dense"], sdpa_attention_forward)
+    AttentionInterface.register(E2E_NO_MASK["topθ"], top_theta_attention_forward)
+
+
+def _fixed_length_decoder(model, ks, vs, N, B, kw, impl):
+    """A captured step over exactly keys [0, N] of the buffers, without a mask (the attention gets
+    views of N + 1 keys through attention implementation ``impl``, which has no mask function); every
+    replay rewrites key N.  For timing at one length: the dense side at its best."""
+    from transformers.cache_utils import Cache
+
+    from topθ_core.graph_decode import _StaticLayer
+
+    class Fixed(_StaticLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            super().update(key_states, value_states)
+            return self.keys[:, :, :N + 1], self.values[:, :, :N + 1]
+
+        def get_mask_sizes(self, query_length):
+            return N + 1, 0
+
+    pos = torch.full((1,), N, dtype=torch.long, device="cuda")
+    cache = Cache(layers=[Fixed(k, v, pos) for k, v in zip(ks, vs)])
+    ids = torch.zeros(B, 1, dtype=torch.long, device="cuda")
+    position_ids = torch.full((B, 1), N, dtype=torch.long, device="cuda")
+
+    def forward():
+        model.set_attn_implementation(impl)
+        try:
+            out = model(input_ids=ids, position_ids=position_ids, use_cache=True, **{kw: cache})
+        finally:
+            from topθ_core.integration import ATTN_NAME
+
+            model.set_attn_implementation(ATTN_NAME)
+        ids.copy_(out.logits[:, -1:].argmax(-1))
+
+    return forward
+
+
+class _Replay:
+    """Eager step, capture, then ``step()`` replays (the timing interface of GraphDecoder)."""
+
+    def __init__(self, forward, ctx_factory):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with ctx_factory(), torch.cuda.stream(side):
+            forward()
+            side.synchronize()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, stream=side):
+                forward()
+        torch.cuda.current_stream().wait_stream(side)
+
+    def step(self):
+        self.graph.replay()
+
+    def close(self):
+        self.graph = None
 
 
 def run_e2e(args):
-    """Random-weight Llama-3-8B-shaped model, decode at N = 16k: Top-θ kernels vs sdpa."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from transformers.cache_utils import DynamicCache
+    """Decode tokens/s, both sides one CUDA-graph replay per step on a static cache (random weights)."""
+    import contextlib
 
-    from topθ_core.integration import prepare_model, sparse_run
+    from torch.nn.attention import sdpa_kernel
+    from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
     from topθ_core.fingerprint import model_fingerprint
-    from topθ_core.metrics import SparsityMetrics, summarize
+    from topθ_core.graph_decode import GraphDecoder
+    from topθ_core.integration import ATTN_NAME, prepare_model, sparse_run
     from topθ_core.statistics import ThresholdStats
 
-    N, steps = args.e2e_n, 16
-    mc = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
-                     rope_theta=500000.0)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(mc).to(torch.bfloat16).eval()
-    prepare_model(model)
-    fp = model_fingerprint(model)
-    for B in args.e2e_b:
-        def fresh_cache():
-            cache = DynamicCache(config=mc)
+    AttentionInterface.register(E2E_GQA_ROWS, _sdpa_gqa_rows)
+    AttentionMaskInterface.register(E2E_GQA_ROWS, sdpa_mask)
+    _register_no_mask()
+    steps, rounds = args.e2e_steps, 3
+    for name in args.e2e_models:
+        mc = LlamaConfig(**E2E_MODELS[name])
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(mc).to(torch.bfloat16).eval()
+        prepare_model(model)
+        fp = model_fingerprint(model)
+        L, Hq, Hkv, d = mc.num_hidden_layers, mc.num_attention_heads, mc.num_key_value_heads, mc.head_dim
+        w_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        shapes = [s for s in E2E_SHAPES[name] if not args.e2e_b or s[0] in args.e2e_b]
+        n_max = max(N for _, N in shapes) + 64 + steps * (rounds + 1)
+
+        def thresholds(val):
+            stats = ThresholdStats(L, Hq, bin_width=1024, device="cpu")
+            lengths = torch.arange(1024, n_max + 1024, 1024)
+            for layer in range(L):
+                stats.add(layer, lengths, torch.full((len(lengths), Hq), val), torch.full((len(lengths), Hq), 1.0))
+            return stats.finalize(0.0, fingerprint=fp, k=DECODE_CFG.k, placement=DECODE_CFG.placement)
+
+        def buffers(B, max_len):
             g = torch.Generator(device="cuda").manual_seed(1)
-            for layer in range(mc.num_hidden_layers):
-                kk = torch.randn(B, 8, N, 128, device="cuda", dtype=torch.bfloat16, generator=g)
-                vv = torch.randn(B, 8, N, 128, device="cuda", dtype=torch.bfloat16, generator=g)
-                cache.update(kk, vv, layer)
-            return cache
+            mk = lambda: torch.randn(B, Hkv, max_len, d, device="cuda", dtype=torch.bfloat16, generator=g)  # noqa: E731
+            return [mk() for _ in range(L)], [mk() for _ in range(L)]
 
-        def decode(cache, n):
-            tok = torch.zeros(B, 1, dtype=torch.long, device="cuda")
-            for _ in range(n):
-                logits = model(input_ids=tok, past_key_values=cache, use_cache=True).logits
-                tok = logits[:, -1:].argmax(-1)
-            return tok
-
-        def tokens_per_s(ctx_factory):
-            cache = fresh_cache()
-            with torch.inference_mode(), ctx_factory():
-                decode(cache, 2)
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                decode(cache, steps)
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            del cache
-            torch.cuda.empty_cache()
-            return B * steps / dt
-
-        import contextlib
-
-        dense = tokens_per_s(contextlib.nullcontext)
-
-        def thresholds(theta_val):
-            stats = ThresholdStats(mc.num_hidden_layers, 32, bin_width=1024, device="cpu")
-            lengths = torch.arange(1024, N + 4 * steps + 1024, 1024)
-            for layer in range(mc.num_hidden_layers):
-                stats.add(layer, lengths, torch.full((len(lengths), 32), theta_val), torch.full((len(lengths), 32), 1.0))
-            return stats.finalize(0.0, fingerprint=fp, k=CFG.k, placement=CFG.placement)
-
-        # pick θ so that about 15 % of V rows are kept (bisection on one probe step's metrics)
-        lo, hi, fv = -8.0, 40.0, float("nan")
-        cache = fresh_cache()
-        for _ in range(9):
-            mid = (lo + hi) / 2
-            m = SparsityMetrics()
-            with torch.inference_mode(), sparse_run(CFG, thresholds(mid), model=model, metrics=m):
-                c2 = DynamicCache(config=mc)
-                for layer in range(mc.num_hidden_layers):
-                    c2.update(cache.layers[layer].keys[:, :, :N], cache.layers[layer].values[:, :, :N], layer)
-                decode(c2, 1)
-                del c2
-            fv = summarize(m.to_frame(), "decode")["kept_v_rows"]
-            lo, hi = (mid, hi) if fv > 0.15 else (lo, mid)
-        del cache
-        torch.cuda.empty_cache()
+        # θ for f ≈ 0.15 (bisection on one eager static step at the first shape; random scores: the
+        # kept fraction of a constant θ barely depends on B and N, and each row reports its own f)
+        B0, N0 = shapes[0]
+        ks, vs = buffers(B0, N0 + 64)
+        lo, hi = -8.0, 40.0
+        with torch.inference_mode():
+            for _ in range(10):
+                mid = (lo + hi) / 2
+                th = thresholds(mid)
+                dec = GraphDecoder(model, lambda th=th: sparse_run(DECODE_CFG, th, model=model), max_len=N0 + 64,
+                                   cuda_graph=False)
+                dec.load_cache(ks, vs, length=N0)
+                dec.step()
+                fv = dec.kept_v_fraction()
+                lo, hi = (mid, hi) if fv > 0.15 else (lo, mid)
         th = thresholds((lo + hi) / 2)
-        sparse = tokens_per_s(lambda: sparse_run(CFG, th, model=model))
-        ROWS.append(dict(kernel="e2e decode (Llama-3-8B shape, random weights)", data="random-weights", B=B, N=N,
-                         heads="32/8", d=128, dtype="bf16", f_kept_v=round(fv, 4), baseline_ms=1e3 * B / dense,
-                         ours_ms=1e3 * B / sparse, speedup=sparse / dense,
-                         baseline_backend="transformers sdpa" + (" (cuDNN SDPA off)" if args.e2e_no_cudnn else ""),
-                         tokens_per_s_sdpa=dense, tokens_per_s_topθ=sparse))
-        log(f"e2e B={B} N={N}: sdpa {dense:.1f} tok/s, Top-θ {sparse:.1f} tok/s (f_v≈{fv:.3f}) x{sparse/dense:.2f}")
+        del ks, vs, dec
+        torch.cuda.empty_cache()
+        for B, N in shapes:
+            max_len = N + 64 + steps * (rounds + 1)
+            ks, vs = buffers(B, max_len)
+
+            def decoder(run, backend=None, impl=ATTN_NAME):
+                model.set_attn_implementation(impl)
+                dec = GraphDecoder(model, run, max_len=max_len)
+                dec.load_cache(ks, vs, length=N)
+                ctx = sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext()
+                with torch.inference_mode(), ctx:
+                    dec.step()  # eager, then capture
+                    dec.step()  # first replay
+                model.set_attn_implementation(ATTN_NAME)
+                return dec
+
+            def timed(dec) -> float:
+                with torch.inference_mode():
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    for _ in range(steps):
+                        dec.step()
+                    torch.cuda.synchronize()
+                return (time.perf_counter() - t0) / steps
+
+            sides = {"Top-θ": decoder(lambda: sparse_run(DECODE_CFG, th, model=model))}
+            from topθ_core.graph_decode import cache_kwarg
+
+            with torch.inference_mode():
+                kw = cache_kwarg(model)
+                sides["sdpa, one length (unmasked)"] = _Replay(
+                    _fixed_length_decoder(model, ks, vs, N, B, kw, E2E_NO_MASK["dense"]), contextlib.nullcontext)
+                sides["Top-θ, one length (unmasked)"] = _Replay(
+                    _fixed_length_decoder(model, ks, vs, N, B, kw, E2E_NO_MASK["topθ"]),
+                    lambda: sparse_run(DECODE_CFG, th, model=model))
+            for label, backend, impl in (("sdpa, static mask (transformers)", None, ATTN_NAME),
+                                         ("sdpa, static mask, GQA rows", None, E2E_GQA_ROWS)):
+                try:
+                    sides[label] = decoder(None, backend, impl)
+                except Exception as e:  # a backend that refuses the masked decode call
+                    log(f"e2e {name} B={B} N={N} dense {label}: {type(e).__name__}: {str(e)[:120]}")
+            times = {k: [] for k in sides}
+            for _ in range(rounds):  # interleaved: machine drift hits every side
+                for label, dec in sides.items():
+                    times[label].append(timed(dec))
+            med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+            fv = sides["Top-θ"].kept_v_fraction()
+            dense_label = min((k for k in med if not k.startswith("Top-θ")), key=med.get)
+            kv = 2 * L * B * Hkv * N * d * 2  # K + V bytes of the cache
+            limit = (w_bytes + kv) / (w_bytes + kv / 2 * (1 + fv))
+            for label, t in med.items():
+                log(f"e2e {name} B={B} N={N}: {label} {1e3 * t:.3f} ms/step, {B / t:.1f} tok/s")
+            tok_d, tok_s = B / med[dense_label], B / med["Top-θ"]
+            ROWS.append(dict(kernel=f"e2e decode, CUDA graph ({name}, random weights)", data="random-weights", B=B,
+                             N=N, heads=f"{Hq}/{Hkv}", d=d, dtype="bf16", f_kept_v=round(fv, 4),
+                             baseline_ms=1e3 * med[dense_label], ours_ms=1e3 * med["Top-θ"], speedup=tok_s / tok_d,
+                             baseline_backend=dense_label, tokens_per_s_sdpa=tok_d, tokens_per_s_topθ=tok_s,
+                             limit_speedup=limit, weight_GB=w_bytes / 1e9, kv_GB=kv / 1e9,
+                             sides_ms="; ".join(f"{k} {1e3 * v:.3f}" for k, v in med.items())))
+            log(f"e2e {name} B={B} N={N}: dense ({dense_label}) {tok_d:.1f} tok/s, Top-θ {tok_s:.1f} tok/s "
+                f"(f_v {fv:.3f}) x{tok_s / tok_d:.2f} (byte limit {limit:.2f})")
+            for dec in sides.values():
+                dec.close()
+            del sides, ks, vs
+            torch.cuda.empty_cache()
+        del model
+        torch.cuda.empty_cache()
+
+
+def use_plan(path: Path) -> None:
+    """Replace ``decode_plan`` by the tuned configurations of ``tune_decode.py --best-json`` (same form rule)."""
+    import json
+
+    from topθ_core.kernels import decode as decode_mod
+
+    best = json.loads(path.read_text())
+
+    def plan(B, Hkv, N, device):
+        c = best["lat" if B * Hkv * N <= decode_mod.FUSED_MAX_KV_ROWS else "bw"]
+        splits = decode_mod.decode_splits(B, Hkv, N, c["block_n"], device, waves=c["waves"])
+        return decode_mod.DecodePlan(c["fused"], splits, c["block_n"], c["num_warps"], c["num_stages"],
+                                     c["two_pass"], c["chunk"], c["block_v"])
+
+    decode_mod.decode_plan = plan
+    NOTES.append(f"decode plan from {path.name}: {best}")
+    log(f"decode plan: {best}")
 
 
 def write(out_dir: Path, bw, tf, elapsed):
@@ -529,10 +713,10 @@ def write(out_dir: Path, bw, tf, elapsed):
 
 def main():
     ap = argparse.ArgumentParser(description="Top-θ kernels vs SDPA")
-    ap.add_argument("--only", default="decode,host,prefill,real,calib,e2e")
+    ap.add_argument("--only", default="decode,host,prefill,real,e2e")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "benchmarks" / "results")))
-    ap.add_argument("--decode-b", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--decode-n", type=int, nargs="+", default=[4096, 16384, 32768])
+    ap.add_argument("--decode-b", type=int, nargs="*", default=[], help="only these B of DECODE_SHAPES")
+    ap.add_argument("--decode-n", type=int, nargs="*", default=[], help="only these N of DECODE_SHAPES")
     ap.add_argument("--prefill-shapes", nargs="+", default=["1x4096", "1x16384", "1x32768", "8x4096"],
                     help="prefill shapes as BxN (Llama-3-8B attention: 32/8 heads, d 128, bf16)")
     ap.add_argument("--prefill-fracs", type=float, nargs="+", default=[0.25, 0.1],
@@ -542,20 +726,20 @@ def main():
                     help="real section: prefill rows only")
     ap.add_argument("--tutorial-launch", default=None,
                     help="BM,BN,WARPS,STAGES: also time tune_prefill's tutorial-form kernel at each square shape")
-    ap.add_argument("--e2e-n", type=int, default=16384)
-    ap.add_argument("--e2e-b", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--e2e-no-cudnn", action="store_true",
-                    help="disable cuDNN SDPA for the whole run: transformers' sdpa then takes the flash backend "
-                         "(cuDNN rebuilds its plan for every new key length, ~9.5 ms of host time per decode call; "
-                         "profile_sdpa_decode.py)")
+    ap.add_argument("--plan-json", type=Path, default=None,
+                    help="decode launch plan from tune_decode.py --best-json (lat: fused shapes, bw: the others) "
+                         "instead of decode_plan's constants")
+    ap.add_argument("--e2e-models", nargs="+", default=list(E2E_MODELS), choices=list(E2E_MODELS))
+    ap.add_argument("--e2e-b", type=int, nargs="*", default=[], help="only these batch sizes of E2E_SHAPES")
+    ap.add_argument("--e2e-steps", type=int, default=20, help="replayed steps per timing (3 interleaved rounds)")
     args = ap.parse_args()
-    if args.e2e_no_cudnn:
-        torch.backends.cuda.enable_cudnn_sdp(False)
+    if args.plan_json is not None:
+        use_plan(args.plan_json)
     t0 = time.time()
     bw, tf = ceilings()
     log(f"{torch.cuda.get_device_name()}: copy {bw:.0f} GB/s, bf16 mm {tf:.0f} TFLOP/s")
     sections = dict(decode=lambda: run_decode(args, bw), host=lambda: run_host(args), prefill=lambda: run_prefill(args), real=lambda: run_real(args),
-                    calib=lambda: run_calib(args), e2e=lambda: run_e2e(args))
+                    e2e=lambda: run_e2e(args))
     for name in args.only.split(","):
         try:
             sections[name]()

@@ -19,6 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.cache_utils import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from topθ_core.graph_decode import cache_kwarg  # noqa: E402
 from topθ_core.integration import prepare_model  # noqa: E402
 B, N = 8, 16384
 mc = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=4,
@@ -30,13 +31,14 @@ cache = DynamicCache(config=mc)
 for layer in range(4):
     cache.update(torch.randn(B, 8, N, 128, device="cuda", dtype=torch.bfloat16), torch.randn(B, 8, N, 128, device="cuda", dtype=torch.bfloat16), layer)
 tok = torch.zeros(B, 1, dtype=torch.long, device="cuda")
+kw = {cache_kwarg(model): cache}  # `cache` in transformers ≥ 5.2x, `past_key_values` before
 with torch.inference_mode():
     for _ in range(2):
-        model(input_ids=tok, past_key_values=cache, use_cache=True)
+        model(input_ids=tok, use_cache=True, **kw)
     torch.cuda.synchronize()
     from torch.profiler import profile, ProfilerActivity
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
-            model(input_ids=tok, past_key_values=cache, use_cache=True)
+            model(input_ids=tok, use_cache=True, **kw)
         torch.cuda.synchronize()
 print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))

@@ -1,13 +1,18 @@
-"""Decode kernel launch-configuration search on one GPU (Llama-3-8B shapes).
+"""Decode kernel launch-configuration search on one GPU (Llama-3-8B attention: 32/8 heads, d 128, bf16).
 
-    python benchmarks/tune_decode.py [--out DIR] [--stages 1,2,3]
+    python benchmarks/tune_decode.py [--out DIR] [--compile-only --part I --parts P]
 
-Stage 1 times every configuration (block size, warps, stages, waves of programs per SM) at
-B=32, N=32k for f = 1 and 0.15, checks each output against the fp32 reference, and stage 2
-re-times the best few on the other bandwidth-bound shapes.  Stage 3 sweeps the split count (and
-warps) on the small, latency-bound shapes under CUDA graphs, where the launch's own length, not
-the host, decides.  SDPA is measured in the same run on the same inputs.  Writes
-``decode_tuning_<card>.csv`` and prints the best configuration per shape.
+Bandwidth-bound shapes (B·N ≥ 256k: B=32 N=32k, B=8 N=32k, B=32 N=8k) are timed eagerly (``do_bench``
+medians, SDPA's fastest backend interleaved on the same inputs) for every configuration of
+:data:`BW_CONFIGS`; latency-bound shapes (B=1, N=4k/16k/32k) under CUDA graphs for every
+configuration of :data:`LAT_CONFIGS`.  Each output is checked against the fp32 reference first
+(4 sequences).  The default config (exact SDC, VMC, floor max), θ per row from the score quantile
+so that the union of kept V rows over a GQA group is ≈ f.
+
+``--compile-only --part I --parts P`` runs each of this part's configurations once (no timing):
+several such processes started side by side fill Triton's cache in parallel, so the timing process
+compiles nothing.  Writes ``decode_tuning_<card>.csv`` (appending a ``run`` label) and prints the
+best configuration per shape.
 """
 
 from __future__ import annotations
@@ -17,69 +22,121 @@ import csv
 import os
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
-import triton
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_kernels import CFG, bench, card, log, row_quantile_theta, sdpa_best, sdpa_ms  # noqa: E402
+from bench_kernels import DECODE_CFG as CFG, bench, card, log, row_quantile_theta, sdpa_best  # noqa: E402
 from triton.testing import do_bench_cudagraph  # noqa: E402
 
 from topθ_core.kernels import topθ_decode  # noqa: E402
 from topθ_core.kernels.decode import decode_plan, decode_splits  # noqa: E402
 from topθ_core.kernels.reference import topθ_decode_ref  # noqa: E402
 
-CONFIGS = [  # (block_n, num_warps, num_stages, waves of programs per SM)
-    # A per-lane-statistics variant (D_S, D_U, counts and argmax accumulated elementwise and
-    # reduced once per split) was timed here on 2026-11-27 and was 10-50 % slower at every
-    # configuration (register pressure); results/decode_tuning_H200.csv keeps its rows.
-    (64, 2, 3, 8),  # the two-launch kernel's default (run 6)
-    (64, 2, 2, 8),
-    (64, 2, 4, 8),
-    (64, 2, 3, 4),
-    (128, 4, 3, 4),
+
+class Cfg(NamedTuple):
+    two_pass: bool
+    fused: bool
+    block_n: int
+    num_warps: int
+    num_stages: int
+    waves: int  # programs per SM (split count = waves · SMs / (B·Hkv), at least one block each)
+    chunk: int = 1024
+    block_v: int = 32
+
+    def label(self) -> str:
+        loop = f"2pass c{self.chunk} v{self.block_v}" if self.two_pass else "1pass"
+        return f"{'fused' if self.fused else 'split'} {loop} n{self.block_n} w{self.num_warps} s{self.num_stages} x{self.waves}"
+
+
+BW_SHAPES = [(32, 32768), (8, 32768), (32, 8192)]
+LAT_SHAPES = [(1, 4096), (1, 16384), (1, 32768)]
+BW_CONFIGS = [
+    Cfg(False, False, 64, 2, 3, 8),  # the one-pass two-launch plan of runs 6-11
+    Cfg(True, False, 64, 2, 3, 8),
+    Cfg(True, False, 64, 4, 3, 4),
+    Cfg(True, False, 64, 4, 3, 8),
+    Cfg(True, False, 128, 4, 3, 4),
+    Cfg(True, False, 64, 2, 4, 8),
+    Cfg(True, False, 64, 2, 3, 8, 2048),
+    Cfg(True, False, 64, 2, 3, 8, 1024, 64),
+    Cfg(True, True, 64, 2, 3, 8),
 ]
-SMALL = [(1, 4096), (1, 16384), (1, 32768), (8, 4096)]  # latency-bound shapes (B, N)
-SMALL_SPLITS = [4, 8, 16, 32, 64, 128]
+LAT_CONFIGS = [Cfg(tp, True, 64, w, 3, x) for tp in (True, False) for w in (2, 4) for x in (4, 8)]
+FS = (1.0, 0.15)
+LAT_FS = (0.15,)
 
 
-def make(B, N, f, Hq=32, Hkv=8, d=128):
+def make(B, N, fs, Hq=32, Hkv=8, d=128):
     g = Hq // Hkv
     q = torch.randn(B, Hq, 1, d, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(B, Hkv, N, d, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(B, Hkv, N, d, device="cuda", dtype=torch.bfloat16)
     scores = (q.float() @ k.float().repeat_interleave(g, 1).transpose(-1, -2)) * d ** -0.5
-    theta = {ff: (torch.full((B, Hq, 1), float("-inf"), device="cuda") if ff >= 1
-                  else row_quantile_theta(scores, 1 - (1 - ff) ** (1 / g))) for ff in f}
+    theta = {f: (torch.full((B, Hq, 1), float("-inf"), device="cuda") if f >= 1
+                 else row_quantile_theta(scores, 1 - (1 - f) ** (1 / g))) for f in fs}
     del scores
     return q, k, v, theta, torch.rand(B, Hq, 1, device="cuda"), v.float().sum(2)
 
 
-def run_cfg(q, k, v, th, sdc, vsum, c):
-    bn, nw, ns, waves = c
+def run_cfg(q, k, v, th, sdc, vsum, c: Cfg):
     B, Hkv, N = k.shape[0], k.shape[1], k.shape[2]
-    splits = decode_splits(B, Hkv, N, bn, q.device, waves=waves)
+    splits = decode_splits(B, Hkv, N, c.block_n, q.device, waves=c.waves)
     return lambda: topθ_decode(q, k, v, th, config=CFG, k_keep=64, sdc_term=sdc, v_sum=vsum, num_splits=splits,
-                               block_n=bn, num_warps=nw, num_stages=ns)
+                               block_n=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages, fused=c.fused,
+                               two_pass=c.two_pass, chunk=c.chunk, block_v=c.block_v)
+
+
+def jobs():
+    return [("bw", s, c) for s in BW_SHAPES for c in BW_CONFIGS] + [("lat", s, c) for s in LAT_SHAPES
+                                                                     for c in LAT_CONFIGS]
+
+
+def compile_only(part: int, parts: int) -> None:
+    mine = jobs()[part::parts]
+    data = {}
+    for kind, (B, N), c in mine:
+        if (B, N) not in data:
+            data = {(B, N): make(B, N, (0.15,))}
+        q, k, v, theta, sdc, vsum = data[(B, N)]
+        try:
+            run_cfg(q, k, v, theta[0.15], sdc, vsum, c)()
+        except Exception as e:  # reported again (and skipped) by the timing run
+            log(f"compile {c.label()} B={B} N={N}: {type(e).__name__}: {str(e)[:120]}")
+    torch.cuda.synchronize()
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "benchmarks" / "results")))
-    ap.add_argument("--top", type=int, default=2)
-    ap.add_argument("--stages", default="1,2,3")
+    ap.add_argument("--run", default="")
+    ap.add_argument("--compile-only", action="store_true")
+    ap.add_argument("--part", type=int, default=0)
+    ap.add_argument("--parts", type=int, default=1)
+    ap.add_argument("--only", default="bw,lat")
+    ap.add_argument("--best-json", type=Path, default=None,
+                    help="write the best configuration per class (bw, lat) here, for bench_kernels --plan-json")
     args = ap.parse_args()
-    stages = {int(x) for x in args.stages.split(",")}
+    if args.compile_only:
+        compile_only(args.part, args.parts)
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     name = card()
     rows = []
-    fs = (1.0, 1 / 3, 0.15, 0.05)
-    if 1 in stages:
-        rows += stage12(name, fs, args.top, 2 in stages)
-    if 3 in stages:
-        rows += stage3(name)
+    best = {}
+    for kind in args.only.split(","):
+        kind_rows = sweep(name, kind, args.run)
+        rows += kind_rows
+        best[kind] = pick(kind_rows)
+        log(f"best {kind}: {best[kind]}")
+    if args.best_json is not None:
+        import json
+
+        args.best_json.write_text(json.dumps(best, indent=1))
     path = args.out / f"decode_tuning_{name}.csv"
     with open(path, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
@@ -88,83 +145,60 @@ def main():
     log(f"wrote {path}")
 
 
-def stage3(name):
-    """Split count × warps on the latency-bound shapes, CUDA-graph medians (f = 1 and 0.15)."""
-    rows = []
-    for B, N in SMALL:
-        q, k, v, theta, sdc, vsum = make(B, N, (1.0, 0.15))
-        base_fn, be = sdpa_best(q, k, v, False)
-        base = do_bench_cudagraph(base_fn, rep=25, return_mode="median")
-        default = decode_plan(B, 8, N, q.device).splits  # the committed plan's split count
-        best = {}
-        for nw in (2, 4):
-            for S in sorted(set(SMALL_SPLITS + [default])):
-                if S > triton.cdiv(N, 64):
-                    continue
-                for f in (1.0, 0.15):
-                    fn = lambda: topθ_decode(q, k, v, theta[f], config=CFG, k_keep=64, sdc_term=sdc,  # noqa: E731
-                                             v_sum=vsum, num_splits=S, num_warps=nw)
-                    fn()
-                    t = do_bench_cudagraph(fn, rep=25, return_mode="median")
-                    rows.append(dict(card=name, stage=3, block_n=64, num_warps=nw, num_stages=3, splits=S, B=B, N=N,
-                                     f=f, sdpa_us=base * 1e3, ours_us=t * 1e3, speedup=base / t,
-                                     max_err=float("nan"), default_splits=default))
-                    best.setdefault(f, []).append((t, S, nw))
-        for f, lst in best.items():
-            lst.sort()
-            log(f"  [{name}] B={B} N={N} f={f:.2f} graph: sdpa {base*1e3:.1f} us ({be}); best "
-                + ", ".join(f"S={S} w={nw} {t*1e3:.1f} us" for t, S, nw in lst[:3])
-                + f"; default S={default}: " + ", ".join(f"w={nw} {t*1e3:.1f}" for t, S, nw in lst if S == default))
-        del q, k, v, theta
-        torch.cuda.empty_cache()
-    return rows
+def pick(rows: list[dict]) -> dict:
+    """The configuration with the best geometric-mean speed-up over the class's shapes and fractions."""
+    import math
+
+    score: dict[str, list[float]] = {}
+    cfgs = {}
+    for r in rows:
+        score.setdefault(r["config"], []).append(math.log(r["speedup"]))
+        cfgs[r["config"]] = {k: r[k] for k in Cfg._fields}
+    n = max(len(v) for v in score.values())
+    label = max((k for k, v in score.items() if len(v) == n), key=lambda k: sum(score[k]))
+    return dict(cfgs[label], label=label, geomean_speedup=math.exp(sum(score[label]) / n))
 
 
-def stage12(name, fs, top, second):
+def sweep(name: str, kind: str, run: str) -> list[dict]:
     rows = []
-    # stage 1
-    B, N = 32, 32768
-    q, k, v, theta, sdc, vsum = make(B, N, fs)
-    base, be = sdpa_ms(q, k, v, False)
-    log(f"[{name}] stage 1 B={B} N={N}: sdpa {base*1e3:.0f} us ({be})")
-    refs = {}
-    for f in (1.0, 0.15):
-        ref, _ = topθ_decode_ref(q[:4], k[:4], v[:4], theta[f][:4], config=CFG, k_keep=64, sdc_term=sdc[:4])
-        refs[f] = ref
-    score = {}
-    for c in CONFIGS:
-        tot = 0.0
-        for f in (1.0, 0.15):
-            fn = run_cfg(q, k, v, theta[f], sdc, vsum, c)
-            try:
-                out, _ = fn()
-                err = (out[:4].float() - refs[f]).abs().max().item()
-                t = bench(fn)
-            except Exception as e:  # a configuration that does not compile (registers, shared memory)
-                log(f"  {c} f={f}: failed: {type(e).__name__}: {str(e)[:160]}")
-                tot = float("inf")
-                break
-            tot += t
-            rows.append(dict(card=name, stage=1, block_n=c[0], num_warps=c[1], num_stages=c[2], waves=c[3], B=B, N=N, f=f, sdpa_us=base * 1e3, ours_us=t * 1e3, speedup=base / t,
-                             max_err=err))
-            log(f"  {c} f={f:.2f}: {t*1e3:.0f} us  x{base/t:.2f}  err {err:.2e}")
-        score[c] = tot
-    best = sorted(score, key=score.get)[:top]
-    log(f"stage 1 best: {best}")
-    del q, k, v, theta
-    torch.cuda.empty_cache()
-    if not second:
-        return rows
-    # stage 2
-    for B, N in ((32, 16384), (8, 32768), (8, 16384)):
+    shapes, configs, fs = (BW_SHAPES, BW_CONFIGS, FS) if kind == "bw" else (LAT_SHAPES, LAT_CONFIGS, LAT_FS)
+    graph = kind == "lat"
+    for B, N in shapes:
         q, k, v, theta, sdc, vsum = make(B, N, fs)
-        base, be = sdpa_ms(q, k, v, False)
-        for c in best:
-            for f in (1.0, 0.15):
-                t = bench(run_cfg(q, k, v, theta[f], sdc, vsum, c))
-                rows.append(dict(card=name, stage=2, block_n=c[0], num_warps=c[1], num_stages=c[2], waves=c[3], B=B, N=N, f=f, sdpa_us=base * 1e3, ours_us=t * 1e3, speedup=base / t,
-                                 max_err=float("nan")))
-                log(f"  B={B} N={N} {c} f={f:.2f}: {t*1e3:.0f} us vs sdpa {base*1e3:.0f} ({be})  x{base/t:.2f}")
+        base_fn, be = sdpa_best(q, k, v, False)
+        plan = decode_plan(B, 8, N, q.device)
+        refs = {f: topθ_decode_ref(q[:4], k[:4], v[:4], theta[f][:4], config=CFG, k_keep=64, sdc_term=sdc[:4])[0]
+                for f in fs}
+        res: dict[float, list] = {f: [] for f in fs}
+        timer = (lambda fn: do_bench_cudagraph(fn, rep=25, return_mode="median")) if graph else bench
+        tb0 = timer(base_fn)  # SDPA before and after the configurations: its time drifts with the machine
+        start = len(rows)
+        for c in configs:
+            for f in fs:
+                fn = run_cfg(q, k, v, theta[f], sdc, vsum, c)
+                try:
+                    out, cnt = fn()
+                    err = (out[:4].float() - refs[f]).abs().max().item()
+                except Exception as e:  # a configuration that does not compile (registers, shared memory)
+                    log(f"  {c.label()} failed: {type(e).__name__}: {str(e)[:160]}")
+                    break
+                fv = cnt.kept_v_rows.sum().item() / (B * 8 * N)
+                to = timer(fn)
+                tb = tb0
+                res[f].append((to, c, tb))
+                rows.append(dict(card=name, run=run, kind=kind, config=c.label(), two_pass=c.two_pass,
+                                 fused=c.fused, block_n=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages,
+                                 waves=c.waves, chunk=c.chunk, block_v=c.block_v, B=B, N=N, f=round(f, 4),
+                                 f_kept_v=round(fv, 4), sdpa_us=tb * 1e3, ours_us=to * 1e3, speedup=tb / to,
+                                 max_err=err, graph=graph))
+        tb = (tb0 + timer(base_fn)) / 2
+        for r in rows[start:]:
+            r["sdpa_us"], r["speedup"] = tb * 1e3, tb * 1e3 / r["ours_us"]
+        res = {f: [(t, c, tb) for t, c, _ in lst] for f, lst in res.items()}
+        log(f"[{name}] {kind} B={B} N={N} (sdpa {be} {tb*1e3:.1f} us; plan {plan})")
+        for f in fs:
+            best = sorted(res[f], key=lambda r: r[0])
+            log(f"  f={f:.3f}: " + "; ".join(f"{c.label()} {t*1e3:.1f}us x{tb/t:.2f}" for t, c, tb in best[:4]))
         del q, k, v, theta
         torch.cuda.empty_cache()
     return rows

@@ -40,8 +40,9 @@ PREFILL_HELP = ("Decode-only mode: 'dense' runs the prompt with the model's dens
                 "which.")
 THETA_REFERENCE_HELP = ("row-max keeps what lies within a calibrated distance of each row's largest score: it "
                         "matched exact top-k's accuracy with 1.06-1.26× its kept elements where score > θ needed "
-                        f"1.35-1.7× ({FIDELITY}). The tiled prefill kernel cannot apply it exactly, so on CUDA its "
-                        "prefill runs the PyTorch path. Pre-softmax only.")
+                        f"1.35-1.7× ({FIDELITY}). On CUDA the decode kernel applies it exactly (two launches, slower "
+                        "than absolute θ: benchmarks/results/kernels.md); the tiled prefill cannot, so the prompt "
+                        "runs the PyTorch path. Pre-softmax only.")
 SELECTION_HELP = ("Top-θ keeps elements above a calibrated threshold (one compare, tile-able); top-k keeps the k "
                   "largest of each row (the paper's baseline; needs the whole row first); dense keeps all.")
 PLACEMENT_HELP = ("Pre-softmax compares logits and renormalises over the kept set (SDC applies); post-softmax "

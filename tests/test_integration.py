@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import pytest
@@ -283,3 +284,89 @@ def test_metrics_on_causal_key_prefix_chunks_equal_full_width_chunks():
     assert set(widths_f) == {S} and len(widths_f) > 1 and min(widths_p) < S and max(widths_p) == S
     pd.testing.assert_frame_equal(prefix.to_frame(), full.to_frame())
     torch.testing.assert_close(prefix.popularity[0], full.popularity[0])
+
+
+# ---- generation (topθ_core.generation) and the static-cache decode step (topθ_core.graph_decode) ----
+
+def test_compare_generate_cpu_streams_and_no_cache_deprecation(tiny_lm):
+    """On CPU compare_generate decodes eagerly (no CUDA graphs): the dense stream's tokens are the
+    model's own greedy tokens, the sparse stream's those of the sparse model, and no call passes the
+    cache under a keyword the model's forward deprecates."""
+    import warnings
+
+    from topθ_core.generation import compare_generate
+    from topθ_core.graph_decode import cache_kwarg
+
+    th = constant_thresholds(tiny_lm, 0.05, sdc=0.3)
+    cfg = SparseConfig(k=KSchedule(4))
+    prompt = "The quick brown fox"
+    model = tiny_lm.model
+    ids = tiny_lm.tokenizer(prompt, return_tensors="pt").input_ids
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        steps = list(compare_generate(tiny_lm, prompt, cfg, th, max_new_tokens=6, stop_at_eos=False))
+    assert not [w for w in caught if "past_key_values" in str(w.message) or "`cache`" in str(w.message)]
+    assert len(steps) == 6 and steps[-1].dense_tok_s > 0 and steps[-1].sparse_tok_s > 0
+    with torch.no_grad():
+        want_dense = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)[0, ids.shape[1]:]
+        with sparse_run(cfg, th, model=model):
+            want_sparse = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)[0, ids.shape[1]:]
+    assert [s.dense_token for s in steps] == want_dense.tolist()
+    assert [s.sparse_token for s in steps] == want_sparse.tolist()
+    assert all(0 < s.kept_v_rows <= 1 for s in steps[1:])  # from the sparse stream's decode metrics
+    assert cache_kwarg(model) in ("cache", "past_key_values")
+
+
+def test_compare_generate_refuses_cuda_graphs_without_cuda(tiny_lm):
+    from topθ_core.generation import generate_pair
+
+    th = constant_thresholds(tiny_lm, 0.05)
+    with pytest.raises(ValueError, match="CUDA"):
+        generate_pair(tiny_lm, "The quick brown fox", SparseConfig(k=KSchedule(4)), th, max_new_tokens=2,
+                      cuda_graphs=True)
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "top-theta"])
+def test_static_cache_decode_equals_dynamic_cache(tiny_lm, sparse):
+    """GraphDecoder's static cache (preallocated buffers, a (B, 1, 1, max_len) prefix mask, the write
+    position on the device) gives the logits and greedy tokens of the model's dynamic cache, for a
+    batch of two sequences; eager here (CPU), the same steps a CUDA graph replays."""
+    from topθ_core.graph_decode import GraphDecoder, cache_kwarg, output_cache
+
+    model = tiny_lm.model
+    th = constant_thresholds(tiny_lm, 0.05, sdc=0.3)
+    cfg = SparseConfig(k=KSchedule(4))
+    run = (lambda: sparse_run(cfg, th, model=model)) if sparse else None
+    ids = torch.randint(2, 300, (2, 12), generator=torch.Generator().manual_seed(1))
+    kw = cache_kwarg(model)
+    with torch.no_grad():
+        ctx = run() if run else contextlib.nullcontext()
+        with ctx:
+            out = model(input_ids=ids, use_cache=True)
+            cache, tok = output_cache(out), out.logits[:, -1:].argmax(-1)
+            want = [out.logits[:, -1]]
+            for _ in range(5):
+                out = model(input_ids=tok, use_cache=True, **{kw: cache})
+                cache, tok = output_cache(out), out.logits[:, -1:].argmax(-1)
+                want.append(out.logits[:, -1])
+        dec = GraphDecoder(model, run, max_len=12 + 6, cuda_graph=True)  # CPU: eager on the static cache
+        got = [dec.prefill(ids)]
+        for _ in range(5):
+            got.append(dec.step().clone())
+        with pytest.raises(RuntimeError, match="full"):
+            dec.step()
+            dec.step()
+    assert not dec.graphed and dec.length == 18
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_graph_decode_refuses_sliding_windows():
+    from topθ_core.generation import _use_graphs
+    from topθ_core.graph_decode import GraphDecoder, graph_decode_supported
+
+    model = tiny_model("gemma2")
+    assert not graph_decode_supported(model) and graph_decode_supported(tiny_model("llama"))
+    with pytest.raises(ValueError, match="sliding"):
+        GraphDecoder(model, None, max_len=16)
+    assert not _use_graphs(tiny_model("llama"), SparseConfig(), False)

@@ -11,6 +11,7 @@ tested compiled on the GPU.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -24,11 +25,11 @@ triton = pytest.importorskip("triton")
 
 from topθ_core import dispatch  # noqa: E402
 from topθ_core.attention import causal_visible, dense_attention_ref, topθ_attention_ref  # noqa: E402
-from topθ_core.config import DENSE, SDC, EmptyRowFloor, SparseConfig  # noqa: E402
+from topθ_core.config import DENSE, SDC, EmptyRowFloor, KSchedule, SparseConfig  # noqa: E402
 from topθ_core.integration import RunState  # noqa: E402
 from topθ_core.kernels import decode as decode_mod  # noqa: E402
-from topθ_core.kernels import kernel_variant, row_samples, topθ_decode, topθ_prefill  # noqa: E402
-from topθ_core.kernels.reference import row_samples_causal_ref, topθ_decode_ref, topθ_prefill_ref  # noqa: E402
+from topθ_core.kernels import kernel_variant, topθ_decode, topθ_prefill  # noqa: E402
+from topθ_core.kernels.reference import topθ_decode_ref, topθ_prefill_ref  # noqa: E402
 from topθ_core.metrics import SparsityMetrics  # noqa: E402
 
 decode_mod.POISON_OUTPUTS = True  # every launch fills its outputs with NaN / -1 first
@@ -39,7 +40,9 @@ cpu = pytest.mark.skipif(not (INTERPRET and _interpreted),
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET,
                                            reason="needs CUDA (compiled Triton)")]
 
-FORMS, FORM_IDS = [True, False], ["fused", "two-launch"]  # decode: one launch, or split + combine
+# decode launch forms: one launch or split + combine, and the key loop (K pass + gather, or V inside the K loop)
+FORMS = {"fused-2pass": dict(fused=True, two_pass=True), "fused-1pass": dict(fused=True, two_pass=False),
+         "split-2pass": dict(fused=False, two_pass=True), "split-1pass": dict(fused=False, two_pass=False)}
 
 VARIANTS = [  # (sdc, vmc, floor): every SDC, VMC on and off, both floors
     (SDC.NONE, False, EmptyRowFloor.MAX),
@@ -114,19 +117,34 @@ def _check_counts(c, rc, amb, Hkv, what=""):
         f"{what}: kept V rows {c.kept_v_rows} vs {rc.kept_v_rows}"
 
 
-def _run_decode(B, Hq, Hkv, N, d, dtype, device, variant, k_keep, **tuning):
+def _run_decode(B, Hq, Hkv, N, d, dtype, device, variant, k_keep, row_max=False, lengths=None, **tuning):
+    """One decode call against the reference: outputs and counts.  ``row_max``: θ relative to the
+    row max (θ_rel = the midpoint θ minus the row max).  ``lengths`` (B,): a static buffer of N keys
+    of which sequence b sees the first lengths[b]."""
     cfg = _cfg(*variant)
+    if row_max:
+        cfg = cfg.with_(theta_reference="row-max")
     q, k, v = _qkv(B, Hq, Hkv, 1, N, d, dtype, device)
-    logits = _logits(q, k)
-    theta = _midpoint_theta(logits)  # (B, Hq, 1)
+    logits = _logits(q, k)  # (B, Hq, 1, N)
+    L = torch.full((B,), N, device=device)
+    if lengths is not None:
+        lengths = torch.as_tensor(lengths, dtype=torch.int32, device=device)
+        L = lengths.long()
+        logits = logits.masked_fill(torch.arange(N, device=device).view(1, 1, 1, N) >= L.view(B, 1, 1, 1),
+                                    float("-inf"))
+    theta = _midpoint_theta(logits)  # (B, Hq, 1), absolute
+    theta_in = theta - logits.amax(-1) if row_max else theta
     sdc_term = torch.rand(B, Hq, 1, device=device) * 3
-    out, c = topθ_decode(q, k, v, theta, config=cfg, k_keep=k_keep, sdc_term=sdc_term, v_sum=v.float().sum(2),
-                         **tuning)
-    ref, rc = topθ_decode_ref(q, k, v, theta, config=cfg, k_keep=k_keep, sdc_term=sdc_term)
-    low, _ = topθ_decode_ref(q, k, v, theta, config=cfg, k_keep=k_keep, sdc_term=sdc_term, upcast=False)
-    what = f"decode N={N} Hq/Hkv={Hq}/{Hkv} {cfg.label()} {dtype}"
+    valid = (torch.arange(N, device=device).view(1, 1, N, 1) < L.view(B, 1, 1, 1))
+    v_sum = (v.float() * valid).sum(2)
+    out, c = topθ_decode(q, k, v, theta_in, config=cfg, k_keep=k_keep, sdc_term=sdc_term, v_sum=v_sum,
+                         lengths=lengths, **tuning)
+    ref, rc = topθ_decode_ref(q, k, v, theta_in, config=cfg, k_keep=k_keep, sdc_term=sdc_term, lengths=lengths)
+    low, _ = topθ_decode_ref(q, k, v, theta_in, config=cfg, k_keep=k_keep, sdc_term=sdc_term, lengths=lengths,
+                             upcast=False)
+    what = f"decode N={N} L={L.tolist()} Hq/Hkv={Hq}/{Hkv} {cfg.label()} {dtype} {tuning}"
     _check_out(out, ref, low, what)
-    amb = _ambiguous(logits, theta) if N > k_keep else torch.zeros(B, Hq, dtype=torch.long, device=device)
+    amb = _ambiguous(logits, theta) * (L > k_keep).view(B, 1)  # dense rows (L ≤ k) keep everything
     _check_counts(c, rc, amb, Hkv, what)
     return c, rc
 
@@ -157,43 +175,76 @@ def _run_prefill(B, Hq, Hkv, Sq, Sk, d, dtype, device, variant, k_keep, **tuning
 # ----------------------------------------------------------------------------------------------
 
 @cpu
-@pytest.mark.parametrize("fused", FORMS, ids=FORM_IDS)
+@pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("N", [1, 17, 97, 130])
 @pytest.mark.parametrize("heads", [(2, 2), (4, 2)], ids=["mha", "gqa"])
-def test_decode_interpret(N, heads, fused):
+def test_decode_interpret(N, heads, form):
     Hq, Hkv = heads
     i = [1, 17, 97, 130].index(N) * 2 + (Hq != Hkv)
     _run_decode(2, Hq, Hkv, N, 64, torch.float16, "cpu", VARIANTS[i % len(VARIANTS)], k_keep=8, num_splits=3,
-                block_n=16, fused=fused)
+                block_n=16, block_v=16, chunk=32, **FORMS[form])
 
 
 @cpu
-@pytest.mark.parametrize("fused", FORMS, ids=FORM_IDS)
+@pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"{v[0].value}-vmc{int(v[1])}-{v[2].value}")
-def test_decode_interpret_variants(variant, fused):
-    _run_decode(1, 6, 2, 61, 64, torch.float16, "cpu", variant, k_keep=4, num_splits=2, block_n=16, fused=fused)
+def test_decode_interpret_variants(variant, form):
+    _run_decode(1, 6, 2, 61, 64, torch.float16, "cpu", variant, k_keep=4, num_splits=2, block_n=16, block_v=16,
+                **FORMS[form])
 
 
 @cpu
-@pytest.mark.parametrize("fused", FORMS, ids=FORM_IDS)
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"{v[0].value}-vmc{int(v[1])}-{v[2].value}")
+def test_decode_row_max_interpret(variant):
+    """θ relative to the row max (two launches: candidates, then the exact keep), every variant;
+    the midpoint θ leaves some rows empty, so the floor acts."""
+    _run_decode(2, 6, 2, 61, 64, torch.float16, "cpu", variant, k_keep=4, row_max=True, num_splits=3, block_n=16,
+                block_v=16)
+
+
+@cpu
+@pytest.mark.parametrize("form", list(FORMS) + ["row-max"])
+def test_decode_lengths_interpret(form):
+    """A static buffer of 100 keys, each sequence a different valid prefix: 1 key and 3 keys (dense
+    rows, L ≤ k), 37 and 100; splits past a sequence's length do nothing."""
+    tuning = dict(row_max=True) if form == "row-max" else FORMS[form]
+    for variant in (VARIANTS[1], VARIANTS[6]):
+        _run_decode(4, 4, 2, 100, 64, torch.float16, "cpu", variant, k_keep=4, lengths=[1, 37, 3, 100],
+                    num_splits=5, block_n=16, block_v=16, chunk=16, **tuning)
+
+
+@cpu
+@pytest.mark.parametrize("form", ["fused-2pass", "split-2pass"])
+def test_decode_chunks_interpret(form):
+    """Two-pass: splits longer than the scratch chunk (several K passes per split, the accumulator
+    rescaled between chunks), gathers of 16 rows."""
+    for variant in (VARIANTS[1], VARIANTS[3]):
+        _run_decode(2, 4, 2, 130, 64, torch.float16, "cpu", variant, k_keep=4, num_splits=1, block_n=16,
+                    block_v=16, chunk=32, **FORMS[form])
+
+
+@cpu
+@pytest.mark.parametrize("form", list(FORMS) + ["row-max"])
 @pytest.mark.parametrize("N", [1, 17, 97, 130])
 @pytest.mark.parametrize("splits", [1, 2, 9])
-def test_decode_interpret_splits(N, splits, fused, monkeypatch):
+def test_decode_interpret_splits(N, splits, form, monkeypatch):
     """Any split count, merged two splits at a time (by the last split to finish, or by the
     combine kernel)."""
     monkeypatch.setattr(decode_mod, "_chunk_s", lambda *a: 2)  # several merge steps, a ragged last one
     i = [1, 17, 97, 130].index(N) + splits
+    tuning = dict(row_max=True) if form == "row-max" else FORMS[form]
     _run_decode(2, 4, 2, N, 64, torch.float16, "cpu", VARIANTS[i % len(VARIANTS)], k_keep=4, num_splits=splits,
-                block_n=16, fused=fused)
+                block_n=16, block_v=16, **tuning)
 
 
 @cpu
 def test_decode_tickets_reset_interpret():
     """The per-(batch, KV head) counters are back at zero after every fused launch: calls in a
-    row (different split counts and batch shapes) all merge correctly."""
-    for B, N, splits in ((2, 130, 9), (2, 130, 9), (3, 61, 4), (1, 97, 7)):
+    row (different split counts and batch shapes, both key loops, row-max θ) all merge correctly."""
+    for B, N, splits, two_pass, row_max in ((2, 130, 9, True, False), (2, 130, 9, False, False),
+                                            (3, 61, 4, True, True), (1, 97, 7, False, True)):
         _run_decode(B, 4, 2, N, 64, torch.float16, "cpu", VARIANTS[3], k_keep=4, num_splits=splits, block_n=16,
-                    fused=True)
+                    block_v=16, fused=True, two_pass=two_pass, row_max=row_max)
         assert all(int(t.abs().sum()) == 0 for t in decode_mod._TICKETS.values())
 
 
@@ -297,20 +348,14 @@ def test_dense_equals_sdpa_semantics_interpret():
     assert (cd.kept == 33).all()
 
 
-@cpu
-def test_row_samples_interpret():
-    q, k, _ = _qkv(1, 2, 1, 20, 37, 64, torch.float16, "cpu")
-    for kth in (9,):
-        t, d_u = row_samples(q, k, kth, block_m=16)
-        tr, dr = row_samples_causal_ref(q, k, kth)
-        assert torch.equal(torch.isnan(t), torch.isnan(tr))
-        ok = ~torch.isnan(tr)
-        torch.testing.assert_close(t[ok], tr[ok], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(d_u[ok], dr[ok], rtol=1e-4, atol=1e-5)
+def _dispatch_vs_reference(device, dtype, cfg, steps=2, Hq=4, Hkv=2, S=37, d=64, k_keep=6, mask="causal"):
+    """Prefill + decode steps through ``dispatch.try_kernels`` vs the reference, outputs and metrics.
 
-
-def _dispatch_vs_reference(device, dtype, cfg, steps=2, Hq=4, Hkv=2, S=37, d=64, k_keep=6):
-    """Prefill + decode steps through ``dispatch.try_kernels`` vs the reference, outputs and metrics."""
+    ``mask``: how the decode steps' keys are given: ``causal`` (no mask, the cache as it grows),
+    ``prefix`` (a static buffer longer than the cache and a (B, 1, N) prefix mask: eager, the
+    dispatch finds the length on the host) or ``static`` (the same with the run marked
+    STATIC_PREFIX: lengths stay on the device, the V sum is kept on the device).
+    """
     from topθ_core.fingerprint import ModelFingerprint
     from topθ_core.statistics import ThresholdStats
 
@@ -320,25 +365,37 @@ def _dispatch_vs_reference(device, dtype, cfg, steps=2, Hq=4, Hkv=2, S=37, d=64,
     stats.add(0, lengths, t, torch.rand(lengths.numel(), Hq))
     fp = ModelFingerprint("t", "0", 1, Hq, Hkv, d)
     th = stats.finalize(0.0, fingerprint=fp, k=cfg.k, placement=cfg.placement)
-    q, k, v = _qkv(1, Hq, Hkv, S + steps, S + steps, d, dtype, device)
+    n_buf = S + steps + 5  # static buffer: garbage past the valid keys
+    q, k, v = _qkv(1, Hq, Hkv, S + steps, n_buf, d, dtype, device)
+    q = q[:, :, :S + steps]
     m_kernel, m_ref = SparsityMetrics(), SparsityMetrics()
     st_kernel = RunState(config=cfg, thresholds=th, metrics=m_kernel)
-    outs = []
+    if mask == "static":
+        st_kernel.scratch[dispatch.STATIC_PREFIX] = True
     for n_q, n_k in [(S, S)] + [(1, S + i + 1) for i in range(steps)]:
-        qq, kk, vv = q[:, :, n_k - n_q:n_k], k[:, :, :n_k], v[:, :, :n_k]
+        qq = q[:, :, n_k - n_q:n_k]
         vis = causal_visible(n_q, n_k, device, 1)
         theta, sdc, _ = th.lookup(0, vis.sum(-1), cfg.lookup)
-        out = dispatch.try_kernels(qq, kk, vv, vis, True, theta, sdc, cfg, k_keep, None, None, st_kernel, 0, None)
+        kk, vv, given = k[:, :, :n_k], v[:, :, :n_k], None
+        if n_q == 1 and mask != "causal":
+            kk, vv = k, v
+            given = (torch.arange(n_buf, device=device) < n_k).view(1, 1, n_buf)
+        out = dispatch.try_kernels(qq, kk, vv, visible=given, theta=theta, sdc_term=sdc, k_keep=k_keep, scaling=None,
+                                   softcap=None, state=st_kernel, layer=0)
         assert out is not None, "dispatch declined a supported call"
         obs = lambda block: m_ref(0, block)  # noqa: E731
-        ref = topθ_attention_ref(qq, kk, vv, config=cfg, k_keep=k_keep, visible=vis, theta=theta, sdc_term=sdc,
+        kr, vr = k[:, :, :n_k], v[:, :, :n_k]
+        ref = topθ_attention_ref(qq, kr, vr, config=cfg, k_keep=k_keep, visible=vis, theta=theta, sdc_term=sdc,
                                  observer=obs)
-        low = topθ_attention_ref(qq, kk, vv, config=cfg, k_keep=k_keep, visible=vis, theta=theta, sdc_term=sdc,
+        low = topθ_attention_ref(qq, kr, vr, config=cfg, k_keep=k_keep, visible=vis, theta=theta, sdc_term=sdc,
                                  upcast=False)
-        _check_out(out, ref, low, f"dispatch Sq={n_q} Sk={n_k} {cfg.label()}")
-        outs.append(out)
-    if cfg.vmc:
+        _check_out(out, ref, low, f"dispatch {mask} Sq={n_q} Sk={n_k} {cfg.label()}")
+    if cfg.vmc and mask != "static":
         assert st_kernel.scratch[("topθ.vsum", 0)][0] == S + steps  # running V sum followed the cache
+    if cfg.vmc and mask == "static":
+        torch.testing.assert_close(st_kernel.scratch[("topθ.vsum_static", 0)], v[:, :, :S + steps].float().sum(2))
+    if mask == "static":
+        assert st_kernel.scratch[(dispatch.COUNTS, 0)].kept.shape == (1, Hq)
     fk = m_kernel.to_frame().drop(columns=["extrapolated_rows"])
     fr = m_ref.to_frame().drop(columns=["extrapolated_rows"])
     cols = ["kept", "visible", "topk_equiv", "rows", "dense_rows", "empty_rows", "kept_v_rows", "kv_rows"]
@@ -350,27 +407,60 @@ def _dispatch_vs_reference(device, dtype, cfg, steps=2, Hq=4, Hkv=2, S=37, d=64,
 
 
 @cpu
-def test_dispatch_interpret():
+@pytest.mark.parametrize("mask", ["causal", "prefix", "static"])
+def test_dispatch_interpret(mask):
     cfg = SparseConfig(sdc=SDC.OFFLINE, vmc=True)
-    _dispatch_vs_reference("cpu", torch.float16, cfg)
+    _dispatch_vs_reference("cpu", torch.float16, cfg, mask=mask)
+
+
+@cpu
+def test_dispatch_row_max_decode_interpret():
+    """θ relative to the row max: the decode kernel (prefill stays on the reference)."""
+    cfg = SparseConfig(sdc=SDC.EXACT, vmc=True, theta_reference="row-max")
+    q, k, v = _qkv(1, 4, 2, 1, 40, 64, torch.float16, "cpu")
+    st = RunState(config=cfg)
+    theta = -torch.rand(1, 4, 1) * 2
+    out = dispatch.try_kernels(q, k, v, visible=None, theta=theta, sdc_term=None, k_keep=6, scaling=None,
+                               softcap=None, state=st, layer=0)
+    assert out is not None
+    ref = topθ_attention_ref(q, k, v, config=cfg, k_keep=6, theta=theta)
+    low = topθ_attention_ref(q, k, v, config=cfg, k_keep=6, theta=theta, upcast=False)
+    _check_out(out, ref, low, "dispatch row-max decode")
+    qp = _qkv(1, 4, 2, 40, 40, 64, torch.float16, "cpu")[0]
+    assert dispatch.try_kernels(qp, k, v, visible=None, theta=theta.expand(1, 4, 40), sdc_term=None, k_keep=6,
+                                scaling=None, softcap=None, state=st, layer=0) is None
 
 
 @cpu
 def test_dispatch_declines_unsupported():
     q, k, v = _qkv(1, 2, 2, 5, 5, 64, torch.float16, "cpu")
-    vis = causal_visible(5, 5, "cpu", 1)
-    st = RunState(config=SparseConfig())
     theta = torch.zeros(1, 2, 5)
+
+    def call(cfg, q=q, k=k, v=v, visible=None, softcap=None, k_keep=2, **state):
+        st = RunState(config=cfg, **state)
+        return dispatch.try_kernels(q, k, v, visible=visible, theta=theta[:, :, -q.shape[2]:], sdc_term=theta,
+                                    k_keep=k_keep, scaling=None, softcap=softcap, state=st, layer=0)
+
     for cfg in (SparseConfig(selection="top-k", sdc="exact"), SparseConfig(placement="post", sdc="none"),
-                SparseConfig(capk=True)):
-        assert kernel_variant(cfg) is None
-        assert dispatch.try_kernels(q, k, v, vis, True, theta, theta, cfg, 2, None, None, st, 0, None) is None
-    assert dispatch.try_kernels(q, k, v, vis, True, theta, theta, SparseConfig(), 2, None, 30.0, st, 0, None) is None
-    assert dispatch.try_kernels(q.float(), k.float(), v.float(), vis, True, theta, theta, SparseConfig(), 2, None,
-                                None, st, 0, None) is None
-    padded = vis.clone()
+                SparseConfig(capk=True), SparseConfig(sink_tokens=1), SparseConfig(recent_tokens=2),
+                SparseConfig(k=KSchedule(4, head_overrides={(0, 1): 8}))):
+        assert kernel_variant(cfg) is None and kernel_variant(cfg, decode=True) is None
+        assert call(cfg) is None
+    assert kernel_variant(SparseConfig(theta_reference="row-max")) is None  # prefill: reference
+    assert kernel_variant(SparseConfig(theta_reference="row-max"), decode=True) is not None
+    assert call(SparseConfig()) is not None  # the supported call, for contrast
+    assert call(SparseConfig(), softcap=30.0) is None
+    assert call(SparseConfig(), k_keep=[2, 3]) is None
+    assert call(SparseConfig(), use_kernels=False) is None
+    assert call(SparseConfig(), observers=(lambda layer, block: None,)) is None
+    assert call(SparseConfig(), metrics=SparsityMetrics(track_popularity=True)) is None
+    assert call(SparseConfig(), q=q.float(), k=k.float(), v=v.float()) is None
+    padded = causal_visible(5, 5, "cpu", 1).clone()
     padded[:, :, 0] = False
-    assert dispatch.try_kernels(q, k, v, padded, False, theta, theta, SparseConfig(), 2, None, None, st, 0, None) is None
+    assert call(SparseConfig(), visible=padded) is None
+    hole = torch.ones(1, 1, 5, dtype=torch.bool)
+    hole[..., 2] = False  # decode: visible keys are not a prefix
+    assert call(SparseConfig(), q=q[:, :, -1:], visible=hole) is None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,25 +481,40 @@ def test_decode_gpu(N, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs CUDA (compiled Triton)")
-@pytest.mark.parametrize("fused", FORMS, ids=FORM_IDS)
-def test_decode_forms_gpu(fused):
-    """Each form, forced, at real shapes on both sides of FUSED_MAX_KV_ROWS with the plan's other
-    settings: every SDC / VMC / floor variant, bf16 and fp16, d 128 (32/8 heads) and d 64 (9/3)."""
+@pytest.mark.parametrize("form", list(FORMS) + ["row-max"])
+def test_decode_forms_gpu(form):
+    """Each form, forced (and row-max θ), at real shapes on both sides of FUSED_MAX_KV_ROWS with the
+    plan's other settings: every SDC / VMC / floor variant, bf16 and fp16, d 128 (32/8 heads) and
+    d 64 (9/3)."""
+    tuning = dict(row_max=True) if form == "row-max" else FORMS[form]
     for B, N in ((1, 4096), (8, 16384)):
         for i, variant in enumerate(VARIANTS):
             dtype = (torch.bfloat16, torch.float16)[i % 2]
-            _run_decode(B, 32, 8, N, 128, dtype, "cuda", variant, k_keep=64, fused=fused)
-    _run_decode(3, 9, 3, 20000, 64, torch.bfloat16, "cuda", VARIANTS[3], k_keep=64, fused=fused)
+            _run_decode(B, 32, 8, N, 128, dtype, "cuda", variant, k_keep=64, **tuning)
+    _run_decode(3, 9, 3, 20000, 64, torch.bfloat16, "cuda", VARIANTS[3], k_keep=64, **tuning)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs CUDA (compiled Triton)")
-@pytest.mark.parametrize("fused", FORMS, ids=FORM_IDS)
+@pytest.mark.parametrize("form", list(FORMS) + ["row-max"])
+def test_decode_lengths_gpu(form):
+    """A static buffer of 16k keys, sequences of 1, 3000, 17 and 16384 valid keys (the first and the
+    third dense: L ≤ k)."""
+    tuning = dict(row_max=True) if form == "row-max" else FORMS[form]
+    for variant in (VARIANTS[1], VARIANTS[3], VARIANTS[6]):
+        _run_decode(4, 32, 8, 16384, 128, torch.bfloat16, "cuda", variant, k_keep=64,
+                    lengths=[1, 3000, 17, 16384], **tuning)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs CUDA (compiled Triton)")
+@pytest.mark.parametrize("form", list(FORMS) + ["row-max"])
 @pytest.mark.parametrize("splits", [1, 37, 128])
-def test_decode_splits_gpu(splits, fused):
-    """Either form at any split count; 128 splits need 16 merge steps."""
+def test_decode_splits_gpu(splits, form):
+    """Any form at any split count; 128 splits need 16 merge steps."""
+    tuning = dict(row_max=True) if form == "row-max" else FORMS[form]
     for variant in (VARIANTS[1], VARIANTS[3]):
-        _run_decode(1, 32, 8, 8192, 128, torch.bfloat16, "cuda", variant, k_keep=64, num_splits=splits, fused=fused)
+        _run_decode(1, 32, 8, 8192, 128, torch.bfloat16, "cuda", variant, k_keep=64, num_splits=splits, **tuning)
 
 
 @pytest.mark.gpu
@@ -423,47 +528,60 @@ def test_decode_plan_gpu():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs CUDA (compiled Triton)")
-@pytest.mark.parametrize("fused", FORMS, ids=FORM_IDS)
-def test_decode_repeatable_and_graph_gpu(fused):
+@pytest.mark.parametrize("form", list(FORMS) + ["row-max"])
+def test_decode_repeatable_and_graph_gpu(form):
     """The merge order is fixed, so repeated launches are bit-identical (fused: whichever split
     finishes last; a missing acquire/release would show as a changing result); a CUDA graph of
-    the launch(es) replays correctly with new inputs (the fused counters reset themselves)."""
-    cfg = _cfg(*VARIANTS[3])
-    B, Hq, Hkv, N, d = 1, 32, 8, 16384, 128
+    the launch(es) replays correctly with new inputs and new valid lengths (the fused counters
+    reset themselves), equal to an eager call and to the reference."""
+    row_max = form == "row-max"
+    cfg = _cfg(*VARIANTS[3]).with_(theta_reference="row-max" if row_max else "absolute")
+    B, Hq, Hkv, N, d = 2, 32, 8, 16384, 128
 
-    def inputs():
+    def inputs(lengths):
         q, k, v = _qkv(B, Hq, Hkv, 1, N, d, torch.bfloat16, "cuda")
-        return q, k, v, _midpoint_theta(_logits(q, k)), torch.rand(B, Hq, 1, device="cuda") * 3, v.float().sum(2)
+        lengths = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+        lg = _logits(q, k).masked_fill(torch.arange(N, device="cuda").view(1, 1, 1, N) >= lengths.view(B, 1, 1, 1),
+                                       float("-inf"))
+        theta = _midpoint_theta(lg)
+        valid = torch.arange(N, device="cuda").view(1, 1, N, 1) < lengths.view(B, 1, 1, 1)
+        th_in = theta - lg.amax(-1) if row_max else theta
+        return [q, k, v, th_in, torch.rand(B, Hq, 1, device="cuda") * 3, (v.float() * valid).sum(2), lengths], lg, theta
 
-    q, k, v, theta, sdc, vsum = inputs()
-    kw = dict(config=cfg, k_keep=64, num_splits=96, fused=fused)
-    first, c0 = topθ_decode(q, k, v, theta, sdc_term=sdc, v_sum=vsum, **kw)
+    (q, k, v, theta, sdc, vsum, lengths), _, _ = inputs([9000, N])
+    kw = dict(config=cfg, k_keep=64, num_splits=96, **({} if row_max else FORMS[form]))
+    first, c0 = topθ_decode(q, k, v, theta, sdc_term=sdc, v_sum=vsum, lengths=lengths, **kw)
     for _ in range(30):
-        out, c = topθ_decode(q, k, v, theta, sdc_term=sdc, v_sum=vsum, **kw)
+        out, c = topθ_decode(q, k, v, theta, sdc_term=sdc, v_sum=vsum, lengths=lengths, **kw)
         assert torch.equal(out, first) and torch.equal(c.kept, c0.kept) and torch.equal(c.kept_v_rows, c0.kept_v_rows)
-    static = [t.clone() for t in (q, k, v, theta, sdc, vsum)]
+    static = [t.clone() for t in (q, k, v, theta, sdc, vsum, lengths)]
+
+    def call(t):
+        return topθ_decode(*t[:4], sdc_term=t[4], v_sum=t[5], lengths=t[6], **kw)
+
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        topθ_decode(*static[:4], sdc_term=static[4], v_sum=static[5], **kw)  # warm-up on the capture stream
+        call(static)  # warm-up on the capture stream
     torch.cuda.current_stream().wait_stream(s)
     graphs = []
     for stream in (s, torch.cuda.Stream()):  # counters made before the capture / during it (a fresh stream)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, stream=stream):
-            g_out, g_counts = topθ_decode(*static[:4], sdc_term=static[4], v_sum=static[5], **kw)
+            g_out, g_counts = call(static)
         graphs.append((g, g_out, g_counts))
-    for i in range(4):
+    for i, lens in enumerate(([N, 77], [4096, 5000], [1, N], [12000, 13000])):
         g, g_out, g_counts = graphs[i % 2]
-        new = inputs()
+        new, lg, theta_abs = inputs(lens)
         for dst, src in zip(static, new):
             dst.copy_(src)
         g.replay()
-        ref, rc = topθ_decode_ref(*new[:4], config=cfg, k_keep=64, sdc_term=new[4])
-        low, _ = topθ_decode_ref(*new[:4], config=cfg, k_keep=64, sdc_term=new[4], upcast=False)
-        _check_out(g_out, ref, low, f"graph {i % 2} replay")
-        _check_counts(g_counts, rc, _ambiguous(_logits(new[0], new[1]), new[3]), Hkv, "graph replay")
-        eager, _ = topθ_decode(*new[:4], sdc_term=new[4], v_sum=new[5], **kw)
+        ref, rc = topθ_decode_ref(*new[:4], config=cfg, k_keep=64, sdc_term=new[4], lengths=new[6])
+        low, _ = topθ_decode_ref(*new[:4], config=cfg, k_keep=64, sdc_term=new[4], lengths=new[6], upcast=False)
+        _check_out(g_out, ref, low, f"graph {i % 2} replay, lengths {lens}")
+        amb = _ambiguous(lg, theta_abs) * (new[6] > 64).view(B, 1)
+        _check_counts(g_counts, rc, amb, Hkv, "graph replay")
+        eager, _ = call(new)
         assert torch.equal(eager, g_out)
     torch.cuda.synchronize()
     assert all(int(t.abs().sum()) == 0 for t in decode_mod._TICKETS.values())
@@ -488,27 +606,11 @@ def test_prefill_gpu(S, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs CUDA (compiled Triton)")
-@pytest.mark.parametrize("kth", [65, 513])
-def test_row_samples_gpu(kth):
-    q, k, _ = _qkv(1, 8, 2, 2048, 2048, 128, torch.bfloat16, "cuda")
-    t, d_u = row_samples(q, k, kth)
-    tr, dr = row_samples_causal_ref(q, k, kth)
-    assert torch.equal(torch.isnan(t), torch.isnan(tr))
-    ok = ~torch.isnan(tr)
-    torch.testing.assert_close(t[ok], tr[ok], rtol=1e-4, atol=1e-4)
-    # D_U can differ by one element's mass where a score lies within rounding of t (bf16 inputs,
-    # different summation order): allow that on a tiny fraction of rows only
-    bad = ((d_u[ok] - dr[ok]).abs() > 1e-3 * dr[ok].abs() + 1e-4).float().mean().item()
-    print(f"rows with D_U off by more than 1e-3: {bad:.2e}")
-    assert bad <= 1e-3
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs CUDA (compiled Triton)")
+@pytest.mark.parametrize("mask", ["causal", "prefix", "static"])
 @pytest.mark.parametrize("cfg", [SparseConfig(sdc=SDC.OFFLINE, vmc=True), SparseConfig(sdc=SDC.EXACT, vmc=False)],
                          ids=lambda c: c.label())
-def test_dispatch_gpu(cfg):
-    _dispatch_vs_reference("cuda", torch.bfloat16, cfg, steps=3, Hq=32, Hkv=8, S=700, d=128, k_keep=64)
+def test_dispatch_gpu(cfg, mask):
+    _dispatch_vs_reference("cuda", torch.bfloat16, cfg, steps=3, Hq=32, Hkv=8, S=700, d=128, k_keep=64, mask=mask)
 
 
 @pytest.mark.gpu
@@ -544,3 +646,145 @@ def test_model_generation_gpu():
     for col in ("kept", "visible", "kept_v_rows", "kv_rows"):
         a, b = res[True][1][col].sum(), res[False][1][col].sum()
         assert abs(a - b) <= max(2, 1e-3 * b), (col, a, b)  # scores within rounding of θ only
+
+
+# ----------------------------------------------------------------------------------------------
+# Decode steps on a static cache (topθ_core.graph_decode): the kernels inside a model
+# ----------------------------------------------------------------------------------------------
+
+def _graph_model(device, dtype, d=64, layers=2, heads=2, kv_heads=1, row_max=False):
+    """A random Llama whose attention the kernels take (head dim 64/128), prepared for Top-θ, with
+    thresholds that keep part of every row: θ = 0.05 at every length (``row_max``: θ_rel = −0.05, what
+    lies within 0.05 of the row max), offline SDC term 0.5."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from topθ_core.integration import model_fingerprint, prepare_model
+    from topθ_core.thresholds import ThresholdStats
+
+    torch.manual_seed(0)
+    mc = LlamaConfig(vocab_size=256, hidden_size=heads * d, intermediate_size=4 * d, num_hidden_layers=layers,
+                     num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=d, max_position_embeddings=4096)
+    model = prepare_model(LlamaForCausalLM(mc).to(device, dtype).eval())
+    stats = ThresholdStats(layers, heads, bin_width=16, device="cpu")
+    value = -0.05 if row_max else 0.05
+    for layer in range(layers):
+        stats.add(layer, torch.arange(1, 2049), torch.full((2048, heads), value), torch.full((2048, heads), 0.5))
+    ref = "row-max" if row_max else "absolute"
+    cfg = SparseConfig(sdc=SDC.OFFLINE, vmc=True, k=KSchedule(4), theta_reference=ref)
+    th = stats.finalize(0.0, fingerprint=model_fingerprint(model), k=cfg.k, placement=cfg.placement,
+                        theta_reference=ref)
+    return model, cfg, th
+
+
+def _dynamic_greedy(model, run, ids, steps):
+    """The eager reference: the model's dynamic cache, one forward per token (scratch carried, like
+    generation's streams); greedy tokens, logits, and kept V rows per step from the metrics."""
+    from topθ_core.graph_decode import cache_kwarg, output_cache
+
+    kw, cache, tok, toks, logits, kept_v = cache_kwarg(model), None, ids, [], [], []
+    scratch = {}
+    for i in range(steps + 1):
+        m = SparsityMetrics()
+        with contextlib.ExitStack() as stack:
+            state = stack.enter_context(run(m)) if run is not None else None
+            if state is not None:
+                state.scratch.update(scratch)
+            out = model(input_ids=tok, use_cache=True, **{kw: cache})
+            if state is not None:
+                scratch = state.scratch
+        cache = output_cache(out)
+        lg = out.logits[:, -1].float()
+        tok = lg.argmax(-1, keepdim=True)
+        toks.append(int(tok))
+        logits.append(lg)
+        if i and run is not None:
+            kept_v.append(sum(m.decode_steps[layer][-1][0] for layer in m.decode_steps)
+                          / sum(m.decode_steps[layer][-1][1] for layer in m.decode_steps))
+    return toks, logits, kept_v
+
+
+def _graph_greedy(model, run, ids, steps, cuda_graph):
+    from topθ_core.graph_decode import GraphDecoder
+
+    dec = GraphDecoder(model, run, max_len=ids.shape[1] + steps + 3, cuda_graph=cuda_graph)
+    lg = dec.prefill(ids).float()
+    toks, logits, kept_v = [int(dec.next_tokens)], [lg], []
+    for _ in range(steps):
+        lg = dec.step().float()
+        toks.append(int(dec.next_tokens))
+        logits.append(lg.clone())
+        kept_v.append(dec.kept_v_fraction())
+    return toks, logits, kept_v, dec
+
+
+@cpu
+def test_graph_decoder_static_kernels_interpret():
+    """A static-cache decode step with the decode kernel inside (lengths read on the device, the V
+    sum kept on the device, counts left for the decoder) gives the greedy tokens and kept V rows of
+    the model's ordinary dynamic-cache path; dense likewise through transformers' sdpa."""
+    from topθ_core.integration import sparse_run
+
+    model, cfg, th = _graph_model("cpu", torch.float16)
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(3))
+    run = lambda m=None: sparse_run(cfg, th, model=model, metrics=m)  # noqa: E731
+    with torch.inference_mode():
+        for r in (run, None):
+            toks_d, lg_d, kv_d = _dynamic_greedy(model, r, ids, 4)
+            toks_g, lg_g, kv_g, dec = _graph_greedy(model, r, ids, 4, cuda_graph=False)
+            assert toks_g == toks_d
+            for a, b in zip(lg_g, lg_d):
+                torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+            if r is not None:
+                assert all(0 < x < 1 for x in kv_g), kv_g  # every layer ran the kernel, which kept part of V
+                assert max(abs(a - b) for a, b in zip(kv_g, kv_d)) < 1e-2, (kv_g, kv_d)
+            assert not dec.graphed
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs CUDA (compiled Triton)")
+@pytest.mark.parametrize("row_max", [False, True], ids=["absolute", "row-max"])
+def test_graph_decoder_gpu(row_max):
+    """Decode steps captured as a CUDA graph: replays equal the same static steps run eagerly (bit
+    for bit), and greedy tokens equal the dynamic-cache path's, for Top-θ (d 128) and dense."""
+    from topθ_core.integration import sparse_run
+
+    model, cfg, th = _graph_model("cuda", torch.bfloat16, d=128, layers=4, heads=8, kv_heads=2, row_max=row_max)
+    ids = torch.randint(0, 256, (1, 600), device="cuda", generator=torch.Generator("cuda").manual_seed(5))
+    run = lambda m=None: sparse_run(cfg, th, model=model, metrics=m)  # noqa: E731
+    with torch.inference_mode():
+        for r in (run, None):
+            toks_e, lg_e, kv_e, _ = _graph_greedy(model, r, ids, 12, cuda_graph=False)
+            toks_g, lg_g, kv_g, dec = _graph_greedy(model, r, ids, 12, cuda_graph=True)
+            assert dec.graphed
+            assert toks_g == toks_e
+            for a, b in zip(lg_g, lg_e):
+                assert torch.equal(a, b)  # the same kernels on the same inputs: replay = eager
+            if r is not None:
+                assert kv_g == kv_e and all(0 < x < 1 for x in kv_g), kv_g
+            toks_d, lg_d, _ = _dynamic_greedy(model, r, ids, 12)
+            assert toks_g == toks_d
+            for a, b in zip(lg_g, lg_d):
+                torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs CUDA (compiled Triton)")
+def test_compare_generate_graphs_gpu():
+    """generation.compare_generate on CUDA: with CUDA graphs (the default) both streams give the
+    tokens they give without, and report finite tokens/s and kept V rows."""
+    from conftest import tiny_tokenizer
+
+    from topθ_core.generation import compare_generate
+    from topθ_core.models import wrap_model
+
+    model, cfg, th = _graph_model("cuda", torch.bfloat16, d=128, layers=2, heads=4, kv_heads=2)
+    model.config.vocab_size = 256
+    lm = wrap_model(model, tiny_tokenizer(256), name="graph-tiny")
+    prompt = "Attention keeps what matters and drops the rest. " * 12
+    runs = {g: list(compare_generate(lm, prompt, cfg, th, max_new_tokens=10, stop_at_eos=False, cuda_graphs=g))
+            for g in (True, False)}
+    for field in ("dense_token", "sparse_token"):
+        assert [getattr(s, field) for s in runs[True]] == [getattr(s, field) for s in runs[False]]
+    last = runs[True][-1]
+    assert last.dense_tok_s > 0 and last.sparse_tok_s > 0
+    assert all(0 < s.kept_v_rows < 1 for s in runs[True][1:])

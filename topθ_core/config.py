@@ -68,7 +68,8 @@ class ThetaReference(str, enum.Enum):
     With ``row-max`` a row keeps element j iff ``a_ij − m_i > θ_rel[layer, head, L]`` (``m_i`` the
     maximum over the row's visible keys), and calibration records ``t − m`` instead of ``t``.
     Pre-softmax only.  A tiled kernel knows ``m_i`` only after the whole row (its running max
-    grows tile by tile), so this is a reference-path option (``SparseConfig.kernel_compatible``).
+    grows tile by tile), so the prefill runs the reference path; the decode kernel reads every score
+    before it compares and takes it (``topθ_core.kernels.kernel_variant``).
     """
 
     ABSOLUTE = "absolute"  # keep a_ij > θ (the paper's)
@@ -399,14 +400,14 @@ class SparseConfig:
 
     @property
     def kernel_compatible(self) -> bool:
-        """True when the Triton kernels compute exactly this config's attention.
+        """True when both Triton kernels (prefill and decode) compute exactly this config's attention.
 
-        The kernels implement the paper's semantics only; any option that changes which
-        elements are kept beyond them must run the reference: always-kept sink or recent
-        positions; θ relative to the row max (a tiled kernel has only a running max when it
-        compares); per-head k (the kernels take one k per layer for the dense-row rule).
-        Options that only change θ or the SDC term values (lookup, smoothing, σ, the SDC
-        source) are computed before the kernel and stay compatible.
+        Options that change which elements are kept beyond the paper's rule run the reference:
+        always-kept sink or recent positions; per-head k (the kernels take one k per layer for the
+        dense-row rule); θ relative to the row max in prefill (a tiled prefill has only a running max
+        when it compares; the decode kernel reads every score first and does take it).  Options that
+        only change θ or the SDC term values (lookup, smoothing, σ, the SDC source) are computed before
+        the kernel and stay compatible.  Per call, ``topθ_core.kernels.kernel_variant`` decides.
         """
         return (self.sink_tokens == 0 and self.recent_tokens == 0
                 and self.theta_reference is ThetaReference.ABSOLUTE and not self.k.head_overrides)

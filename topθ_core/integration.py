@@ -162,12 +162,10 @@ def top_theta_attention_forward(
             phase = "prefill" if Sq > 1 else "decode"
             kk = torch.tensor(k_keep, device=row_len.device).view(1, -1, 1) if isinstance(k_keep, list) else k_keep
             state.metrics.add_extrapolated(layer, phase, extrap & (row_len.unsqueeze(1) > kk))
-    out = None
-    if state.use_kernels and query.is_cuda and cfg.kernel_compatible:  # new options run the reference
-        from . import dispatch  # the GPU kernels, loaded only on CUDA
+    from . import dispatch  # decides kernel or reference (imports the kernels only for tensors they take)
 
-        out = dispatch.try_kernels(query, key, value, visible, attention_mask is None, theta, sdc_term, cfg, k_keep,
-                                   scaling, softcap, state, layer, module)
+    out = dispatch.try_kernels(query, key, value, visible=visible, theta=theta, sdc_term=sdc_term, k_keep=k_keep,
+                               scaling=scaling, softcap=softcap, state=state, layer=layer)
     if out is None:
         observer = _observer_for(state, layer)
         out = topθ_attention_ref(query, key, value, config=cfg, k_keep=k_keep, visible=visible, theta=theta,

@@ -1,18 +1,44 @@
-"""Shared pieces of the Triton kernels: variant codes, support checks, count containers."""
+"""Shared pieces of the Triton kernels: constants, variant Enums, support checks, count containers,
+and the compensation tail (SDC + VMC) every kernel ends with."""
 
 from __future__ import annotations
 
+import enum
 from typing import NamedTuple
 
 import torch
+import triton
+import triton.language as tl
 
-from ..config import SDC, EmptyRowFloor, Placement, Selection, SparseConfig
+from ..config import SDC, EmptyRowFloor, Placement, Selection, SparseConfig, ThetaReference
 
-# The kernels take the SDC variant as a compile-time code; the public functions take the Enum.
-SDC_CODE: dict[SDC, int] = {SDC.NONE: 0, SDC.EXACT: 1, SDC.EXP_THRESHOLD: 2, SDC.OFFLINE: 3}
+# log2(e): the kernels work in the log2 domain (scores · log2 e, exp2).  A constexpr so that
+# @triton.jit code may read it; Python code uses ``LOG2E.value``.
+LOG2E = tl.constexpr(1.4426950408889634)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (64, 128)
+
+
+class KernelSdc(enum.IntEnum):
+    """The SDC variant as the kernels take it: a compile-time integer only at the Triton call."""
+
+    NONE = 0
+    EXACT = 1
+    EXP_THRESHOLD = 2
+    OFFLINE = 3
+
+    @classmethod
+    def of(cls, sdc: SDC) -> "KernelSdc":
+        return cls[SDC(sdc).name]
+
+
+class KernelTheta(enum.IntEnum):
+    """What a kernel compares with θ (decode): nothing (dense), the score, or the score minus the row max."""
+
+    DENSE = 0  # keep everything (dense selection, or a dense row)
+    ABSOLUTE = 1  # keep s > θ
+    ROW_MAX = 2  # keep s − max_j s_j > θ_rel
 
 
 class KernelCounts(NamedTuple):
@@ -31,25 +57,40 @@ class KernelCounts(NamedTuple):
 class KernelVariant(NamedTuple):
     """The compile-time variant a config maps to (``None`` from :func:`kernel_variant` = unsupported)."""
 
-    sdc: int  # SDC_CODE
+    sdc: KernelSdc
     sdc_scale: float
     vmc: bool
     floor_max: bool
     dense: bool  # selection=dense: θ = −∞ everywhere, no compensation
+    row_max: bool = False  # θ relative to the row maximum (decode kernel only)
+
+    @property
+    def theta(self) -> KernelTheta:
+        if self.dense:
+            return KernelTheta.DENSE
+        return KernelTheta.ROW_MAX if self.row_max else KernelTheta.ABSOLUTE
 
 
-def kernel_variant(config: SparseConfig) -> KernelVariant | None:
-    """Map a config to a kernel variant, or ``None`` when the kernels do not implement it.
+def kernel_variant(config: SparseConfig, *, decode: bool = False) -> KernelVariant | None:
+    """Map a config to a kernel variant, or ``None`` when the kernel does not implement it.
 
-    Supported: dense, and top-θ with pre-softmax placement, any SDC, VMC, floor none/max.
-    Not supported (the reference runs): top-k, post-softmax placement, capk.
+    Supported: dense, and top-θ with pre-softmax placement, any SDC, VMC, floor none/max, one k
+    per layer.  θ relative to the row maximum (``theta_reference=row-max``) only in decode
+    (``decode=True``: the decode kernel reads all scores before it decides).  Not supported (the
+    reference runs): top-k, post-softmax placement, capk, always-kept sink/recent positions,
+    per-head k.
     """
     if config.selection is Selection.DENSE:
-        return KernelVariant(sdc=0, sdc_scale=1.0, vmc=False, floor_max=False, dense=True)
+        return KernelVariant(sdc=KernelSdc.NONE, sdc_scale=1.0, vmc=False, floor_max=False, dense=True)
     if config.selection is not Selection.TOP_THETA or config.placement is not Placement.PRE or config.capk:
         return None
-    return KernelVariant(sdc=SDC_CODE[config.sdc], sdc_scale=float(config.sdc_scale), vmc=bool(config.vmc),
-                         floor_max=config.empty_row is EmptyRowFloor.MAX, dense=False)
+    if config.sink_tokens or config.recent_tokens or config.k.head_overrides:
+        return None
+    row_max = config.theta_reference is ThetaReference.ROW_MAX
+    if row_max and not decode:
+        return None
+    return KernelVariant(sdc=KernelSdc.of(config.sdc), sdc_scale=float(config.sdc_scale), vmc=bool(config.vmc),
+                         floor_max=config.empty_row is EmptyRowFloor.MAX, dense=False, row_max=row_max)
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int, int]:
@@ -75,3 +116,30 @@ def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+@triton.jit
+def compensated_output(acc, ds, du, ndrop, th, m, c_off, v_mean, sdc_scale,
+                       SDC_MODE: tl.constexpr, VMC: tl.constexpr):
+    """The compensation tail of a row block (SPEC.md, Compensations), in the log2 domain.
+
+    Rows (R,): ``acc`` (R, D) = Σ_kept 2^(s − m) v, ``ds`` = D_S, ``du`` = the exact dropped mass
+    D_U (read by exact SDC only), ``ndrop`` = |U|, ``th`` the absolute threshold (log2 units) and
+    ``m`` the row max (exp-threshold SDC), ``c_off`` the offline term C (offline SDC), ``v_mean``
+    (R, D) the mean of the visible V rows (VMC).  Returns
+    ``o = acc / (D_S + s·D̃_U) + (1 − D_S / (D_S + s·D̃_U)) · v̄`` (the VMC term only with VMC).
+    """
+    if SDC_MODE == 1:  # exact: D̃_U = D_U (exactly 0 where nothing was dropped)
+        d_u = tl.where(ndrop > 0, du, 0.0)
+    elif SDC_MODE == 2:  # exp-threshold: |U| · e^(θ − m)
+        d_u = tl.where(ndrop > 0, ndrop.to(tl.float32) * tl.exp2(th - m), 0.0)
+    elif SDC_MODE == 3:  # offline: C[ℓ, h, L] where something was dropped
+        d_u = tl.where(ndrop > 0, c_off, 0.0)
+    else:
+        d_u = tl.zeros_like(ds)
+    denom = ds + sdc_scale * d_u
+    denom = tl.where(denom > 0, denom, 1.0)
+    o = acc / denom[:, None]
+    if VMC:
+        o += (1.0 - ds / denom)[:, None] * v_mean
+    return o

@@ -1,38 +1,55 @@
-"""Top-θ decode: one new query token per sequence against a KV cache, skipping V rows.
+"""Top-θ decode: one new query token per sequence against a KV cache, reading only the kept V rows.
 
 Flash-decoding layout: the grid is (batch·KV heads, splits).  One program handles every query
 head of a KV head (GQA group, padded to 16 rows for the tensor cores) over one split of the
-sequence.  For each block of keys it computes the scores of all heads, compares each with θ of
-its head (one compare per element), and loads a V row only when some head of the group keeps it:
-the V load is predicated per row (a d=128 bf16 row is 256 contiguous bytes; a masked-off row
-issues no memory transaction).  All of K is read (a threshold needs every score); only kept V
-rows are.  The V load of a block is issued as soon as its keep mask is known and consumed one
-block later (software pipelining by hand), so its latency hides behind the next block's QKᵀ: a
-data-dependent load cannot be prefetched by the compiler.
+sequence.  All of K is read (a threshold needs every score); only the V rows some head of the
+group keeps are read (a d=128 bf16 row is 256 contiguous bytes).
 
-Each split writes partial statistics (running max ``m`` of all visible scores and its index,
-``D_S``, the exact dropped mass ``D_U``, kept count, ``Σ p v``, kept-V-row count) to a
-workspace.  A merge of the splits of one (batch, KV head) applies the empty-row floor, SDC
-(exact / exp-threshold / offline) and VMC (``v̄`` from a running V sum kept beside the cache,
-O(d) per step) and writes the output and the kept counts.  It runs in one of two forms, which
-:func:`decode_plan` picks per shape:
+Key loop, two forms (:class:`DecodePlan` picks; same result up to summation order):
 
-* fused (latency-bound shapes): one launch.  After its stores each split draws a ticket from its
-  (batch, KV head)'s counter (a barrier, then one atomic add with acquire-release semantics); the
-  program that draws the last ticket merges and puts the counter back to zero.  The counters are
-  zero between launches, so a launch can be captured in a CUDA graph and replayed; they are kept
-  per device and stream (launches that run concurrently must come from different streams).
-* two launches (bandwidth-bound shapes, where the fused kernel measured 3-9% slower): the split
-  kernel, then a combine kernel with one program per (batch, KV head).
+* **one-pass** (the plan's, everywhere): the V rows of a block are loaded as soon as its keep mask is
+  known and consumed a block later (software pipelining by hand), inside the K loop.
+* **two-pass** (``two_pass=True``; slower at every measured shape, results/kernels.md): each chunk
+  of a split (≤ ``chunk`` keys) is read twice.  Pass A streams K (no load in it depends on a
+  score, so the compiler pipelines it), computes the scores, the
+  running max and its index, ``D_S``, the exact ``D_U`` and the kept count, and compacts the
+  chunk's kept rows (any head of the group) into a per-program scratch: their positions and
+  scores.  Pass B walks that short list: it gathers only the kept V rows (addresses known one
+  block ahead, so each gather is issued a block before its use) and accumulates ``Σ p v``.  The
+  scratch (positions + G scores per kept row) is written and read back by the same program, a
+  few KB at a time, so it stays in L2.
 
-Both forms share the key loop (``_split_partials``) and the merge (``_combine_splits``).
+θ relative to the row maximum (``KernelTheta.ROW_MAX``: keep ``s − m_row > θ_rel``) needs the
+row max before any decision.  It runs in two launches: the first streams K and compacts, per
+split, the *candidates* ``s − m_run > θ_rel`` (``m_run`` the running max ≤ ``m_row``: a superset
+of the kept set) with each split's max, ``Σ 2^(s − m)`` and argmax; the second reads the splits'
+maxima (the exact row max), keeps the candidates that pass, gathers their V rows and merges.
+
+Each split writes partial statistics (max ``m`` of all visible scores and its index, ``D_S``,
+``D_U``, kept count, ``Σ p v``, kept-V-row count) to a workspace.  A merge of the splits of one
+(batch, KV head) applies the empty-row floor, SDC (exact / exp-threshold / offline) and VMC
+(``v̄`` from a running V sum kept beside the cache, O(d) per step) and writes the output and the
+kept counts.  It runs in one of two forms, which :func:`decode_plan` picks per shape:
+
+* fused (latency-bound shapes, and always for row-max θ): after its stores each split draws a
+  ticket from its (batch, KV head)'s counter (a barrier, then one atomic add with
+  acquire-release semantics); the program that draws the last ticket merges and puts the
+  counter back to zero.  The counters are zero between launches, so a launch can be captured in
+  a CUDA graph and replayed; they are kept per device and stream.
+* two launches (bandwidth-bound shapes): the split kernel, then a combine kernel with one program
+  per (batch, KV head).
+
+Static caches (a preallocated buffer of which each sequence uses a prefix, e.g. a CUDA-graph
+decode step): ``lengths`` (B,) int32 on the device gives each sequence's number of valid keys;
+splits past it do nothing, and the dense-row rule (``L ≤ k``) is applied per sequence in the
+kernel, so one captured launch serves every step.
 
 Scores are handled in the log2 domain (``s·log2 e``) so the kernels use ``exp2``; θ is scaled
 the same way, which can flip a compare only for scores within an ulp of θ.
 
-Layers: ``_decode_fused_kernel`` or ``_decode_split_kernel`` + ``_decode_combine_kernel``
-(Triton) → ``_decode_launch`` (checks, allocation, form and grid) → ``toptheta::decode`` (custom
-op + fake) → :func:`topθ_decode`.
+Layers: ``_decode_fused_kernel`` / ``_decode_split_kernel`` + ``_decode_combine_kernel`` /
+``_rowmax_scores_kernel`` + ``_rowmax_fused_kernel`` (Triton) → ``_decode_launch`` (checks,
+allocation, form and grid) → ``toptheta::decode`` (custom op + fake) → :func:`topθ_decode`.
 """
 
 from __future__ import annotations
@@ -44,23 +61,30 @@ import triton
 import triton.language as tl
 
 from ..config import SparseConfig
-from ._common import KernelCounts, check_qkv, kernel_variant, last_dim_contiguous, next_pow2
-
-LOG2E = 1.4426950408889634
+from ._common import (LOG2E, KernelCounts, KernelSdc, KernelTheta, check_qkv, compensated_output, kernel_variant,
+                      last_dim_contiguous, next_pow2)
 
 # Tests set this to fill outputs (and the workspace) with NaN / -1 before every launch.
 POISON_OUTPUTS = False
 
+# Workspace: R = B·Hq·S partial rows (one per query head and split).  Σpv (R, D), then these
+# statistics (R each; the integers bit-cast into float32), then the kept-V counts (B·Hkv·S).
+_WS_M, _WS_DS, _WS_DU, _WS_NK, _WS_IDX, _WS_STATS = 0, 1, 2, 3, 4, 5
+
+
+# ------------------------------------------------------------------------------------------------
+# Pieces shared by the kernels
+# ------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _split_partials(
-    Q, K, V, THETA, WS,
-    sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-    pid, sid, Hkv, N, split_len, S, scale_log2,
-    G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, HAS_THETA: tl.constexpr,
-    SDC_MODE: tl.constexpr, FLOOR: tl.constexpr,
-):
-    """The key loop of one split of one (batch, KV head); its partial statistics → workspace."""
+def _program_setup(Q, THETA, LENS, sq_b, sq_h, pid, Hkv, N_buf, k_keep,
+                   G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, THETA_MODE: tl.constexpr,
+                   HAS_LENS: tl.constexpr):
+    """Indices of one (batch, KV head), its valid key count, the group's queries and θ (log2 units).
+
+    θ is +∞ on padded head rows (never kept) and −∞ on every head when the row is dense
+    (dense selection, or L ≤ k).
+    """
     b = pid // Hkv
     hkv = pid % Hkv
     Hq = Hkv * G
@@ -68,59 +92,103 @@ def _split_partials(
     mask_g = offs_g < G
     h = hkv * G + offs_g  # query heads of the group
     offs_d = tl.arange(0, D)
-    q = tl.load(Q + b * sq_b + h[:, None] * sq_h + offs_d[None, :], mask=mask_g[:, None], other=0.0)  # (G, D)
-    if HAS_THETA:
-        th = tl.load(THETA + b * Hq + h, mask=mask_g, other=float("inf")) * 1.4426950408889634  # θ·log2 e
-    else:  # dense row: everything is kept
+    if HAS_LENS:
+        n_b = tl.load(LENS + b)
+    else:
+        n_b = N_buf + tl.zeros((), tl.int32)  # a tensor even when Triton specialises N_buf = 1
+    q = tl.load(Q + b.to(tl.int64) * sq_b + h[:, None] * sq_h + offs_d[None, :], mask=mask_g[:, None], other=0.0)
+    if THETA_MODE == 0:  # dense selection: everything is kept
         th = tl.where(mask_g, float("-inf"), float("inf"))
+    else:
+        th = tl.load(THETA + b * Hq + h, mask=mask_g, other=float("inf")) * LOG2E
+        th = tl.where(mask_g & (n_b <= k_keep), float("-inf"), th)  # rows with L ≤ k are dense
+    return b, hkv, h, offs_g, mask_g, q, th, n_b
 
-    start = sid * split_len
-    end = tl.minimum(start + split_len, N)
-    m = tl.full([BLOCK_G], float("-inf"), tl.float32)  # running max of all visible scores (log2 domain)
-    idx = tl.zeros([BLOCK_G], tl.int32)  # its position (empty-row floor)
-    ds = tl.zeros([BLOCK_G], tl.float32)  # Σ_kept 2^(s − m)
-    du = tl.zeros([BLOCK_G], tl.float32)  # Σ_dropped 2^(s − m)   (exact SDC)
-    nk = tl.zeros([BLOCK_G], tl.int32)  # kept count
-    kvc = tl.zeros([BLOCK_N], tl.int32)  # kept V rows (union over the group), per lane
-    acc = tl.zeros([BLOCK_G, D], tl.float32)
-    k_base = K + b * sk_b + hkv * sk_h
-    v_base = V + b * sv_b + hkv * sv_h
-    # V loads are software-pipelined by hand: the (row-predicated) load of block i is issued
-    # right after its keep mask is known and consumed one iteration later, so its latency
-    # overlaps the next block's QKᵀ instead of stalling on it.
-    p_prev = tl.zeros([BLOCK_G, BLOCK_N], V.dtype.element_ty)
-    v_prev = tl.zeros([BLOCK_N, D], V.dtype.element_ty)
-    for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < end
-        kt = tl.load(k_base + offs_n[:, None] * sk_n + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(kt)) * scale_log2  # (G, BLOCK_N) fp32
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        keep = s > th[:, None]
-        if FLOOR:  # running argmax (one row reduction gives max and index; first index on ties)
-            tmax, arg = tl.max(s, 1, return_indices=True)
-            idx = tl.where(tmax > m, n0 + arg.to(tl.int32), idx)
-        else:
-            tmax = tl.max(s, 1)
-        nk += tl.sum(keep.to(tl.int32), 1)
-        m_new = tl.maximum(m, tmax)
-        alpha = tl.exp2(m - m_new)
-        m = m_new
-        acc = tl.dot(p_prev, v_prev, acc) * alpha[:, None]  # previous block, then rescale
-        p_all = tl.exp2(s - m[:, None])
-        p = tl.where(keep, p_all, 0.0)
-        ds = ds * alpha + tl.sum(p, 1)
-        if SDC_MODE == 1:  # exact
-            du = du * alpha + tl.sum(p_all - p, 1)
-        krow = tl.max(keep.to(tl.int32), 0)  # (BLOCK_N,) 1 where some head keeps the row
-        kvc += krow
-        # only kept rows are read: a fully masked row issues no memory transaction
-        v_prev = tl.load(v_base + offs_n[:, None] * sv_n + offs_d[None, :], mask=(krow > 0)[:, None], other=0.0)
-        p_prev = p.to(V.dtype.element_ty)
-    acc += tl.dot(p_prev, v_prev)
 
-    # partials → workspace, structure of arrays over R = B·Hq·S rows: Σpv (R, D), then m, D_S,
-    # D_U, kept count, argmax (R each; the integers bit-cast), then the kept-V counts (B·Hkv, S)
+@triton.jit
+def _scores(q, k_base, sk_n, offs_n, mask_n, scale_log2, D: tl.constexpr):
+    """(BLOCK_G, BLOCK_N) scores of a key block in the log2 domain, −∞ past the valid keys."""
+    offs_d = tl.arange(0, D)
+    kt = tl.load(k_base + offs_n[:, None] * sk_n + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(kt)) * scale_log2
+    return tl.where(mask_n[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _running_max(s, m, idx, n0, FLOOR: tl.constexpr):
+    """Block row max folded into the running max; the floor also tracks its position (first on ties)."""
+    if FLOOR:
+        tmax, arg = tl.max(s, 1, return_indices=True)
+        idx = tl.where(tmax > m, n0 + arg.to(tl.int32), idx)
+    else:
+        tmax = tl.max(s, 1)
+    m_new = tl.maximum(m, tmax)
+    return m_new, tl.exp2(m - m_new), idx
+
+
+@triton.jit
+def _compact(scr, scr_s, cnt, s, sel, offs_n, offs_g, mask_g, STRIDE):
+    """Append the rows ``sel`` of a block (positions and the group's scores) to a scratch list."""
+    krow = sel.to(tl.int32)
+    pos = cnt + tl.cumsum(krow, 0) - krow
+    tl.store(scr + pos, offs_n.to(tl.float32, bitcast=True), mask=sel)
+    tl.store(scr_s + offs_g[:, None] * STRIDE + pos[None, :], s, mask=mask_g[:, None] & sel[None, :])
+    return cnt + tl.sum(krow, 0)
+
+
+@triton.jit
+def _kept(sv, th, m, REL: tl.constexpr):
+    """Which heads keep a listed row: the score beats θ (``REL``: the score minus the row max ``m``)."""
+    if REL:
+        return (sv - m[:, None]) > th[:, None]
+    return sv > th[:, None]
+
+
+@triton.jit
+def _gather_pass(acc, ds, nk, kvc, scr, scr_s, cnt, th, m, v_base, sv_n, offs_g, mask_g, STRIDE,
+                 BLOCK_V: tl.constexpr, D: tl.constexpr, COUNT: tl.constexpr, REL: tl.constexpr):
+    """Pass B: ``acc += Σ p v`` over a compacted list of ``cnt`` rows (positions, scores).
+
+    A head keeps a listed row iff its score beats θ (:func:`_kept`); ``p = 2^(s − m)``.  V rows
+    that no head keeps are not read.  ``COUNT``: also accumulate ``D_S``, the kept count and the
+    kept-V-row count (row-max θ, where pass A could not decide).  Addresses come from the list,
+    so each block's gather is issued one block before its use (the list positions two blocks
+    before).
+    """
+    offs_b = tl.arange(0, BLOCK_V)
+    offs_d = tl.arange(0, D)
+    ok = offs_b < cnt
+    ridx = tl.load(scr + offs_b, mask=ok, other=0.0, cache_modifier=".cg").to(tl.int32, bitcast=True)
+    sv = tl.load(scr_s + offs_g[:, None] * STRIDE + offs_b[None, :], mask=mask_g[:, None] & ok[None, :],
+                 other=float("-inf"), cache_modifier=".cg")
+    krow = tl.max(_kept(sv, th, m, REL).to(tl.int32), 0)
+    vt = tl.load(v_base + ridx[:, None] * sv_n + offs_d[None, :], mask=(krow > 0)[:, None], other=0.0)
+    ok1 = (BLOCK_V + offs_b) < cnt
+    ridx1 = tl.load(scr + BLOCK_V + offs_b, mask=ok1, other=0.0, cache_modifier=".cg").to(tl.int32, bitcast=True)
+    for i0 in range(0, cnt, BLOCK_V):
+        nxt = i0 + BLOCK_V + offs_b
+        s_nx = tl.load(scr_s + offs_g[:, None] * STRIDE + nxt[None, :], mask=mask_g[:, None] & (nxt < cnt)[None, :],
+                       other=float("-inf"), cache_modifier=".cg")
+        krow_nx = tl.max(_kept(s_nx, th, m, REL).to(tl.int32), 0)
+        vt_nx = tl.load(v_base + ridx1[:, None] * sv_n + offs_d[None, :], mask=(krow_nx > 0)[:, None], other=0.0)
+        nxt2 = nxt + BLOCK_V
+        ridx1 = tl.load(scr + nxt2, mask=nxt2 < cnt, other=0.0, cache_modifier=".cg").to(tl.int32, bitcast=True)
+        keep = _kept(sv, th, m, REL)
+        p = tl.where(keep, tl.exp2(sv - m[:, None]), 0.0)
+        if COUNT:
+            ds += tl.sum(p, 1)
+            nk += tl.sum(keep.to(tl.int32), 1)
+            kvc += tl.sum(tl.max(keep.to(tl.int32), 0), 0)
+        acc = tl.dot(p.to(vt.dtype), vt, acc)
+        sv, vt = s_nx, vt_nx
+    return acc, ds, nk, kvc
+
+
+@triton.jit
+def _store_partials(WS, pid, sid, b, h, mask_g, S, Hq, acc, m, ds, du, nk, idx, kvc,
+                    G: tl.constexpr, D: tl.constexpr):
+    """A split's partial statistics → the workspace (structure of arrays over R = B·Hq·S rows)."""
+    offs_d = tl.arange(0, D)
     R = tl.num_programs(0) * G * S
     part = (b * Hq + h) * S + sid
     tl.store(WS + part[:, None] * D + offs_d[None, :], acc, mask=mask_g[:, None])
@@ -130,46 +198,122 @@ def _split_partials(
     tl.store(st + 2 * R, du, mask=mask_g)
     tl.store(st + 3 * R, nk.to(tl.float32, bitcast=True), mask=mask_g)
     tl.store(st + 4 * R, idx.to(tl.float32, bitcast=True), mask=mask_g)
-    tl.store(WS + R * (D + 5) + pid * S + sid, tl.sum(kvc, 0).to(tl.float32, bitcast=True))
+    tl.store(WS + R * (D + 5) + pid * S + sid, kvc.to(tl.float32, bitcast=True))
 
+
+# ------------------------------------------------------------------------------------------------
+# The split program (absolute θ or dense): one-pass or two-pass key loop
+# ------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _split_partials(
+    Q, K, V, THETA, LENS, WS, SCR,
+    sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+    pid, sid, Hkv, N_buf, split_len, S, k_keep, scale_log2,
+    G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, CHUNK: tl.constexpr,
+    D: tl.constexpr, THETA_MODE: tl.constexpr, SDC_MODE: tl.constexpr, FLOOR: tl.constexpr, HAS_LENS: tl.constexpr,
+    TWO_PASS: tl.constexpr,
+):
+    """The key loop of one split of one (batch, KV head); its partial statistics → workspace."""
+    b, hkv, h, offs_g, mask_g, q, th, n_b = _program_setup(Q, THETA, LENS, sq_b, sq_h, pid, Hkv, N_buf, k_keep,
+                                                           G, BLOCK_G, D, THETA_MODE, HAS_LENS)
+    Hq = Hkv * G
+    start = sid * split_len
+    end = tl.minimum(start + split_len, n_b)
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)  # running max of all visible scores (log2 domain)
+    idx = tl.zeros([BLOCK_G], tl.int32)  # its position (empty-row floor)
+    ds = tl.zeros([BLOCK_G], tl.float32)  # Σ_kept 2^(s − m)
+    du = tl.zeros([BLOCK_G], tl.float32)  # Σ_dropped 2^(s − m)   (exact SDC)
+    nk = tl.zeros([BLOCK_G], tl.int32)  # kept count
+    kvc = tl.zeros((), tl.int32)  # kept V rows (union over the group)
+    acc = tl.zeros([BLOCK_G, D], tl.float32)
+    k_base = K + b.to(tl.int64) * sk_b + hkv * sk_h
+    v_base = V + b.to(tl.int64) * sv_b + hkv * sv_h
+    offs_b = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    if TWO_PASS:
+        scr = SCR + (pid * S + sid).to(tl.int64) * (CHUNK * (G + 1))  # CHUNK positions, then G × CHUNK scores
+        scr_s = scr + CHUNK
+        for c0 in range(start, end, CHUNK):
+            c1 = tl.minimum(c0 + CHUNK, end)
+            m_prev = m
+            cnt = tl.zeros((), tl.int32)
+            for n0 in range(c0, c1, BLOCK_N):  # pass A: K only
+                offs_n = n0 + offs_b
+                s = _scores(q, k_base, sk_n, offs_n, offs_n < c1, scale_log2, D)
+                keep = s > th[:, None]
+                m, alpha, idx = _running_max(s, m, idx, n0, FLOOR)
+                p_all = tl.exp2(s - m[:, None])
+                p = tl.where(keep, p_all, 0.0)
+                ds = ds * alpha + tl.sum(p, 1)
+                if SDC_MODE == 1:  # exact
+                    du = du * alpha + tl.sum(p_all - p, 1)
+                nk += tl.sum(keep.to(tl.int32), 1)
+                cnt = _compact(scr, scr_s, cnt, s, tl.max(keep.to(tl.int32), 0) > 0, offs_n, offs_g, mask_g, CHUNK)
+            kvc += cnt
+            tl.debug_barrier()  # the list is written by every thread of the program, read by every thread
+            acc = acc * tl.exp2(m_prev - m)[:, None]
+            acc, ds, nk, kvc = _gather_pass(acc, ds, nk, kvc, scr, scr_s, cnt, th, m, v_base, sv_n, offs_g, mask_g,
+                                            CHUNK, BLOCK_V, D, False, False)
+            tl.debug_barrier()  # before the next chunk overwrites the list
+    else:
+        # V loads are software-pipelined by hand: the (row-predicated) load of block i is issued
+        # right after its keep mask is known and consumed one iteration later.
+        p_prev = tl.zeros([BLOCK_G, BLOCK_N], V.dtype.element_ty)
+        v_prev = tl.zeros([BLOCK_N, D], V.dtype.element_ty)
+        kv_lane = tl.zeros([BLOCK_N], tl.int32)  # kept V rows per lane, reduced once after the loop
+        for n0 in range(start, end, BLOCK_N):
+            offs_n = n0 + offs_b
+            s = _scores(q, k_base, sk_n, offs_n, offs_n < end, scale_log2, D)
+            keep = s > th[:, None]
+            m, alpha, idx = _running_max(s, m, idx, n0, FLOOR)
+            nk += tl.sum(keep.to(tl.int32), 1)
+            acc = tl.dot(p_prev, v_prev, acc) * alpha[:, None]  # previous block, then rescale
+            p_all = tl.exp2(s - m[:, None])
+            p = tl.where(keep, p_all, 0.0)
+            ds = ds * alpha + tl.sum(p, 1)
+            if SDC_MODE == 1:
+                du = du * alpha + tl.sum(p_all - p, 1)
+            krow = tl.max(keep.to(tl.int32), 0)  # (BLOCK_N,) 1 where some head keeps the row
+            kv_lane += krow
+            # only kept rows are read: a fully masked row issues no memory transaction
+            v_prev = tl.load(v_base + offs_n[:, None] * sv_n + offs_d[None, :], mask=(krow > 0)[:, None], other=0.0)
+            p_prev = p.to(V.dtype.element_ty)
+        acc += tl.dot(p_prev, v_prev)
+        kvc = tl.sum(kv_lane, 0)
+    _store_partials(WS, pid, sid, b, h, mask_g, S, Hq, acc, m, ds, du, nk, idx, kvc, G, D)
+
+
+# ------------------------------------------------------------------------------------------------
+# The merge of one (batch, KV head)'s splits
+# ------------------------------------------------------------------------------------------------
 
 @triton.jit
 def _combine_splits(
-    Q, K, V, THETA, SDCT, VSUM, WS, OUT, COUNTS,
+    Q, K, V, THETA, SDCT, VSUM, LENS, WS, OUT, COUNTS,
     sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-    pid, Hkv, N, S, R, scale_log2, sdc_scale,
-    G: tl.constexpr, BLOCK_GC: tl.constexpr, CHUNK_S: tl.constexpr, D: tl.constexpr, HAS_THETA: tl.constexpr,
-    SDC_MODE: tl.constexpr, FLOOR: tl.constexpr, VMC: tl.constexpr,
+    pid, Hkv, N_buf, S, R, k_keep, scale_log2, sdc_scale,
+    G: tl.constexpr, BLOCK_GC: tl.constexpr, CHUNK_S: tl.constexpr, D: tl.constexpr, THETA_MODE: tl.constexpr,
+    SDC_MODE: tl.constexpr, FLOOR: tl.constexpr, VMC: tl.constexpr, HAS_LENS: tl.constexpr,
 ):
-    """Merge the S splits of one (batch, KV head) from the workspace; write output and counts."""
-    b = pid // Hkv
-    hkv = pid % Hkv
+    """Merge the S splits of one (batch, KV head) from the workspace; write output and counts.
+
+    One pass over chunks of splits with online rescaling (one round trip when S ≤ CHUNK_S).
+    Workspace loads go through L2 (.cg): in the fused form other programs wrote it during this
+    launch.  Splits past a sequence's valid keys hold m = −∞ and weigh nothing.
+    """
+    b, hkv, h, offs_g, mask_g, qf, th, n_b = _program_setup(Q, THETA, LENS, sq_b, sq_h, pid, Hkv, N_buf, k_keep,
+                                                            G, BLOCK_GC, D, THETA_MODE, HAS_LENS)
     Hq = Hkv * G
     BHq = R // S
-    offs_g = tl.arange(0, BLOCK_GC)
-    mask_g = offs_g < G
-    h = hkv * G + offs_g
     offs_d = tl.arange(0, D)
     offs_c = tl.arange(0, CHUNK_S)
     base = (b * Hq + h) * S  # (G,) first partial row of each head
     ST = WS + R * D  # scalar statistics
-    # pass 1: max over the splits (and, for the floor, the position of the first maximum);
-    # workspace loads go through L2 (.cg): in the fused form other programs wrote it during this launch
+    if VMC:  # issued first: independent of everything below
+        vmean = tl.load(VSUM + pid * D + offs_d)[None, :] / n_b.to(tl.float32)
     m = tl.full([BLOCK_GC], float("-inf"), tl.float32)
     idx = tl.zeros([BLOCK_GC], tl.int32)
-    for s0 in range(0, S, CHUNK_S):
-        sc = s0 + offs_c
-        msk = mask_g[:, None] & (sc < S)[None, :]
-        pm = tl.load(ST + base[:, None] + sc[None, :], mask=msk, other=float("-inf"), cache_modifier=".cg")
-        if FLOOR:
-            cmax, carg = tl.max(pm, 1, return_indices=True)
-            ci = tl.load(ST + 4 * R + base + s0 + carg, mask=mask_g, other=0.0, cache_modifier=".cg")
-            idx = tl.where(cmax > m, ci.to(tl.int32, bitcast=True), idx)
-        else:
-            cmax = tl.max(pm, 1)
-        m = tl.maximum(m, cmax)
-    m = tl.where(mask_g, m, 0.0)
-    # pass 2: rescale each split to the common max and sum
     ds = tl.zeros([BLOCK_GC], tl.float32)
     du = tl.zeros([BLOCK_GC], tl.float32)
     nk = tl.zeros([BLOCK_GC], tl.int32)
@@ -180,52 +324,60 @@ def _combine_splits(
         ms = sc < S
         msk = mask_g[:, None] & ms[None, :]
         rows = base[:, None] + sc[None, :]  # (G, CHUNK_S)
-        w = tl.exp2(tl.load(ST + rows, mask=msk, other=float("-inf"), cache_modifier=".cg") - m[:, None])
-        ds += tl.sum(tl.load(ST + R + rows, mask=msk, other=0.0, cache_modifier=".cg") * w, 1)
+        pm = tl.load(ST + rows, mask=msk, other=float("-inf"), cache_modifier=".cg")
+        pds = tl.load(ST + R + rows, mask=msk, other=0.0, cache_modifier=".cg")
         if SDC_MODE == 1:
-            du += tl.sum(tl.load(ST + 2 * R + rows, mask=msk, other=0.0, cache_modifier=".cg") * w, 1)
-        nk += tl.sum(tl.load(ST + 3 * R + rows, mask=msk, other=0.0, cache_modifier=".cg").to(tl.int32, bitcast=True), 1)
+            pdu = tl.load(ST + 2 * R + rows, mask=msk, other=0.0, cache_modifier=".cg")
+        pnk = tl.load(ST + 3 * R + rows, mask=msk, other=0.0, cache_modifier=".cg").to(tl.int32, bitcast=True)
         a = tl.load(WS + rows[:, :, None] * D + offs_d[None, None, :], mask=msk[:, :, None], other=0.0,
                     cache_modifier=".cg")  # (G, CHUNK_S, D)
-        acc += tl.sum(a * w[:, :, None], 1)
         kvs += tl.load(ST + 5 * R + pid * S + sc, mask=ms, other=0.0, cache_modifier=".cg").to(tl.int32, bitcast=True)
-    if HAS_THETA:
-        th = tl.load(THETA + b * Hq + h, mask=mask_g, other=float("inf")) * 1.4426950408889634
-    else:
-        th = tl.full([BLOCK_GC], float("-inf"), tl.float32)
-    ndrop = N - nk
+        if FLOOR:
+            cmax, carg = tl.max(pm, 1, return_indices=True)
+            ci = tl.load(ST + 4 * R + base + s0 + carg, mask=mask_g, other=0.0, cache_modifier=".cg")
+            idx = tl.where(cmax > m, ci.to(tl.int32, bitcast=True), idx)
+        else:
+            cmax = tl.max(pm, 1)
+        m_new = tl.maximum(m, cmax)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all splits so far empty
+        alpha = tl.exp2(m - m_safe)
+        w = tl.exp2(pm - m_safe[:, None])
+        ds = ds * alpha + tl.sum(pds * w, 1)
+        if SDC_MODE == 1:
+            du = du * alpha + tl.sum(pdu * w, 1)
+        nk += tl.sum(pnk, 1)
+        acc = acc * alpha[:, None] + tl.sum(a * w[:, :, None], 1)
+        m = m_new
+    m = tl.where(mask_g, m, 0.0)
+    if THETA_MODE == 2:  # θ relative to the row max → the absolute score it stands for
+        th = th + m
+    ndrop = n_b - nk
     kept = nk
     empty = (nk == 0) & mask_g
     kv_extra = 0
-    if FLOOR:  # an empty row keeps its maximum element
+    if FLOOR:  # an empty row keeps its maximum element: p ∝ 2^(m − m) = 1
         ds = tl.where(empty, 1.0, ds)
         du = tl.where(empty, tl.maximum(du - 1.0, 0.0), du)
         ndrop = tl.where(empty, ndrop - 1, ndrop)
         kept = tl.where(empty, 1, nk)
-        vrow = tl.load(V + b * sv_b + hkv * sv_h + idx[:, None] * sv_n + offs_d[None, :], mask=empty[:, None], other=0.0)
+        v_base = V + b.to(tl.int64) * sv_b + hkv * sv_h
+        vrow = tl.load(v_base + idx[:, None] * sv_n + offs_d[None, :], mask=empty[:, None], other=0.0)
         acc = tl.where(empty[:, None], vrow.to(tl.float32), acc)
         # the floor row joins the kept-V union unless another head keeps it or an earlier head floors it
-        krow = tl.load(K + b * sk_b + hkv * sk_h + idx[:, None] * sk_n + offs_d[None, :], mask=empty[:, None], other=0.0)
-        qf = tl.load(Q + b * sq_b + h[:, None] * sq_h + offs_d[None, :], mask=mask_g[:, None], other=0.0)
+        k_base = K + b.to(tl.int64) * sk_b + hkv * sk_h
+        krow = tl.load(k_base + idx[:, None] * sk_n + offs_d[None, :], mask=empty[:, None], other=0.0)
         s2 = tl.sum(qf.to(tl.float32)[:, None, :] * krow.to(tl.float32)[None, :, :], 2) * scale_log2  # (g', g)
         by_thr = tl.max(tl.where(mask_g[:, None] & (s2 > th[:, None]), 1, 0), 0) > 0
-        dup = tl.max(tl.where((offs_g[:, None] < offs_g[None, :]) & empty[:, None] & (idx[:, None] == idx[None, :]), 1, 0), 0) > 0
+        dup = tl.max(tl.where((offs_g[:, None] < offs_g[None, :]) & empty[:, None] & (idx[:, None] == idx[None, :]),
+                              1, 0), 0) > 0
         kv_extra = tl.sum((empty & (~by_thr) & (~dup)).to(tl.int32), 0)
-    if SDC_MODE == 1:  # exact
-        d_u = du
-    elif SDC_MODE == 2:  # exp-threshold: |U| · e^(θ − m)
-        d_u = tl.where(ndrop > 0, ndrop.to(tl.float32) * tl.exp2(th - m), 0.0)
-    elif SDC_MODE == 3:  # offline: C[ℓ, h, L] where something was dropped
-        c = tl.load(SDCT + b * Hq + h, mask=mask_g, other=0.0)
-        d_u = tl.where(ndrop > 0, c, 0.0)
+    if SDC_MODE == 3:
+        c_off = tl.load(SDCT + b * Hq + h, mask=mask_g, other=0.0)
     else:
-        d_u = tl.zeros([BLOCK_GC], tl.float32)
-    denom = ds + sdc_scale * d_u
-    denom = tl.where(denom > 0, denom, 1.0)
-    o = acc / denom[:, None]
-    if VMC:
-        vmean = tl.load(VSUM + pid * D + offs_d) / N
-        o += (1.0 - ds / denom)[:, None] * vmean[None, :]
+        c_off = ds
+    if not VMC:
+        vmean = acc  # unused
+    o = compensated_output(acc, ds, du, ndrop, th, m, c_off, vmean, sdc_scale, SDC_MODE, VMC)
     tl.store(OUT + (b * Hq + h)[:, None] * D + offs_d[None, :], o.to(OUT.dtype.element_ty), mask=mask_g[:, None])
     tl.store(COUNTS + b * Hq + h, kept, mask=mask_g)
     tl.store(COUNTS + BHq + b * Hq + h, empty.to(tl.int32), mask=mask_g)
@@ -233,58 +385,174 @@ def _combine_splits(
 
 
 @triton.jit
-def _decode_fused_kernel(
-    Q, K, V, THETA, SDCT, VSUM, WS, TICKETS, OUT, COUNTS,
-    sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-    Hkv, N, split_len, S, scale_log2, sdc_scale,
-    G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_GC: tl.constexpr, BLOCK_N: tl.constexpr,
-    CHUNK_S: tl.constexpr, D: tl.constexpr, HAS_THETA: tl.constexpr, SDC_MODE: tl.constexpr,
-    FLOOR: tl.constexpr, VMC: tl.constexpr,
-):
-    """Grid (B·Hkv, S): one split each; the last split of a (batch, KV head) to finish merges."""
-    pid = tl.program_id(0)  # b · Hkv + kv head
-    _split_partials(Q, K, V, THETA, WS, sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-                    pid, tl.program_id(1), Hkv, N, split_len, S, scale_log2,
-                    G, BLOCK_G, BLOCK_N, D, HAS_THETA, SDC_MODE, FLOOR)
+def _last_merges(Q, K, V, THETA, SDCT, VSUM, LENS, WS, TICKETS, OUT, COUNTS,
+                 sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+                 pid, Hkv, N_buf, S, k_keep, scale_log2, sdc_scale,
+                 G: tl.constexpr, BLOCK_GC: tl.constexpr, CHUNK_S: tl.constexpr, D: tl.constexpr,
+                 THETA_MODE: tl.constexpr, SDC_MODE: tl.constexpr, FLOOR: tl.constexpr, VMC: tl.constexpr,
+                 HAS_LENS: tl.constexpr):
+    """After a split's stores: draw a ticket; the last split of the (batch, KV head) merges."""
     # every thread's stores happen before the ticket (release); the last ticket sees them all (acquire)
     tl.debug_barrier()
     ticket = tl.atomic_add(TICKETS + pid, 1, sem="acq_rel")
     if ticket == S - 1:
-        _combine_splits(Q, K, V, THETA, SDCT, VSUM, WS, OUT, COUNTS,
+        _combine_splits(Q, K, V, THETA, SDCT, VSUM, LENS, WS, OUT, COUNTS,
                         sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-                        pid, Hkv, N, S, tl.num_programs(0) * G * S, scale_log2, sdc_scale,
-                        G, BLOCK_GC, CHUNK_S, D, HAS_THETA, SDC_MODE, FLOOR, VMC)
+                        pid, Hkv, N_buf, S, tl.num_programs(0) * G * S, k_keep, scale_log2, sdc_scale,
+                        G, BLOCK_GC, CHUNK_S, D, THETA_MODE, SDC_MODE, FLOOR, VMC, HAS_LENS)
         tl.store(TICKETS + pid, 0)  # ready for the next launch (graph replay)
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernels
+# ------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _decode_fused_kernel(
+    Q, K, V, THETA, SDCT, VSUM, LENS, WS, SCR, TICKETS, OUT, COUNTS,
+    sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+    Hkv, N_buf, split_len, S, k_keep, scale_log2, sdc_scale,
+    G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_GC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    CHUNK: tl.constexpr, CHUNK_S: tl.constexpr, D: tl.constexpr, THETA_MODE: tl.constexpr, SDC_MODE: tl.constexpr,
+    FLOOR: tl.constexpr, VMC: tl.constexpr, HAS_LENS: tl.constexpr, TWO_PASS: tl.constexpr,
+):
+    """Grid (B·Hkv, S): one split each; the last split of a (batch, KV head) to finish merges."""
+    pid = tl.program_id(0)  # b · Hkv + kv head
+    _split_partials(Q, K, V, THETA, LENS, WS, SCR, sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+                    pid, tl.program_id(1), Hkv, N_buf, split_len, S, k_keep, scale_log2,
+                    G, BLOCK_G, BLOCK_N, BLOCK_V, CHUNK, D, THETA_MODE, SDC_MODE, FLOOR, HAS_LENS, TWO_PASS)
+    _last_merges(Q, K, V, THETA, SDCT, VSUM, LENS, WS, TICKETS, OUT, COUNTS,
+                 sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, pid, Hkv, N_buf, S, k_keep, scale_log2, sdc_scale,
+                 G, BLOCK_GC, CHUNK_S, D, THETA_MODE, SDC_MODE, FLOOR, VMC, HAS_LENS)
 
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, THETA, WS,
+    Q, K, V, THETA, LENS, WS, SCR,
     sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-    Hkv, N, split_len, S, scale_log2,
-    G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, HAS_THETA: tl.constexpr,
-    SDC_MODE: tl.constexpr, FLOOR: tl.constexpr,
+    Hkv, N_buf, split_len, S, k_keep, scale_log2,
+    G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, CHUNK: tl.constexpr,
+    D: tl.constexpr, THETA_MODE: tl.constexpr, SDC_MODE: tl.constexpr, FLOOR: tl.constexpr, HAS_LENS: tl.constexpr,
+    TWO_PASS: tl.constexpr,
 ):
     """Grid (B·Hkv, S): one split each, partials only (two-launch form)."""
-    _split_partials(Q, K, V, THETA, WS, sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-                    tl.program_id(0), tl.program_id(1), Hkv, N, split_len, S, scale_log2,
-                    G, BLOCK_G, BLOCK_N, D, HAS_THETA, SDC_MODE, FLOOR)
+    _split_partials(Q, K, V, THETA, LENS, WS, SCR, sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+                    tl.program_id(0), tl.program_id(1), Hkv, N_buf, split_len, S, k_keep, scale_log2,
+                    G, BLOCK_G, BLOCK_N, BLOCK_V, CHUNK, D, THETA_MODE, SDC_MODE, FLOOR, HAS_LENS, TWO_PASS)
 
 
 @triton.jit
 def _decode_combine_kernel(
-    Q, K, V, THETA, SDCT, VSUM, WS, OUT, COUNTS,
+    Q, K, V, THETA, SDCT, VSUM, LENS, WS, OUT, COUNTS,
     sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-    Hkv, N, S, scale_log2, sdc_scale,
-    G: tl.constexpr, BLOCK_GC: tl.constexpr, CHUNK_S: tl.constexpr, D: tl.constexpr, HAS_THETA: tl.constexpr,
-    SDC_MODE: tl.constexpr, FLOOR: tl.constexpr, VMC: tl.constexpr,
+    Hkv, N_buf, S, k_keep, scale_log2, sdc_scale,
+    G: tl.constexpr, BLOCK_GC: tl.constexpr, CHUNK_S: tl.constexpr, D: tl.constexpr, THETA_MODE: tl.constexpr,
+    SDC_MODE: tl.constexpr, FLOOR: tl.constexpr, VMC: tl.constexpr, HAS_LENS: tl.constexpr,
 ):
     """Grid (B·Hkv,): merges the splits that ``_decode_split_kernel`` wrote (two-launch form)."""
-    _combine_splits(Q, K, V, THETA, SDCT, VSUM, WS, OUT, COUNTS,
+    _combine_splits(Q, K, V, THETA, SDCT, VSUM, LENS, WS, OUT, COUNTS,
                     sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-                    tl.program_id(0), Hkv, N, S, tl.num_programs(0) * G * S, scale_log2, sdc_scale,
-                    G, BLOCK_GC, CHUNK_S, D, HAS_THETA, SDC_MODE, FLOOR, VMC)
+                    tl.program_id(0), Hkv, N_buf, S, tl.num_programs(0) * G * S, k_keep, scale_log2, sdc_scale,
+                    G, BLOCK_GC, CHUNK_S, D, THETA_MODE, SDC_MODE, FLOOR, VMC, HAS_LENS)
 
+
+@triton.jit
+def _rowmax_scores_kernel(
+    Q, K, THETA, LENS, ST1, SCR,
+    sq_b, sq_h, sk_b, sk_h, sk_n,
+    Hkv, N_buf, split_len, S, k_keep, scale_log2,
+    G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, FLOOR: tl.constexpr,
+    HAS_LENS: tl.constexpr,
+):
+    """Row-max θ, launch 1, grid (B·Hkv, S): stream K, compact the candidates of each split.
+
+    A candidate has ``s − m_run > θ_rel`` with ``m_run`` the running max (≤ the row max), so the
+    candidates hold every element the row keeps.  Per split: max, ``Σ 2^(s − max)`` over all
+    visible keys, argmax and the candidate count → ``ST1``; candidates → ``SCR``.
+    """
+    pid = tl.program_id(0)
+    sid = tl.program_id(1)
+    b, hkv, h, offs_g, mask_g, q, th, n_b = _program_setup(Q, THETA, LENS, sq_b, sq_h, pid, Hkv, N_buf, k_keep,
+                                                           G, BLOCK_G, D, 2, HAS_LENS)
+    Hq = Hkv * G
+    start = sid * split_len
+    end = tl.minimum(start + split_len, n_b)
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    idx = tl.zeros([BLOCK_G], tl.int32)
+    dt = tl.zeros([BLOCK_G], tl.float32)  # Σ_visible 2^(s − m)
+    cnt = tl.zeros((), tl.int32)
+    k_base = K + b.to(tl.int64) * sk_b + hkv * sk_h
+    scr = SCR + (pid * S + sid).to(tl.int64) * (split_len * (G + 1))  # split_len positions, G × split_len scores
+    scr_s = scr + split_len
+    offs_b = tl.arange(0, BLOCK_N)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + offs_b
+        s = _scores(q, k_base, sk_n, offs_n, offs_n < end, scale_log2, D)
+        m, alpha, idx = _running_max(s, m, idx, n0, FLOOR)
+        dt = dt * alpha + tl.sum(tl.exp2(s - m[:, None]), 1)
+        cand = (s - m[:, None]) > th[:, None]
+        cnt = _compact(scr, scr_s, cnt, s, tl.max(cand.to(tl.int32), 0) > 0, offs_n, offs_g, mask_g, split_len)
+    R = tl.num_programs(0) * G * S
+    part = (b * Hq + h) * S + sid
+    tl.store(ST1 + part, m, mask=mask_g)
+    tl.store(ST1 + R + part, dt, mask=mask_g)
+    tl.store(ST1 + 2 * R + part, idx.to(tl.float32, bitcast=True), mask=mask_g)
+    tl.store(ST1 + 3 * R + pid * S + sid, cnt.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _rowmax_fused_kernel(
+    Q, K, V, THETA, SDCT, VSUM, LENS, ST1, SCR, WS, TICKETS, OUT, COUNTS,
+    sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+    Hkv, N_buf, split_len, S, k_keep, scale_log2, sdc_scale,
+    G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_GC: tl.constexpr, BLOCK_V: tl.constexpr, CHUNK_S: tl.constexpr,
+    D: tl.constexpr, SDC_MODE: tl.constexpr, FLOOR: tl.constexpr, VMC: tl.constexpr, HAS_LENS: tl.constexpr,
+):
+    """Row-max θ, launch 2, grid (B·Hkv, S): the exact row max from the splits' maxima, then keep,
+    gather and count over this split's candidates; the last split merges."""
+    pid = tl.program_id(0)
+    sid = tl.program_id(1)
+    b, hkv, h, offs_g, mask_g, q, th, n_b = _program_setup(Q, THETA, LENS, sq_b, sq_h, pid, Hkv, N_buf, k_keep,
+                                                           G, BLOCK_G, D, 2, HAS_LENS)
+    Hq = Hkv * G
+    R = tl.num_programs(0) * G * S
+    base = (b * Hq + h) * S
+    offs_c = tl.arange(0, CHUNK_S)
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)  # the row max over all splits
+    ridx = tl.zeros([BLOCK_G], tl.int32)  # its position
+    for s0 in range(0, S, CHUNK_S):
+        sc = s0 + offs_c
+        pm = tl.load(ST1 + base[:, None] + sc[None, :], mask=mask_g[:, None] & (sc < S)[None, :], other=float("-inf"))
+        if FLOOR:
+            cmax, carg = tl.max(pm, 1, return_indices=True)
+            ci = tl.load(ST1 + 2 * R + base + s0 + carg, mask=mask_g, other=0.0)
+            ridx = tl.where(cmax > m, ci.to(tl.int32, bitcast=True), ridx)
+        else:
+            cmax = tl.max(pm, 1)
+        m = tl.maximum(m, cmax)
+    m = tl.where(mask_g, m, 0.0)
+    part = base + sid
+    m_s = tl.load(ST1 + part, mask=mask_g, other=float("-inf"))
+    dt = tl.load(ST1 + R + part, mask=mask_g, other=0.0) * tl.exp2(m_s - m)  # Σ_visible 2^(s − m) of the split
+    cnt = tl.load(ST1 + 3 * R + pid * S + sid).to(tl.int32, bitcast=True)
+    scr = SCR + (pid * S + sid).to(tl.int64) * (split_len * (G + 1))
+    v_base = V + b.to(tl.int64) * sv_b + hkv * sv_h
+    acc = tl.zeros([BLOCK_G, D], tl.float32)
+    ds = tl.zeros([BLOCK_G], tl.float32)
+    nk = tl.zeros([BLOCK_G], tl.int32)
+    kvc = tl.zeros((), tl.int32)
+    acc, ds, nk, kvc = _gather_pass(acc, ds, nk, kvc, scr, scr + split_len, cnt, th, m, v_base, sv_n, offs_g, mask_g,
+                                    split_len, BLOCK_V, D, True, True)
+    du = tl.maximum(dt - ds, 0.0)
+    _store_partials(WS, pid, sid, b, h, mask_g, S, Hq, acc, m, ds, du, nk, ridx, kvc, G, D)
+    _last_merges(Q, K, V, THETA, SDCT, VSUM, LENS, WS, TICKETS, OUT, COUNTS,
+                 sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, pid, Hkv, N_buf, S, k_keep, scale_log2, sdc_scale,
+                 G, BLOCK_GC, CHUNK_S, D, 2, SDC_MODE, FLOOR, VMC, HAS_LENS)
+
+
+# ------------------------------------------------------------------------------------------------
+# Launch plan
+# ------------------------------------------------------------------------------------------------
 
 _SM_COUNT: dict[int, int] = {}
 
@@ -304,12 +572,8 @@ def decode_splits(B: int, Hkv: int, N: int, block_n: int, device: torch.device, 
     return max(1, min(triton.cdiv(N, block_n), triton.cdiv(target, B * Hkv)))
 
 
-# Largest B·Hkv·N (key rows over all (batch, KV head) pairs) that takes the fused single launch.
-# Measured on an H200 (results/kernels.md, decode; run 6 = two launches, run 10 = fused): the fused
-# launch is faster at every benchmark shape up to 2^18 (B=1 N≤32k, B=8 N=4k; graph ratios 0.74-1.07×
-# against 0.57-1.01×; B=1 N=4k 12.6 against 15.9 µs; eager host time ~2× lower), the two launches at
-# every shape from 2^20 up (B=8 N≥16k, B=32 N≥4k: 3-8% faster at f ≤ 1/3; in one process at B=32
-# N=32k, f=0.15, 758.7 against 789.7 µs, logs/ab_two_launch_run10_H200.log).  2^18-2^20 is unmeasured.
+# Largest B·Hkv·N (key rows over all (batch, KV head) pairs) that takes the fused single launch;
+# above it the merge runs as a second launch.  Why 2^18: results/kernels.md, decode (runs 6, 10, 11).
 FUSED_MAX_KV_ROWS = 1 << 18
 
 
@@ -321,19 +585,21 @@ class DecodePlan(NamedTuple):
     block_n: int  # keys per block
     num_warps: int
     num_stages: int
+    two_pass: bool = False  # key loop: K pass then a gather of the kept V rows, or V inside the K loop
+    chunk: int = 1024  # two-pass: keys per K pass (the scratch list holds one chunk's kept rows)
+    block_v: int = 32  # two-pass and row-max: V rows per gather step
 
 
 def decode_plan(B: int, Hkv: int, N: int, device: torch.device) -> DecodePlan:
     """The tuned launch for a decode shape; the one place that picks the form.
 
-    Measured on an H200 (benchmarks/tune_decode.py, results/decode_tuning_H200.csv):
+    ``N`` is the key buffer's length (a static cache's capacity).  Measured on an H200
+    (benchmarks/tune_decode.py, results/decode_tuning_H200.csv, results/kernels.md):
     * B·Hkv·N ≤ :data:`FUSED_MAX_KV_ROWS` (latency-bound): fused, one wave of about 8 warps per
-      SM, splits of at least 256 keys, 4 warps per program when B·Hkv ≤ 16 (run 9, stage 3).  The
-      merge in the last program grows with the split count, so more splits than that cost time.
-    * larger (bandwidth-bound): two launches with the two-launch kernel's tuned configuration,
-      64 keys, 2 warps, 3 stages, 8 programs per SM (stages 1-2, the rows without a ``kernel``
-      value: at B=32 N=32k f=0.15 758 µs against 785 µs for 128 keys and 4 warps; B=8 N=32k
-      217 against 259 µs).
+      SM, splits of at least 256 keys, 4 warps per program when B·Hkv ≤ 16.
+    * larger (bandwidth-bound): two launches, 64 keys, 2 warps, 3 stages, 8 programs per SM.
+    * the one-pass key loop everywhere: the two-pass loop measured slower at every shape (run 12,
+      results/kernels.md), so it is an option (``two_pass=True``), not the plan.
     """
     if B * Hkv * N <= FUSED_MAX_KV_ROWS:
         warps = 4 if B * Hkv <= 16 else 2
@@ -364,7 +630,7 @@ def _tickets(device: torch.device, n: int) -> torch.Tensor:
     return buf
 
 
-_COMBINE_WARPS = 4  # the separate combine kernel (two-launch form), as before the fused launch
+_COMBINE_WARPS = 4  # the separate combine kernel (two-launch form)
 
 
 def _chunk_s(block_gc: int, d: int, num_warps: int) -> int:
@@ -377,119 +643,152 @@ def _f32(x: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _decode_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor | None,
-                   sdc_term: torch.Tensor | None, v_sum: torch.Tensor | None, scale: float, sdc_code: int,
-                   sdc_scale: float, vmc: bool, floor_max: bool, fused: bool | None, num_splits: int, block_n: int,
-                   num_warps: int, num_stages: int) -> tuple[torch.Tensor, torch.Tensor]:
+                   sdc_term: torch.Tensor | None, v_sum: torch.Tensor | None, lengths: torch.Tensor | None,
+                   scale: float, k_keep: int, theta_mode: int, sdc_mode: int, sdc_scale: float, vmc: bool,
+                   floor_max: bool, fused: bool | None, two_pass: bool | None, num_splits: int, block_n: int,
+                   num_warps: int, num_stages: int, chunk: int, block_v: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Checks, allocation and the launch(es).  Returns out (B, Hq, 1, d) and the counts, flat int32:
-    kept (B·Hq), empty (B·Hq), kept V rows (B·Hkv).  ``theta=None``: every element kept (dense
-    row).  ``fused=None`` and zero knobs take the :func:`decode_plan` values."""
+    kept (B·Hq), empty (B·Hq), kept V rows (B·Hkv).  ``theta_mode``/``sdc_mode`` are the
+    :class:`KernelTheta`/:class:`KernelSdc` values (integers only across the custom op);
+    ``fused=None``/``two_pass=None`` and zero knobs take the :func:`decode_plan` values."""
+    theta_kind, sdc = KernelTheta(theta_mode), KernelSdc(sdc_mode)
     B, Hq, _, D = q.shape
     _, Hkv, N, _ = k.shape
     G = Hq // Hkv
     if N < 1:
         raise ValueError("decode needs at least one key")
-    if theta is not None and theta.numel() != B * Hq:
-        raise ValueError(f"theta must be (B, Hq[, 1]) = {(B, Hq)}, got {tuple(theta.shape)}")
-    if sdc_code == 3 and (sdc_term is None or sdc_term.numel() != B * Hq):
+    if theta_kind is not KernelTheta.DENSE and (theta is None or theta.numel() != B * Hq):
+        raise ValueError(f"theta must be (B, Hq[, 1]) = {(B, Hq)}, got {None if theta is None else tuple(theta.shape)}")
+    if sdc is KernelSdc.OFFLINE and (sdc_term is None or sdc_term.numel() != B * Hq):
         raise ValueError("offline SDC needs sdc_term (B, Hq[, 1])")
     if vmc and (v_sum is None or v_sum.shape != (B, Hkv, D)):
-        raise ValueError("VMC needs v_sum (B, Hkv, d): the float32 sum of the N V rows")
+        raise ValueError("VMC needs v_sum (B, Hkv, d): the float32 sum of the valid V rows")
+    if lengths is not None:
+        if lengths.shape != (B,) or lengths.device != q.device:
+            raise ValueError(f"lengths must be a (B,) = ({B},) tensor on {q.device}, got {tuple(lengths.shape)}")
+        lengths = lengths if lengths.dtype == torch.int32 else lengths.to(torch.int32)
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     theta, sdc_term, v_sum = _f32(theta), _f32(sdc_term), _f32(v_sum)
-    if fused is None or num_splits <= 0 or block_n <= 0 or num_warps <= 0 or num_stages <= 0:
-        plan = decode_plan(B, Hkv, N, q.device)
-        fused = plan.fused if fused is None else fused
-        num_splits, block_n, num_warps, num_stages = (x if x > 0 else p for x, p in zip(
-            (num_splits, block_n, num_warps, num_stages),
-            (plan.splits, plan.block_n, plan.num_warps, plan.num_stages)))
+    plan = decode_plan(B, Hkv, N, q.device)
+    fused = plan.fused if fused is None else fused
+    two_pass = plan.two_pass if two_pass is None else two_pass
+    num_splits, block_n, num_warps, num_stages, chunk, block_v = (x if x > 0 else p for x, p in zip(
+        (num_splits, block_n, num_warps, num_stages, chunk, block_v),
+        (plan.splits, plan.block_n, plan.num_warps, plan.num_stages, plan.chunk, plan.block_v)))
     split_len = triton.cdiv(triton.cdiv(N, num_splits), block_n) * block_n
     S = triton.cdiv(N, split_len)
+    chunk = max(block_n, min(next_pow2(chunk), next_pow2(split_len)))  # a power of two: few compiled variants
     dev = q.device
     R = B * Hq * S
-    ws = torch.empty(R * (D + 5) + B * Hkv * S, dtype=torch.float32, device=dev)
+    row_max = theta_kind is KernelTheta.ROW_MAX
+    n_ws = R * (D + 5) + B * Hkv * S
+    n_st1 = 3 * R + B * Hkv * S if row_max else 0
+    per_prog = (split_len if row_max else chunk) * (G + 1) if (row_max or two_pass) else 0
+    ws = torch.empty(n_ws + n_st1 + B * Hkv * S * per_prog, dtype=torch.float32, device=dev)
+    ws_part, st1, scr = ws[:n_ws], ws[n_ws:n_ws + n_st1], ws[n_ws + n_st1:]
     out = torch.empty(B, Hq, 1, D, dtype=q.dtype, device=dev)
     counts = torch.empty(2 * B * Hq + B * Hkv, dtype=torch.int32, device=dev)
     if POISON_OUTPUTS:
         out.fill_(float("nan")), counts.fill_(-1), ws.fill_(float("nan"))
     # absent optional inputs: any pointer (the kernels never read it)
-    th, sdct, vsum = (ws if x is None else x for x in (theta, sdc_term, v_sum))
+    th, sdct, vsum, lens = (ws if x is None else x for x in (theta, sdc_term, v_sum, lengths))
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2))
-    scale_log2 = float(scale) * LOG2E
+    scale_log2 = float(scale) * LOG2E.value
     block_g, block_gc = max(16, next_pow2(G)), max(2, next_pow2(G))
-    variant = dict(D=D, HAS_THETA=theta is not None, SDC_MODE=sdc_code, FLOOR=floor_max)
+    common = dict(G=G, D=D, FLOOR=floor_max, HAS_LENS=lengths is not None)
+    merge = dict(BLOCK_GC=block_gc, SDC_MODE=int(sdc), VMC=vmc)
+    if row_max:
+        _rowmax_scores_kernel[(B * Hkv, S)](
+            q, k, th, lens, st1, scr, *strides[:5], Hkv, N, split_len, S, int(k_keep), scale_log2,
+            BLOCK_G=block_g, BLOCK_N=block_n, **common, num_warps=num_warps, num_stages=num_stages)
+        _rowmax_fused_kernel[(B * Hkv, S)](
+            q, k, v, th, sdct, vsum, lens, st1, scr, ws_part, _tickets(dev, B * Hkv), out, counts, *strides,
+            Hkv, N, split_len, S, int(k_keep), scale_log2, float(sdc_scale),
+            BLOCK_G=block_g, BLOCK_V=block_v, CHUNK_S=_chunk_s(block_gc, D, num_warps), **common, **merge,
+            num_warps=num_warps, num_stages=num_stages)
+        return out, counts
+    loop = dict(BLOCK_N=block_n, BLOCK_V=block_v, CHUNK=chunk, THETA_MODE=int(theta_kind), TWO_PASS=bool(two_pass))
     if fused:
         _decode_fused_kernel[(B * Hkv, S)](
-            q, k, v, th, sdct, vsum, ws, _tickets(dev, B * Hkv), out, counts, *strides,
-            Hkv, N, split_len, S, scale_log2, float(sdc_scale),
-            G=G, BLOCK_G=block_g, BLOCK_GC=block_gc, BLOCK_N=block_n, CHUNK_S=_chunk_s(block_gc, D, num_warps),
-            VMC=vmc, **variant, num_warps=num_warps, num_stages=num_stages,
-        )
+            q, k, v, th, sdct, vsum, lens, ws_part, scr, _tickets(dev, B * Hkv), out, counts, *strides,
+            Hkv, N, split_len, S, int(k_keep), scale_log2, float(sdc_scale),
+            BLOCK_G=block_g, CHUNK_S=_chunk_s(block_gc, D, num_warps), **common, **merge, **loop,
+            num_warps=num_warps, num_stages=num_stages)
     else:
         _decode_split_kernel[(B * Hkv, S)](
-            q, k, v, th, ws, *strides, Hkv, N, split_len, S, scale_log2,
-            G=G, BLOCK_G=block_g, BLOCK_N=block_n, **variant, num_warps=num_warps, num_stages=num_stages,
-        )
+            q, k, v, th, lens, ws_part, scr, *strides, Hkv, N, split_len, S, int(k_keep), scale_log2,
+            BLOCK_G=block_g, SDC_MODE=int(sdc), **common, **loop, num_warps=num_warps, num_stages=num_stages)
         _decode_combine_kernel[(B * Hkv,)](
-            q, k, v, th, sdct, vsum, ws, out, counts, *strides, Hkv, N, S, scale_log2, float(sdc_scale),
-            G=G, BLOCK_GC=block_gc, CHUNK_S=_chunk_s(block_gc, D, _COMBINE_WARPS), VMC=vmc, **variant,
-            num_warps=_COMBINE_WARPS,
-        )
+            q, k, v, th, sdct, vsum, lens, ws_part, out, counts, *strides, Hkv, N, S, int(k_keep), scale_log2,
+            float(sdc_scale), CHUNK_S=_chunk_s(block_gc, D, _COMBINE_WARPS), THETA_MODE=int(theta_kind),
+            **common, **merge, num_warps=_COMBINE_WARPS)
     return out, counts
 
 
 @torch.library.custom_op("toptheta::decode", mutates_args=())
 def _decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor | None,
-               sdc_term: torch.Tensor | None, v_sum: torch.Tensor | None, scale: float, sdc_code: int,
-               sdc_scale: float, vmc: bool, floor_max: bool, fused: bool | None, num_splits: int, block_n: int,
-               num_warps: int, num_stages: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _decode_launch(q, k, v, theta, sdc_term, v_sum, scale, sdc_code, sdc_scale, vmc, floor_max, fused,
-                          num_splits, block_n, num_warps, num_stages)
+               sdc_term: torch.Tensor | None, v_sum: torch.Tensor | None, lengths: torch.Tensor | None, scale: float,
+               k_keep: int, theta_mode: int, sdc_mode: int, sdc_scale: float, vmc: bool, floor_max: bool,
+               fused: bool | None, two_pass: bool | None, num_splits: int, block_n: int, num_warps: int,
+               num_stages: int, chunk: int, block_v: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _decode_launch(q, k, v, theta, sdc_term, v_sum, lengths, scale, k_keep, theta_mode, sdc_mode, sdc_scale,
+                          vmc, floor_max, fused, two_pass, num_splits, block_n, num_warps, num_stages, chunk, block_v)
 
 
 @_decode_op.register_fake
-def _(q, k, v, theta, sdc_term, v_sum, scale, sdc_code, sdc_scale, vmc, floor_max, fused, num_splits, block_n,
-      num_warps, num_stages):
+def _(q, k, v, theta, sdc_term, v_sum, lengths, scale, k_keep, theta_mode, sdc_mode, sdc_scale, vmc, floor_max,
+      fused, two_pass, num_splits, block_n, num_warps, num_stages, chunk, block_v):
     B, Hq, _, D = q.shape
     return q.new_empty(B, Hq, 1, D), torch.empty(2 * B * Hq + B * k.shape[1], dtype=torch.int32, device=q.device)
 
 
 def topθ_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor | None, *,
                 config: SparseConfig, k_keep: int, sdc_term: torch.Tensor | None = None,
-                v_sum: torch.Tensor | None = None, scale: float | None = None, fused: bool | None = None,
-                num_splits: int = 0, block_n: int = 0, num_warps: int = 0, num_stages: int = 0
+                v_sum: torch.Tensor | None = None, lengths: torch.Tensor | None = None, scale: float | None = None,
+                fused: bool | None = None, two_pass: bool | None = None, num_splits: int = 0, block_n: int = 0,
+                num_warps: int = 0, num_stages: int = 0, chunk: int = 0, block_v: int = 0
                 ) -> tuple[torch.Tensor, KernelCounts]:
     """Top-θ attention of one new query token per sequence against the whole cache.
 
     Args:
-        q: (B, Hq, 1, d) the new token's queries; k, v: (B, Hkv, N, d) the cache, every key
-            visible (no padding).  fp16/bf16, d ∈ {64, 128}; query head h reads KV head
-            h // (Hq // Hkv).  Any strides with a contiguous last dimension.
-        theta: (B, Hq, 1) or (B, Hq) θ per row in logit space (``None`` only for dense).
-        config: selection, SDC, VMC, empty-row floor (top-θ pre-softmax or dense; see
-            :func:`~topθ_core.kernels.kernel_variant`).
-        k_keep: this layer's k; the row is dense when N ≤ k_keep.
+        q: (B, Hq, 1, d) the new token's queries; k, v: (B, Hkv, N, d) the cache.  fp16/bf16,
+            d ∈ {64, 128}; query head h reads KV head h // (Hq // Hkv).  Any strides with a
+            contiguous last dimension.
+        theta: (B, Hq, 1) or (B, Hq) θ per row in logit space (``None`` only for dense); with
+            ``config.theta_reference = row-max`` θ_rel, compared with the score minus the row max.
+        config: selection, SDC, VMC, empty-row floor, θ reference (top-θ pre-softmax or dense; see
+            :func:`~topθ_core.kernels.kernel_variant` with ``decode=True``).
+        k_keep: this layer's k; a row is dense when its length L ≤ k_keep.
         sdc_term: (B, Hq[, 1]) offline SDC term C, for ``sdc=offline``.
-        v_sum: (B, Hkv, d) float32 sum of the N V rows, for VMC (v̄ = v_sum / N).
+        v_sum: (B, Hkv, d) float32 sum of the valid V rows, for VMC (v̄ = v_sum / L).
+        lengths: (B,) int32 valid keys per sequence (keys [0, L_b) are visible, 1 ≤ L_b ≤ N, not
+            checked: a device tensor, read by the kernel, so one CUDA graph serves every step of a
+            static cache); ``None``: every key is visible (L = N).
         fused: one launch (the last split merges) or two (splits, then a combine kernel);
             ``None`` takes the form :func:`decode_plan` picks for the shape.
-        num_splits, block_n, num_warps, num_stages: launch configuration; 0 takes the tuned
-            :func:`decode_plan` value.
+        two_pass: key loop (K pass + kept-V gather, or V inside the K loop); ``None``: the plan's.
+        num_splits, block_n, num_warps, num_stages, chunk, block_v: launch configuration; 0 takes
+            the tuned :func:`decode_plan` value.
     Returns:
         out (B, Hq, 1, d) in q's dtype, and :class:`KernelCounts`.
     """
     B, Hq, Hkv, Sq, N, d = check_qkv(q, k, v)
     if Sq != 1:
         raise ValueError(f"decode takes one query token per sequence, got {Sq}")
-    var = kernel_variant(config)
+    var = kernel_variant(config, decode=True)
     if var is None:
         raise NotImplementedError(f"the decode kernel does not implement {config.label()}")
-    if var.dense or N <= k_keep:
-        theta = None  # dense row: the kernel keeps everything
+    theta_kind = var.theta
+    if theta_kind is KernelTheta.DENSE:
+        theta = None
     elif theta is None:
         raise ValueError("top-theta needs theta")
+    elif lengths is None and N <= k_keep:  # dense row, known on the host: no θ to read
+        theta_kind, theta = KernelTheta.DENSE, None
     op = torch.ops.toptheta.decode if torch.compiler.is_compiling() else _decode_launch
-    out, counts = op(q, k, v, theta, sdc_term, v_sum, float(d ** -0.5 if scale is None else scale), var.sdc,
-                     var.sdc_scale, var.vmc, var.floor_max, fused, int(num_splits), int(block_n),
-                     int(num_warps), int(num_stages))
+    out, counts = op(q, k, v, theta, sdc_term, v_sum, lengths, float(d ** -0.5 if scale is None else scale),
+                     int(k_keep), int(theta_kind), int(var.sdc), var.sdc_scale, var.vmc, var.floor_max, fused,
+                     two_pass, int(num_splits), int(block_n), int(num_warps), int(num_stages), int(chunk),
+                     int(block_v))
     kept, empty, kv = counts.split((B * Hq, B * Hq, B * Hkv))
     return out, KernelCounts(kept=kept.view(B, Hq), empty=empty.view(B, Hq), kept_v_rows=kv.view(B, Hkv))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 
 from ..attention import RowBlock, causal_visible, topθ_attention_ref
-from ..row_samples import row_samples_ref
 from ..config import Selection, SparseConfig
 from ._common import KernelCounts
 
@@ -49,13 +48,20 @@ def _ref(q, k, v, theta, config, k_keep, sdc_term, scale, upcast, visible=None):
 
 def topθ_decode_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor | None, *,
                     config: SparseConfig, k_keep: int, sdc_term: torch.Tensor | None = None,
-                    v_sum: torch.Tensor | None = None, scale: float | None = None, upcast: bool = True,
-                    **_tuning) -> tuple[torch.Tensor, KernelCounts]:
-    """Reference of :func:`~topθ_core.kernels.topθ_decode` (``v_sum`` is ignored: v̄ comes from V)."""
+                    v_sum: torch.Tensor | None = None, lengths: torch.Tensor | None = None,
+                    scale: float | None = None, upcast: bool = True, **_tuning) -> tuple[torch.Tensor, KernelCounts]:
+    """Reference of :func:`~topθ_core.kernels.topθ_decode` (``v_sum`` is ignored: v̄ comes from V).
+
+    ``lengths`` (B,): sequence b sees keys [0, lengths[b]) (a static cache's valid prefix).
+    """
     B, Hq = q.shape[:2]
     theta = None if theta is None else theta.reshape(B, Hq, 1)
     sdc_term = None if sdc_term is None else sdc_term.reshape(B, Hq, 1)
-    return _ref(q, k, v, theta, config, k_keep, sdc_term, scale, upcast)
+    visible = None
+    if lengths is not None:
+        N = k.shape[2]
+        visible = (torch.arange(N, device=q.device).view(1, 1, N) < lengths.to(q.device).view(B, 1, 1))
+    return _ref(q, k, v, theta, config, k_keep, sdc_term, scale, upcast, visible=visible)
 
 
 def topθ_prefill_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor | None, *,
@@ -64,28 +70,3 @@ def topθ_prefill_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: 
     """Reference of :func:`~topθ_core.kernels.topθ_prefill` (causal, bottom-right aligned)."""
     return _ref(q, k, v, theta, config, k_keep, sdc_term, scale, upcast,
                 visible=causal_visible(q.shape[2], k.shape[2], q.device, q.shape[0]))
-
-
-def row_samples_causal_ref(q: torch.Tensor, k: torch.Tensor, kth: int, *, scale: float | None = None,
-                           **_tuning) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference of :func:`~topθ_core.kernels.row_samples`: per causal row the ``kth``-largest
-    logit ``t`` and ``D_U = Σ_{a ≤ t} e^(a − m)``, (B, Hq, Sq) float32 each, NaN where L < kth.
-
-    Materialises the (B, Hq, Sq, Sk) score matrix (what the kernel avoids).
-    """
-    B, Hq, Sq, d = q.shape
-    Hkv, Sk = k.shape[1], k.shape[2]
-    g = Hq // Hkv
-    scale = d ** -0.5 if scale is None else scale
-    kk = k.float().repeat_interleave(g, dim=1)
-    logits = (q.float() @ kk.transpose(-1, -2)) * scale
-    vis = causal_visible(Sq, Sk, q.device, 1)[0]
-    logits = logits.masked_fill(~vis, float("-inf"))
-    L = vis.sum(-1)  # (Sq,)
-    ok = L >= kth
-    t = torch.full((B, Hq, Sq), float("nan"), device=q.device)
-    d_u = torch.full((B, Hq, Sq), float("nan"), device=q.device)
-    if ok.any():
-        tt, dd = row_samples_ref(logits[:, :, ok], kth)
-        t[:, :, ok], d_u[:, :, ok] = tt, dd
-    return t, d_u
