@@ -155,15 +155,19 @@ with tab_run:
         st.markdown(f"**{done} {UNITS[shown.inputs.get('kind', 'mc')]} scored** · "
                     f"dense = the model's own attention ({lm.name}, {ctx.dtype}); dense values of "
                     f"{update.dense_cached} came from the cache")
-        shown_cols = ["variant", "metric", "dense", "Top-θ", "Δ", "ci_low", "ci_high", "n", "kept attention",
-                      "kept (sparse layers)", "config"]
-        styled = table[shown_cols].style.apply(
+        shown_cols = ["variant", "metric", "dense", "Top-θ", "Δ", "95% interval", "n", "kept attention",
+                      "kept (sparse layers)"]
+        shown_table = table.assign(**{"95% interval": [view.interval_text(lo, hi) for lo, hi in
+                                                       zip(table["ci_low"], table["ci_high"])]})
+        styled = shown_table[shown_cols].style.apply(
             lambda col: [f"color: {figures.WORSE}" if w else "" for w in table["worse"]], subset=["Δ"]).format(
-            {c: "{:.4f}" for c in ("dense", "Top-θ", "Δ", "ci_low", "ci_high")} |
+            {c: "{:.4f}" for c in ("dense", "Top-θ", "Δ")} |
             {c: "{:.1%}" for c in ("kept attention", "kept (sparse layers)")}, na_rep="–")
-        st.dataframe(styled, hide_index=True, width="stretch",
-                     column_config={"config": st.column_config.TextColumn("config (exact)", width="large"),
-                                    "variant": st.column_config.TextColumn(width="medium")})
+        st.dataframe(styled, hide_index=True, width="stretch")
+        legend = [f"**{v}** = `{c}`" if v != c else f"`{c}`" for v, c in dict(zip(table["variant"],
+                                                                               table["config"])).items()]
+        st.markdown("  \n".join(legend) + f"  \nthresholds: {ctx.run_name or 'none'}; Δ in red: worse than dense "
+                    "for that metric")
         st.plotly_chart(figures.variant_delta_chart(table), width="stretch", key="acc_delta")
         mean_tokens = update.results[0].info.get("mean_prompt_tokens")
         for note in view.thin_notes(table, update.results[0].config.k.default, mean_tokens):

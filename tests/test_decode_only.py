@@ -4,6 +4,7 @@ any sparse run, then each decode step inside a sparse run of the same config wit
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from topθ_core.calibration import calibrate
@@ -81,3 +82,27 @@ def test_prefill_flag_reaches_the_config():
     assert cfg.prefill is PrefillMode.DENSE and "dense-prefill" in cfg.label()
     default = _sparse_config(build_parser().parse_args(["generate", "--prompt", "x", "--selection", "top-k"]), None)
     assert default.prefill is PrefillMode.TOP_THETA == SparseConfig().prefill
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_only_through_the_kernels_on_gpu(dtype):
+    """On CUDA the prompt runs SDPA and the decode steps the Triton kernel (its running V sum built from the
+    cache the prompt left): greedy logits equal the reference doing the same by hand."""
+    import contextlib
+
+    from topθ_core.models import wrap_model
+    from topθ_core.tiny import tiny_model, tiny_tokenizer
+
+    lm = wrap_model(tiny_model("llama", num_hidden_layers=2, hidden_size=256, num_attention_heads=4,
+                               num_key_value_heads=2).to("cuda", dtype), tiny_tokenizer(), name="tiny-gpu")
+    k = KSchedule(8)
+    th = calibrate(lm, [TINY_TEXT] * 2, CalibrationConfig(k=k), max_length=128)
+    cfg = SparseConfig(k=k)
+    ids = lm.tokenizer(TINY_TEXT, return_tensors="pt").input_ids[:, :96].cuda()
+    model = lm.model
+    got = _greedy(model, ids, 6, lambda: sparse_run(cfg.with_(prefill="dense"), th, model=model),
+                  lambda: sparse_run(cfg.with_(prefill="dense"), th, model=model))
+    ref = _greedy(model, ids, 6, contextlib.nullcontext, lambda: sparse_run(cfg, th, model=model))
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)

@@ -7,9 +7,7 @@ installs both, so CI runs it.
 
 from __future__ import annotations
 
-import io
 import json
-import os
 import sys
 import zipfile
 from pathlib import Path
@@ -227,9 +225,10 @@ def test_full_tour(app, browser):
         run = page.get_by_role("button", name="Run", exact=True)
         if run.is_enabled():
             run.click()
-        page.get_by_role("button", name="Cancel").first.wait_for()
-        page.get_by_text("evaluate", exact=False).first.wait_for()
-        page.locator('[data-testid="stMain"]').get_by_role("button", name="Cancel").click()
+        cancel = page.locator('[data-testid="stMain"]').get_by_role("button", name="Cancel")
+        page.wait_for_function("() => [...document.querySelectorAll('[data-testid=\"stMain\"] button')]"
+                               ".some(b => b.innerText.trim() === 'Cancel' && !b.disabled)")  # the run started
+        cancel.click()
         page.get_by_text("Cancelled: no result was saved.").wait_for(timeout=60_000)
         assert result_files(app) == saved
         page.get_by_role("tab", name="Trade-off across saved results").click()
