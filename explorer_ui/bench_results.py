@@ -56,12 +56,18 @@ def read_result(path: Path) -> ResultFile:
         return ResultFile(path, "table", error=f"{path.name}: cannot be read ({type(e).__name__}: {e})")
 
 
-def list_results(root: Path | None = None) -> list[ResultFile]:
-    root = root or RESULTS_DIR
+def result_paths(root: Path | None = None) -> list[Path]:
+    """The result files under ``root``: tables and Markdown reports, sorted; development logs (anything
+    under a ``logs/`` folder, ``*.log``) and other files (``.html``) are left out."""
+    root = Path(root or RESULTS_DIR)
     if not root.is_dir():
         return []
-    files = sorted(p for p in root.rglob("*") if p.is_file() and (p.suffix in TABLE_EXT or p.suffix == ".md"))
-    return [read_result(p) for p in files]
+    return sorted(p for p in root.rglob("*") if p.is_file() and (p.suffix in TABLE_EXT or p.suffix == ".md")
+                  and "logs" not in p.relative_to(root).parts[:-1])
+
+
+def list_results(root: Path | None = None) -> list[ResultFile]:
+    return [read_result(p) for p in result_paths(root)]
 
 
 def numeric_columns(df: pd.DataFrame) -> list[str]:

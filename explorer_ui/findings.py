@@ -77,4 +77,5 @@ WHERE_TO_START = [
     ("accuracy", "Accuracy", "Dense vs Top-θ on tasks, live per item; several variants side by side."),
     ("compare", "Compare", "Dense and Top-θ generations side by side."),
     ("kernels", "Kernels", "Measured GPU speed of the Triton kernels."),
+    ("runs", "Runs", "Rename, delete, import and download threshold sets; export saved results as CSV."),
 ]

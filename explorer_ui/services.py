@@ -16,7 +16,7 @@ import streamlit as st
 from topθ_core.models import BUNDLED, LoadedModel, load_model
 from topθ_core.thresholds import Thresholds, load_thresholds
 
-from . import analysis, bench_results, runs
+from . import analysis, bench_results, kernel_headline, runs
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -87,11 +87,35 @@ def _bench_results(signature: tuple) -> list:
     return bench_results.list_results()
 
 
-def benchmark_results() -> list:
-    """Saved benchmark results, re-read only when a file under benchmarks/results/ changes."""
+def _bench_signature() -> tuple:
     root = bench_results.RESULTS_DIR
-    sig = tuple(sorted((str(p), p.stat().st_mtime) for p in root.rglob("*") if p.is_file())) if root.is_dir() else ()
-    return _bench_results(sig)
+    return tuple((str(p), p.stat().st_mtime) for p in bench_results.result_paths(root))
+
+
+def benchmark_results() -> list:
+    """Saved benchmark results (no logs), re-read only when one of those files changes."""
+    return _bench_results(_bench_signature())
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def _kernel_headline(signature: tuple) -> pd.DataFrame:
+    return kernel_headline.headline(bench_results.RESULTS_DIR)
+
+
+def kernel_headline_table() -> pd.DataFrame:
+    """The Kernels headline (:func:`explorer_ui.kernel_headline.headline`), re-read when a result file changes."""
+    return _kernel_headline(_bench_signature())
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _run_ids(root: str, signature: tuple) -> dict[str, str]:
+    return runs.run_thresholds_ids(Path(root))
+
+
+def run_thresholds_ids() -> dict[str, str]:
+    """{thresholds_id: run name} of the saved runs (names the threshold set of a saved evaluation result)."""
+    root = runs.runs_dir()
+    return _run_ids(str(root), runs.runs_signature(root))
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)

@@ -100,7 +100,30 @@ CMP_JOB = "cmp_job"  # not a widget: id of the generation job this page shows
 
 # ---- Kernels ----------------------------------------------------------------------------
 KER_RUN = "ker_run"  # button
-KER_OPEN = "ker_open"  # prefix of the result expanders' keys (open state)
+KER_RAW_OPEN = "ker_raw_open"  # expander open state (raw result files)
+KER_FILE = "ker_file"  # the raw result file drawn (selectbox)
+KER_AXES = "ker_axes"  # prefix of the raw table's chart pickers: f"{KER_AXES}_x_{file}", …_y_…, …_group_…
+
+# ---- Thresholds: save the chosen σ as a new set ------------------------------------------
+TH_SAVE_NAME = "th_save_name"
+TH_SAVE = "th_save"  # button
+TH_SAVED = "th_saved"  # not a widget: ("ok" | "error", message) of the last save, shown once
+
+# ---- Runs ----------------------------------------------------------------------------------
+RUNS_PICK = "runs_pick"  # the saved threshold set the actions apply to
+RUNS_NEW_NAME = "runs_new_name"
+RUNS_RENAME = "runs_rename"  # button
+RUNS_DELETE_CONFIRM = "runs_delete_confirm"
+RUNS_DELETE = "runs_delete"  # button
+RUNS_IMPORT_OPEN = "runs_import_open"  # expander open state (import a zip)
+RUNS_UPLOAD = "runs_upload"  # prefix of the zip uploader's key (+ a counter: a new uploader after an import)
+RUNS_UPLOADS = "runs_uploads"  # not a widget: that counter
+RUNS_IMPORT_NAME = "runs_import_name"
+RUNS_IMPORT = "runs_import"  # button
+RUNS_RESULT = "runs_result"  # the saved result file shown
+RUNS_RESULT_DELETE_CONFIRM = "runs_result_delete_confirm"
+RUNS_RESULT_DELETE = "runs_result_delete"  # button
+RUNS_MESSAGE = "runs_message"  # not a widget: ("ok" | "warning" | "error", message) of the last action
 
 
 # ---- sparse-config controls (shared by Sparsity, Accuracy, Compare) ---------------------
@@ -134,6 +157,8 @@ def _settings() -> dict[str, tuple[str, type]]:
     for page, prefix in (("sparsity", "sp"), ("accuracy", "acc"), ("compare", "cmp")):
         for f, key in config_keys(prefix).items():
             out[key] = (page, _CONFIG_TYPES[f])
+    add("kernels", KER_FILE=str)
+    add("runs", RUNS_PICK=str, RUNS_RESULT=str)
     return out
 
 

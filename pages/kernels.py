@@ -1,17 +1,18 @@
-"""Kernels: run the kernel benchmark when CUDA is present; otherwise show saved results with their card."""
+"""Kernels: the measured speed per card on top (explorer_ui.kernel_headline), the raw result files behind one
+expander, and the benchmark run where CUDA is present."""
 
 import subprocess
 import sys
 
 import streamlit as st
 
-from explorer_ui import bench_results, figures, services
+from explorer_ui import bench_results, figures, kernel_headline, services, state
 from explorer_ui import session_keys as K
 
 st.title("Kernels")
-st.caption("Triton Top-θ kernels (decode and prefill) against dense SDPA on the same card. Decode is memory-bound: "
-           "a kernel must read all of K but only the kept V rows, so speed-up ≤ 2/(1+f) for a kept V-row "
-           "fraction f.")
+st.caption("Triton Top-θ kernels (decode and prefill) against dense SDPA on the same card, from "
+           "benchmarks/results/. Decode is memory-bound: a kernel must read all of K but only the kept V rows, "
+           "so speed-up ≤ 2/(1+f) for a kept V-row fraction f.")
 
 try:
     import torch
@@ -35,16 +36,31 @@ if cuda:
 else:
     st.info("No CUDA device here: showing the saved results in benchmarks/results/ with the card they came from.")
 
+# ---------------------------------------------------------------- headline per card
+head = services.kernel_headline_table()
+if head.empty:
+    st.warning("No kernel benchmark rows yet (benchmarks/results/kernels_*.csv).")
+for card_name, rows in head.groupby("card", sort=True):
+    st.subheader(f"Measured on {card_name}")
+    st.dataframe(kernel_headline.display_frame(rows), hide_index=True, width="stretch")
+if not head.empty:
+    st.caption("Speed-up = SDPA time / Top-θ time, both measured in the same run on the same inputs; SDPA is the "
+               "fastest backend measured (end to end: the fastest of the baselines of that shape). Decode: at the "
+               "largest shape measured, with the range over all shapes of that run. How each row is chosen: "
+               "explorer_ui/kernel_headline.py; the full story: benchmarks/results/kernels.md.")
+
+# ---------------------------------------------------------------- raw files, one at a time
 results = services.benchmark_results()
 if not results:
     st.warning("No saved benchmark results yet (benchmarks/results/ is empty).")
     st.stop()
+# Kernel tables first (this page is about them), then kernel reports, then the rest in file order.
+results = sorted(results, key=lambda r: ("kernel" not in r.path.name, r.kind == "markdown"))
+by_name = {str(r.path.relative_to(bench_results.RESULTS_DIR)) if r.path.is_relative_to(bench_results.RESULTS_DIR)
+           else str(r.path): r for r in results}
 
-# Kernel results first (this page is about them), then the rest in file order.
-results = sorted(results, key=lambda r: "kernel" not in r.path.name)
 
-
-def _result_body(i: int, r) -> None:
+def _result_body(name: str, r) -> None:
     if r.error:
         st.error(r.error)
     elif r.kind == "markdown":
@@ -57,27 +73,30 @@ def _result_body(i: int, r) -> None:
             dx, dy, dg = bench_results.default_axes(df)
             others = [c for c in df.columns if c not in nums]
             c1, c2, c3 = st.columns(3)
-            x = c1.selectbox("x", nums, index=nums.index(dx) if dx in nums else 0, key=f"ker_x_{i}")
+            x = c1.selectbox("x", nums, index=nums.index(dx) if dx in nums else 0, key=f"{K.KER_AXES}_x_{name}")
             ys = [c for c in nums if c != x]
-            y = c2.selectbox("y", ys, index=ys.index(dy) if dy in ys else 0, key=f"ker_y_{i}")
+            y = c2.selectbox("y", ys, index=ys.index(dy) if dy in ys else 0, key=f"{K.KER_AXES}_y_{name}")
             groups = ["(none)"] + others
             color = c3.selectbox("group by", groups, index=groups.index(dg) if dg in groups else 0,
-                                 key=f"ker_c_{i}")
+                                 key=f"{K.KER_AXES}_group_{name}")
             st.plotly_chart(figures.kernel_speed_chart(df, x, y, None if color == "(none)" else color),
-                            width="stretch", key=f"ker_chart_{i}")
+                            width="stretch", key="ker_chart")
 
 
-@st.fragment
-def _results(results) -> None:
-    """One expander per file; only open ones are drawn (27 files with a table and a chart each took the
-    browser seconds to draw).  Opening or closing one reruns this fragment only."""
-    for i, r in enumerate(results):
-        rel = r.path.relative_to(bench_results.ROOT) if r.path.is_relative_to(bench_results.ROOT) else r.path
-        box = st.expander(f"{rel}" + (f" · {', '.join(r.cards)}" if r.cards else ""), expanded=i == 0,
-                          key=f"{K.KER_OPEN}_{rel}", on_change="rerun")
-        if box.open:
-            with box:
-                _result_body(i, r)
+@state.fragment
+def _raw(by_name: dict) -> None:
+    """One expander; inside it one file at a time (drawn only while open).  A change here reruns this part only."""
+    box = st.expander(f"Raw result files ({len(by_name)})", expanded=False, key=K.KER_RAW_OPEN, on_change="rerun")
+    if not box.open:
+        return
+    with box:
+        names = list(by_name)
+        if st.session_state.get(K.KER_FILE) not in names:
+            st.session_state[K.KER_FILE] = names[0]
+        cards = {n: f" · {', '.join(r.cards)}" if r.cards else "" for n, r in by_name.items()}
+        name = st.selectbox("File", names, key=K.KER_FILE, format_func=lambda n: n + cards[n],
+                            help="benchmarks/results/ (development logs are left out)")
+        _result_body(name, by_name[name])
 
 
-_results(results)
+_raw(by_name)

@@ -5,9 +5,10 @@ from pathlib import Path
 
 import streamlit as st
 
-from explorer_ui import analysis, figures, runs, services
+from explorer_ui import analysis, figures, runs, services, state
 from explorer_ui import session_keys as K
 from explorer_ui.sidebar import NO_RUN, page_link_calibrate, require_model
+from topθ_core.thresholds import ThresholdsError
 
 ctx = require_model()
 st.title("Thresholds")
@@ -43,6 +44,40 @@ if overlay_name != NO_RUN:
 if meta.get("theta_reference", "absolute") == "row-max":
     st.caption("This run's θ is relative to each row's maximum score (kept: score − row max > θ), so its values "
                "are ≤ 0.")
+
+
+def _save_sigma(path: str, source: str, for_loaded_model: bool) -> None:
+    """Button callback (runs before the next rerun, so the sidebar lists the new set at once)."""
+    sigma = float(st.session_state[K.TH_SIGMA])
+    name = (st.session_state.get(K.TH_SAVE_NAME) or "").strip() or runs.sigma_run_name(source, sigma)
+    try:
+        saved = runs.save_sigma_run(services.get_thresholds(path, services.artifact_mtime(path)), sigma, name, source)
+    except (runs.RunsError, ThresholdsError, OSError) as e:
+        st.session_state[K.TH_SAVED] = ("error", f"Not saved: {e}")
+        return
+    st.session_state[K.TH_SAVE_NAME] = ""
+    st.session_state[K.TH_RUN] = saved.name
+    if for_loaded_model:
+        st.session_state[K.PENDING_ACTIVE_RUN] = saved.name
+    st.session_state[K.TH_SAVED] = ("ok", f"Saved **{saved.name}**: {source}'s statistics at σ = {sigma:g}, no "
+                                          "recalibration" + (", now the active threshold set." if for_loaded_model
+                                                             else "."))
+
+
+own_sigma = float(meta.get("sigma", 0.1))
+n1, n2 = st.columns([4, 1], vertical_alignment="bottom")
+n1.text_input("Name of a new threshold set with this σ", key=K.TH_SAVE_NAME,
+              placeholder=runs.sigma_run_name(run_name, sigma))
+n2.button(f"Save σ = {sigma:g} as a new set", key=K.TH_SAVE, on_click=_save_sigma,
+          args=(row["path"], run_name, ctx.lm is not None and row["digest"] == ctx.lm.fingerprint.digest),
+          disabled=sigma == own_sigma, width="stretch", icon=":material/save:",
+          help=f"θ re-aggregated from {run_name}'s stored statistics with this σ (no recalibration), saved as a "
+               f"new set; {run_name} keeps σ = {own_sigma:g}" if sigma != own_sigma else
+               f"σ is {run_name}'s own ({own_sigma:g}): change σ first")
+saved_note = st.session_state.pop(K.TH_SAVED, None)
+if saved_note:
+    (st.success if saved_note[0] == "ok" else st.error)(saved_note[1])
+
 with st.expander(f"Provenance of {run_name}", expanded=False):
     st.markdown("\n".join(f"- {line}" for line in runs.provenance_lines(meta)))
     st.download_button("Download thresholds (.zip)", data=partial(runs.zip_run, row["path"]),
@@ -62,7 +97,7 @@ lo, hi = int(df["length_lo"].min()), int(df["length_hi"].max())
 missing = sorted(set(range(n_layers)) - set(layers_with_theta))
 
 
-@st.fragment
+@state.fragment
 def _explore(df, overlay, names, layers_with_theta, heads_all, lo, hi, missing) -> None:
     """Grid, layer/head pickers, curve and histograms: a change here reruns only this part of the page."""
     # A click in the grid (previous rerun) opens that head: apply it before the widgets are drawn.

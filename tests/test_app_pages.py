@@ -571,24 +571,52 @@ def test_accuracy_invalid_combination_is_a_message(calibrated):
 
 
 def test_kernels_page(env):
+    """The headline tables on top hold what explorer_ui.kernel_headline computes from the CSV (its decode cell
+    checked here against the row the rule picks); the raw files sit behind one expander, one file drawn at a
+    time, development logs left out."""
+    import pandas as pd
+
+    from explorer_ui import bench_results, kernel_headline
+
     at = open_app(None)
     at.switch_page(PAGE["kernels"]).run()
     assert_clean(at)
     assert "Kernels" in texts(at.title)
-    # one expander per saved result; only the first (open) one is drawn, the others when opened
-    labels = [e.label for e in at.main.expander]
     results = ROOT / "benchmarks" / "results"
-    files = [p for p in results.rglob("*") if p.is_file() and p.suffix in (".csv", ".parquet", ".jsonl", ".json", ".md")]
-    assert len(labels) == len(files) and labels[0].startswith("benchmarks/results/kernels")
-    assert all(len(e.children) == 0 for e in at.main.expander[1:]) and len(at.main.expander[0].children)
-    table = next(i for i, p in enumerate(sorted(files, key=lambda p: ("kernel" not in p.name, str(p))))
-                 if p.suffix == ".csv")
-    rel = sorted(files, key=lambda p: ("kernel" not in p.name, str(p)))[table].relative_to(ROOT)
-    at.session_state[f"ker_open_{rel}"] = True
+    head = kernel_headline.headline(results)
+    cards = sorted(head["card"].unique())
+    assert "H200" in cards
+    assert [s for s in texts(at.subheader) if s.startswith("Measured on")] == [f"Measured on {c}" for c in cards]
+    for i, card in enumerate(cards):
+        pd.testing.assert_frame_equal(at.dataframe[i].value.reset_index(drop=True),
+                                      kernel_headline.display_frame(head[head["card"] == card]).reset_index(drop=True))
+    csv = pd.read_csv(results / "kernels_H200.csv")
+    decode = csv[csv["kernel"] == "decode"]
+    decode = decode[decode["run"] == decode["run"].max()]
+    third = decode[(pd.to_numeric(decode["f_target"], errors="coerce") - 1 / 3).abs() <= 0.02]
+    big = third.assign(size=third["B"] * third["N"]).sort_values(["size", "B"]).iloc[-1]
+    h200 = at.dataframe[cards.index("H200")].value.set_index("measure")
+    assert h200.loc["decode, f = 1/3", "speed-up vs SDPA"] == f"{big['speedup']:.2f}×"
+    assert h200.loc["decode, f = 1/3", "shape"].startswith(f"B={big['B']}, N={big['N'] // 1024}k")
+    # raw files: one expander, drawn only when opened, one file at a time, no logs
+    files = bench_results.result_paths(results)
+    assert files and not any(p.suffix == ".log" or "logs" in p.relative_to(results).parts for p in files)
+    (raw,) = at.main.expander
+    assert raw.label == f"Raw result files ({len(files)})" and len(raw.children) == 0
+    at.session_state["ker_raw_open"] = True
     at.run()
     assert_clean(at)
-    opened = at.main.expander[table]
-    assert opened.label.startswith(str(rel)) and opened.dataframe
+    box = at.main.expander[0]
+    pick = box.selectbox(key="ker_file")
+    order = sorted(files, key=lambda p: ("kernel" not in p.name, p.suffix == ".md"))  # the page's order
+    names = [str(p.relative_to(results)) for p in order]
+    assert len(pick.options) == len(files) and pick.value == names[0] and names[0].startswith("kernels_")
+    assert len(box.dataframe) == 1 and len(box.get("plotly_chart")) == 1
+    report = next(n for n in names if n.endswith(".md"))
+    pick.set_value(report).run()
+    assert_clean(at)
+    box = at.main.expander[0]
+    assert not box.dataframe and any(m.value.startswith("#") for m in box.markdown)
 
 
 def test_accuracy_perplexity(calibrated, env):
@@ -597,3 +625,260 @@ def test_accuracy_perplexity(calibrated, env):
     df = _run_accuracy(at, "pydoc", 2, acc_kind="perplexity", acc_selection="top-theta", acc_sdc="offline")
     assert "ppl" in set(df["metric"])
     assert (df.loc[df["metric"] == "ppl", "dense"] > 1).all()
+
+
+# ---------------------------------------------------------------------------- Overview, Thresholds σ, Runs
+def _speed_metrics_match_the_headline(at: AppTest) -> None:
+    from explorer_ui import kernel_headline
+
+    head = kernel_headline.headline(ROOT / "benchmarks" / "results")
+    shown = {m.label: m.value for m in at.metric}
+    for card, rows in head.groupby("card"):
+        for label, value, _ in kernel_headline.metric_cells(rows):
+            assert shown[label] == value
+    assert shown["decode, f = 0.15"].endswith("×")
+
+
+def _findings_shown(at: AppTest) -> None:
+    from explorer_ui import findings
+
+    body = " ".join(texts(at.markdown))
+    assert all(title in body for title, _ in findings.KEY_FINDINGS)
+    assert {"Key findings", "Where to start", "Measured speed", "Active threshold set"} <= set(texts(at.subheader))
+
+
+def _result_rows(tid: str, task: str, created: str, delta: float, kept: float, metric: str = "acc"):
+    import pandas as pd
+
+    from topθ_core.evaluation import RESULT_COLUMNS
+
+    row = {c: None for c in RESULT_COLUMNS}
+    row.update(task=task, metric=metric, dense=0.5, sparse=0.5 + delta, delta=delta, ci_low=delta - 0.05,
+               ci_high=delta + 0.05, kept_attention=kept, config_label="Top-θ test", thresholds_id=tid, n=7,
+               model="tiny-llama", created=created, run_id=created[-6:])
+    return pd.DataFrame([row], columns=RESULT_COLUMNS)
+
+
+def test_overview_without_active_set(env):
+    at = open_app(None)
+    at.sidebar.selectbox(key="sb_active_run").set_value("(none: dense only)").run()
+    assert_clean(at)
+    assert "Top-θ Explorer" in texts(at.title)
+    assert any("No calibration for this model yet" in i or "No threshold set is selected" in i for i in texts(at.info))
+    _speed_metrics_match_the_headline(at)
+    _findings_shown(at)
+
+
+def test_overview_without_model(env):
+    at = open_app(None)
+    at.sidebar.text_input(key="sb_model_path").input(str(env["root"] / "nope")).run()
+    assert_clean(at)
+    assert any(i.startswith("No model is loaded (") and "does not exist" in i for i in texts(at.info))
+    assert any("load one first" in c for c in texts(at.caption))
+    _speed_metrics_match_the_headline(at)  # what needs no model is still there
+    _findings_shown(at)
+
+
+def test_overview_shows_the_active_sets_latest_results(calibrated, env):
+    from explorer_ui import runs
+    from topθ_core.evaluation import thresholds_id
+    from topθ_core.thresholds import load_thresholds
+
+    at = calibrated
+    runs.save_sigma_run(load_thresholds(env["runs"] / "k16"), 0.3, "k16-ov", "k16", env["runs"])
+    at.switch_page(PAGE["overview"]).run()
+    at.sidebar.selectbox(key="sb_active_run").set_value("k16-ov").run()
+    assert_clean(at)
+    assert any(m.startswith("**k16-ov** · k=16 · σ = 0.3") for m in texts(at.markdown))
+    assert any("No saved evaluation results for this threshold set" in i for i in texts(at.info))
+    tid = thresholds_id(load_thresholds(env["runs"] / "k16-ov"))
+    env["results"].mkdir(exist_ok=True)
+    _result_rows(tid, "arc_easy", "2026-01-01T00:00:01", 0.02, 0.30).to_parquet(env["results"] / "ov-old.parquet")
+    _result_rows(tid, "arc_easy", "2026-01-02T00:00:02", -0.01, 0.25).to_parquet(env["results"] / "ov-new.parquet")
+    other = _result_rows("another-set0", "arc_easy", "2026-01-03T00:00:03", 0.5, 0.9)  # another set's: not shown
+    other.to_parquet(env["results"] / "ov-x.parquet")
+    at.run()
+    assert_clean(at)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["kept attention"] == "25.0%" and metrics["Δ acc · arc_easy"] == "-0.0100"
+    table = at.dataframe[0].value
+    assert list(table["task"]) == ["arc_easy"] and list(table["Δ (Top-θ − dense)"]) == [-0.01]  # the latest only
+    assert list(table["95% interval"]) == ["[-0.0600, +0.0400]"] and list(table["n"]) == [7]
+    _speed_metrics_match_the_headline(at)
+
+
+def test_thresholds_save_sigma_as_new_set(calibrated, env, monkeypatch):
+    import torch
+
+    import topθ_core.calibration as calibration
+    from topθ_core.statistics import ThresholdStats
+    from topθ_core.thresholds import load_thresholds
+
+    def refuse(*a, **kw):
+        raise AssertionError("saving σ must not recalibrate")
+
+    monkeypatch.setattr(calibration, "calibrate", refuse)
+    monkeypatch.setattr(ThresholdStats, "finalize", refuse)
+    at = calibrated
+    at.switch_page(PAGE["thresholds"]).run()
+    at.selectbox(key="th_run").set_value("k16").run()
+    at.number_input(key="th_sigma").set_value(0.1).run()
+    assert_clean(at)
+    assert at.button(key="th_save").disabled  # σ is k16's own
+    at.number_input(key="th_sigma").set_value(0.6).run()
+    assert not at.button(key="th_save").disabled
+    at.text_input(key="th_save_name").input("bad name/..")
+    at.button(key="th_save").click().run()
+    assert_clean(at)
+    assert any(e.startswith("Not saved:") and "letters, digits" in e for e in texts(at.error))
+    at.text_input(key="th_save_name").input("k16-s06")
+    at.button(key="th_save").click().run()
+    assert_clean(at)
+    assert any(s.startswith("Saved **k16-s06**") and "now the active threshold set" in s for s in texts(at.success))
+    src, new = load_thresholds(env["runs"] / "k16"), load_thresholds(env["runs"] / "k16-s06")
+    assert new.sigma == 0.6 and src.sigma == 0.1
+    assert torch.allclose(new.theta, src.with_sigma(0.6).theta, equal_nan=True)
+    assert torch.equal(new.count, src.count) and torch.equal(new.sdc_mean, src.sdc_mean)
+    assert new.meta["derived_from"]["run"] == "k16" and new.meta["derived_from"]["sigma"] == 0.1
+    assert at.sidebar.selectbox(key="sb_active_run").value == "k16-s06"
+    assert at.selectbox(key="th_run").value == "k16-s06" and at.button(key="th_save").disabled
+    at.selectbox(key="th_run").set_value("k16").run()
+    at.text_input(key="th_save_name").input("k16-s06")
+    at.button(key="th_save").click().run()
+    assert any("exists already" in e for e in texts(at.error))
+
+
+def test_runs_page_rename_and_delete_the_active_set(calibrated, env):
+    from explorer_ui import runs
+    from topθ_core.thresholds import load_thresholds
+
+    at = calibrated
+    runs.save_sigma_run(load_thresholds(env["runs"] / "k16"), 0.9, "tmp-a", "k16", env["runs"])
+    at.switch_page(PAGE["runs"]).run()
+    assert_clean(at)
+    assert "Runs" in texts(at.title)
+    assert "tmp-a" in list(at.dataframe[0].value["name"])
+    at.sidebar.selectbox(key="sb_active_run").set_value("tmp-a").run()
+    at.selectbox(key="runs_pick").set_value("tmp-a").run()
+    at.text_input(key="runs_new_name").input("bad name/..")
+    at.button(key="runs_rename").click().run()
+    assert_clean(at)
+    assert any(e.startswith("Not renamed:") and "letters, digits" in e for e in texts(at.error))
+    assert (env["runs"] / "tmp-a").is_dir()
+    before = (env["runs"] / "tmp-a" / "meta.json").read_bytes()
+    at.text_input(key="runs_new_name").input("tmp-b")
+    at.button(key="runs_rename").click().run()
+    assert_clean(at)
+    assert "Renamed **tmp-a** to **tmp-b**." in texts(at.success)
+    assert not (env["runs"] / "tmp-a").exists() and (env["runs"] / "tmp-b" / "meta.json").read_bytes() == before
+    assert at.sidebar.selectbox(key="sb_active_run").value == "tmp-b"  # the renamed active set stays active
+    assert at.selectbox(key="runs_pick").value == "tmp-b"
+    # delete the active set: the sidebar picks another, every page still runs
+    assert at.button(key="runs_delete").disabled
+    at.checkbox(key="runs_delete_confirm").check().run()
+    at.button(key="runs_delete").click().run()
+    assert_clean(at)
+    assert any(s.startswith("Deleted **tmp-b**. It was the active threshold set") for s in texts(at.success))
+    assert not (env["runs"] / "tmp-b").exists() and not [p for p in env["runs"].iterdir() if p.name.startswith(".")]
+    active = at.sidebar.selectbox(key="sb_active_run")
+    assert active.value != "tmp-b" and "tmp-b" not in option_names(active) and active.value in option_names(active)
+    assert "tmp-b" not in list(at.dataframe[0].value["name"])
+    for page in ("overview", "thresholds", "runs"):
+        at.switch_page(PAGE[page]).run()
+        assert_clean(at)
+
+
+def option_names(box) -> list[str]:
+    """A select box's options as names (the sidebar's run picker shows "name · k… σ=…")."""
+    return [o.split(" · ")[0] for o in box.options]
+
+
+def _zip(entries: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, data in entries.items():
+            z.writestr(name, data)
+    return buf.getvalue()
+
+
+def test_runs_page_imports_zips(calibrated, env):
+    from explorer_ui import runs
+
+    at = calibrated
+    at.switch_page(PAGE["runs"]).run()
+    assert_clean(at)
+    assert not at.get("file_uploader")  # drawn once its expander is opened
+    at.session_state["runs_import_open"] = True
+    at.run()
+    assert at.button(key="runs_import").disabled  # nothing uploaded yet
+
+    def upload_and_import(name: str, data: bytes, as_name: str = "") -> None:
+        at.get("file_uploader")[0].upload(name, data).run()
+        if as_name:
+            at.text_input(key="runs_import_name").input(as_name)
+        at.button(key="runs_import").click().run()
+        assert_clean(at)
+
+    listing = lambda: sorted(p.name for p in env["runs"].iterdir())  # noqa: E731 - hidden ones included
+    before = listing()
+    k16 = env["runs"] / "k16"
+    upload_and_import("k16.zip", runs.zip_run(k16))
+    assert any("k16.zip was not imported" in e and "'k16' exists already" in e for e in texts(at.error))
+    upload_and_import("junk.zip", b"this is not a zip")
+    assert any("junk.zip was not imported: not a zip file" in e for e in texts(at.error))
+    upload_and_import("evil.zip", _zip({"../evil/meta.json": b"{}"}))
+    assert any("unsafe or hidden path" in e for e in texts(at.error))
+    upload_and_import("half.zip", _zip({"half/meta.json": (k16 / "meta.json").read_bytes()}))
+    assert any("lacks thresholds.parquet" in e for e in texts(at.error))
+    assert listing() == before  # every refusal left nothing behind
+    upload_and_import("k16.zip", runs.zip_run(k16), as_name="k16-imported")
+    assert any(s.startswith("Imported **k16-imported**") for s in texts(at.success))
+    assert (env["runs"] / "k16-imported" / "meta.json").read_bytes() == (k16 / "meta.json").read_bytes()
+    assert "k16-imported" in option_names(at.sidebar.selectbox(key="sb_active_run"))
+    assert at.get("file_uploader")[0].value is None and at.selectbox(key="runs_pick").value == "k16-imported"
+    # a set calibrated for another model: imported, says for which model, not offered in the sidebar
+    meta = json.loads((k16 / "meta.json").read_text())
+    meta["model"].update(name="other-model", digest="0" * 64)
+    upload_and_import("foreign.zip", _zip({"foreign/thresholds.parquet": (k16 / "thresholds.parquet").read_bytes(),
+                                           "foreign/meta.json": json.dumps(meta).encode()}))
+    assert any("Imported **foreign**, calibrated for other-model" in w and "not the loaded model" in w
+               for w in texts(at.warning))
+    table = at.dataframe[0].value.set_index("name")
+    assert bool(table.loc["foreign", "for loaded model"]) is False and bool(table.loc["k16", "for loaded model"])
+    assert "foreign" not in option_names(at.sidebar.selectbox(key="sb_active_run"))
+
+
+def test_runs_page_results_table_csv_and_delete(calibrated, env, monkeypatch):
+    import pandas as pd
+
+    from explorer_ui import runs
+
+    made = []  # every CSV the page offers: (columns, bytes)
+    real = runs.table_csv
+    monkeypatch.setattr(runs, "table_csv", lambda df: made.append((list(df.columns), real(df))) or made[-1][1])
+    env["results"].mkdir(exist_ok=True)
+    _result_rows("none", "pydoc", "2099-01-01T00:00:00", 0.25, 1.0, metric="ppl").to_parquet(
+        env["results"] / "zz-newest.parquet")
+    at = calibrated
+    at.switch_page(PAGE["runs"]).run()
+    assert_clean(at)
+    files = next(d.value for d in at.dataframe if "file" in d.value.columns)
+    on_disk = sorted(p.name for p in env["results"].glob("*.parquet"))
+    assert sorted(files["file"]) == on_disk and files["file"].iloc[0] == "zz-newest.parquet"  # newest first
+    at.selectbox(key="runs_result").set_value("zz-newest.parquet").run()
+    assert_clean(at)
+    labels = [b.proto.label for b in at.get("download_button")]
+    assert {"Table as CSV", "This result as CSV", "Download (.zip)"} <= set(labels)
+    assert any(label.startswith("All ") and label.endswith("result rows as CSV") for label in labels)
+    # the CSV of the shown result is that file's table
+    shown = pd.read_csv(io.BytesIO(made[-1][1]))
+    saved = pd.read_parquet(env["results"] / "zz-newest.parquet")
+    assert list(shown.columns) == list(saved.columns) and shown["delta"].tolist() == [0.25]
+    everything = pd.read_csv(io.BytesIO(made[-2][1]))
+    assert len(everything) == sum(len(pd.read_parquet(env["results"] / f)) for f in on_disk)
+    at.checkbox(key="runs_result_delete_confirm").check().run()
+    at.button(key="runs_result_delete").click().run()
+    assert_clean(at)
+    assert "Deleted the saved result **zz-newest.parquet**." in texts(at.success)
+    assert not (env["results"] / "zz-newest.parquet").exists()
+    assert "zz-newest.parquet" not in list(next(d.value for d in at.dataframe if "file" in d.value.columns)["file"])
