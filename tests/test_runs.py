@@ -287,9 +287,10 @@ def test_headline_on_the_saved_csv_follows_its_rules():
     near = prefill.loc[(prefill["f_kept_elems"] - 0.1).abs().idxmin()]
     assert h200.loc["prefill", "speedup"] == near["speedup"]
     e2e = _latest(csv[csv["kernel"].str.startswith("e2e")])
-    for b, g in e2e.groupby("B"):
+    for (kernel, b, n), g in e2e.groupby(["kernel", "B", "N"]):
         fastest = g.loc[g["tokens_per_s_sdpa"].idxmax()]
-        row = h200.loc[f"end to end, B={b}"]
+        model = kernel.split("(")[1].split(",")[0]
+        row = h200.loc[f"end to end ({model}), B={b}, N={n // 1024}k"]
         assert row["speedup"] == fastest["speedup"] and row["tokens_per_s"] == fastest["tokens_per_s_topθ"]
         assert row["tokens_per_s_baseline"] == g["tokens_per_s_sdpa"].max()
     shown = kernel_headline.display_frame(head[head["card"] == "H200"])
@@ -316,14 +317,14 @@ def test_headline_survives_missing_columns_and_rows(tmp_path):
     (logs / "run.log").write_text("log")
     head = kernel_headline.headline(tmp_path)
     h100 = head[head["card"] == "H100"].set_index("measure")
-    assert list(h100.index) == ["decode, f = 1/3", "decode, f = 0.15", "prefill", "end to end, B=1"]
+    assert list(h100.index) == ["decode, f = 1/3", "decode, f = 0.15", "prefill", "end to end, B=1, N=8k"]
     assert h100.loc["decode, f = 1/3", "note"] == kernel_headline.NOT_MEASURED
     assert math.isnan(h100.loc["decode, f = 1/3", "speedup"])
     assert h100.loc["decode, f = 0.15", "speedup"] == 1.2  # the largest shape (B·N), eager range without graphs
     assert (h100.loc["decode, f = 0.15", "low"], h100.loc["decode, f = 0.15", "high"]) == (0.7, 1.2)
     assert math.isnan(h100.loc["decode, f = 0.15", "speedup_graph"])
     assert h100.loc["prefill", "speedup"] == 0.5
-    e2e = h100.loc["end to end, B=1"]  # latest run, fastest baseline (flash: 25 tokens/s)
+    e2e = h100.loc["end to end, B=1, N=8k"]  # latest run, fastest baseline (flash: 25 tokens/s)
     assert e2e["speedup"] == pytest.approx(30 / 25) and e2e["baseline"] == "flash"
     b200 = head[head["card"] == "B200"]
     assert list(b200["note"]) == [kernel_headline.NOT_MEASURED] * 4
