@@ -658,8 +658,9 @@ def _graph_model(device, dtype, d=64, layers=2, heads=2, kv_heads=1, row_max=Fal
     lies within 0.05 of the row max), offline SDC term 0.5."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from topθ_core.integration import model_fingerprint, prepare_model
-    from topθ_core.thresholds import ThresholdStats
+    from topθ_core.fingerprint import model_fingerprint
+    from topθ_core.integration import prepare_model
+    from topθ_core.statistics import ThresholdStats
 
     torch.manual_seed(0)
     mc = LlamaConfig(vocab_size=256, hidden_size=heads * d, intermediate_size=4 * d, num_hidden_layers=layers,
