@@ -217,3 +217,15 @@ def test_calibrate_defaults_are_the_api_defaults_and_the_papers():
     with pytest.raises(ConfigError, match="one process"):
         job_from_args(build_parser().parse_args(["calibrate", "--data", "d", "--out", "o", "--workers", "2",
                                                  "--allocate-head-k", "0.9"]))
+
+
+def test_generate_cuda_graphs_flag(tiny_checkpoint, capsys):
+    """--cuda-graphs reaches generation: on a CPU model it is refused with one line, not a traceback;
+    --no-cuda-graphs is the CPU's own path."""
+    code, _, err = run(capsys, "generate", "--model", tiny_checkpoint, "--prompt", "hello there", "--selection",
+                       "top-k", "--k", 4, "--layer-k", "", "--max-new-tokens", 2, "--cuda-graphs")
+    assert code == 2 and "needs the model on a CUDA device" in err
+    code, out, err = run(capsys, "generate", "--model", tiny_checkpoint, "--prompt", "hello there", "--selection",
+                         "top-k", "--k", 4, "--layer-k", "", "--max-new-tokens", 2, "--no-cuda-graphs")
+    assert code == 0, err
+    assert "tok/s" in out

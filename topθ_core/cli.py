@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode both streams as captured CUDA-graph steps on a static cache (default: on with "
+                        "--device cuda; tokens/s of both sides come from the same run)")
     _add_sparse(g)
     return ap
 
@@ -195,7 +198,8 @@ def cmd_generate(args) -> int:
     lm = _load(args)
     th = _load_thresholds(args, lm)
     cfg = _sparse_config(args, th)
-    steps = list(compare_generate(lm, args.prompt, cfg, th, max_new_tokens=args.max_new_tokens, chat=args.chat))
+    steps = list(compare_generate(lm, args.prompt, cfg, th, max_new_tokens=args.max_new_tokens, chat=args.chat,
+                                  cuda_graphs=args.cuda_graphs))
     d = "".join(x.dense_text for x in steps)
     s = "".join(x.sparse_text for x in steps)
     div = next((i for i, x in enumerate(steps) if x.dense_token != x.sparse_token), None)
