@@ -249,3 +249,8 @@ def metric_cells(df: pd.DataFrame) -> list[tuple[str, str, str]]:
                                       r["source"], r["note"]) if x)
         out.append((str(r["measure"]), _ratio(r["speedup"]), where))
     return out
+
+
+def cells_by_card(head: pd.DataFrame) -> dict[str, list[tuple[str, str, str]]]:
+    """:func:`metric_cells` of every card of a headline, card by card."""
+    return {str(card): metric_cells(rows) for card, rows in head.groupby("card", sort=True)}

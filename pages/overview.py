@@ -51,9 +51,8 @@ st.subheader("Measured speed")
 head = services.kernel_headline_table()
 if head.empty:
     st.caption("No kernel measurements are saved under benchmarks/results/.")
-for card, rows in head.groupby("card", sort=True):
+for card, cells in kernel_headline.cells_by_card(head).items():
     st.markdown(f"**On {card}** (speed-up over the fastest SDPA measured in the same run)")
-    cells = kernel_headline.metric_cells(rows)
     for col, (label, value, where) in zip(st.columns(len(cells)), cells):
         col.metric(label, value, help=where)
 nav.link("kernels", "All kernel measurements", ":material/memory:")

@@ -30,6 +30,15 @@ def _say(kind: str, text: str) -> None:
     st.session_state[K.RUNS_MESSAGE] = (kind, text)
 
 
+def _attempt(action, failed: str):
+    """``action()``, or None after saying why it failed (a :class:`runs.RunsError` is one line, never a traceback)."""
+    try:
+        return action()
+    except runs.RunsError as e:
+        _say("error", f"{failed}: {e}")
+        return None
+
+
 def _follow_rename(old: str, new: str) -> None:
     """Settings that named the renamed set name it by its new name (the active set stays active)."""
     if st.session_state.get(K.ACTIVE_RUN) == old:
@@ -46,10 +55,8 @@ def _follow_rename(old: str, new: str) -> None:
 
 def _rename() -> None:
     old, new = st.session_state.get(K.RUNS_PICK), st.session_state.get(K.RUNS_NEW_NAME, "")
-    try:
-        path = runs.rename_run(old, new)
-    except runs.RunsError as e:
-        _say("error", f"Not renamed: {e}")
+    path = _attempt(lambda: runs.rename_run(old, new), "Not renamed")
+    if path is None:
         return
     _follow_rename(old, path.name)
     st.session_state[K.RUNS_NEW_NAME] = ""
@@ -59,10 +66,7 @@ def _rename() -> None:
 def _delete() -> None:
     name = st.session_state.get(K.RUNS_PICK)
     active = st.session_state.get(K.ACTIVE_RUN) == name
-    try:
-        runs.delete_run(name)
-    except runs.RunsError as e:
-        _say("error", f"Not deleted: {e}")
+    if _attempt(lambda: runs.delete_run(name) or True, "Not deleted") is None:
         return
     st.session_state[K.RUNS_DELETE_CONFIRM] = False
     remembered = st.session_state.get(K.ACTIVE_BY_MODEL) or {}
@@ -91,10 +95,7 @@ def _import(slot: int) -> None:
 
 def _delete_result() -> None:
     file = st.session_state.get(K.RUNS_RESULT)
-    try:
-        runs.delete_result(file)
-    except runs.RunsError as e:
-        _say("error", f"Not deleted: {e}")
+    if _attempt(lambda: runs.delete_result(file) or True, "Not deleted") is None:
         return
     st.session_state[K.RUNS_RESULT_DELETE_CONFIRM] = False
     _say("ok", f"Deleted the saved result **{file}**.")
