@@ -11,6 +11,9 @@ bundled row back into the upstream data set's schema, so lm-eval formats it itse
 ``tests/test_lm_eval.py`` checks that every prompt equals what lm-eval's own task YAML makes
 of the same documents, and equals :mod:`topθ_core.tasks`' formatting (what the app scores).
 
+:func:`upstream_config` is lm-eval's own YAML of a task pointed at the same bundled documents,
+:func:`requests` what a task config asks the model and :func:`harness_requests` what
+:mod:`topθ_core.evaluation` scores for the same items, so the three can be compared.
 ``python -m topθ_core.lm_eval_tasks`` prints :data:`TASKS_DIR`.
 """
 
@@ -19,7 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-__all__ = ["TASKS_DIR", "TASKS", "load_bundled"]
+__all__ = ["TASKS_DIR", "TASKS", "load_bundled", "upstream_config", "requests", "harness_requests"]
 
 #: The folder to pass to lm-eval's ``--include_path``.
 TASKS_DIR: Path = Path(__file__).resolve().parent
@@ -97,3 +100,39 @@ def load_bundled(bundled_task: str, **_task_metadata):
         raise FileNotFoundError(f"{path} is missing; rebuild the bundled data with `python scripts/build_data.py`")
     docs = [to_doc(r) for r in pq.read_table(path).to_pylist()]
     return datasets.DatasetDict({split: datasets.Dataset.from_list(docs)})
+
+
+def upstream_config(name: str) -> dict:
+    """lm-eval's own task configuration for our task ``name`` (its installed YAML, ``!function``
+    helpers resolved), pointed at the bundled documents and split instead of the hub."""
+    import lm_eval
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    bundled, _, yaml_path = TASKS[name]
+    cfg = load_yaml(Path(lm_eval.__file__).resolve().parent / "tasks" / yaml_path)
+    split = _BUNDLED[bundled][1]
+    cfg.update(custom_dataset=load_bundled, dataset_kwargs={"bundled_task": bundled}, training_split=None,
+               validation_split="validation" if split == "validation" else None,
+               test_split="test" if split == "test" else None)
+    return cfg
+
+
+def requests(config: dict, limit: int | None = None):
+    """``(task, [(doc_id, (context, continuation)), ...])``: every log-likelihood request lm-eval
+    builds from a task config (zero-shot) on its first ``limit`` documents (all with ``None``)."""
+    from lm_eval.api.task import ConfigurableTask
+
+    task = ConfigurableTask(config=config)
+    task.build_all_requests(limit=limit, rank=0, world_size=1)
+    return task, sorted(((i.doc_id, i.arguments) for i in task.instances), key=lambda r: r[0])
+
+
+def harness_requests(name: str, limit: int | None = None) -> list[tuple[int, tuple[str, str]]]:
+    """``[(item, (context, continuation)), ...]`` that :mod:`topθ_core.evaluation` scores for our task
+    ``name`` (:mod:`topθ_core.tasks`' formatting), in the same order as :func:`requests`."""
+    from ..tasks import TARGET_DELIMITER, load_cloze_task, load_mc_task
+
+    bundled = TASKS[name][0]
+    if _BUNDLED[bundled][1] == "test":  # LAMBADA
+        return [(i, (x.context, TARGET_DELIMITER + x.target)) for i, x in enumerate(load_cloze_task("lambada", limit))]
+    return [(i, (x.context, c)) for i, x in enumerate(load_mc_task(bundled, limit)) for c in x.continuations()]
