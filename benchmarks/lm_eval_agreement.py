@@ -239,12 +239,12 @@ FINDINGS = [
     "masked and the unmasked forward, which moved its log-likelihood by 5e-3. In float64 the two forwards kept "
     "the same elements and agreed exactly. This comes from thresholding's sensitivity to rounding, not from a "
     "scoring difference. The table shows how large it is here.",
-    "- **Not covered by SmolLM2: tokenizers that add BOS.** lm-eval 0.4.13's HFLM encodes with the tokenizer's "
-    "default special tokens (a BOS for Llama 2/3 tokenizers) unless the text already starts with the BOS text; "
-    "`topθ_core.evaluation.encode_pair` always passes `add_special_tokens=False`. SmolLM2's tokenizer adds none, so "
-    "the runs above agree; on a tokenizer that adds BOS every log-likelihood differs "
-    "(`test_tokenizer_that_adds_bos_agrees_with_lm_eval`, an expected failure until `encode_pair` tokenizes as HFLM "
-    "does).",
+    "- **Tokenizers that add BOS.** lm-eval 0.4.13's HFLM encodes with the tokenizer's default special tokens (a "
+    "BOS for Llama 2/3 tokenizers) unless the text already starts with the BOS text. "
+    "`topθ_core.evaluation.encode_pair` first passed `add_special_tokens=False`, so on such a tokenizer every "
+    "log-likelihood differed (SmolLM2's adds none, so the runs above were unaffected); it now encodes as HFLM does "
+    "(`harness_encode`), and `test_tokenizer_that_adds_bos_agrees_with_lm_eval` checks it on a tokenizer that adds "
+    "BOS.",
     "- **Few-shot is not lm-eval's.** With `num_fewshot > 0` our harness puts one fixed block of shots, drawn from "
     "the evaluated split, before every item; lm-eval samples shots per item from the training split (not bundled). "
     "Few-shot numbers of the two are not comparable; for lm-eval's few-shot, run the task through lm-eval.",

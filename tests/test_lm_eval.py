@@ -263,11 +263,6 @@ def test_command_line_refuses_thresholds_of_another_model(tiny_ckpt, tmp_path, m
 
 
 # --------------------------------------------------------------------------- a known disagreement
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="evaluation.encode_pair tokenizes without special tokens; lm-eval 0.4.13's HFLM.tok_encode "
-                          "uses the tokenizer's default ones (a BOS where the tokenizer adds one), none when the text "
-                          "already starts with the BOS (else EOS) token's text. Remove this mark when encode_pair does "
-                          "the same")
 def test_tokenizer_that_adds_bos_agrees_with_lm_eval(task_manager, tmp_path):
     """A tokenizer whose default adds BOS (Llama 2/3): lm-eval scores ``BOS + context``; so must we."""
     from tokenizers.processors import TemplateProcessing

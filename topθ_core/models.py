@@ -66,6 +66,7 @@ def bundled_checkpoint(cache_dir: Path | None = None) -> Path:
     """The cached safetensors copy of the bundled model, converting the GGUF on first use."""
     target = (cache_dir or DATA_DIR / "models") / "smollm2-135m-instruct"
     if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+        _drop_gguf_quantization(target / "config.json")  # copies converted before it was dropped at conversion
         return target
     gguf = bundled_gguf_path()
     try:
@@ -79,11 +80,27 @@ def bundled_checkpoint(cache_dir: Path | None = None) -> Path:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         save_model(model, str(tmp / "model.safetensors"))
+        if hasattr(model.config, "quantization_config"):  # the GGUF's; the saved weights are plain float32
+            del model.config.quantization_config
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
     return target
+
+
+def _drop_gguf_quantization(config_json: Path) -> None:
+    """Remove the GGUF's ``quantization_config`` from a converted copy's config (its weights are plain float32;
+    other loaders, lm-eval's ``hf`` among them, refuse the GGUF quantization entry)."""
+    import json
+
+    from .atomic import atomic_file
+
+    config = json.loads(config_json.read_text())
+    if "quantization_config" in config:
+        del config["quantization_config"]
+        with atomic_file(config_json) as tmp:
+            tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def resolve_model_path(spec: str | os.PathLike) -> tuple[Path, str]:

@@ -16,7 +16,7 @@ from ..thresholds import Thresholds
 from .intervals import paired_bootstrap, ratio_bootstrap
 from .pair import ArmState, PairedTask, ProgressFn, evaluate_pair
 from .results import EvalResult, summary_row
-from .scoring import Request, encode_pair, score_requests
+from .scoring import ENCODING, Request, encode_pair, score_requests
 
 
 class ClozeTask(PairedTask):
@@ -41,7 +41,7 @@ class ClozeTask(PairedTask):
         return item.id
 
     def cache_key(self) -> str:
-        return f"cloze:{self.name}"
+        return f"cloze:{self.name}:enc={ENCODING}"
 
     def total_tokens(self) -> int:
         return sum(r.context.numel() + r.continuation.numel() for r in self._requests.values())

@@ -17,7 +17,7 @@ from .counts import KeptCounter
 from .intervals import paired_bootstrap
 from .pair import ArmState, PairedTask, ProgressFn, evaluate_pair
 from .results import EvalResult, summary_row
-from .scoring import Request, cache_prefix, encode_pair, score_requests
+from .scoring import ENCODING, Request, cache_prefix, encode_pair, harness_encode, score_requests
 
 FEWSHOT_SEED = 1234
 
@@ -55,11 +55,12 @@ def harness_predictions(loglikelihoods: Sequence[float], choices: Sequence[str])
     return int(np.argmax(ll)), int(np.argmax(ll / lens))
 
 
-def item_requests(tokenizer, item: MCItem) -> list[Request]:
-    """One :class:`Request` per choice: ``log p(" " + choice | context)`` with the harness's tokenization."""
+def item_requests(tokenizer, item: MCItem, special_tokens: bool = True) -> list[Request]:
+    """One :class:`Request` per choice: ``log p(" " + choice | context)`` with the harness's tokenization
+    (``special_tokens=False`` after a few-shot prefix, which carries the BOS)."""
     out = []
     for cont in item.continuations():
-        ctx, c = encode_pair(tokenizer, item.context, cont)
+        ctx, c = encode_pair(tokenizer, item.context, cont, special_tokens=special_tokens)
         if not ctx:
             ctx, c = c[:1], c[1:]  # context of whitespace only: its first token becomes context
         out.append(Request(torch.tensor(ctx, dtype=torch.long), torch.tensor(c, dtype=torch.long)))
@@ -91,17 +92,16 @@ class MultipleChoiceTask(PairedTask):
         self.units = [x for x in items if x.id not in shot_ids]
         self.shots = shots
         self.prefix_text = fewshot_text(shots)
-        self.prefix = (torch.tensor(tok(self.prefix_text, add_special_tokens=False).input_ids, dtype=torch.long)
-                       if shots else None)
+        self.prefix = torch.tensor(harness_encode(tok, self.prefix_text), dtype=torch.long) if shots else None
         self.max_rows, self.max_tokens, self.n_boot, self.seed = max_rows, max_tokens, n_boot, seed
-        self._requests = {x.id: item_requests(tok, x) for x in self.units}
+        self._requests = {x.id: item_requests(tok, x, special_tokens=not shots) for x in self.units}
 
     def unit_key(self, item: MCItem) -> str:
         return item.id
 
     def cache_key(self) -> str:
         prefix = hashlib.sha256(self.prefix_text.encode()).hexdigest()[:16]
-        return f"mc:{self.name}:fewshot={self.num_fewshot}:prefix={prefix}"
+        return f"mc:{self.name}:fewshot={self.num_fewshot}:prefix={prefix}:enc={ENCODING}"
 
     def work(self, item: MCItem) -> int:
         return len(item.choices)

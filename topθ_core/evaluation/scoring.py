@@ -60,17 +60,30 @@ class Request:
     continuation: torch.Tensor  # (T,) at least one token
 
 
-def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+ENCODING = "lm-eval-0.4.13"  # the tokenization rules of harness_encode / encode_pair (part of dense cache keys)
+
+
+def harness_encode(tokenizer, text: str, special_tokens: bool = True) -> list[int]:
+    """lm-evaluation-harness (0.4.13) ``HFLM.tok_encode``: the tokenizer's default special tokens (a BOS
+    where the tokenizer adds one), none when the text already starts with the BOS (else EOS) token's
+    text; ``special_tokens=False`` adds none (text that follows a few-shot prefix)."""
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    starts = prefix is not None and text.startswith(tokenizer.decode([prefix]))
+    return list(tokenizer(text, add_special_tokens=special_tokens and not starts).input_ids)
+
+
+def encode_pair(tokenizer, context: str, continuation: str, *, special_tokens: bool = True
+                ) -> tuple[list[int], list[int]]:
     """lm-evaluation-harness ``_encode_pair``: trailing spaces of the context move to the
     continuation; ``context_enc = enc(context)``, ``continuation_enc = enc(context +
-    continuation)[len(context_enc):]``; no special tokens (the harness default)."""
+    continuation)[len(context_enc):]``, with :func:`harness_encode`'s special tokens."""
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces > 0:
         continuation = context[-n_spaces:] + continuation
         context = context[:-n_spaces]
-    whole = tokenizer(context + continuation, add_special_tokens=False).input_ids
-    ctx = tokenizer(context, add_special_tokens=False).input_ids
-    return list(ctx), list(whole[len(ctx):])
+    whole = harness_encode(tokenizer, context + continuation, special_tokens)
+    ctx = harness_encode(tokenizer, context, special_tokens)
+    return ctx, whole[len(ctx):]
 
 
 def layout_mask(key_valid: torch.Tensor, q_start: int) -> torch.Tensor:

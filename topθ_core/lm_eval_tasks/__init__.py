@@ -90,12 +90,12 @@ def load_bundled(bundled_task: str, **_task_metadata):
     import datasets
     import pyarrow.parquet as pq
 
-    from ..tasks import DATA_DIR
+    from ..paths import bundled_file
 
     if bundled_task not in _BUNDLED:
         raise ValueError(f"unknown bundled task {bundled_task!r}; available: {', '.join(_BUNDLED)}")
     filename, split, to_doc = _BUNDLED[bundled_task]
-    path = DATA_DIR / filename
+    path = bundled_file(filename)
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; rebuild the bundled data with `python scripts/build_data.py`")
     docs = [to_doc(r) for r in pq.read_table(path).to_pylist()]
