@@ -309,3 +309,44 @@ def test_smollm2_agrees_with_lm_eval(smollm2, task_manager, tmp_path):
         _assert_mc_equal(hf[name], ours, "dense", bundled, 2e-4)
         _assert_mc_equal(tt[name], ours, "sparse", bundled, 1e-2)
         assert max(np.abs(np.subtract(d, s)).max() for d, s in zip(ours["dense_ll"], ours["sparse_ll"])) > 1e-2
+
+
+def test_app_accuracy_page_shows_lm_evals_numbers(tiny_ckpt, task_manager, tmp_path, monkeypatch):
+    """The Accuracy page, on the same model, task, items and config, shows what lm-eval computes: per item
+    (the page's own result) and in its table (acc, acc_norm of both arms)."""
+    pytest.importorskip("streamlit")
+    import time
+
+    from streamlit.testing.v1 import AppTest
+
+    from topθ_core.models import load_model
+
+    path, _, _ = tiny_ckpt
+    monkeypatch.setenv("TOPTHETA_APP_MODEL", str(path))
+    monkeypatch.setenv("TOPTHETA_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("TOPTHETA_RESULTS_DIR", str(tmp_path / "results"))
+    at = AppTest.from_file("e2e/app_entry.py", default_timeout=120).run()
+    at.switch_page(str(Path(__file__).resolve().parents[1] / "pages" / "accuracy.py")).run()
+    at.radio(key="acc_selection").set_value("top-k").run()
+    at.number_input(key="acc_k").set_value(4)
+    at.number_input(key="acc_limit").set_value(3)
+    at.button(key="acc_run").click().run()
+    job = at.session_state["app_jobs"].latest("accuracy")
+    t0 = time.monotonic()
+    while job.active:
+        assert time.monotonic() - t0 < 120
+        time.sleep(0.1)
+    at.run()
+    assert not at.exception and job.error is None, job.error
+    result = job.result["update"].results[0]
+    shown = at.dataframe[0].value.set_index("metric")
+    lm = load_model(str(path))  # as the app loads it: float32
+    tt, _ = _lm_eval(TopThetaLM(pretrained=lm, selection="top-k", k=4, sdc="exact", vmc=True, batch_size=4),
+                     task_manager, ["toptheta_arc_easy"], 3)
+    hf, _ = _lm_eval(_hf(path, torch.float32), task_manager, ["toptheta_arc_easy"], 3)
+    items = result.items.reset_index(drop=True)
+    _assert_mc_equal(hf["toptheta_arc_easy"], items, "dense", "arc_easy", 1e-3)
+    _assert_mc_equal(tt["toptheta_arc_easy"], items, "sparse", "arc_easy", 1e-3)
+    for metric in ("acc", "acc_norm"):
+        assert shown.loc[metric, "dense"] == pytest.approx(items[f"dense_{metric}"].mean())
+        assert shown.loc[metric, "Top-θ"] == pytest.approx(items[f"sparse_{metric}"].mean())
