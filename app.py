@@ -11,7 +11,7 @@ import streamlit as st
 
 st.set_page_config(page_title="Top-θ Explorer", page_icon=":material/filter_alt:", layout="wide")
 
-from explorer_ui import state  # noqa: E402  (after set_page_config)
+from explorer_ui import services, state  # noqa: E402  (after set_page_config)
 from explorer_ui.jobs_panel import render_jobs_panel  # noqa: E402
 from explorer_ui.sidebar import render_sidebar  # noqa: E402
 
@@ -27,6 +27,7 @@ PAGES = [
     st.Page(HERE / "pages/kernels.py", title="Kernels", icon=":material/memory:", url_path="kernels"),
 ]
 
+services.configure_threads()  # leave the browser and the server a core (torch threads thrash otherwise)
 state.keep()  # settings outlive the page that draws them
 state.restore_from_url()  # a new session (reload, shared link) starts from the URL's settings
 # Streamlit fades stale elements with a 1 s CSS transition on every rerun.  A browser without GPU

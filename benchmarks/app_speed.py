@@ -65,7 +65,7 @@ def switch_to(page, title: str, ready: str | None) -> None:
         goto_page(page, title)
     else:
         page.locator('[data-testid="stSidebarNav"] a').filter(has_text=title).first.click()
-        page.locator("h1").filter(has_text=title).first.wait_for()
+        page.locator("h1").filter(has_text=harness.HEADINGS.get(title, title)).first.wait_for()
         page.locator(".js-plotly-plot").filter(has_text=ready).first.wait_for()
         wait_idle(page, delay_ms=0)
     wait_drawn(page)
@@ -121,108 +121,116 @@ def main() -> None:
     rows: list[tuple[str, str, float, str]] = []  # (what, target, seconds, note)
     load_before = os.getloadavg()
     t_proc = time.perf_counter()
-    with harness.streamlit_server(env, harness.OUTPUT / "speed-server.log") as (url, health_s), \
-            sync_playwright() as p:
-        browser = harness.launch_browser(p)
+    failure = None
+    try:
+        with harness.streamlit_server(env, harness.OUTPUT / "speed-server.log") as (url, health_s), \
+                sync_playwright() as p:
+            browser = harness.launch_browser(p)
 
-        def session():
-            ctx = browser.new_context(viewport={"width": 1400, "height": 1600})
-            page = ctx.new_page()
-            page.set_default_timeout(300_000)
-            return ctx, page
+            def session():
+                ctx = browser.new_context(viewport={"width": 1400, "height": 1600})
+                page = ctx.new_page()
+                page.set_default_timeout(300_000)
+                return ctx, page
 
-        def first_render(page) -> tuple[float, float]:
-            t0 = time.perf_counter()
-            page.goto(url)
-            page.locator("h1").filter(has_text="Top-θ Explorer").first.wait_for()
-            shell = time.perf_counter() - t0
-            page.get_by_text("30 layers").first.wait_for()  # sidebar status: model loaded
-            wait_idle(page, 300_000)
-            wait_drawn(page)  # every widget drawn, no loading placeholder left
-            return shell, time.perf_counter() - t0
+            def first_render(page) -> tuple[float, float]:
+                t0 = time.perf_counter()
+                page.goto(url)
+                page.locator("h1").filter(has_text="Top-θ Explorer").first.wait_for()
+                shell = time.perf_counter() - t0
+                page.get_by_text("30 layers").first.wait_for()  # sidebar status: model loaded
+                wait_idle(page, 300_000)
+                wait_drawn(page)  # every widget drawn, no loading placeholder left
+                return shell, time.perf_counter() - t0
 
-        ctx, page = session()
-        shell, ready = first_render(page)
-        cold_total = time.perf_counter() - t_proc
-        rows.append(("server process start → /_stcore/health", "–", health_s, "imports streamlit"))
-        rows.append(("cold start: first page drawn (fresh server)", "–", shell, "sidebar + page shell"))
-        rows.append(("cold start: model loaded from disk cache, page complete", "–", ready,
-                     f"process start → ready {cold_total:.1f} s"))
-        ctx.close()
-        warm = []
-        for _ in range(args.runs):
-            c, pg = session()
-            warm.append(first_render(pg))
-            c.close()
-        rows.append(("app start → first render, model cached (new session)", "< 5 s",
-                     statistics.median(w[1] for w in warm), f"median of {args.runs}; first element after "
-                                                            f"{statistics.median(w[0] for w in warm):.2f} s"))
+            ctx, page = session()
+            shell, ready = first_render(page)
+            cold_total = time.perf_counter() - t_proc
+            rows.append(("server process start → /_stcore/health", "–", health_s, "imports streamlit"))
+            rows.append(("cold start: first page drawn (fresh server)", "–", shell, "sidebar + page shell"))
+            rows.append(("cold start: model loaded from disk cache, page complete", "–", ready,
+                         f"process start → ready {cold_total:.1f} s"))
+            ctx.close()
+            warm = []
+            for _ in range(args.runs):
+                c, pg = session()
+                warm.append(first_render(pg))
+                c.close()
+            rows.append(("app start → first render, model cached (new session)", "< 5 s",
+                         statistics.median(w[1] for w in warm), f"median of {args.runs}; first element after "
+                                                                f"{statistics.median(w[0] for w in warm):.2f} s"))
 
-        ctx, page = session()
-        first_render(page)
-        # a small calibration so the other pages have thresholds (k=64, layers 0-1 at 512)
-        goto_page(page, "Calibrate")
-        set_number(page, "Documents", 2)
-        set_number(page, "Max tokens per document", 256)
-        box = page.get_by_label("Run name")
-        box.fill("speed-k64")
-        box.press("Enter")
-        wait_idle(page)
-        cal = timed(lambda: (page.get_by_role("button", name="Run calibration").click(),
-                             page.get_by_text("Saved speed-k64").wait_for(timeout=600_000), wait_idle(page)))
-        rows.append(("calibration, 2 pydoc documents × 256 tokens (for reference)", "–", cal, "k=64, TAC on"))
+            ctx, page = session()
+            first_render(page)
+            # a small calibration so the other pages have thresholds (k=64, layers 0-1 at 512)
+            goto_page(page, "Calibrate")
+            set_number(page, "Documents", 2)
+            set_number(page, "Max tokens per document", 256)
+            box = page.get_by_label("Run name")
+            box.fill("speed-k64")
+            box.press("Enter")
+            wait_idle(page)
+            cal = timed(lambda: (page.get_by_role("button", name="Run calibration").click(),
+                                 page.get_by_text("Saved speed-k64").wait_for(timeout=600_000), wait_idle(page)))
+            rows.append(("calibration, 2 pydoc documents × 256 tokens (for reference)", "–", cal, "k=64, TAC on"))
 
-        switches = []
-        ready = {"Thresholds": "θ vs row length"}  # the page's last chart; the others: heading, then idle
-        for _ in range(args.runs):
+            switches = []
+            ready = {"Thresholds": "θ vs row length"}  # the page's last chart; the others: heading, then idle
+            for _ in range(args.runs):
+                for title in ("Thresholds", "Kernels", "Calibrate", "Compare", "Overview"):
+                    switches.append((title, timed(lambda: switch_to(page, title, ready.get(title)))))
             for title in ("Thresholds", "Kernels", "Calibrate", "Compare", "Overview"):
-                switches.append((title, timed(lambda: switch_to(page, title, ready.get(title)))))
-        for title in ("Thresholds", "Kernels", "Calibrate", "Compare", "Overview"):
-            vals = [s for t, s in switches if t == title]
-            rows.append((f"page switch → {title}", "< 1 s", statistics.median(vals),
-                         f"median of {len(vals)}, max {max(vals):.2f} s"))
+                vals = [s for t, s in switches if t == title]
+                rows.append((f"page switch → {title}", "< 1 s", statistics.median(vals),
+                             f"median of {len(vals)}, max {max(vals):.2f} s"))
 
-        goto_page(page, "Thresholds")
-        changes = [pick_option(page, "Layer", layer, f"θ vs row length · layer {layer}")
-                   for layer in ("3", "4", "5")[: args.runs]]
-        rows.append(("widget change (Thresholds: layer), no model call", "< 1 s",
-                     statistics.median(c[0] for c in changes),
-                     f"median of {len(changes)} from the option click ({', '.join(f'{c[0]:.2f}' for c in changes)} s); "
-                     f"{statistics.median(c[1] for c in changes):.2f} s from opening the box"))
-        slider = []
-        for sig in ("0.2", "0.3", "0.4")[: args.runs]:
-            slider.append(timed(lambda sig=sig: set_number(page, "σ", sig)))
-        rows.append(("widget change (Thresholds: σ), no model call", "< 1 s", statistics.median(slider),
-                     f"median of {len(slider)}"))
+            goto_page(page, "Thresholds")
+            changes = [pick_option(page, "Layer", layer, f"θ vs row length · layer {layer}")
+                       for layer in ("3", "4", "5")[: args.runs]]
+            rows.append(("widget change (Thresholds: layer), no model call", "< 1 s",
+                         statistics.median(c[0] for c in changes),
+                         f"median of {len(changes)} from the option click ({', '.join(f'{c[0]:.2f}' for c in changes)} s); "
+                         f"{statistics.median(c[1] for c in changes):.2f} s from opening the box"))
+            slider = []
+            for sig in ("0.2", "0.3", "0.4")[: args.runs]:
+                slider.append(timed(lambda sig=sig: set_number(page, "σ", sig)))
+            rows.append(("widget change (Thresholds: σ), no model call", "< 1 s", statistics.median(slider),
+                         f"median of {len(slider)}"))
 
-        goto_page(page, "Sparsity")  # first visit computes the default prompt (256 tokens, 8 decode steps)
-        page.get_by_text("kept attention (prefill)").wait_for()
-        sp = [timed(lambda i=i: new_prompt(page, f"Variant {i}. ", decode=True)) for i in range(args.runs)]
-        rows.append(("Sparsity page, new 256-token prompt (prefill + 8 decode steps, all charts)", "< 3 s",
-                     statistics.median(sp), f"median of {len(sp)}, max {max(sp):.2f} s"))
-        set_number(page, "Decode steps", 0)
-        page.locator("[data-testid='stMetric']").filter(has_text="kept V rows (decode)").filter(
-            has_text="–").first.wait_for()  # the decode-0 rerun has finished before the first timing starts
-        wait_idle(page, 300_000, delay_ms=0)
-        sp0 = [timed(lambda i=i: new_prompt(page, f"Other {i}. ", decode=False)) for i in range(args.runs)]
-        rows.append(("Sparsity page, new 256-token prompt (prefill only)", "< 3 s", statistics.median(sp0),
-                     f"median of {len(sp0)}"))
-        heads = [pick_option(page, "Head", h, f"layer 2 · head {h}", images=True) for h in ("1", "2", "3")[: args.runs]]
-        rows.append(("Sparsity: head change, no model call", "≤ 1 s",
-                     statistics.median(c[0] for c in heads),
-                     f"median of {len(heads)} from the option click ({', '.join(f'{c[0]:.2f}' for c in heads)} s); "
-                     f"{statistics.median(c[1] for c in heads):.2f} s from opening the box"))
-        layers = [pick_option(page, "Layer", lay, f"layer {lay} · head 3", images=True)
-                  for lay in ("5", "9", "14")[: args.runs]]
-        rows.append(("Sparsity: layer change, no model call (every layer's maps kept)", "≤ 1 s",
-                     statistics.median(c[0] for c in layers),
-                     f"median of {len(layers)} from the option click ({', '.join(f'{c[0]:.2f}' for c in layers)} s)"))
-        accuracy_rows(page, rows, args.runs)
-        ctx.close()
-        browser.close()
+            goto_page(page, "Sparsity")  # first visit computes the default prompt (256 tokens, 8 decode steps)
+            page.get_by_text("kept attention (prefill)").wait_for()
+            sp = [timed(lambda i=i: new_prompt(page, f"Variant {i}. ", decode=True)) for i in range(args.runs)]
+            rows.append(("Sparsity page, new 256-token prompt (prefill + 8 decode steps, all charts)", "< 3 s",
+                         statistics.median(sp), f"median of {len(sp)}, max {max(sp):.2f} s"))
+            set_number(page, "Decode steps", 0)
+            page.locator("[data-testid='stMetric']").filter(has_text="kept V rows (decode)").filter(
+                has_text="–").first.wait_for()  # the decode-0 rerun has finished before the first timing starts
+            wait_idle(page, 300_000, delay_ms=0)
+            sp0 = [timed(lambda i=i: new_prompt(page, f"Other {i}. ", decode=False)) for i in range(args.runs)]
+            rows.append(("Sparsity page, new 256-token prompt (prefill only)", "< 3 s", statistics.median(sp0),
+                         f"median of {len(sp0)}"))
+            heads = [pick_option(page, "Head", h, f"layer 2 · head {h}", images=True) for h in ("1", "2", "3")[: args.runs]]
+            rows.append(("Sparsity: head change, no model call", "≤ 1 s",
+                         statistics.median(c[0] for c in heads),
+                         f"median of {len(heads)} from the option click ({', '.join(f'{c[0]:.2f}' for c in heads)} s); "
+                         f"{statistics.median(c[1] for c in heads):.2f} s from opening the box"))
+            layers = [pick_option(page, "Layer", lay, f"layer {lay} · head 3", images=True)
+                      for lay in ("3", "5", "7")[: args.runs]]
+            rows.append(("Sparsity: layer change, no model call (every layer's maps kept)", "≤ 1 s",
+                         statistics.median(c[0] for c in layers),
+                         f"median of {len(layers)} from the option click ({', '.join(f'{c[0]:.2f}' for c in layers)} s)"))
+            accuracy_rows(page, rows, args.runs)
+            ctx.close()
+            browser.close()
+    except Exception as e:  # noqa: BLE001 - what was measured before still goes in the report
+        failure = f"{type(e).__name__}: {str(e).splitlines()[0]}"
     load_after = os.getloadavg()
-    write_report(Path(args.out), rows, load_before, load_after, args.note, os.nice(0))
+    note = args.note + (f" The run stopped early ({failure}): the rows after the last one were not measured."
+                        if failure else "")
+    write_report(Path(args.out), rows, load_before, load_after, note, os.nice(0))
     print(Path(args.out).read_text())
+    if failure:
+        raise SystemExit(1)
 
 
 def wait_text(page, text: str, timeout: float = 300_000) -> None:
@@ -272,8 +280,11 @@ def accuracy_rows(page, rows, runs: int) -> None:
         box.click()
         page.get_by_role("option", name=sdc, exact=True).click()
     page.keyboard.press("Escape")
-    chart_with(page, "sdc=exp-threshold").wait_for(timeout=300_000)
-    wait_text(page, "all items scored")
+    page.wait_for_function(  # the matrix's run has drawn its last item: three variants, all scored, none stale
+        "() => { const t = document.body.innerText; return t.includes('sdc=exp-threshold') && t.includes('sdc=offline')"
+        " && t.includes('sdc=exact') && t.includes('all items scored') && !t.includes('these results are for other')"
+        " && ![...document.querySelectorAll('[data-testid=\"stMain\"] button')].some("
+        "b => b.innerText.trim() === 'Cancel' && !b.disabled); }", timeout=600_000, polling=POLL_MS)
     matrix = time.perf_counter() - t0
     rows.append(("Accuracy: 3-variant matrix (SDC exact/offline/exp-threshold) → all 20 items", "≤ 45 s", matrix,
                  "from the first option click; the matrix re-runs live as each variant is added"))
@@ -298,13 +309,15 @@ def harness_prompt() -> str:
 def write_report(path: Path, rows, load_before, load_after, note: str = "", niceness: int = 0) -> None:
     import torch
 
+    from explorer_ui.services import app_threads
+
     lines = [
         "# App speed (issue 13 and issue 4 targets)",
         "",
         f"Measured {time.strftime('%Y-%m-%d %H:%M')} with `python benchmarks/app_speed.py` in Debian Chromium "
         "(Playwright), bundled SmolLM2-135M-Instruct, CPU float32, "
-        f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), torch {torch.__version__} "
-        f"with {torch.get_num_threads()} threads.",
+        f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), torch {torch.__version__}; "
+        f"the app's model work uses {app_threads()} torch thread(s) (`TOPTHETA_APP_THREADS`).",
         f"Load average before/after: {load_before[0]:.1f} / {load_after[0]:.1f} (other jobs shared the 2 cores); "
         f"app and browser ran at niceness {niceness}.",
         *( [note] if note else [] ),

@@ -36,6 +36,24 @@ def dtypes_for(device: str) -> list[str]:
     return ["float32", "bfloat16", "float16"] if device == "cuda" else ["float32", "bfloat16"]
 
 
+def app_threads() -> int:
+    """Torch threads for the app's model work: ``$TOPTHETA_APP_THREADS``, else one core fewer than the machine
+    has (at least 1).  The browser and the app server always need a core: torch's threads spin-waiting on an
+    oversubscribed core made an evaluation 14-20x slower than in a plain process (app_speed.md)."""
+    env = os.environ.get("TOPTHETA_APP_THREADS", "").strip()
+    return max(1, int(env)) if env.isdigit() else max(1, (os.cpu_count() or 2) - 1)
+
+
+@st.cache_resource(show_spinner=False)
+def configure_threads() -> int:
+    """Set torch's thread count once per app process (:func:`app_threads`); returns it."""
+    import torch
+
+    n = app_threads()
+    torch.set_num_threads(n)
+    return n
+
+
 @st.cache_resource(show_spinner=False, max_entries=4)
 def get_model(spec: str, device: str, dtype: str) -> LoadedModel:
     """One :class:`LoadedModel` per (spec, device, dtype), shared by every session."""

@@ -93,9 +93,12 @@ def wait_idle(page, timeout: float = 60_000, delay_ms: float = 150) -> None:
         arg=list(IDLE_STATES), timeout=timeout, polling=POLL_MS)
 
 
+HEADINGS = {"Overview": "Top-θ Explorer"}  # a page whose heading is not its title in the navigation
+
+
 def goto_page(page, title: str, timeout: float = 60_000) -> None:
     page.locator('[data-testid="stSidebarNav"] a').filter(has_text=title).first.click()
-    page.locator('h1').filter(has_text=title).first.wait_for(timeout=timeout)
+    page.locator('h1').filter(has_text=HEADINGS.get(title, title)).first.wait_for(timeout=timeout)
     wait_idle(page, timeout)
 
 
@@ -121,3 +124,17 @@ def screenshot(page, name: str) -> Path:
     path = OUTPUT / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
     return path
+
+
+VIEWPORT = {"width": 1400, "height": 2000}
+
+
+def open_session(browser, url: str, ready: str = "3 layers"):
+    """A new browser context (a new app session) on ``url``, once the sidebar shows ``ready`` and the run ended."""
+    ctx = browser.new_context(viewport=VIEWPORT, accept_downloads=True)
+    page = ctx.new_page()
+    page.set_default_timeout(60_000)
+    page.goto(url)
+    page.get_by_text(ready).first.wait_for()  # the sidebar status line: model loaded
+    wait_idle(page)
+    return ctx, page

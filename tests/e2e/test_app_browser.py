@@ -8,23 +8,13 @@ installs both, so CI runs it.
 from __future__ import annotations
 
 import json
-import sys
 import zipfile
-from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parents[1]))
-import harness  # noqa: E402
+import harness  # noqa: E402  (tests/e2e/conftest.py puts it on the path)
+from playwright.sync_api import TimeoutError as PlaywrightTimeout  # noqa: E402
 from harness import goto_page, screenshot, set_number, wait_idle  # noqa: E402
-
-if not Path(harness.CHROMIUM).exists():
-    pytest.skip(f"{harness.CHROMIUM} is missing (apt-get install -y chromium)", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (never `playwright install`)")
-
-VIEWPORT = {"width": 1400, "height": 2000}
 
 
 @pytest.fixture(scope="module")
@@ -36,24 +26,6 @@ def app(tmp_path_factory):
            "TOPTHETA_RUNS_DIR": str(root / "runs"), "TOPTHETA_RESULTS_DIR": str(root / "results")}
     with harness.streamlit_server(env, harness.OUTPUT / "e2e-server.log") as (url, _):
         yield {"url": url, "runs": root / "runs", "root": root}
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as p:
-        b = harness.launch_browser(p)
-        yield b
-        b.close()
-
-
-def open_app(browser, url):
-    ctx = browser.new_context(viewport=VIEWPORT, accept_downloads=True)
-    page = ctx.new_page()
-    page.set_default_timeout(60_000)
-    page.goto(url)
-    page.get_by_text("3 layers").first.wait_for()  # the sidebar status line: model loaded
-    wait_idle(page)
-    return ctx, page
 
 
 def run_calibration(page, k: int, name: str, docs: int = 2, max_tokens: int = 96) -> None:
@@ -86,7 +58,7 @@ def result_files(app) -> list:
 
 
 def test_full_tour(app, browser):
-    ctx, page = open_app(browser, app["url"])
+    ctx, page = harness.open_session(browser, app["url"])
     try:
         screenshot(page, "00-overview")
         # 1. a small calibration on bundled data
@@ -161,7 +133,7 @@ def test_full_tour(app, browser):
             try:
                 opened.wait_for(timeout=10_000)
                 break
-            except sync_api.TimeoutError:
+            except PlaywrightTimeout:
                 if attempt == 3:
                     raise
         wait_idle(page)
@@ -245,7 +217,7 @@ def test_full_tour(app, browser):
 
 def test_two_sessions_jobs_stay_separate(app, browser):
     """Two browser contexts calibrate different k at the same time on one shared model; each sees its own jobs."""
-    (ca, a), (cb, b) = open_app(browser, app["url"]), open_app(browser, app["url"])
+    (ca, a), (cb, b) = harness.open_session(browser, app["url"]), harness.open_session(browser, app["url"])
     try:
         run_calibration(a, 8, "sess-a-k8", docs=300)
         sidebar(a).get_by_text("calibrate sess-a-k8").wait_for()

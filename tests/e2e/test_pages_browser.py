@@ -7,23 +7,13 @@ Screenshots go to ``test-output/``.  Skips (with the reason) when ``/usr/bin/chr
 from __future__ import annotations
 
 import io
-import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parents[1]))
-import harness  # noqa: E402
+import harness  # noqa: E402  (tests/e2e/conftest.py puts it on the path)
 from harness import goto_page, screenshot, set_number, wait_idle  # noqa: E402
-
-if not Path(harness.CHROMIUM).exists():
-    pytest.skip(f"{harness.CHROMIUM} is missing (apt-get install -y chromium)", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (never `playwright install`)")
-
-VIEWPORT = {"width": 1400, "height": 2000}
 
 
 @pytest.fixture(scope="module")
@@ -45,14 +35,6 @@ def app(tmp_path_factory):
         yield {"url": url, "runs": root / "runs"}
 
 
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as p:
-        b = harness.launch_browser(p)
-        yield b
-        b.close()
-
-
 def no_exception(page) -> None:
     assert page.locator('[data-testid="stException"]').count() == 0
 
@@ -62,14 +44,9 @@ def sidebar_text(page) -> str:
 
 
 def test_overview_kernels_thresholds_and_runs(app, browser):
-    ctx = browser.new_context(viewport=VIEWPORT, accept_downloads=True)
-    page = ctx.new_page()
-    page.set_default_timeout(60_000)
+    ctx, page = harness.open_session(browser, app["url"], ready="3 layers · 4/2 heads")
     try:
         # 1. the landing page: what Top-θ does, the active set (no results yet), the speed, findings
-        page.goto(app["url"])
-        page.get_by_text("3 layers · 4/2 heads").first.wait_for()  # the sidebar status line: model loaded
-        wait_idle(page)
         page.locator("h1").filter(has_text="Top-θ Explorer").first.wait_for()
         page.get_by_text("No saved evaluation results for this threshold set yet").wait_for()
         page.get_by_text("decode, f = 0.15").first.wait_for()
