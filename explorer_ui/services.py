@@ -38,8 +38,9 @@ def dtypes_for(device: str) -> list[str]:
 
 def app_threads() -> int:
     """Torch threads for the app's model work: ``$TOPTHETA_APP_THREADS``, else one core fewer than the machine
-    has (at least 1).  The browser and the app server always need a core: torch's threads spin-waiting on an
-    oversubscribed core made an evaluation 14-20x slower than in a plain process (app_speed.md)."""
+    has (at least 1), so the browser and the app server keep a core.  On the 2-core box a 20-item evaluation in
+    the app took 16.8 s with one thread and 18.9 s with two (the 14-20x slowdown once blamed on threads was
+    Streamlit's full garbage collection after every rerun, turned off in ``.streamlit/config.toml``)."""
     env = os.environ.get("TOPTHETA_APP_THREADS", "").strip()
     return max(1, int(env)) if env.isdigit() else max(1, (os.cpu_count() or 2) - 1)
 
