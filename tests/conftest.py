@@ -12,7 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TOPTHETA_APP_THREADS", "2")  # AppTests run the app in this process: keep the tests' threads
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-from topθ_core.tiny import TINY_TEXT, tiny_config, tiny_model, tiny_tokenizer  # noqa: E402,F401 (tests import them from here)
+from topθ_core.tiny import tiny_model, tiny_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -95,7 +95,7 @@ def test_missing_paths_and_wrong_model_thresholds(tmp_path, tiny_checkpoint, dat
                        "--data", data_file)
     assert code == 2 and "does not exist" in err
     # thresholds made for another model
-    from conftest import tiny_model, tiny_tokenizer
+    from topθ_core.tiny import tiny_model, tiny_tokenizer
 
     other = tmp_path / "other-model"
     m = tiny_model("llama", seed=11)

@@ -13,7 +13,7 @@ from topθ_core.integration import sparse_run
 from topθ_core.metrics import SparsityMetrics, summarize
 from topθ_core.models import cache_kwarg, output_cache
 
-from conftest import TINY_TEXT
+from topθ_core.tiny import TINY_TEXT
 
 
 def _setup(tiny_lm):

@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from conftest import tiny_model
+from topθ_core.tiny import tiny_model
 from topθ_core.config import ConfigError, KSchedule, SparseConfig
 from topθ_core.integration import ATTN_NAME, prepare_model, sparse_run
 from topθ_core.metrics import SparsityMetrics, summarize

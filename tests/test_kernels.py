@@ -773,7 +773,7 @@ def test_graph_decoder_gpu(row_max):
 def test_compare_generate_graphs_gpu():
     """generation.compare_generate on CUDA: with CUDA graphs (the default) both streams give the
     tokens they give without, and report finite tokens/s and kept V rows."""
-    from conftest import tiny_tokenizer
+    from topθ_core.tiny import tiny_tokenizer
 
     from topθ_core.generation import compare_generate
     from topθ_core.models import wrap_model

@@ -118,3 +118,17 @@ def test_every_import_is_declared():
     # transformers' own dependencies that it always brings
     missing = [n for n in missing if n not in {"tokenizers", "numpy", "safetensors", "huggingface_hub"}]
     assert not missing, f"imported but not declared in pyproject.toml: {missing}"
+
+
+def test_no_test_imports_from_a_conftest():
+    """tests/ and tests/e2e/ each have a conftest.py, both importable as ``conftest``: which one a
+    ``from conftest import …`` gets depends on collection order (CI once got the browser tests' one).
+    Shared helpers live in topθ_core.tiny or tests/e2e/harness.py instead."""
+    offenders = []
+    for path in (ROOT / "tests").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            if "conftest" in names:
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not offenders, offenders

@@ -117,7 +117,7 @@ def test_tasks_found_by_name_and_tag(task_manager):
 
 # --------------------------------------------------------------------------- a tiny model, end to end
 def _tiny_lm(seed: int, max_positions: int = 4096):
-    from conftest import tiny_model, tiny_tokenizer
+    from topθ_core.tiny import tiny_model, tiny_tokenizer
 
     model = tiny_model("llama", seed=seed, max_position_embeddings=max_positions)
     model.config.bos_token_id, model.config.eos_token_id = 0, 1
