@@ -527,24 +527,31 @@ def _fixed_length_decoder(model, ks, vs, N, B, kw, impl):
 
 
 class _Replay:
-    """Eager step, capture, then ``step()`` replays (the timing interface of GraphDecoder)."""
+    """Eager step, capture, then ``step()`` replays (the timing interface of GraphDecoder).
+
+    Keeps ``forward`` (its closure holds the input ids, positions and cache the graph reads and
+    writes) and the run's state (its scratch: the V sums the graph reads) for as long as the graph:
+    run 14 dropped both after capture, the allocator handed their memory to the next side's
+    tensors, and the replays read token ids from it (an out-of-range embedding index).
+    """
 
     def __init__(self, forward, ctx_factory):
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with ctx_factory(), torch.cuda.stream(side):
+        with ctx_factory() as state, torch.cuda.stream(side):
             forward()
             side.synchronize()
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph, stream=side):
                 forward()
         torch.cuda.current_stream().wait_stream(side)
+        self._forward, self._state = forward, state
 
     def step(self):
         self.graph.replay()
 
     def close(self):
-        self.graph = None
+        self.graph = self._forward = self._state = None
 
 
 def run_e2e(args):
