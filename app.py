@@ -28,7 +28,7 @@ PAGES = [
 ]
 
 services.configure_threads()  # leave the browser and the server a core (torch threads thrash otherwise)
-state.keep()  # settings outlive the page that draws them
+state.keep(reassert=True)  # settings outlive the page that draws them, and show when it is back
 state.restore_from_url()  # a new session (reload, shared link) starts from the URL's settings
 # Streamlit fades stale elements with a 1 s CSS transition on every rerun.  A browser without GPU
 # compositing repaints the page on every frame of it, which took CPU from the model on a 2-core

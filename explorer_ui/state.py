@@ -57,13 +57,20 @@ def decode(text: str, kind: type) -> Any:
     return str(text)
 
 
-def keep() -> None:
-    """Call first in every run and fragment run: declared settings outlive the pages that draw them."""
+def keep(reassert: bool = False) -> None:
+    """Call first in every run and fragment run: declared settings outlive the pages that draw them.
+
+    ``reassert`` (the app's full runs): also hand every kept value back through the Session State API,
+    so each widget drawn in this run is sent with its value.  Without it, a widget coming back into
+    view can show its *default*: when a job ended on another page, its ``st.rerun`` made the value
+    Streamlit had put back "old" state, the widget went out without a value, and the browser, which
+    had forgotten the widget while another page was open, drew the default (k 64 instead of 16).
+    """
     store = st.session_state.setdefault(_STORE, {})
     for key in K.SETTINGS:
         if key in st.session_state:
             store[key] = st.session_state[key]
-        elif key in store:
+        if key in store and (reassert or key not in st.session_state):
             st.session_state[key] = store[key]
 
 

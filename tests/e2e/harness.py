@@ -109,6 +109,25 @@ def set_number(page, label: str, value) -> None:
     wait_idle(page)
 
 
+def choose(page, opener, option: str, attempts: int = 4) -> None:
+    """Open a select box or multiselect (``opener``: the locator to click) and click ``option``.
+
+    A rerun that lands while the list is open (a job finishing redraws the app) closes it; then
+    open it again, up to ``attempts`` times."""
+    for attempt in range(attempts):
+        wait_idle(page)
+        opener.click()
+        item = page.get_by_role("option", name=option, exact=True)
+        try:
+            item.wait_for(timeout=10_000)
+            item.click()
+            return
+        except Exception:
+            if attempt == attempts - 1:
+                raise
+            page.keyboard.press("Escape")
+
+
 SKELETONS = "[data-testid='stSkeleton'], [data-testid='stSkeletonElement'], [data-testid='stAppSkeleton']"
 
 

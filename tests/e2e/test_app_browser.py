@@ -77,8 +77,7 @@ def test_full_tour(app, browser):
         assert sorted(zipfile.ZipFile(target).namelist()) == ["e2e-k16/meta.json", "e2e-k16/thresholds.parquet"]
 
         # 3. a long calibration outlives two page switches, then finishes and becomes the active set
-        page.get_by_label("Corpus", exact=True).click()
-        page.get_by_role("option", name="lambada", exact=True).click()
+        harness.choose(page, page.get_by_label("Corpus", exact=True), "lambada")
         wait_idle(page)
         run_calibration(page, 16, "e2e-long", docs=150, max_tokens=96)
         sidebar(page).get_by_text("calibrate e2e-long").wait_for()  # the jobs panel
@@ -89,10 +88,10 @@ def test_full_tour(app, browser):
         progress = page.get_by_text("calibrate e2e-long:").first
         progress.wait_for()
         assert "%" in progress.inner_text()  # still running, with its progress
+        screenshot(page, "03-calibrate-still-running")
         # the page's settings are intact although the jobs panel reran alone every second meanwhile
         assert page.get_by_label("k (kept per row)", exact=True).input_value() == "16"
         assert page.get_by_label("Documents", exact=True).input_value() == "150"
-        screenshot(page, "03-calibrate-still-running")
         page.get_by_text("Saved e2e-long").wait_for(timeout=300_000)
         sidebar(page).get_by_text("thresholds e2e-long").wait_for(timeout=30_000)
         assert (app["runs"] / "e2e-long" / "meta.json").is_file()
@@ -169,8 +168,7 @@ def test_full_tour(app, browser):
         page.get_by_text("all items scored").wait_for(timeout=120_000)
         wait_idle(page)
         screenshot(page, "09-accuracy")
-        page.get_by_label("SDC", exact=True).click()
-        page.get_by_role("option", name="offline", exact=True).click()
+        harness.choose(page, page.get_by_label("SDC", exact=True), "offline")
         page.get_by_text("these results are for other settings").wait_for(timeout=30_000)
         screenshot(page, "10-accuracy-stale")
         plot_with(page, "sdc=offline").wait_for(timeout=120_000)  # the new run's numbers, labelled by its config
@@ -179,13 +177,10 @@ def test_full_tour(app, browser):
 
         # 10. a variant matrix of 2 variants (VMC on and off) fills both rows
         page.get_by_text("Variant matrix: several variants side by side").click()
-        vmc = page.get_by_label("VMC", exact=True).last
-        page.locator('[data-testid="stMultiSelect"]').filter(has_text="VMC").locator("input").click()
-        page.get_by_role("option", name="on", exact=True).click()
-        page.locator('[data-testid="stMultiSelect"]').filter(has_text="VMC").locator("input").click()
-        page.get_by_role("option", name="off", exact=True).click()
+        vmc_box = page.locator('[data-testid="stMultiSelect"]').filter(has_text="VMC").locator("input")
+        harness.choose(page, vmc_box, "on")
+        harness.choose(page, vmc_box, "off")
         page.keyboard.press("Escape")
-        del vmc
         plot_with(page, "vmc=off").wait_for(timeout=120_000)
         page.get_by_text("all items scored").wait_for(timeout=120_000)
         assert "vmc=on" in plot_with(page, "vmc=off").inner_text()
@@ -245,3 +240,23 @@ def test_two_sessions_jobs_stay_separate(app, browser):
     finally:
         ca.close()
         cb.close()
+
+
+def test_settings_show_after_a_job_ended_on_another_page(app, browser):
+    """A calibration that ends while another page is open: back on Calibrate, the widgets show the
+    values the user set (the job's end reran the app while the Calibrate widgets were out of view;
+    before state.keep(reassert=True) the browser then drew their defaults, k 64 and 8 documents)."""
+    ctx, page = harness.open_session(browser, app["url"])
+    try:
+        run_calibration(page, 24, "ended-elsewhere", docs=3)
+        goto_page(page, "Thresholds")
+        sidebar(page).get_by_text("thresholds ended-elsewhere").wait_for(timeout=120_000)  # ended, made active
+        wait_idle(page)
+        goto_page(page, "Calibrate")
+        page.wait_for_timeout(1500)  # the defaults came with a later rerun (the jobs panel's), not the first
+        wait_idle(page)
+        assert page.get_by_label("k (kept per row)", exact=True).input_value() == "24"
+        assert page.get_by_label("Documents", exact=True).input_value() == "3"
+        assert not page.get_by_label("Layers 0–1 near-dense (k=512, as in the paper)").is_checked()
+    finally:
+        ctx.close()
