@@ -741,6 +741,39 @@ def test_graph_decoder_static_kernels_interpret():
             assert not dec.graphed
 
 
+@cpu
+def test_graph_decoder_step_reduces_nothing():
+    """A static-cache decode step (what a CUDA graph replays) launches no reduction: each layer takes its
+    row lengths from the decoder instead of summing the mask, and the kept-V total is summed only when
+    :meth:`kept_v_fraction` is read.  (Each was a small kernel per layer in every replay.)"""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from topθ_core.graph_decode import GraphDecoder
+    from topθ_core.integration import sparse_run
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    model, cfg, th = _graph_model("cpu", torch.float16)
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        dec = GraphDecoder(model, lambda: sparse_run(cfg, th, model=model), max_len=48, cuda_graph=False)
+        dec.prefill(ids)
+        dec.step()
+        with Ops() as ops:
+            dec.step()
+        assert ops.n["sum"] == 0 and ops.n["stack"] == 0, dict(ops.n)
+        assert 0 < dec.kept_v_fraction() < 1  # the kernels ran in every layer and their counts are read
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs CUDA (compiled Triton)")
 @pytest.mark.parametrize("row_max", [False, True], ids=["absolute", "row-max"])

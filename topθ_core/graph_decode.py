@@ -181,7 +181,7 @@ class GraphDecoder:
         self.cache = None
         self._graph = None
         self._scratch: dict = {}  # the run's scratch, carried from step to step (running V sums, counts)
-        self._kept_total: torch.Tensor | None = None  # Top-θ: kept V rows of the last step, all layers
+        self._kept: list | None = None  # Top-θ: every layer's kernel counts of the last step (summed when read)
         self._kv_heads = 0
 
     # ---- cache ------------------------------------------------------------------------------
@@ -196,7 +196,7 @@ class GraphDecoder:
         if length is not None and (n != self.max_len or not 1 <= L):
             raise ValueError(f"adopted buffers must hold max_len={self.max_len} keys and 1 ≤ length, got {n}, {L}")
         dev, dt = keys[0].device, keys[0].dtype
-        self._graph, self.graphed, self._scratch, self._kept_total = None, False, {}, None
+        self._graph, self.graphed, self._scratch, self._kept = None, False, {}, None
         self.pos = torch.full((1,), L, dtype=torch.long, device=dev)
         if length is None:
             ks, vs = [], []
@@ -239,7 +239,8 @@ class GraphDecoder:
 
     def _forward(self, state) -> torch.Tensor:
         """One step on the static state: key ``pos`` becomes visible, the model writes its K/V there,
-        greedy next token, position + 1, the kept-V total.  Device work only (capturable)."""
+        greedy next token, position + 1; the layers' kernel counts are kept for :meth:`kept_v_fraction`.
+        Device work only (capturable)."""
         self.mask.index_fill_(-1, self.pos, True)
         self._lengths.copy_(self.pos.expand(self.batch)).add_(1)  # this step's valid keys (its new key: pos)
         if state is not None and isinstance(getattr(state, "thresholds", None), _StepThresholds):
@@ -250,8 +251,7 @@ class GraphDecoder:
         self.next_tokens.copy_(logits.argmax(-1, keepdim=True))
         self.pos.add_(1)
         self.position_ids.add_(1)
-        counts = self._layer_counts(state)
-        self._kept_total = None if counts is None else torch.stack([c.kept_v_rows.sum() for c in counts]).sum()
+        self._kept = self._layer_counts(state)  # summed only when read: no reduction kernels in the step
         return logits
 
     def _layer_counts(self, state):
@@ -272,7 +272,7 @@ class GraphDecoder:
             self.next_tokens.copy_(tokens.reshape(self.batch, 1))
         if self.graphed:
             self._graph.replay()
-            logits, self._kept_total = self._logits, self._graph_kept_total
+            logits, self._kept = self._logits, self._graph_kept
         else:
             logits = self._eager_step()
         self.length += 1
@@ -303,12 +303,12 @@ class GraphDecoder:
                 if sparse and self._layer_counts(state) is None:
                     self.cuda_graph = False  # some layer took the reference path: stay eager
                 else:
-                    eager_total = self._kept_total
+                    eager_kept = self._kept
                     side.synchronize()
                     self._graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(self._graph, stream=side):
                         self._logits = self._forward(state)
-                    self._graph_kept_total, self._kept_total = self._kept_total, eager_total
+                    self._graph_kept, self._kept = self._kept, eager_kept
                     self.graphed = True
                 torch.cuda.current_stream(dev).wait_stream(side)
             if sparse:
@@ -318,10 +318,11 @@ class GraphDecoder:
     def kept_v_fraction(self) -> float:
         """Top-θ: kept V rows / visible keys over every (layer, sequence, KV head) of the last step
         (NaN for dense or before a step); one synchronisation."""
-        if self._kept_total is None or not self._kv_heads:
+        if self._kept is None or not self._kv_heads:
             return float("nan")
-        return float(self._kept_total) / (self._kv_heads * self.length)
+        total = torch.stack([c.kept_v_rows.sum() for c in self._kept]).sum()
+        return float(total) / (self._kv_heads * self.length)
 
     def close(self) -> None:
         """Drop the captured step, the cache and the run's scratch."""
-        self._graph, self.graphed, self.cache, self._scratch, self._kept_total = None, False, None, {}, None
+        self._graph, self.graphed, self.cache, self._scratch, self._kept = None, False, None, {}, None

@@ -152,7 +152,7 @@ def top_theta_attention_forward(
     layer = int(getattr(module, "layer_idx", 0))
     B, Hq, Sq, _ = query.shape
     Sk = key.shape[2]
-    visible, row_len = _rows(attention_mask, B, Sq, Sk, query.device)
+    visible, row_len = _rows(attention_mask, B, Sq, Sk, query.device, _static_lengths(state, Sq))
     cfg = state.config
     k_keep = state.k_keep(layer, Hq)  # int, or a list of one k per query head
     theta = sdc_term = None
@@ -162,7 +162,7 @@ def top_theta_attention_forward(
             phase = "prefill" if Sq > 1 else "decode"
             kk = torch.tensor(k_keep, device=row_len.device).view(1, -1, 1) if isinstance(k_keep, list) else k_keep
             state.metrics.add_extrapolated(layer, phase, extrap & (row_len.unsqueeze(1) > kk))
-    from . import dispatch  # decides kernel or reference (imports the kernels only for tensors they take)
+    from . import dispatch  # decides kernel or reference (imported late: it reads TRITON_INTERPRET at import)
 
     out = dispatch.try_kernels(query, key, value, visible=visible, theta=theta, sdc_term=sdc_term, k_keep=k_keep,
                                scaling=scaling, softcap=softcap, state=state, layer=layer)
@@ -173,12 +173,25 @@ def top_theta_attention_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
-def _rows(attention_mask, B: int, Sq: int, Sk: int, device) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """``(visible (B, Sq, Sk) bool or None for plain causal, row lengths (B, Sq))`` of one call."""
+def _rows(attention_mask, B: int, Sq: int, Sk: int, device, lengths: torch.Tensor | None = None
+          ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``(visible (B, Sq, Sk) bool or None for plain causal, row lengths (B, Sq))`` of one call.
+    ``lengths`` (B,): the row lengths when the caller already holds them (a static-cache decode step)."""
     if attention_mask is None:  # plain causal: lengths are known, no (B, Sq, Sk) mask is built or scanned
         return None, torch.arange(Sk - Sq + 1, Sk + 1, device=device).expand(B, Sq)
     visible = _visible_from_mask(attention_mask, Sq, Sk, B, device)
-    return visible, visible.sum(-1)
+    return visible, (visible.sum(-1) if lengths is None else lengths.view(B, Sq))
+
+
+def _static_lengths(state: RunState, Sq: int) -> torch.Tensor | None:
+    """A static-cache decode step's valid keys per sequence (B,), which its mask's prefix equals by
+    construction (:mod:`graph_decode`): no reduction over the mask in every layer of the step."""
+    from . import dispatch
+
+    if Sq != 1 or not state.scratch.get(dispatch.STATIC_PREFIX):
+        return None
+    held = state.scratch.get(dispatch.STATIC_LENGTHS)
+    return None if held is None else held[0]
 
 
 def _report_dense(state: RunState, module, query, key, attention_mask) -> None:
