@@ -39,6 +39,20 @@ def theta_reference_picker(container, key: str) -> ThetaReference:
     return ThetaReference(value)
 
 
+def _unforce_selection(key: str, available: list[str]) -> None:
+    """Without thresholds the selection is forced to what is available (top-k); that is not the user's
+    choice.  Remember what it was before (``None``: never set), and once thresholds are back, return to
+    it (or to the first available, Top-θ) instead of keeping the forced top-k for good."""
+    before = f"_{key}_before_forced"  # not a widget: survives page switches by itself
+    current = st.session_state.get(key)
+    if "top-theta" not in available:
+        if current not in available and before not in st.session_state:
+            st.session_state[before] = current
+    elif before in st.session_state:
+        previous = st.session_state.pop(before)
+        st.session_state[key] = previous if previous in available else available[0]
+
+
 def sparse_config_controls(prefix: str, thresholds: Thresholds | None, *, columns: int = 4,
                            selections: tuple[str, ...] = ("top-theta", "top-k")) -> tuple[SparseConfig | None, str | None]:
     """Selection, placement, SDC (+scale), VMC, capk, k and the empty-row floor.
@@ -56,6 +70,7 @@ def sparse_config_controls(prefix: str, thresholds: Thresholds | None, *, column
     defaults = {"selection": available[0], "placement": base.placement.value, "sdc": base.sdc.value,
                 "sdc_scale": float(base.sdc_scale), "vmc": bool(base.vmc), "capk": False,
                 "k": int(base.k.default), "empty_row": base.empty_row.value, "prefill": base.prefill.value}
+    _unforce_selection(keys["selection"], available)
     for f, key in keys.items():
         if key not in st.session_state or (f == "selection" and st.session_state[key] not in available):
             st.session_state[key] = defaults[f]

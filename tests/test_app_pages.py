@@ -882,3 +882,24 @@ def test_runs_page_results_table_csv_and_delete(calibrated, env, monkeypatch):
     assert "Deleted the saved result **zz-newest.parquet**." in texts(at.success)
     assert not (env["results"] / "zz-newest.parquet").exists()
     assert "zz-newest.parquet" not in list(next(d.value for d in at.dataframe if "file" in d.value.columns)["file"])
+
+
+def test_selection_forced_to_top_k_without_thresholds_returns_to_top_theta(env):
+    """Accuracy opened before any calibration can only offer top-k; once a threshold set is active the
+    page offers Top-θ again and selects it (the forced top-k was never the user's choice), while a
+    top-k the user picked with thresholds active stays picked."""
+    at = open_app(None)
+    at.sidebar.selectbox(key="sb_active_run").set_value("(none: dense only)").run()
+    at.switch_page(PAGE["accuracy"]).run()
+    assert_clean(at)
+    assert at.radio(key="acc_selection").options == ["Top-k"]
+    at.switch_page(PAGE["calibrate"]).run()
+    calibrate(at, 16, name="forced-k16")
+    assert at.sidebar.selectbox(key="sb_active_run").value == "forced-k16"
+    at.switch_page(PAGE["accuracy"]).run()
+    assert_clean(at)
+    assert at.radio(key="acc_selection").value == "top-theta"
+    at.radio(key="acc_selection").set_value("top-k").run()  # the user's own choice
+    at.switch_page(PAGE["overview"]).run()
+    at.switch_page(PAGE["accuracy"]).run()
+    assert at.radio(key="acc_selection").value == "top-k"
