@@ -28,7 +28,7 @@ def aggregation_picker(container, key: str) -> Aggregation:
     return Aggregation(value)
 
 
-REFERENCE_LABELS = {"absolute": "score > θ (GPU kernels)", "row-max": "score − row max > θ (more accurate, PyTorch path)"}
+REFERENCE_LABELS = {"absolute": "score > θ (GPU kernels)", "row-max": "score − row max > θ (more accurate; prefill on the PyTorch path)"}
 
 
 def theta_reference_picker(container, key: str) -> ThetaReference:

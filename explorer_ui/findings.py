@@ -63,7 +63,8 @@ KEY_FINDINGS = [
      f"1/13.6 and +0.98% at 1/15.0 — better than exact top-k's +2.9% at 1/16.3 ({FIDELITY})."),
     ("Against top-k with the same compensation, a static θ still keeps 1.3-1.5× the elements for equal KL.",
      "The per-row kept count of one θ varies (p10 0.36·k, p90 2.3·k). θ relative to each row's maximum closes most "
-     f"of that gap (1.06-1.26× top-k) but runs on the PyTorch path only ({FIDELITY})."),
+     f"of that gap (1.06-1.26× top-k); the decode kernel runs it exactly, the prefill only on the PyTorch path "
+     f"({FIDELITY})."),
     ("Multiple choice at full size: within 1 point of dense at 5-6× fewer prefill elements.",
      "ARC-Easy (545 items) and HellaSwag (990): −0.4 / −1.0 points; at about 10× both Top-θ and exact top-k lose "
      "about a point (benchmarks/results/mc_large.md)."),

@@ -183,7 +183,7 @@ def _e2e(card: str, rows: pd.DataFrame) -> list[dict]:
         model = re.search(r"\(([^,)]+)", what)
         label = "end to end" + (f" ({model.group(1)})" if model else "") + \
             (f", B={int(best['B'])}" if "B" in g and pd.notna(best.get("B")) else "") + \
-            (f", N={int(best['N']) // 1024}k" if "N" in g and pd.notna(best.get("N")) else "")
+            (f", N={_tokens(best['N'])}" if "N" in g and pd.notna(best.get("N")) else "")
         out.append(_row(card, label, speedup=float(best["_speedup"]), low=float(best["_speedup"]),
                         high=float(best["_speedup"]), tokens_per_s=float(best["_ours"]),
                         tokens_per_s_baseline=float(best["_base"]), shape=_shape(best),

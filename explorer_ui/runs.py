@@ -154,8 +154,8 @@ def provenance_lines(meta: dict) -> list[str]:
         lines.append(f"top-k at calibration: {'on' if cal.get('tac') else 'off'}, sample fraction "
                      f"{cal.get('sample_frac')}")
     if meta.get("theta_reference", "absolute") != "absolute":
-        lines.append(f"θ compared with: the score minus its row's max ({meta['theta_reference']}); the GPU kernels "
-                     "fall back to the PyTorch path for it")
+        lines.append(f"θ compared with: the score minus its row's max ({meta['theta_reference']}); decode steps "
+                     "run it in the GPU kernel, the prompt (prefill) on the PyTorch path")
     agg = meta.get("aggregation", "mean-std")
     if agg != "mean-std":
         res = meta.get("reservoir") or {}

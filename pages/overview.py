@@ -53,8 +53,9 @@ if head.empty:
     st.caption("No kernel measurements are saved under benchmarks/results/.")
 for card, cells in kernel_headline.cells_by_card(head).items():
     st.markdown(f"**On {card}** (speed-up over the fastest SDPA measured in the same run)")
-    for col, (label, value, where) in zip(st.columns(len(cells)), cells):
-        col.metric(label, value, help=where)
+    for i in range(0, len(cells), 3):  # three per row: the end-to-end labels (model, B, N) stay readable
+        for col, (label, value, where) in zip(st.columns(3), cells[i:i + 3]):
+            col.metric(label, value, help=where)
 nav.link("kernels", "All kernel measurements", ":material/memory:")
 
 # ---------------------------------------------------------------- findings and where to start
