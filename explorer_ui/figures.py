@@ -85,19 +85,23 @@ def theta_vs_length(df: pd.DataFrame, layer: int, heads: list[int], overlay: pd.
         return _empty(title, "no calibrated rows for this layer (rows with L ≤ k stay dense)")
     data = []
     o = None if overlay is None else overlay[(overlay["layer"] == layer) & (overlay["head"].isin(heads))]
+    two = o is not None and not o.empty  # one run: the legend names heads only (run names are long)
     for frame, name, dash in ((d, names[0], "solid"), (o, names[1], "dash")):
         if frame is None or frame.empty:
             continue
         for head, g in frame.groupby("head", sort=True):
             g = g.sort_values("length")
+            label = f"{name} · head {head}" if two else f"head {head}"
             data.append(dict(
                 type="scatter", x=g["length"].to_numpy(), y=g["theta"].to_numpy(), mode="lines",
-                name=f"{name} · head {head}", line=dict(color=PALETTE[int(head) % len(PALETTE)], dash=dash),
+                name=label, line=dict(color=PALETTE[int(head) % len(PALETTE)], dash=dash),
                 customdata=np.stack([g["count"].to_numpy(), g["t_std"].to_numpy()], axis=-1),
                 hovertemplate="L≈%{x:.0f}<br>θ=%{y:.3f}<br>n=%{customdata[0]}<br>std=%{customdata[1]:.3f}<extra>"
                               + f"{name} · head {head}</extra>"))
+    # the legend below the plot: beside it, long names squeezed the curves into a third of the width
     return _figure(data, title=title, xaxis=dict(title="row length L (bin centre)"), yaxis=dict(title="θ"),
-                   legend=dict(title="run · head"), showlegend=True)
+                   legend=dict(title="run · head" if two else "head", orientation="h", yanchor="top", y=-0.25),
+                   showlegend=True)
 
 
 def layer_tick_step(n_layers: int) -> int | None:

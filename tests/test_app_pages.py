@@ -323,7 +323,8 @@ def test_thresholds_page(calibrated):
     assert curve["layout"]["title"]["text"].endswith(f"layer {other}")
     at.multiselect(key="th_heads").set_value([1]).run()
     curve = next(s for s in plotly_specs(at) if s["layout"]["title"]["text"].startswith("θ vs row length"))
-    assert [t["name"] for t in curve["data"]] == ["k16 · head 1"]
+    assert [t["name"] for t in curve["data"]] == ["head 1"]  # one run: the legend names heads only
+    assert "k16 · head 1" in curve["data"][0]["hovertemplate"]
     # σ changes θ without recalibrating
     at.number_input(key="th_sigma").set_value(1.0).run()
     assert_clean(at)
