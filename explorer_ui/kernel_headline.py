@@ -154,8 +154,9 @@ def _prefill(card: str, rows: pd.DataFrame) -> list[dict]:
     best = rows.loc[(f - PREFILL_FRACTION).abs().fillna(np.inf).idxmin()]
     kept = f.loc[best.name]
     note = f"{kept:.0%} of elements kept" if np.isfinite(kept) else ""
+    graph = _num(rows, "speedup_graph")  # the same row under CUDA graphs, where measured (as for decode)
     return [_row(card, "prefill", speedup=float(best["speedup"]), low=float(best["speedup"]),
-                 high=float(best["speedup"]), shape=_shape(best),
+                 high=float(best["speedup"]), speedup_graph=float(graph.loc[best.name]), shape=_shape(best),
                  baseline=str(best.get("baseline_backend", "") or ""), source=_source(best), note=note)]
 
 

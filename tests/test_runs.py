@@ -286,6 +286,7 @@ def test_headline_on_the_saved_csv_follows_its_rules():
     prefill = prefill[prefill["N"] == prefill["N"].max()]
     near = prefill.loc[(prefill["f_kept_elems"] - 0.1).abs().idxmin()]
     assert h200.loc["prefill", "speedup"] == near["speedup"]
+    assert h200.loc["prefill", "speedup_graph"] == near["speedup_graph"]  # the same row under CUDA graphs
     e2e = _latest(csv[csv["kernel"].str.startswith("e2e")])
     for (kernel, b, n), g in e2e.groupby(["kernel", "B", "N"]):
         fastest = g.loc[g["tokens_per_s_sdpa"].idxmax()]
