@@ -62,9 +62,10 @@ def keep(reassert: bool = False) -> None:
 
     ``reassert`` (the app's full runs): also hand every kept value back through the Session State API,
     so each widget drawn in this run is sent with its value.  Without it, a widget coming back into
-    view can show its *default*: when a job ended on another page, its ``st.rerun`` made the value
-    Streamlit had put back "old" state, the widget went out without a value, and the browser, which
-    had forgotten the widget while another page was open, drew the default (k 64 instead of 16).
+    view showed its *default* after a job had ended on another page (k 64 instead of 16; browser test
+    ``test_settings_show_after_a_job_ended_on_another_page``), most likely because the job's
+    ``st.rerun`` turned the value put back into "old" state, the widget went out without a value, and
+    the browser, which had forgotten the widget while another page was open, drew the default.
     """
     store = st.session_state.setdefault(_STORE, {})
     for key in K.SETTINGS:
