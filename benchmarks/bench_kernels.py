@@ -638,7 +638,7 @@ def run_e2e(args):
                 return (time.perf_counter() - t0) / steps
 
             sides = {"Top-θ": decoder(lambda: sparse_run(DECODE_CFG, th, model=model))}
-            from topθ_core.graph_decode import cache_kwarg
+            from topθ_core.models import cache_kwarg
 
             with torch.inference_mode():
                 kw = cache_kwarg(model)

@@ -295,7 +295,7 @@ def test_compare_generate_cpu_streams_and_no_cache_deprecation(tiny_lm):
     import warnings
 
     from topθ_core.generation import compare_generate
-    from topθ_core.graph_decode import cache_kwarg
+    from topθ_core.models import cache_kwarg
 
     th = constant_thresholds(tiny_lm, 0.05, sdc=0.3)
     cfg = SparseConfig(k=KSchedule(4))
@@ -331,7 +331,8 @@ def test_static_cache_decode_equals_dynamic_cache(tiny_lm, sparse):
     """GraphDecoder's static cache (preallocated buffers, a (B, 1, 1, max_len) prefix mask, the write
     position on the device) gives the logits and greedy tokens of the model's dynamic cache, for a
     batch of two sequences; eager here (CPU), the same steps a CUDA graph replays."""
-    from topθ_core.graph_decode import GraphDecoder, cache_kwarg, output_cache
+    from topθ_core.graph_decode import GraphDecoder
+    from topθ_core.models import cache_kwarg, output_cache
 
     model = tiny_lm.model
     th = constant_thresholds(tiny_lm, 0.05, sdc=0.3)

@@ -680,7 +680,7 @@ def _graph_model(device, dtype, d=64, layers=2, heads=2, kv_heads=1, row_max=Fal
 def _dynamic_greedy(model, run, ids, steps):
     """The eager reference: the model's dynamic cache, one forward per token (scratch carried, like
     generation's streams); greedy tokens, logits, and kept V rows per step from the metrics."""
-    from topθ_core.graph_decode import cache_kwarg, output_cache
+    from topθ_core.models import cache_kwarg, output_cache
 
     kw, cache, tok, toks, logits, kept_v = cache_kwarg(model), None, ids, [], [], []
     scratch = {}
@@ -745,7 +745,8 @@ def test_graph_decoder_static_kernels_interpret():
 def test_graph_decoder_step_reduces_nothing():
     """A static-cache decode step (what a CUDA graph replays) launches no reduction: each layer takes its
     row lengths from the decoder instead of summing the mask, and the kept-V total is summed only when
-    :meth:`kept_v_fraction` is read.  (Each was a small kernel per layer in every replay.)"""
+    :meth:`kept_v_fraction` is read.  (Each was a small kernel per layer in every replay.)  θ is looked
+    up once per step for all layers, and anew at every step."""
     import collections
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -768,9 +769,17 @@ def test_graph_decoder_step_reduces_nothing():
         dec = GraphDecoder(model, lambda: sparse_run(cfg, th, model=model), max_len=48, cuda_graph=False)
         dec.prefill(ids)
         dec.step()
-        with Ops() as ops:
+        calls = []
+        real = type(th).lookup
+        type(th).lookup = lambda self, layer, *a, **kw: calls.append(layer) or real(self, layer, *a, **kw)
+        try:
+            with Ops() as ops:
+                dec.step()
             dec.step()
+        finally:
+            type(th).lookup = real
         assert ops.n["sum"] == 0 and ops.n["stack"] == 0, dict(ops.n)
+        assert calls == [None, None]  # θ looked up anew at each step, once for all layers
         assert 0 < dec.kept_v_fraction() < 1  # the kernels ran in every layer and their counts are read
 
 

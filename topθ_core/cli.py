@@ -29,7 +29,7 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-special-tokens", action="store_true", help="tokenize without BOS/special tokens")
 
 
-def _add_sparse(p: argparse.ArgumentParser, calibrating: bool = False) -> None:
+def _add_sparse(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=None, help="kept elements per row (default: the thresholds' k)")
     p.add_argument("--layer-k", default=None, help="per-layer overrides, e.g. 0:512,1:512")
     p.add_argument("--head-k", default=None, help="per-(layer, head) overrides, e.g. 2.0:48,2.1:80 "
@@ -83,12 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
 def _read_data(spec: str, limit: int | None = None) -> tuple[list[str], str]:
     from .datafiles import read_texts
 
@@ -130,7 +124,7 @@ def _sparse_config(args, thresholds) -> SparseConfig:
 def _load(args):
     from .models import load_model
 
-    return load_model(args.model, device=args.device, dtype=_dtype(args.dtype))
+    return load_model(args.model, device=args.device, dtype=torch_dtype(args.dtype, args.device))
 
 
 def _load_thresholds(args, lm):

@@ -26,7 +26,8 @@ import torch
 
 from . import dispatch
 from .config import SparseConfig
-from .graph_decode import GraphDecoder, cache_kwarg, graph_decode_supported, output_cache
+from .graph_decode import GraphDecoder, graph_decode_supported
+from .models import cache_kwarg, output_cache
 from .integration import sparse_run
 from .metrics import SparsityMetrics
 from .thresholds import Thresholds
@@ -91,7 +92,7 @@ class _Stream:
             out = self.model(input_ids=ids, **kw)
         else:
             config, thresholds = self.run
-            with sparse_run(config, thresholds, model=self.model, metrics=self.metrics) as state:
+            with sparse_run(config, thresholds, metrics=self.metrics) as state:  # checked once, by compare_generate
                 state.scratch.update(self.scratch)
                 out = self.model(input_ids=ids, **kw)
                 self.scratch = state.scratch
@@ -182,10 +183,12 @@ def compare_generate(lm, prompt: str, config: SparseConfig, thresholds: Threshol
     prompt_ids = encode_prompt(tok, prompt, chat).to(device)
     if prompt_ids.shape[1] == 0:
         raise ValueError("the prompt is empty")
+    with sparse_run(config, thresholds, model=model):  # thresholds of this model, k in range, model prepared: once,
+        pass  # not per token (the check hashes a weight sample on the host, inside the timed step)
     if _use_graphs(model, config, cuda_graphs):
         max_len = prompt_ids.shape[1] + max_new_tokens
         dense = _GraphStream(model, None, max_len)
-        sparse = _GraphStream(model, lambda: sparse_run(config, thresholds, model=model), max_len)
+        sparse = _GraphStream(model, lambda: sparse_run(config, thresholds), max_len)
     else:
         dense = _Stream(model)
         sparse = _Stream(model, (config, thresholds), metrics=SparsityMetrics())

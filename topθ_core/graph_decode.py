@@ -28,32 +28,15 @@ refused (:func:`graph_decode_supported`).
 from __future__ import annotations
 
 import contextlib
-import inspect
 from typing import Callable, ContextManager
 
 import torch
 
 from . import dispatch
+from .integration import THETA_LOOKUP
+from .models import cache_kwarg, output_cache
 
 RunFactory = Callable[[], ContextManager]
-
-_CACHE_KW: dict[type, str] = {}
-
-
-def cache_kwarg(model: torch.nn.Module) -> str:
-    """Name of the cache argument of the model's forward: ``cache`` (transformers ≥ 5.2x) or ``past_key_values``."""
-    cls = type(model)
-    if cls not in _CACHE_KW:
-        params = inspect.signature(model.forward).parameters
-        _CACHE_KW[cls] = "cache" if "cache" in params else "past_key_values"
-    return _CACHE_KW[cls]
-
-
-def output_cache(out):
-    """The cache a forward returned (``out.cache`` or ``out.past_key_values``)."""
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else getattr(out, "past_key_values", None)
-
 
 def graph_decode_supported(model: torch.nn.Module) -> bool:
     """True when every layer attends causally over the whole cache (no sliding window, no chunking)."""
@@ -111,33 +94,6 @@ class _StaticLayer(CacheLayerMixin):
 
     def get_max_cache_shape(self) -> int:
         return self.max_cache_len
-
-
-class _StepThresholds:
-    """A run's thresholds, looked up once per decode step for every layer.
-
-    A static-cache step hands every layer the same mask, so all layers' rows have one length: the
-    first lookup of a step computes every layer at once (``Thresholds.lookup(None, …)``) and the
-    others take their slice, as the attention function already does for unmasked decode.  In a
-    captured step that is one set of tensor ops per step instead of one per layer.
-    """
-
-    def __init__(self, thresholds):
-        self._th = thresholds
-        self._step = None
-
-    def __getattr__(self, name):
-        return getattr(self._th, name)
-
-    def start_step(self) -> None:
-        self._step = None
-
-    def lookup(self, layer, row_len, *args, **kwargs):
-        if layer is None:
-            return self._th.lookup(None, row_len, *args, **kwargs)
-        if self._step is None:
-            self._step = self._th.lookup(None, row_len, *args, **kwargs)
-        return tuple(t[layer] for t in self._step)
 
 
 class StaticKVCache(Cache):
@@ -243,8 +199,8 @@ class GraphDecoder:
         Device work only (capturable)."""
         self.mask.index_fill_(-1, self.pos, True)
         self._lengths.copy_(self.pos.expand(self.batch)).add_(1)  # this step's valid keys (its new key: pos)
-        if state is not None and isinstance(getattr(state, "thresholds", None), _StepThresholds):
-            state.thresholds.start_step()
+        if state is not None and hasattr(state, "scratch"):
+            state.scratch.pop(THETA_LOOKUP, None)  # this step's lengths: θ looked up anew (once, for all layers)
         out = self.model(input_ids=self.next_tokens, position_ids=self.position_ids, attention_mask=self.mask,
                          use_cache=True, **{cache_kwarg(self.model): self.cache})
         logits = out.logits[:, -1]
@@ -290,8 +246,6 @@ class GraphDecoder:
                                       if not (isinstance(k, tuple) and k and k[0] == dispatch.COUNTS)})
                 state.scratch[dispatch.STATIC_PREFIX] = True
                 state.scratch[dispatch.STATIC_LENGTHS] = (self._lengths, self._last)
-                if state.thresholds is not None:
-                    state.thresholds = _StepThresholds(state.thresholds)
             if not capture:
                 logits = self._forward(state)
             else:  # eager step on the stream that will capture: lazy initialisations happen there

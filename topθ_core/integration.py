@@ -152,12 +152,15 @@ def top_theta_attention_forward(
     layer = int(getattr(module, "layer_idx", 0))
     B, Hq, Sq, _ = query.shape
     Sk = key.shape[2]
-    visible, row_len = _rows(attention_mask, B, Sq, Sk, query.device, _static_lengths(state, Sq))
+    static = _static_lengths(state, Sq)
+    visible, row_len = _rows(attention_mask, B, Sq, Sk, query.device, static)
     cfg = state.config
     k_keep = state.k_keep(layer, Hq)  # int, or a list of one k per query head
     theta = sdc_term = None
     if cfg.needs_thresholds:
-        theta, sdc_term, extrap = _lookup(state, layer, row_len, Sk if attention_mask is None else None)
+        # one row length for every layer (plain causal, or a static-cache step): looked up once for all layers
+        theta, sdc_term, extrap = _lookup(state, layer, row_len,
+                                          Sk if attention_mask is None or static is not None else None)
         if state.metrics is not None:
             phase = "prefill" if Sq > 1 else "decode"
             kk = torch.tensor(k_keep, device=row_len.device).view(1, -1, 1) if isinstance(k_keep, list) else k_keep
@@ -211,13 +214,15 @@ def _report_dense(state: RunState, module, query, key, attention_mask) -> None:
                              empty_rows=torch.zeros(Hq, dtype=torch.long), kept_v_rows=kv, kv_rows=kv)
 
 
+THETA_LOOKUP = "theta_lookup"  # scratch key: this call's θ for every layer (a static-cache decoder drops it each step)
 LOOKUP_ALL_LAYERS_MAX_ROWS = 4096  # up to this many rows (B·Sq) a call's θ is looked up for every layer at once
 
 
 def _lookup(state: RunState, layer: int, row_len: torch.Tensor, causal_len: int | None):
     """θ, SDC term and extrapolated flags of ``layer``'s rows.
 
-    Plain causal calls (``causal_len`` = Sk, no mask) give every layer the same row lengths, so
+    Plain causal calls (``causal_len`` = Sk, no mask) and static-cache decode steps (their lengths held
+    by the decoder, which drops the cached lookup at each step) give every layer the same row lengths, so
     small calls (decode steps) look θ up for all layers at once on the first layer and the others
     take their slice: one set of tensor ops per step instead of one per layer, which on a GPU
     was ~0.3 ms of host time per layer call, more than the decode kernel itself.
@@ -226,10 +231,10 @@ def _lookup(state: RunState, layer: int, row_len: torch.Tensor, causal_len: int 
     if causal_len is None or row_len.numel() > LOOKUP_ALL_LAYERS_MAX_ROWS:
         return th.lookup(layer, row_len, cfg.lookup, cfg.theta_smoothing)
     key = (tuple(row_len.shape), causal_len, str(row_len.device))
-    cached = state.scratch.get("theta_lookup")
+    cached = state.scratch.get(THETA_LOOKUP)
     if cached is None or cached[0] != key:
         cached = (key, th.lookup(None, row_len, cfg.lookup, cfg.theta_smoothing))
-        state.scratch["theta_lookup"] = cached
+        state.scratch[THETA_LOOKUP] = cached
     return tuple(t[layer] for t in cached[1])
 
 

@@ -69,15 +69,16 @@ _BUNDLED: dict[str, tuple[str, str, Callable[[Mapping[str, Any]], dict]]] = {
     "lambada_openai": ("lambada.parquet", "test", _lambada),
 }
 
-#: our task name → (bundled data, the lm-eval 0.4.13 task whose YAML it copies, that YAML under lm_eval/tasks/)
-TASKS: dict[str, tuple[str, str, str]] = {
-    "toptheta_arc_easy": ("arc_easy", "arc_easy", "arc/arc_easy.yaml"),
-    "toptheta_arc_challenge": ("arc_challenge", "arc_challenge", "arc/arc_challenge.yaml"),
-    "toptheta_openbookqa": ("openbookqa", "openbookqa", "openbookqa/openbookqa.yaml"),
-    "toptheta_hellaswag": ("hellaswag", "hellaswag", "hellaswag/hellaswag.yaml"),
-    "toptheta_piqa": ("piqa", "piqa", "piqa/piqa.yaml"),
-    "toptheta_boolq": ("boolq", "boolq", "super_glue/boolq/default.yaml"),
-    "toptheta_lambada_openai": ("lambada_openai", "lambada_openai", "lambada/lambada_openai.yaml"),
+#: our task name → (bundled data, the lm-eval 0.4.13 task YAML it copies, under lm_eval/tasks/; the task is
+#: upstream's of the same name as the bundled data)
+TASKS: dict[str, tuple[str, str]] = {
+    "toptheta_arc_easy": ("arc_easy", "arc/arc_easy.yaml"),
+    "toptheta_arc_challenge": ("arc_challenge", "arc/arc_challenge.yaml"),
+    "toptheta_openbookqa": ("openbookqa", "openbookqa/openbookqa.yaml"),
+    "toptheta_hellaswag": ("hellaswag", "hellaswag/hellaswag.yaml"),
+    "toptheta_piqa": ("piqa", "piqa/piqa.yaml"),
+    "toptheta_boolq": ("boolq", "super_glue/boolq/default.yaml"),
+    "toptheta_lambada_openai": ("lambada_openai", "lambada/lambada_openai.yaml"),
 }
 
 
@@ -108,7 +109,7 @@ def upstream_config(name: str) -> dict:
     import lm_eval
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    bundled, _, yaml_path = TASKS[name]
+    bundled, yaml_path = TASKS[name]
     cfg = load_yaml(Path(lm_eval.__file__).resolve().parent / "tasks" / yaml_path)
     split = _BUNDLED[bundled][1]
     cfg.update(custom_dataset=load_bundled, dataset_kwargs={"bundled_task": bundled}, training_split=None,
