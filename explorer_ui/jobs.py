@@ -120,12 +120,6 @@ class Job:
         eta = self.eta()
         return text + (f" · ETA {eta:.0f} s" if eta is not None else f" · {self.elapsed:.0f} s")
 
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until the job ends (tests, scripts); True when it ended."""
-        if self._thread is not None:
-            self._thread.join(timeout)
-        return not self.active
-
 
 class JobBoard:
     """The jobs of one session, newest last.  Thread-safe."""
@@ -184,8 +178,3 @@ class JobBoard:
     @property
     def any_active(self) -> bool:
         return any(j.active for j in self.jobs())
-
-    def forget(self, job: Job) -> None:
-        with self._lock:
-            if job in self._jobs and not job.active:
-                self._jobs.remove(job)

@@ -33,6 +33,8 @@ from topθ_core.evaluation import RESULT_COLUMNS, thresholds_id
 from topθ_core.paths import results_dir as engine_results_dir
 from topθ_core.thresholds import META_FILE, TABLE_FILE, Thresholds, ThresholdsError, load_thresholds
 
+from .evaluation_view import interval_text
+
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
 
 RUN_COLUMNS = ["name", "model", "digest", "k", "sigma", "placement", "tac", "data", "documents", "tokens",
@@ -486,7 +488,7 @@ def results_display(rows: pd.DataFrame) -> pd.DataFrame:
         lo, hi = num(r, "ci_low"), num(r, "ci_high")
         out.append({"task": r.get("task"), "metric": r.get("metric"), "dense": num(r, "dense"),
                     "Top-θ": num(r, "sparse"), "Δ (Top-θ − dense)": num(r, "delta"),
-                    "95% interval": f"[{lo:+.4f}, {hi:+.4f}]" if math.isfinite(lo) and math.isfinite(hi) else "–",
+                    "95% interval": interval_text(lo, hi),
                     "n": r.get("n"), "kept attention": num(r, "kept_attention"),
                     "kept V rows (decode)": num(r, "kept_v_rows_decode"), "config": r.get("config_label"),
                     "saved": r.get("created")})

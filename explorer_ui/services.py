@@ -137,6 +137,48 @@ def run_thresholds_ids() -> dict[str, str]:
     return _run_ids(str(root), runs.runs_signature(root))
 
 
+def _results_signature() -> tuple:
+    d = runs.results_folder()
+    if not d.is_dir():
+        return ()
+    return tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in d.glob("*.parquet")))
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def _saved_results(folder: str, signature: tuple) -> pd.DataFrame:
+    from topθ_core.evaluation import load_results
+
+    return load_results(folder)
+
+
+def saved_results() -> pd.DataFrame:
+    """Every saved evaluation result row (:func:`topθ_core.evaluation.load_results`), re-read only when a
+    file of the results folder changes, not on every rerun."""
+    return _saved_results(str(runs.results_folder()), _results_signature())
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def _saved_result_files(folder: str, signature: tuple, names: tuple) -> pd.DataFrame:
+    return runs.result_files(Path(folder), dict(names))
+
+
+def saved_result_files() -> pd.DataFrame:
+    """One row per saved result file (:func:`explorer_ui.runs.result_files`), re-read when the folder changes."""
+    return _saved_result_files(str(runs.results_folder()), _results_signature(),
+                               tuple(sorted(run_thresholds_ids().items())))
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def paired_task(model_key: str, task: str, limit: int, options_json: str, _lm: LoadedModel):
+    """An evaluation task built for this model (items tokenized once), shared by the reruns of every session:
+    building one tokenizes every item (0.3-0.5 s for 500 items), which each Accuracy rerun did."""
+    import json
+
+    from topθ_core.evaluation import build_task
+
+    return build_task(_lm, task, limit, **json.loads(options_json))
+
+
 @st.cache_resource(show_spinner=False, max_entries=8)
 def dense_cache(model_key: str, results_dir: str, _lm: LoadedModel):
     """The on-disk dense cache of one model (``model_key`` names it), shared by every session of this process."""

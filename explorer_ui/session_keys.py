@@ -40,7 +40,6 @@ CAL_VMC = "cal_vmc"
 CAL_NAME = "cal_name"
 CAL_RUN = "cal_run"  # button
 CAL_CANCEL = "cal_cancel"  # button
-CAL_LAST = "cal_last"  # not a widget: {"name", "path", "summary"} of this session's last finished run
 CAL_JOB = "cal_job"  # not a widget: id of the calibration job whose result this page shows
 
 # ---- Thresholds -------------------------------------------------------------------------
@@ -86,7 +85,6 @@ ACC_MATRIX_SDC = "acc_matrix_sdc"  # variant matrix: SDC variants (multiselect)
 ACC_MATRIX_VMC = "acc_matrix_vmc"  # variant matrix: VMC on/off (multiselect)
 ACC_MATRIX_K = "acc_matrix_k"  # variant matrix: k values (text, e.g. "32,64")
 ACC_JOB = "acc_job"  # not a widget: id of the evaluation job this page shows
-ACC_RATE = "acc_rate"  # not a widget: measured units/s per (model, task kind, arm), for the ETA before Run
 
 # ---- Compare ----------------------------------------------------------------------------
 CMP_SAMPLE = "cmp_sample"

@@ -71,10 +71,6 @@ def require_model() -> AppContext:
     return ctx
 
 
-def page_link_calibrate() -> None:
-    """A link to the Calibrate page."""
-    nav.link("calibrate", "Go to Calibrate", ":material/tune:")
-
 def _model_widgets() -> tuple[str, str, str]:
     default = services.default_model_spec()
     if K.MODEL_CHOICE not in st.session_state:

@@ -23,6 +23,7 @@ from . import session_keys as K
 
 _RESTORED = "_state_restored"  # not a widget: the session read its URL once
 _STORE = "_state_store"  # not a widget: the last value of every declared setting
+_PAGE = "_state_page"  # not a widget: the open page's url path, whose settings the URL mirrors
 
 
 def encode(value: Any) -> str:
@@ -77,12 +78,17 @@ def keep(reassert: bool = False) -> None:
 
 def fragment(func=None, *, run_every=None):
     """``st.fragment`` whose every run first :func:`keep` s the settings (a fragment's rerun would
-    otherwise let Streamlit drop the widgets it did not draw)."""
+    otherwise let Streamlit drop the widgets it did not draw) and then mirrors the open page's settings
+    into the URL (a fragment's rerun does not reach the app script's own :func:`write_url`)."""
     def wrap(f):
         @functools.wraps(f)  # the fragment's identity is the wrapped function's module and name
         def body(*args, **kwargs):
             keep()
-            return f(*args, **kwargs)
+            try:
+                return f(*args, **kwargs)
+            finally:
+                if st.session_state.get(_PAGE):
+                    write_url(st.session_state[_PAGE])
 
         return st.fragment(body, run_every=run_every)
 
@@ -111,7 +117,9 @@ def page_values(page: str) -> dict[str, Any]:
 
 
 def write_url(page: str) -> None:
-    """Mirror ``page``'s settings (and the sidebar's) into the URL, so the view is a link."""
+    """Mirror ``page``'s settings (and the sidebar's) into the URL, so the view is a link; ``page`` is
+    remembered as the open one (fragments' reruns mirror it too)."""
+    st.session_state[_PAGE] = page
     want = {k: encode(v) for k, v in page_values(page).items()}
     if dict(st.query_params) != want:
         st.query_params.from_dict(want)

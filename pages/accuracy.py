@@ -14,7 +14,6 @@ from explorer_ui.sidebar import require_model
 from topθ_core import evaluation, tasks
 from topθ_core.config import ConfigError, SDC
 from topθ_core.evaluation import Arm
-from topθ_core.paths import results_dir
 
 LIVE_MAX_S = 90  # live mode re-runs by itself only when the estimate is at most this long
 KINDS = {"mc": "Multiple choice", "cloze": "Cloze (LAMBADA)", "perplexity": "Perplexity",
@@ -73,10 +72,10 @@ with tab_run:
               "options": options, "configs": [json.dumps(c.to_dict(), sort_keys=True) for c in configs]}
     built = None
     try:
-        built = evaluation.build_task(lm, task_name, limit, **options)
+        built = services.paired_task(ctx.model_key, task_name, limit, json.dumps(options, sort_keys=True), lm)
     except (ValueError, TypeError) as e:
         st.error(f"Cannot evaluate this: {e}")
-    cache = services.dense_cache(ctx.model_key, str(results_dir(runs.results_dir())), lm)
+    cache = services.dense_cache(ctx.model_key, str(runs.results_folder()), lm)
     est = None
     if built is not None and configs:
         keys = [built.unit_key(u) for u in built.units]
@@ -173,7 +172,7 @@ with tab_run:
         for note in view.thin_notes(table, update.results[0].config.k.default, mean_tokens):
             st.caption(f":material/info: {note}")
         if job.state is JobState.DONE and job is shown:
-            st.caption(f"Saved {len(job.result['saved'])} result file(s) under {runs.results_dir() or 'data/results'}.")
+            st.caption(f"Saved {len(job.result['saved'])} result file(s) under {runs.results_folder()}.")
         if not job.active and not job.announced:  # the run ended while this page was open
             job.announced = True
             st.rerun(scope="app")
@@ -181,7 +180,7 @@ with tab_run:
     _results(st.session_state.get(K.ACC_JOB), inputs)
 
 with tab_trade:
-    results = evaluation.load_results(runs.results_dir())
+    results = services.saved_results()
     if results.empty:
         st.info("No saved results yet: run an evaluation.")
     else:

@@ -26,7 +26,7 @@ else:
     th = ctx.thresholds
     st.markdown(f"**{ctx.run_name}** · {runs.describe_k(th.meta.get('k'))} · σ = {th.sigma:g} · "
                 f"{th.placement.value}-softmax · calibrated on {th.meta.get('data') or 'unrecorded data'}")
-    latest = runs.active_results(evaluation.load_results(dir=runs.results_dir()), evaluation.thresholds_id(th))
+    latest = runs.active_results(services.saved_results(), evaluation.thresholds_id(th))
     if latest.empty:
         st.info("No saved evaluation results for this threshold set yet: run one on the Accuracy page to see what "
                 "it keeps and what it costs.")

@@ -13,7 +13,6 @@ import streamlit as st
 from explorer_ui import nav, runs, services
 from explorer_ui import session_keys as K
 from explorer_ui.sidebar import context
-from topθ_core import evaluation
 
 ctx = context()
 digest = ctx.lm.fingerprint.digest if ctx.lm is not None else None
@@ -147,13 +146,13 @@ if importer.open:
 
 # ---------------------------------------------------------------- evaluation results
 st.subheader("Saved evaluation results")
-files = runs.result_files(names=services.run_thresholds_ids())
+files = services.saved_result_files()
 if files.empty:
     st.info("No saved evaluation results yet: run one on the Accuracy page.")
     nav.link("accuracy", "Go to Accuracy", ":material/fact_check:")
     st.stop()
 st.dataframe(files.drop(columns=["thresholds_id"]), hide_index=True, width="stretch")
-everything = evaluation.load_results(dir=runs.results_dir())
+everything = services.saved_results()
 st.download_button(f"All {len(everything)} result rows as CSV", data=runs.table_csv(everything),
                    file_name="evaluation-results.csv", mime="text/csv", key="runs_results_csv",
                    icon=":material/download:", on_click="ignore")

@@ -112,7 +112,6 @@ def _maps(snap) -> None:
     st.plotly_chart(figures.row_attention(dense, sparse, kept, head=int(head), row=int(row), tokens=cells),
                     width="stretch", key="sp_row_chart")
     st.plotly_chart(figures.popularity_bar(snap.popularity, int(layer), snap.tokens), width="stretch", key="sp_pop")
-    state.write_url("sparsity")  # a fragment rerun does not reach app.py's URL update
 
 
 _maps(snap)

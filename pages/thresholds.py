@@ -5,9 +5,9 @@ from pathlib import Path
 
 import streamlit as st
 
-from explorer_ui import analysis, figures, runs, services, state
+from explorer_ui import analysis, figures, nav, runs, services, state
 from explorer_ui import session_keys as K
-from explorer_ui.sidebar import NO_RUN, page_link_calibrate, require_model
+from explorer_ui.sidebar import NO_RUN, require_model
 from topθ_core.thresholds import ThresholdsError
 
 ctx = require_model()
@@ -16,7 +16,7 @@ st.title("Thresholds")
 all_runs = ctx.runs
 if all_runs.empty:
     st.info("No saved calibration runs yet. Run one on the **Calibrate** page.")
-    page_link_calibrate()
+    nav.link("calibrate", "Go to Calibrate", ":material/tune:")
     st.stop()
 
 names = list(all_runs["name"])

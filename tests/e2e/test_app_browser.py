@@ -37,10 +37,7 @@ def run_calibration(page, k: int, name: str, docs: int = 2, max_tokens: int = 96
     set_number(page, "k (kept per row)", k)
     set_number(page, "Documents", docs)
     set_number(page, "Max tokens per document", max_tokens)
-    box = page.get_by_label("Run name")
-    box.fill(name)
-    box.press("Enter")
-    wait_idle(page)
+    harness.enter(page.get_by_label("Run name"), name)
     page.get_by_role("button", name="Run calibration").click()
 
 
@@ -137,6 +134,7 @@ def test_full_tour(app, browser):
                     raise
         wait_idle(page)
         assert "head 1" in plot_with(page, "θ vs row length · layer 1").inner_text()
+        assert "th_layer=1" in page.url  # a fragment's change is in the link too
         screenshot(page, "06-thresholds")
 
         # 7. sparsity page renders the maps and heatmaps
