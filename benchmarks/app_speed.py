@@ -166,10 +166,7 @@ def main() -> None:
             goto_page(page, "Calibrate")
             set_number(page, "Documents", 2)
             set_number(page, "Max tokens per document", 256)
-            box = page.get_by_label("Run name")
-            box.fill("speed-k64")
-            box.press("Enter")
-            wait_idle(page)
+            harness.enter(page.get_by_label("Run name"), "speed-k64")
             cal = timed(lambda: (page.get_by_role("button", name="Run calibration").click(),
                                  page.get_by_text("Saved speed-k64").wait_for(timeout=600_000), wait_idle(page)))
             rows.append(("calibration, 2 pydoc documents × 256 tokens (for reference)", "–", cal, "k=64, TAC on"))

@@ -649,15 +649,9 @@ def _findings_shown(at: AppTest) -> None:
 
 
 def _result_rows(tid: str, task: str, created: str, delta: float, kept: float, metric: str = "acc"):
-    import pandas as pd
+    from result_rows import result_frame
 
-    from topθ_core.evaluation import RESULT_COLUMNS
-
-    row = {c: None for c in RESULT_COLUMNS}
-    row.update(task=task, metric=metric, dense=0.5, sparse=0.5 + delta, delta=delta, ci_low=delta - 0.05,
-               ci_high=delta + 0.05, kept_attention=kept, config_label="Top-θ test", thresholds_id=tid, n=7,
-               model="tiny-llama", created=created, run_id=created[-6:])
-    return pd.DataFrame([row], columns=RESULT_COLUMNS)
+    return result_frame(tid, task, created, delta, metric, kept, half_width=0.05, n=7, label="Top-θ test")
 
 
 def test_overview_without_active_set(env):
@@ -794,15 +788,9 @@ def option_names(box) -> list[str]:
     return [o.split(" · ")[0] for o in box.options]
 
 
-def _zip(entries: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        for name, data in entries.items():
-            z.writestr(name, data)
-    return buf.getvalue()
-
-
 def test_runs_page_imports_zips(calibrated, env):
+    from result_rows import make_zip
+
     from explorer_ui import runs
 
     at = calibrated
@@ -827,9 +815,9 @@ def test_runs_page_imports_zips(calibrated, env):
     assert any("k16.zip was not imported" in e and "'k16' exists already" in e for e in texts(at.error))
     upload_and_import("junk.zip", b"this is not a zip")
     assert any("junk.zip was not imported: not a zip file" in e for e in texts(at.error))
-    upload_and_import("evil.zip", _zip({"../evil/meta.json": b"{}"}))
+    upload_and_import("evil.zip", make_zip({"../evil/meta.json": b"{}"}))
     assert any("unsafe or hidden path" in e for e in texts(at.error))
-    upload_and_import("half.zip", _zip({"half/meta.json": (k16 / "meta.json").read_bytes()}))
+    upload_and_import("half.zip", make_zip({"half/meta.json": (k16 / "meta.json").read_bytes()}))
     assert any("lacks thresholds.parquet" in e for e in texts(at.error))
     assert listing() == before  # every refusal left nothing behind
     upload_and_import("k16.zip", runs.zip_run(k16), as_name="k16-imported")
@@ -840,7 +828,7 @@ def test_runs_page_imports_zips(calibrated, env):
     # a set calibrated for another model: imported, says for which model, not offered in the sidebar
     meta = json.loads((k16 / "meta.json").read_text())
     meta["model"].update(name="other-model", digest="0" * 64)
-    upload_and_import("foreign.zip", _zip({"foreign/thresholds.parquet": (k16 / "thresholds.parquet").read_bytes(),
+    upload_and_import("foreign.zip", make_zip({"foreign/thresholds.parquet": (k16 / "thresholds.parquet").read_bytes(),
                                            "foreign/meta.json": json.dumps(meta).encode()}))
     assert any("Imported **foreign**, calibrated for other-model" in w and "not the loaded model" in w
                for w in texts(at.warning))

@@ -9,7 +9,6 @@ import json
 import math
 import re
 import sys
-import zipfile
 from pathlib import Path
 
 import pandas as pd
@@ -20,8 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from explorer_ui import bench_results, kernel_headline, runs  # noqa: E402
-from topθ_core.evaluation import RESULT_COLUMNS, thresholds_id  # noqa: E402
+from topθ_core.evaluation import thresholds_id  # noqa: E402
 from topθ_core.thresholds import load_thresholds  # noqa: E402
+from result_rows import make_zip, result_frame  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -58,14 +58,6 @@ def listing(root: Path) -> list[str]:
 
 def tree(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def make_zip(entries: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        for name, data in entries.items():
-            z.writestr(name, data)
-    return buf.getvalue()
 
 
 def artifact_entries(root: Path, folder: str = "src", meta_edit=None) -> dict[str, bytes]:
@@ -210,14 +202,6 @@ def test_save_sigma_run_reaggregates_without_recalibrating(root, monkeypatch):
 
 
 # ---------------------------------------------------------------------------- saved results
-def result_frame(tid: str, task: str, created: str, delta: float, metric: str = "acc", kept: float = 0.2):
-    row = {c: None for c in RESULT_COLUMNS}
-    row.update(task=task, metric=metric, dense=0.5, sparse=0.5 + delta, delta=delta, ci_low=delta - 0.1,
-               ci_high=delta + 0.1, kept_attention=kept, config_label="top-θ k=8", thresholds_id=tid, n=20,
-               model="tiny-llama", created=created, run_id=created[-2:])
-    return pd.DataFrame([row], columns=RESULT_COLUMNS)
-
-
 def test_meta_thresholds_id_equals_the_loaded_artifacts(root):
     meta = json.loads((root / "src" / "meta.json").read_text())
     assert "shape" in meta

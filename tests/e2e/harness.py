@@ -102,11 +102,15 @@ def goto_page(page, title: str, timeout: float = 60_000) -> None:
     wait_idle(page, timeout)
 
 
-def set_number(page, label: str, value) -> None:
-    box = page.get_by_label(label, exact=True)
+def enter(box, value) -> None:
+    """Type ``value`` into the input ``box`` (a locator), commit it with Enter, wait for the rerun."""
     box.fill(str(value))
     box.press("Enter")
-    wait_idle(page)
+    wait_idle(box.page)
+
+
+def set_number(page, label: str, value) -> None:
+    enter(page.get_by_label(label, exact=True), value)
 
 
 def choose(page, opener, option: str, attempts: int = 4) -> None:

@@ -69,10 +69,7 @@ def test_overview_kernels_thresholds_and_runs(app, browser):
         # 3. Thresholds: a new σ saved as a new set, which becomes the active one
         goto_page(page, "Thresholds")
         set_number(page, "σ", 0.5)
-        box = page.get_by_label("Name of a new threshold set with this σ")
-        box.fill("e2e-s05")
-        box.press("Enter")
-        wait_idle(page)
+        harness.enter(page.get_by_label("Name of a new threshold set with this σ"), "e2e-s05")
         page.get_by_role("button", name="Save σ = 0.5 as a new set").click()
         page.get_by_text("Saved e2e-s05").wait_for()
         wait_idle(page)
@@ -82,10 +79,7 @@ def test_overview_kernels_thresholds_and_runs(app, browser):
 
         # 4. Runs: rename the active set, download it, delete it (the sidebar picks another), import it back
         goto_page(page, "Runs")
-        box = page.get_by_label("New name", exact=True)
-        box.fill("e2e-renamed")
-        box.press("Enter")
-        wait_idle(page)
+        harness.enter(page.get_by_label("New name", exact=True), "e2e-renamed")
         page.get_by_role("button", name="Rename").click()
         page.get_by_text("Renamed e2e-s05 to e2e-renamed").wait_for()
         wait_idle(page)
@@ -108,10 +102,7 @@ def test_overview_kernels_thresholds_and_runs(app, browser):
         page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(
             files=[{"name": "e2e-renamed.zip", "mimeType": "application/zip", "buffer": data}])
         wait_idle(page)
-        box = page.get_by_label("Name", exact=True)
-        box.fill("e2e-back")
-        box.press("Enter")
-        wait_idle(page)
+        harness.enter(page.get_by_label("Name", exact=True), "e2e-back")
         page.get_by_role("button", name="Import").click()
         page.get_by_text("Imported e2e-back").wait_for()
         wait_idle(page)
