@@ -673,12 +673,51 @@ def run_e2e(args):
                              sides_ms="; ".join(f"{k} {1e3 * v:.3f}" for k, v in med.items())))
             log(f"e2e {name} B={B} N={N}: dense ({dense_label}) {tok_d:.1f} tok/s, Top-θ {tok_s:.1f} tok/s "
                 f"(f_v {fv:.3f}) x{tok_s / tok_d:.2f} (byte limit {limit:.2f})")
+            if args.e2e_profile:
+                try:
+                    _profile_sides(sides, steps, args.out / f"e2e_profile_{name}_B{B}_N{N}.txt")
+                except Exception as e:  # a diagnostic: the timed rows stand without it
+                    log(f"e2e {name} B={B} N={N}: profile failed: {type(e).__name__}: {e}")
             for dec in sides.values():
                 dec.close()
             del sides, ks, vs
             torch.cuda.empty_cache()
         del model
         torch.cuda.empty_cache()
+
+
+def _profile_sides(sides: dict, steps: int, path: Path) -> None:
+    """Each side's CUDA kernels over ``steps`` replayed steps (torch.profiler, CUPTI traces a graph's
+    kernel nodes): per kernel name, launches and device µs per step, largest first."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    lines = []
+    for label, dec in sides.items():
+        with torch.inference_mode():
+            dec.step()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(steps):
+                    dec.step()
+                torch.cuda.synchronize()
+        agg: dict[str, list] = {}
+        for e in prof.events():
+            if e.device_type != DeviceType.CUDA:
+                continue
+            a = agg.setdefault(e.name[:110], [0, 0.0])
+            a[0] += 1
+            a[1] += e.device_time if hasattr(e, "device_time") else e.cuda_time
+        total = sum(v[1] for v in agg.values()) / steps
+        lines.append(f"== {label}: {total:.1f} us of kernels per step, "
+                     f"{sum(v[0] for v in agg.values()) / steps:.0f} launches per step")
+        for nm, (n, us) in sorted(agg.items(), key=lambda kv: -kv[1][1]):
+            lines.append(f"{us / steps:10.1f} us {n / steps:7.1f}x  {nm}")
+        lines.append("")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    log(f"wrote {path}")
+    log("\n".join(ln for ln in lines if ln.startswith("==")))
 
 
 def use_plan(path: Path) -> None:
@@ -739,6 +778,9 @@ def main():
     ap.add_argument("--e2e-models", nargs="+", default=list(E2E_MODELS), choices=list(E2E_MODELS))
     ap.add_argument("--e2e-b", type=int, nargs="*", default=[], help="only these batch sizes of E2E_SHAPES")
     ap.add_argument("--e2e-steps", type=int, default=20, help="replayed steps per timing (3 interleaved rounds)")
+    ap.add_argument("--e2e-profile", action="store_true",
+                    help="after timing, profile each side's replayed steps (CUDA kernels per step) into "
+                         "e2e_profile_<model>_B<B>_N<N>.txt under --out")
     args = ap.parse_args()
     if args.plan_json is not None:
         use_plan(args.plan_json)

@@ -117,10 +117,12 @@ def _check_counts(c, rc, amb, Hkv, what=""):
         f"{what}: kept V rows {c.kept_v_rows} vs {rc.kept_v_rows}"
 
 
-def _run_decode(B, Hq, Hkv, N, d, dtype, device, variant, k_keep, row_max=False, lengths=None, **tuning):
+def _run_decode(B, Hq, Hkv, N, d, dtype, device, variant, k_keep, row_max=False, lengths=None, update_v_sum=False,
+                **tuning):
     """One decode call against the reference: outputs and counts.  ``row_max``: θ relative to the
     row max (θ_rel = the midpoint θ minus the row max).  ``lengths`` (B,): a static buffer of N keys
-    of which sequence b sees the first lengths[b]."""
+    of which sequence b sees the first lengths[b].  ``update_v_sum``: the kernel gets the V sum
+    without each sequence's last valid row and must add it in place (checked after the call)."""
     cfg = _cfg(*variant)
     if row_max:
         cfg = cfg.with_(theta_reference="row-max")
@@ -137,8 +139,14 @@ def _run_decode(B, Hq, Hkv, N, d, dtype, device, variant, k_keep, row_max=False,
     sdc_term = torch.rand(B, Hq, 1, device=device) * 3
     valid = (torch.arange(N, device=device).view(1, 1, N, 1) < L.view(B, 1, 1, 1))
     v_sum = (v.float() * valid).sum(2)
-    out, c = topθ_decode(q, k, v, theta_in, config=cfg, k_keep=k_keep, sdc_term=sdc_term, v_sum=v_sum,
-                         lengths=lengths, **tuning)
+    v_in = v_sum
+    if update_v_sum:
+        last = torch.arange(N, device=device).view(1, 1, N, 1) == (L - 1).view(B, 1, 1, 1)
+        v_in = v_sum - (v.float() * last).sum(2)
+    out, c = topθ_decode(q, k, v, theta_in, config=cfg, k_keep=k_keep, sdc_term=sdc_term, v_sum=v_in,
+                         update_v_sum=update_v_sum, lengths=lengths, **tuning)
+    if update_v_sum and cfg.vmc:
+        torch.testing.assert_close(v_in, v_sum, rtol=1e-5, atol=1e-4, msg="the kernel's in-place V-sum update")
     ref, rc = topθ_decode_ref(q, k, v, theta_in, config=cfg, k_keep=k_keep, sdc_term=sdc_term, lengths=lengths)
     low, _ = topθ_decode_ref(q, k, v, theta_in, config=cfg, k_keep=k_keep, sdc_term=sdc_term, lengths=lengths,
                              upcast=False)
@@ -203,14 +211,16 @@ def test_decode_row_max_interpret(variant):
 
 
 @cpu
+@pytest.mark.parametrize("update_v_sum", [False, True], ids=["vsum", "vsum-updated"])
 @pytest.mark.parametrize("form", list(FORMS) + ["row-max"])
-def test_decode_lengths_interpret(form):
+def test_decode_lengths_interpret(form, update_v_sum):
     """A static buffer of 100 keys, each sequence a different valid prefix: 1 key and 3 keys (dense
-    rows, L ≤ k), 37 and 100; splits past a sequence's length do nothing."""
+    rows, L ≤ k), 37 and 100; splits past a sequence's length do nothing.  ``vsum-updated``: the
+    merge adds each sequence's row L − 1 to the V sum in place (a static decode step)."""
     tuning = dict(row_max=True) if form == "row-max" else FORMS[form]
     for variant in (VARIANTS[1], VARIANTS[6]):
         _run_decode(4, 4, 2, 100, 64, torch.float16, "cpu", variant, k_keep=4, lengths=[1, 37, 3, 100],
-                    num_splits=5, block_n=16, block_v=16, chunk=16, **tuning)
+                    num_splits=5, block_n=16, block_v=16, chunk=16, update_v_sum=update_v_sum, **tuning)
 
 
 @cpu
@@ -499,11 +509,11 @@ def test_decode_forms_gpu(form):
 @pytest.mark.parametrize("form", list(FORMS) + ["row-max"])
 def test_decode_lengths_gpu(form):
     """A static buffer of 16k keys, sequences of 1, 3000, 17 and 16384 valid keys (the first and the
-    third dense: L ≤ k)."""
+    third dense: L ≤ k); with VMC also the merge's in-place V-sum update of a static decode step."""
     tuning = dict(row_max=True) if form == "row-max" else FORMS[form]
-    for variant in (VARIANTS[1], VARIANTS[3], VARIANTS[6]):
+    for variant, update in ((VARIANTS[1], False), (VARIANTS[1], True), (VARIANTS[3], True), (VARIANTS[6], False)):
         _run_decode(4, 32, 8, 16384, 128, torch.bfloat16, "cuda", variant, k_keep=64,
-                    lengths=[1, 3000, 17, 16384], **tuning)
+                    lengths=[1, 3000, 17, 16384], update_v_sum=update, **tuning)
 
 
 @pytest.mark.gpu
@@ -738,6 +748,10 @@ def test_graph_decoder_static_kernels_interpret():
             if r is not None:
                 assert all(0 < x < 1 for x in kv_g), kv_g  # every layer ran the kernel, which kept part of V
                 assert max(abs(a - b) for a, b in zip(kv_g, kv_d)) < 1e-2, (kv_g, kv_d)
+                for layer, lay in enumerate(dec.cache.layers):  # the kernels kept each V sum up to date
+                    vsum = dec._scratch[(dispatch._VSUM_STATIC_KEY, layer)]
+                    torch.testing.assert_close(vsum, lay.values[:, :, :dec.length].float().sum(2), rtol=1e-4,
+                                               atol=1e-3)
             assert not dec.graphed
 
 
@@ -804,6 +818,10 @@ def test_graph_decoder_gpu(row_max):
                 assert torch.equal(a, b)  # the same kernels on the same inputs: replay = eager
             if r is not None:
                 assert kv_g == kv_e and all(0 < x < 1 for x in kv_g), kv_g
+                for layer, lay in enumerate(dec.cache.layers):  # the replayed kernels kept each V sum up to date
+                    vsum = dec._scratch[(dispatch._VSUM_STATIC_KEY, layer)]
+                    torch.testing.assert_close(vsum, lay.values[:, :, :dec.length].float().sum(2), rtol=1e-4,
+                                               atol=1e-2)
             toks_d, lg_d, _ = _dynamic_greedy(model, r, ids, 12)
             assert toks_g == toks_d
             for a, b in zip(lg_g, lg_d):

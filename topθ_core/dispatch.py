@@ -23,7 +23,8 @@ Static caches (:mod:`topθ_core.graph_decode`): when the run's scratch holds
 ``STATIC_PREFIX = True`` the caller guarantees that every decode mask is a key prefix, so the
 kernel reads each sequence's length from the mask on the device (no host synchronisation: the
 call can be captured in a CUDA graph).  The VMC sum then lives under ``("topθ.vsum_static",
-layer)``: seeded by one eager step, then each call adds the V row at ``L − 1``.  Each call's
+layer)``: seeded by one eager step with the rows before ``L − 1``; the kernel adds row ``L − 1``
+in place at every call (``update_v_sum``), so the step launches nothing else for it.  Each call's
 :class:`~topθ_core.kernels.KernelCounts` are left under ``(COUNTS, layer)`` for the caller,
 which reports them after the graph ran.
 """
@@ -40,8 +41,8 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read once at import: C
 _VSUM_KEY = "topθ.vsum"
 _VSUM_STATIC_KEY = "topθ.vsum_static"
 STATIC_PREFIX = "topθ.static_prefix"  # scratch flag: decode masks are key prefixes (set by graph_decode)
-STATIC_LENGTHS = "topθ.static_lengths"  # optional: (B,) int32 valid keys of this step, and (B,) int64 L − 1,
-# kept by the caller on the device (one tensor op per step instead of a mask reduction per layer)
+STATIC_LENGTHS = "topθ.static_lengths"  # optional: (B,) int32 valid keys of this step, kept by the caller on
+# the device (one tensor op per step instead of a mask reduction per layer)
 COUNTS = "topθ.counts"  # scratch key prefix: (COUNTS, layer) → the layer's last KernelCounts (static prefix runs)
 
 _KERNELS = None  # the kernels package once imported, False when Triton is missing
@@ -72,43 +73,43 @@ def _supported_tensors(query, key, value) -> bool:
     return d in SUPPORTED_HEAD_DIMS and dk == d and Bk == B and Hkv > 0 and Hq % Hkv == 0 and 1 <= Sq <= Sk
 
 
-def _running_v_sum(state, layer: int, value: torch.Tensor) -> torch.Tensor:
-    """(B, Hkv, d) float32 sum of the N cached V rows, updated incrementally (O(d) per new row)."""
+def _running_v_sum(state, layer: int, value: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``(v_sum, update)``: the (B, Hkv, d) float32 sum of the N cached V rows, kept incrementally.
+
+    ``update``: the sum lacks the last row (N − 1), which the decode kernel adds in place (the
+    usual decode step: one new row, no launch of its own); else the sum is complete.
+    """
     B, Hkv, N, d = value.shape
     entry = state.scratch.get((_VSUM_KEY, layer))
     if entry is not None:
         n, vsum = entry
         if vsum.shape == (B, Hkv, d) and vsum.device == value.device and n <= N:
-            # in place, one small kernel per step (the sum is only held here; launches are stream-ordered)
-            if n == N - 1:
-                vsum.add_(value[:, :, n])
-            elif n < N:
-                vsum.add_(value[:, :, n:N].sum(2, dtype=torch.float32))
             state.scratch[(_VSUM_KEY, layer)] = (N, vsum)
-            return vsum
+            if n == N - 1:
+                return vsum, True  # the kernel adds row N − 1 (the sum is only held here; launches are stream-ordered)
+            if n < N:
+                vsum.add_(value[:, :, n:N].sum(2, dtype=torch.float32))
+            return vsum, False
     vsum = value.sum(2, dtype=torch.float32)
     state.scratch[(_VSUM_KEY, layer)] = (N, vsum)
-    return vsum
+    return vsum, False
 
 
-def _static_v_sum(state, layer: int, value: torch.Tensor, lengths: torch.Tensor,
-                  last: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, Hkv, d) float32 sum of each sequence's first L_b V rows of a static cache, on the device.
+def _static_v_sum(state, layer: int, value: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """(B, Hkv, d) float32 sum of each sequence's first L_b − 1 V rows of a static cache, on the device;
+    the decode kernel adds row ``L_b − 1`` (the one the step just wrote) in place.
 
-    The first call (eager) sums the valid rows; every later call adds row ``L_b − 1``, the one
-    the step just wrote (one decode step per call, which a captured step guarantees).
+    The first call (eager) sums the rows before it; later calls only return the sum, which the
+    previous call's kernel advanced (one decode step per call, which a captured step guarantees).
     """
     B, Hkv, N, d = value.shape
     vsum = state.scratch.get((_VSUM_STATIC_KEY, layer))
     if vsum is None or vsum.shape != (B, Hkv, d) or vsum.device != value.device:
         if value.is_cuda and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("the static-cache V sum (VMC) is seeded by one eager decode step before capture")
-        valid = torch.arange(N, device=value.device).view(1, N) < lengths.view(B, 1)  # (B, N)
-        vsum = (value.float() * valid.view(B, 1, N, 1)).sum(2)
+        before = torch.arange(N, device=value.device).view(1, N) < (lengths.view(B, 1) - 1)  # (B, N)
+        vsum = (value.float() * before.view(B, 1, N, 1)).sum(2)
         state.scratch[(_VSUM_STATIC_KEY, layer)] = vsum
-        return vsum
-    last = (lengths.long() - 1) if last is None else last
-    vsum.add_(value.gather(2, last.view(B, 1, 1, 1).expand(B, Hkv, 1, d)).squeeze(2))
     return vsum
 
 
@@ -222,22 +223,22 @@ def try_kernels(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, 
 def _decode(kernels, query, key, value, visible, theta, sdc_term, cfg, var, k_keep, scale, state, layer):
     B, Hq, _, _ = query.shape
     Hkv, Sk = key.shape[1], key.shape[2]
-    lengths = last = None
+    lengths = None
     if visible is not None:
         if state.scratch.get(STATIC_PREFIX):  # a key prefix by construction: lengths stay on the device
-            lengths, last = state.scratch.get(STATIC_LENGTHS) or (visible.reshape(B, Sk).sum(-1, dtype=torch.int32),
-                                                                   None)
+            held = state.scratch.get(STATIC_LENGTHS)
+            lengths = held if held is not None else visible.reshape(B, Sk).sum(-1, dtype=torch.int32)
         else:
             L = _prefix_length(visible)
             if L is None:
                 return None  # padding or another mask: the reference handles arbitrary visibility
             key, value, Sk = key[:, :, :L], value[:, :, :L], L
-    v_sum = None
+    v_sum, update = None, False
     if var.vmc:
-        v_sum = (_running_v_sum(state, layer, value) if lengths is None
-                 else _static_v_sum(state, layer, value, lengths, last))
+        v_sum, update = (_running_v_sum(state, layer, value) if lengths is None
+                         else (_static_v_sum(state, layer, value, lengths), True))
     out, counts = kernels.topθ_decode(query, key, value, theta, config=cfg, k_keep=k_keep, sdc_term=sdc_term,
-                                      v_sum=v_sum, lengths=lengths, scale=scale)
+                                      v_sum=v_sum, update_v_sum=update, lengths=lengths, scale=scale)
     if lengths is not None:
         state.scratch[(COUNTS, layer)] = counts
     if state.metrics is not None:

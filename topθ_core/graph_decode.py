@@ -173,7 +173,6 @@ class GraphDecoder:
         self.position_ids = torch.full((B, 1), L, dtype=torch.long, device=dev)
         self.next_tokens = torch.zeros(B, 1, dtype=torch.long, device=dev)
         self._lengths = torch.full((B,), L + 1, dtype=torch.int32, device=dev)
-        self._last = self.pos.expand(B)
         self.length = L
 
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
@@ -245,7 +244,7 @@ class GraphDecoder:
                 state.scratch.update({k: v for k, v in self._scratch.items()
                                       if not (isinstance(k, tuple) and k and k[0] == dispatch.COUNTS)})
                 state.scratch[dispatch.STATIC_PREFIX] = True
-                state.scratch[dispatch.STATIC_LENGTHS] = (self._lengths, self._last)
+                state.scratch[dispatch.STATIC_LENGTHS] = self._lengths
             if not capture:
                 logits = self._forward(state)
             else:  # eager step on the stream that will capture: lazy initialisations happen there

@@ -193,8 +193,7 @@ def _static_lengths(state: RunState, Sq: int) -> torch.Tensor | None:
 
     if Sq != 1 or not state.scratch.get(dispatch.STATIC_PREFIX):
         return None
-    held = state.scratch.get(dispatch.STATIC_LENGTHS)
-    return None if held is None else held[0]
+    return state.scratch.get(dispatch.STATIC_LENGTHS)
 
 
 def _report_dense(state: RunState, module, query, key, attention_mask) -> None:

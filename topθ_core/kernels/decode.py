@@ -28,8 +28,8 @@ maxima (the exact row max), keeps the candidates that pass, gathers their V rows
 Each split writes partial statistics (max ``m`` of all visible scores and its index, ``D_S``,
 ``D_U``, kept count, ``Σ p v``, kept-V-row count) to a workspace.  A merge of the splits of one
 (batch, KV head) applies the empty-row floor, SDC (exact / exp-threshold / offline) and VMC
-(``v̄`` from a running V sum kept beside the cache, O(d) per step) and writes the output and the
-kept counts.  It runs in one of two forms, which :func:`decode_plan` picks per shape:
+(``v̄`` from a running V sum kept beside the cache, O(d) per step; with ``update_v_sum`` the merge
+itself adds the step's new V row to that sum) and writes the output and the kept counts.  It runs in one of two forms, which :func:`decode_plan` picks per shape:
 
 * fused (latency-bound shapes, and always for row-max θ): after its stores each split draws a
   ticket from its (batch, KV head)'s counter (a barrier, then one atomic add with
@@ -295,12 +295,15 @@ def _combine_splits(
     pid, Hkv, N_buf, S, R, k_keep, scale_log2, sdc_scale,
     G: tl.constexpr, BLOCK_GC: tl.constexpr, CHUNK_S: tl.constexpr, D: tl.constexpr, THETA_MODE: tl.constexpr,
     SDC_MODE: tl.constexpr, FLOOR: tl.constexpr, VMC: tl.constexpr, HAS_LENS: tl.constexpr,
+    VSUM_UPDATE: tl.constexpr,
 ):
     """Merge the S splits of one (batch, KV head) from the workspace; write output and counts.
 
     One pass over chunks of splits with online rescaling (one round trip when S ≤ CHUNK_S).
     Workspace loads go through L2 (.cg): in the fused form other programs wrote it during this
-    launch.  Splits past a sequence's valid keys hold m = −∞ and weigh nothing.
+    launch.  Splits past a sequence's valid keys hold m = −∞ and weigh nothing.  ``VSUM_UPDATE``:
+    the V sum lacks row ``L − 1`` (the step's new key); this program, the only one of its (batch,
+    KV head) to touch the sum, adds it in place before use.
     """
     b, hkv, h, offs_g, mask_g, qf, th, n_b = _program_setup(Q, THETA, LENS, sq_b, sq_h, pid, Hkv, N_buf, k_keep,
                                                             G, BLOCK_GC, D, THETA_MODE, HAS_LENS)
@@ -311,7 +314,12 @@ def _combine_splits(
     base = (b * Hq + h) * S  # (G,) first partial row of each head
     ST = WS + R * D  # scalar statistics
     if VMC:  # issued first: independent of everything below
-        vmean = tl.load(VSUM + pid * D + offs_d)[None, :] / n_b.to(tl.float32)
+        vsum = tl.load(VSUM + pid * D + offs_d)
+        if VSUM_UPDATE:
+            v_new = V + b.to(tl.int64) * sv_b + hkv * sv_h + (n_b - 1).to(tl.int64) * sv_n
+            vsum += tl.load(v_new + offs_d).to(tl.float32)
+            tl.store(VSUM + pid * D + offs_d, vsum)
+        vmean = vsum[None, :] / n_b.to(tl.float32)
     m = tl.full([BLOCK_GC], float("-inf"), tl.float32)
     idx = tl.zeros([BLOCK_GC], tl.int32)
     ds = tl.zeros([BLOCK_GC], tl.float32)
@@ -390,7 +398,7 @@ def _last_merges(Q, K, V, THETA, SDCT, VSUM, LENS, WS, TICKETS, OUT, COUNTS,
                  pid, Hkv, N_buf, S, k_keep, scale_log2, sdc_scale,
                  G: tl.constexpr, BLOCK_GC: tl.constexpr, CHUNK_S: tl.constexpr, D: tl.constexpr,
                  THETA_MODE: tl.constexpr, SDC_MODE: tl.constexpr, FLOOR: tl.constexpr, VMC: tl.constexpr,
-                 HAS_LENS: tl.constexpr):
+                 HAS_LENS: tl.constexpr, VSUM_UPDATE: tl.constexpr):
     """After a split's stores: draw a ticket; the last split of the (batch, KV head) merges."""
     # every thread's stores happen before the ticket (release); the last ticket sees them all (acquire)
     tl.debug_barrier()
@@ -399,7 +407,7 @@ def _last_merges(Q, K, V, THETA, SDCT, VSUM, LENS, WS, TICKETS, OUT, COUNTS,
         _combine_splits(Q, K, V, THETA, SDCT, VSUM, LENS, WS, OUT, COUNTS,
                         sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
                         pid, Hkv, N_buf, S, tl.num_programs(0) * G * S, k_keep, scale_log2, sdc_scale,
-                        G, BLOCK_GC, CHUNK_S, D, THETA_MODE, SDC_MODE, FLOOR, VMC, HAS_LENS)
+                        G, BLOCK_GC, CHUNK_S, D, THETA_MODE, SDC_MODE, FLOOR, VMC, HAS_LENS, VSUM_UPDATE)
         tl.store(TICKETS + pid, 0)  # ready for the next launch (graph replay)
 
 
@@ -415,6 +423,7 @@ def _decode_fused_kernel(
     G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_GC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     CHUNK: tl.constexpr, CHUNK_S: tl.constexpr, D: tl.constexpr, THETA_MODE: tl.constexpr, SDC_MODE: tl.constexpr,
     FLOOR: tl.constexpr, VMC: tl.constexpr, HAS_LENS: tl.constexpr, TWO_PASS: tl.constexpr,
+    VSUM_UPDATE: tl.constexpr,
 ):
     """Grid (B·Hkv, S): one split each; the last split of a (batch, KV head) to finish merges."""
     pid = tl.program_id(0)  # b · Hkv + kv head
@@ -423,7 +432,7 @@ def _decode_fused_kernel(
                     G, BLOCK_G, BLOCK_N, BLOCK_V, CHUNK, D, THETA_MODE, SDC_MODE, FLOOR, HAS_LENS, TWO_PASS)
     _last_merges(Q, K, V, THETA, SDCT, VSUM, LENS, WS, TICKETS, OUT, COUNTS,
                  sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, pid, Hkv, N_buf, S, k_keep, scale_log2, sdc_scale,
-                 G, BLOCK_GC, CHUNK_S, D, THETA_MODE, SDC_MODE, FLOOR, VMC, HAS_LENS)
+                 G, BLOCK_GC, CHUNK_S, D, THETA_MODE, SDC_MODE, FLOOR, VMC, HAS_LENS, VSUM_UPDATE)
 
 
 @triton.jit
@@ -448,12 +457,13 @@ def _decode_combine_kernel(
     Hkv, N_buf, S, k_keep, scale_log2, sdc_scale,
     G: tl.constexpr, BLOCK_GC: tl.constexpr, CHUNK_S: tl.constexpr, D: tl.constexpr, THETA_MODE: tl.constexpr,
     SDC_MODE: tl.constexpr, FLOOR: tl.constexpr, VMC: tl.constexpr, HAS_LENS: tl.constexpr,
+    VSUM_UPDATE: tl.constexpr,
 ):
     """Grid (B·Hkv,): merges the splits that ``_decode_split_kernel`` wrote (two-launch form)."""
     _combine_splits(Q, K, V, THETA, SDCT, VSUM, LENS, WS, OUT, COUNTS,
                     sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
                     tl.program_id(0), Hkv, N_buf, S, tl.num_programs(0) * G * S, k_keep, scale_log2, sdc_scale,
-                    G, BLOCK_GC, CHUNK_S, D, THETA_MODE, SDC_MODE, FLOOR, VMC, HAS_LENS)
+                    G, BLOCK_GC, CHUNK_S, D, THETA_MODE, SDC_MODE, FLOOR, VMC, HAS_LENS, VSUM_UPDATE)
 
 
 @triton.jit
@@ -507,6 +517,7 @@ def _rowmax_fused_kernel(
     Hkv, N_buf, split_len, S, k_keep, scale_log2, sdc_scale,
     G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_GC: tl.constexpr, BLOCK_V: tl.constexpr, CHUNK_S: tl.constexpr,
     D: tl.constexpr, SDC_MODE: tl.constexpr, FLOOR: tl.constexpr, VMC: tl.constexpr, HAS_LENS: tl.constexpr,
+    VSUM_UPDATE: tl.constexpr,
 ):
     """Row-max θ, launch 2, grid (B·Hkv, S): the exact row max from the splits' maxima, then keep,
     gather and count over this split's candidates; the last split merges."""
@@ -547,7 +558,7 @@ def _rowmax_fused_kernel(
     _store_partials(WS, pid, sid, b, h, mask_g, S, Hq, acc, m, ds, du, nk, ridx, kvc, G, D)
     _last_merges(Q, K, V, THETA, SDCT, VSUM, LENS, WS, TICKETS, OUT, COUNTS,
                  sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, pid, Hkv, N_buf, S, k_keep, scale_log2, sdc_scale,
-                 G, BLOCK_GC, CHUNK_S, D, 2, SDC_MODE, FLOOR, VMC, HAS_LENS)
+                 G, BLOCK_GC, CHUNK_S, D, 2, SDC_MODE, FLOOR, VMC, HAS_LENS, VSUM_UPDATE)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -645,7 +656,7 @@ def _f32(x: torch.Tensor | None) -> torch.Tensor | None:
 def _decode_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor | None,
                    sdc_term: torch.Tensor | None, v_sum: torch.Tensor | None, lengths: torch.Tensor | None,
                    scale: float, k_keep: int, theta_mode: int, sdc_mode: int, sdc_scale: float, vmc: bool,
-                   floor_max: bool, fused: bool | None, two_pass: bool | None, num_splits: int, block_n: int,
+                   update_v_sum: bool, floor_max: bool, fused: bool | None, two_pass: bool | None, num_splits: int, block_n: int,
                    num_warps: int, num_stages: int, chunk: int, block_v: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Checks, allocation and the launch(es).  Returns out (B, Hq, 1, d) and the counts, flat int32:
     kept (B·Hq), empty (B·Hq), kept V rows (B·Hkv).  ``theta_mode``/``sdc_mode`` are the
@@ -663,6 +674,9 @@ def _decode_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: tor
         raise ValueError("offline SDC needs sdc_term (B, Hq[, 1])")
     if vmc and (v_sum is None or v_sum.shape != (B, Hkv, D)):
         raise ValueError("VMC needs v_sum (B, Hkv, d): the float32 sum of the valid V rows")
+    update_v_sum = bool(vmc and update_v_sum)
+    if update_v_sum and (v_sum.dtype != torch.float32 or not v_sum.is_contiguous() or v_sum.device != q.device):
+        raise ValueError("update_v_sum adds to v_sum in place: it must be a contiguous float32 tensor on q's device")
     if lengths is not None:
         if lengths.shape != (B,) or lengths.device != q.device:
             raise ValueError(f"lengths must be a (B,) = ({B},) tensor on {q.device}, got {tuple(lengths.shape)}")
@@ -696,7 +710,7 @@ def _decode_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: tor
     scale_log2 = float(scale) * LOG2E.value
     block_g, block_gc = max(16, next_pow2(G)), max(2, next_pow2(G))
     common = dict(G=G, D=D, FLOOR=floor_max, HAS_LENS=lengths is not None)
-    merge = dict(BLOCK_GC=block_gc, SDC_MODE=int(sdc), VMC=vmc)
+    merge = dict(BLOCK_GC=block_gc, SDC_MODE=int(sdc), VMC=vmc, VSUM_UPDATE=update_v_sum)
     if row_max:
         _rowmax_scores_kernel[(B * Hkv, S)](
             q, k, th, lens, st1, scr, *strides[:5], Hkv, N, split_len, S, int(k_keep), scale_log2,
@@ -725,18 +739,20 @@ def _decode_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: tor
     return out, counts
 
 
-@torch.library.custom_op("toptheta::decode", mutates_args=())
+@torch.library.custom_op("toptheta::decode", mutates_args=("v_sum",))
 def _decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor | None,
                sdc_term: torch.Tensor | None, v_sum: torch.Tensor | None, lengths: torch.Tensor | None, scale: float,
-               k_keep: int, theta_mode: int, sdc_mode: int, sdc_scale: float, vmc: bool, floor_max: bool,
+               k_keep: int, theta_mode: int, sdc_mode: int, sdc_scale: float, vmc: bool, update_v_sum: bool,
+               floor_max: bool,
                fused: bool | None, two_pass: bool | None, num_splits: int, block_n: int, num_warps: int,
                num_stages: int, chunk: int, block_v: int) -> tuple[torch.Tensor, torch.Tensor]:
     return _decode_launch(q, k, v, theta, sdc_term, v_sum, lengths, scale, k_keep, theta_mode, sdc_mode, sdc_scale,
-                          vmc, floor_max, fused, two_pass, num_splits, block_n, num_warps, num_stages, chunk, block_v)
+                          vmc, update_v_sum, floor_max, fused, two_pass, num_splits, block_n, num_warps, num_stages, chunk, block_v)
 
 
 @_decode_op.register_fake
-def _(q, k, v, theta, sdc_term, v_sum, lengths, scale, k_keep, theta_mode, sdc_mode, sdc_scale, vmc, floor_max,
+def _(q, k, v, theta, sdc_term, v_sum, lengths, scale, k_keep, theta_mode, sdc_mode, sdc_scale, vmc, update_v_sum,
+      floor_max,
       fused, two_pass, num_splits, block_n, num_warps, num_stages, chunk, block_v):
     B, Hq, _, D = q.shape
     return q.new_empty(B, Hq, 1, D), torch.empty(2 * B * Hq + B * k.shape[1], dtype=torch.int32, device=q.device)
@@ -744,7 +760,8 @@ def _(q, k, v, theta, sdc_term, v_sum, lengths, scale, k_keep, theta_mode, sdc_m
 
 def topθ_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor | None, *,
                 config: SparseConfig, k_keep: int, sdc_term: torch.Tensor | None = None,
-                v_sum: torch.Tensor | None = None, lengths: torch.Tensor | None = None, scale: float | None = None,
+                v_sum: torch.Tensor | None = None, update_v_sum: bool = False, lengths: torch.Tensor | None = None,
+                scale: float | None = None,
                 fused: bool | None = None, two_pass: bool | None = None, num_splits: int = 0, block_n: int = 0,
                 num_warps: int = 0, num_stages: int = 0, chunk: int = 0, block_v: int = 0
                 ) -> tuple[torch.Tensor, KernelCounts]:
@@ -761,6 +778,10 @@ def topθ_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch
         k_keep: this layer's k; a row is dense when its length L ≤ k_keep.
         sdc_term: (B, Hq[, 1]) offline SDC term C, for ``sdc=offline``.
         v_sum: (B, Hkv, d) float32 sum of the valid V rows, for VMC (v̄ = v_sum / L).
+        update_v_sum: ``v_sum`` holds every valid V row but the last (row L_b − 1, a decode step's
+            new key); the kernel adds that row to ``v_sum`` in place, then uses the sum.  A decode
+            step then needs no separate update of its running V sum.  ``v_sum`` must be a
+            contiguous float32 tensor.
         lengths: (B,) int32 valid keys per sequence (keys [0, L_b) are visible, 1 ≤ L_b ≤ N, not
             checked: a device tensor, read by the kernel, so one CUDA graph serves every step of a
             static cache); ``None``: every key is visible (L = N).
@@ -787,7 +808,8 @@ def topθ_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch
         theta_kind, theta = KernelTheta.DENSE, None
     op = torch.ops.toptheta.decode if torch.compiler.is_compiling() else _decode_launch
     out, counts = op(q, k, v, theta, sdc_term, v_sum, lengths, float(d ** -0.5 if scale is None else scale),
-                     int(k_keep), int(theta_kind), int(var.sdc), var.sdc_scale, var.vmc, var.floor_max, fused,
+                     int(k_keep), int(theta_kind), int(var.sdc), var.sdc_scale, var.vmc, bool(update_v_sum),
+                     var.floor_max, fused,
                      two_pass, int(num_splits), int(block_n), int(num_warps), int(num_stages), int(chunk),
                      int(block_v))
     kept, empty, kv = counts.split((B * Hq, B * Hq, B * Hkv))
