@@ -1,0 +1,203 @@
+"""Decode launch plans timed as an end-to-end step runs them: one CUDA graph of L consecutive layer calls,
+each layer over its own K/V buffers, against SDPA's fastest backend in the same form.
+
+    python benchmarks/tune_decode_layers.py [--out DIR] [--best-json F] [--compile-only --part I --parts P]
+
+``tune_decode.py`` times one call on the same inputs again and again: at B = 1 a layer's K (33.5 MB at
+N = 16k) then stays in the 50 MB L2, which no real decode step sees (32 layers of cache between two
+reads of one layer).  Here every layer reads its own cold cache, as in ``bench_kernels.py --only e2e``,
+whose profile (run 16) shows the decode kernel at 28.9 µs per layer against cuDNN's 21.0 at B = 1,
+N = 16k.  Shapes: Llama-3-8B attention (32/8 heads, d 128) at B = 1, N = 16k and 32k, B = 8, N = 16k,
+B = 1, N = 128k; SmolLM2-135M (9/3, d 64) at B = 1, N = 8000.  bf16, the default config (exact SDC, VMC,
+floor), θ per head from the score quantile so that a group keeps f ≈ 0.15 of the V rows, static
+lengths (the kernel reads ``lengths`` like a captured step).  Each configuration's first layer is
+checked against the fp32 reference.  Writes ``decode_layers_<card>.csv`` and, with ``--best-json``,
+the best configuration per class (``lat``: fused shapes, ``bw``: the others) in the format of
+``bench_kernels.py --plan-json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_kernels import DECODE_CFG as CFG, card, log, row_quantile_theta, sdpa_best  # noqa: E402
+from tune_decode import Cfg, pick  # noqa: E402
+
+from topθ_core.kernels import topθ_decode  # noqa: E402
+from topθ_core.kernels.decode import FUSED_MAX_KV_ROWS, decode_plan, decode_splits  # noqa: E402
+from topθ_core.kernels.reference import topθ_decode_ref  # noqa: E402
+
+BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION}  # sdpa_best's names ("default": torch's choice)
+LAYERS = 32
+F_KEPT = 0.15
+SHAPES = [  # (label, B, N, Hq, Hkv, d)
+    ("llama3-8b", 1, 16384, 32, 8, 128), ("llama3-8b", 1, 32768, 32, 8, 128), ("smollm2-135m", 1, 8000, 9, 3, 64),
+    ("llama3-8b", 8, 16384, 32, 8, 128), ("llama3-8b", 1, 131072, 32, 8, 128),
+]
+LAT = [Cfg(False, True, bn, w, st, x) for bn in (32, 64) for w in (2, 4, 8) for st in (2, 3) for x in (1, 2, 4)]
+BW = [Cfg(False, False, bn, w, st, x) for bn, w, st in ((64, 2, 3), (64, 4, 3), (128, 4, 3), (64, 2, 4), (32, 2, 3))
+      for x in (4, 8, 16)]
+
+
+def kind_of(B, Hkv, N) -> str:
+    return "lat" if B * Hkv * N <= FUSED_MAX_KV_ROWS else "bw"
+
+
+def make_layers(B, N, Hq, Hkv, d, layers):
+    """Per layer: q, k, v, θ (f ≈ F_KEPT of a group's V rows), SDC term, V sum, static lengths."""
+    g = Hq // Hkv
+    out = []
+    for _ in range(layers):
+        q = torch.randn(B, Hq, 1, d, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(B, Hkv, N, d, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(B, Hkv, N, d, device="cuda", dtype=torch.bfloat16)
+        scores = (q.float() @ k.float().repeat_interleave(g, 1).transpose(-1, -2)) * d ** -0.5
+        th = row_quantile_theta(scores, 1 - (1 - F_KEPT) ** (1 / g))
+        del scores
+        out.append((q, k, v, th, torch.rand(B, Hq, 1, device="cuda"), v.float().sum(2),
+                    torch.full((B,), N, dtype=torch.int32, device="cuda")))
+    return out
+
+
+def call(layer, c: Cfg | None):
+    q, k, v, th, sdc, vsum, lens = layer
+    B, Hkv, N = k.shape[0], k.shape[1], k.shape[2]
+    if c is None:  # the shipped decode_plan
+        return topθ_decode(q, k, v, th, config=CFG, k_keep=64, sdc_term=sdc, v_sum=vsum, lengths=lens)
+    splits = decode_splits(B, Hkv, N, c.block_n, q.device, waves=c.waves)
+    return topθ_decode(q, k, v, th, config=CFG, k_keep=64, sdc_term=sdc, v_sum=vsum, lengths=lens,
+                       num_splits=splits, block_n=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages,
+                       fused=c.fused, two_pass=False)
+
+
+def graph_of(fn):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g
+
+
+def time_graph(g, reps=20) -> float:
+    """Median µs of one replay (all layers)."""
+    ts = []
+    for _ in range(5):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(reps):
+            g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        ts.append(a.elapsed_time(b) * 1e3 / reps)
+    return sorted(ts)[2]
+
+
+def compile_only(part: int, parts: int) -> None:
+    jobs = [(s, c) for s in SHAPES for c in (LAT if kind_of(s[1], s[4], s[2]) == "lat" else BW)]
+    for s, c in jobs[part::parts]:
+        layer = make_layers(*s[1:], 1)[0]
+        try:
+            call(layer, c)
+        except Exception as e:  # reported (and skipped) by the timing run
+            log(f"compile {c.label()} {s}: {type(e).__name__}: {str(e)[:120]}")
+    torch.cuda.synchronize()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "benchmarks" / "results")))
+    ap.add_argument("--run", default="")
+    ap.add_argument("--best-json", type=Path, default=None)
+    ap.add_argument("--compile-only", action="store_true")
+    ap.add_argument("--part", type=int, default=0)
+    ap.add_argument("--parts", type=int, default=1)
+    args = ap.parse_args()
+    if args.compile_only:
+        compile_only(args.part, args.parts)
+        return
+    name, rows = card(), []
+    for label, B, N, Hq, Hkv, d in SHAPES:
+        kind = kind_of(B, Hkv, N)
+        layers = make_layers(B, N, Hq, Hkv, d, LAYERS)
+        q, k, v, th, sdc, _, lens = layers[0]
+        ref = topθ_decode_ref(q, k, v, th, config=CFG, k_keep=64, sdc_term=sdc, lengths=lens)[0].float()
+        _, be = sdpa_best(q, k, v, False)
+
+        def sdpa_all():
+            with sdpa_kernel([BACKENDS[be]]) if be in BACKENDS else contextlib.nullcontext():
+                for lq, lk, lv, *_ in layers:
+                    F.scaled_dot_product_attention(lq, lk, lv, enable_gqa=True)
+
+        g_base = graph_of(sdpa_all)
+        t_base = [time_graph(g_base)]
+        plan = decode_plan(B, Hkv, N, q.device)
+        res = []
+        for c in [None] + (LAT if kind == "lat" else BW):
+            try:
+                out, cnt = call(layers[0], c)
+                err = (out.float() - ref).abs().max().item()
+                fv = cnt.kept_v_rows.sum().item() / (B * Hkv * N)
+                g = graph_of(lambda c=c: [call(lay, c) for lay in layers])
+            except Exception as e:  # registers or shared memory: this configuration does not launch
+                log(f"  {'plan' if c is None else c.label()} failed: {type(e).__name__}: {str(e)[:160]}")
+                continue
+            t = time_graph(g)
+            del g
+            res.append((t, c, err, fv))
+        t_base.append(time_graph(g_base))
+        tb = sum(t_base) / len(t_base) / LAYERS
+        del g_base
+        for t, c, err, fv in res:
+            cl = c or Cfg(False, plan.fused, plan.block_n, plan.num_warps, plan.num_stages, 0)
+            rows.append(dict(card=name, run=args.run, kind=kind, model=label, config="plan " + str(tuple(plan))
+                             if c is None else c.label(), two_pass=False, fused=cl.fused, block_n=cl.block_n,
+                             num_warps=cl.num_warps, num_stages=cl.num_stages, waves=cl.waves, chunk=cl.chunk,
+                             block_v=cl.block_v, B=B, N=N, heads=f"{Hq}/{Hkv}", d=d, f_kept_v=round(fv, 4),
+                             sdpa_backend=be, sdpa_us_per_layer=tb, ours_us_per_layer=t / LAYERS,
+                             speedup=tb / (t / LAYERS), max_err=err))
+        ranked = sorted(rows[len(rows) - len(res):], key=lambda r: r["ours_us_per_layer"])
+        log(f"[{name}] {kind} {label} B={B} N={N}: sdpa ({be}) {tb:.1f} us/layer; plan {plan}")
+        for r in ranked[:6] + [r for r in ranked if r["config"].startswith("plan")]:
+            log(f"   {r['config']:<40} {r['ours_us_per_layer']:6.1f} us/layer x{r['speedup']:.3f} "
+                f"fv {r['f_kept_v']:.3f} err {r['max_err']:.1e}")
+        del layers
+        torch.cuda.empty_cache()
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"decode_layers_{name}.csv"
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+        w.writeheader()
+        w.writerows(rows)
+    log(f"wrote {path}")
+    if args.best_json is not None:
+        best = {}
+        for kind in ("lat", "bw"):
+            kr = [r for r in rows if r["kind"] == kind and not r["config"].startswith("plan")
+                  and not (kind == "lat" and r["model"] == "smollm2-135m")]  # the lat plan: d 128's shapes
+            if kr:
+                best[kind] = pick(kr)
+        args.best_json.write_text(json.dumps(best, indent=1))
+        log(f"best: {best}")
+
+
+if __name__ == "__main__":
+    main()
