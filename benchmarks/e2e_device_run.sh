@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One device call: the GPU tests of the kernels, dispatch, graph decode and decode-only mode, then the
-# end-to-end decode (bench_kernels.py --only e2e) with one process per batch size, so that a failure
-# at one shape leaves the other shapes' rows; with E2E_PROFILE=1 each shape also writes a per-kernel
+# One device call: the GPU tests of the kernels, dispatch, graph decode and decode-only mode; with TUNE=1
+# the decode plans timed over 32 cold layers (tune_decode_layers.py); then the end-to-end decode
+# (bench_kernels.py --only e2e) with one process per model and batch sizes (E2E_SPECS), so that a
+# failure at one shape leaves the other shapes' rows; with E2E_PROFILE=1 each shape also writes a per-kernel
 # profile of every side's replayed steps.  Logs, CSVs and profiles are written under a work folder and
 # packed into one file, $OUT/e2e_results.tgz (the device tool brings back few files).
 #   OUT=/tmp/out bash benchmarks/e2e_device_run.sh
@@ -16,6 +17,15 @@ if [ "${TESTS:-1}" = 1 ]; then
   timeout ${TESTS_S:-220} python3 -m pytest -q -p no:cacheprovider -n 14 -m gpu -rs \
     tests/test_kernels.py tests/test_integration.py tests/test_decode_only.py 2>&1 | tail -60 > "$OUT/gpu_tests.log"
   tail -3 "$OUT/gpu_tests.log"
+fi
+if [ "${TUNE:-0}" = 1 ]; then  # decode plans over 32 cold layers (tune_decode_layers.py), Triton's cache filled first
+  for i in 0 1 2 3 4 5 6 7; do
+    timeout ${COMPILE_S:-150} python3 -W ignore benchmarks/tune_decode_layers.py --compile-only --part $i --parts 8 \
+      > "$OUT/compile_$i.log" 2>&1 &
+  done
+  wait
+  timeout ${TUNE_S:-200} python3 -W ignore benchmarks/tune_decode_layers.py --out "$OUT" --run "${RUN:-}" 2>&1 \
+    | tee "$OUT/tune_layers.log" | grep -E "^\[|plan"
 fi
 PROFILE=$([ "${E2E_PROFILE:-0}" = 1 ] && echo --e2e-profile)
 for spec in ${E2E_SPECS:-llama3-8b:1 llama3-8b:8 llama3-8b:32 smollm2-135m:1,8}; do

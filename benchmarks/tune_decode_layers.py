@@ -1,19 +1,19 @@
 """Decode launch plans timed as an end-to-end step runs them: one CUDA graph of L consecutive layer calls,
 each layer over its own K/V buffers, against SDPA's fastest backend in the same form.
 
-    python benchmarks/tune_decode_layers.py [--out DIR] [--best-json F] [--compile-only --part I --parts P]
+    python benchmarks/tune_decode_layers.py [--out DIR] [--run LABEL] [--compile-only --part I --parts P]
 
 ``tune_decode.py`` times one call on the same inputs again and again: at B = 1 a layer's K (33.5 MB at
 N = 16k) then stays in the 50 MB L2, which no real decode step sees (32 layers of cache between two
 reads of one layer).  Here every layer reads its own cold cache, as in ``bench_kernels.py --only e2e``,
-whose profile (run 16) shows the decode kernel at 28.9 µs per layer against cuDNN's 21.0 at B = 1,
-N = 16k.  Shapes: Llama-3-8B attention (32/8 heads, d 128) at B = 1, N = 16k and 32k, B = 8, N = 16k,
-B = 1, N = 128k; SmolLM2-135M (9/3, d 64) at B = 1, N = 8000.  bf16, the default config (exact SDC, VMC,
-floor), θ per head from the score quantile so that a group keeps f ≈ 0.15 of the V rows, static
-lengths (the kernel reads ``lengths`` like a captured step).  Each configuration's first layer is
-checked against the fp32 reference.  Writes ``decode_layers_<card>.csv`` and, with ``--best-json``,
-the best configuration per class (``lat``: fused shapes, ``bw``: the others) in the format of
-``bench_kernels.py --plan-json``.
+whose profile (run 16) showed the decode kernel at 28.9 µs per layer against cuDNN's 21.0 at B = 1,
+N = 16k.  Shapes: :data:`SHAPES` (Llama-3-8B attention, 32/8 heads, d 128; SmolLM2-135M, 9/3, d 64),
+bf16, the default config (exact SDC, VMC, floor), θ per head from the score quantile so that a group
+keeps f ≈ 0.15 of the V rows, static lengths (the kernel reads ``lengths`` like a captured step).
+Configurations: :data:`LAT` (fused shapes) or :data:`BW` (the others), and the shipped
+``decode_plan`` ("plan").  Each configuration's first layer is checked against the fp32 reference.
+``--compile-only --part I --parts P`` fills Triton's cache (several processes side by side).  Writes
+``decode_layers_<card>.csv``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import json
 import os
 import sys
 from pathlib import Path
@@ -35,10 +34,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_kernels import DECODE_CFG as CFG, card, log, row_quantile_theta, sdpa_best  # noqa: E402
-from tune_decode import Cfg, pick  # noqa: E402
+from typing import NamedTuple  # noqa: E402
 
 from topθ_core.kernels import topθ_decode  # noqa: E402
-from topθ_core.kernels.decode import FUSED_MAX_KV_ROWS, decode_plan, decode_splits  # noqa: E402
+from topθ_core.kernels.decode import FUSED_MAX_KV_ROWS, _sm_count, decode_plan  # noqa: E402
 from topθ_core.kernels.reference import topθ_decode_ref  # noqa: E402
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -46,12 +45,41 @@ BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTEN
 LAYERS = 32
 F_KEPT = 0.15
 SHAPES = [  # (label, B, N, Hq, Hkv, d)
-    ("llama3-8b", 1, 16384, 32, 8, 128), ("llama3-8b", 1, 32768, 32, 8, 128), ("smollm2-135m", 1, 8000, 9, 3, 64),
-    ("llama3-8b", 8, 16384, 32, 8, 128), ("llama3-8b", 1, 131072, 32, 8, 128),
+    ("llama3-8b", 1, 4096, 32, 8, 128), ("llama3-8b", 1, 16384, 32, 8, 128), ("llama3-8b", 1, 32768, 32, 8, 128),
+    ("llama3-8b", 8, 4096, 32, 8, 128), ("smollm2-135m", 1, 2048, 9, 3, 64), ("smollm2-135m", 1, 8000, 9, 3, 64),
+    ("llama3-8b", 8, 16384, 32, 8, 128), ("llama3-8b", 1, 65536, 32, 8, 128), ("llama3-8b", 1, 131072, 32, 8, 128),
 ]
-LAT = [Cfg(False, True, bn, w, st, x) for bn in (32, 64) for w in (2, 4, 8) for st in (2, 3) for x in (1, 2, 4)]
-BW = [Cfg(False, False, bn, w, st, x) for bn, w, st in ((64, 2, 3), (64, 4, 3), (128, 4, 3), (64, 2, 4), (32, 2, 3))
-      for x in (4, 8, 16)]
+
+
+class Cfg(NamedTuple):
+    """A launch: programs per SM (``waves``) of ``num_warps``, splits of at least ``min_split`` keys and at
+    most ``max_splits`` per (batch, KV head); the two-launch form's combine runs with ``combine_warps``."""
+
+    fused: bool
+    block_n: int
+    num_warps: int
+    num_stages: int
+    waves: int
+    min_split: int = 64
+    max_splits: int = 1 << 20
+    combine_warps: int = 4
+
+    def splits(self, B, Hkv, N, device) -> int:
+        per_kv = -(-self.waves * _sm_count(device) // (B * Hkv))
+        return max(1, min(-(-N // self.min_split), per_kv, self.max_splits))
+
+    def label(self) -> str:
+        cap = "" if self.max_splits >= 1 << 20 else f" cap{self.max_splits}"
+        comb = "" if self.fused else f" cw{self.combine_warps}"
+        return (f"{'fused' if self.fused else 'split'} n{self.block_n} w{self.num_warps} s{self.num_stages} "
+                f"x{self.waves} min{self.min_split}{cap}{comb}")
+
+
+LAT = [Cfg(True, 64, 4, 3, 2, 256), Cfg(True, 64, 4, 3, 2, 128), Cfg(True, 64, 4, 3, 2, 64), Cfg(True, 64, 4, 3, 1, 64),
+       Cfg(True, 64, 2, 3, 4, 256), Cfg(True, 64, 2, 3, 4, 128), Cfg(True, 64, 4, 3, 3, 128)]
+BW = [Cfg(False, 64, 2, 3, 8), Cfg(False, 64, 2, 3, 8, max_splits=64), Cfg(False, 64, 2, 3, 8, max_splits=32),
+      Cfg(False, 64, 2, 3, 8, max_splits=64, combine_warps=8), Cfg(False, 64, 2, 3, 8, combine_warps=8),
+      Cfg(False, 64, 2, 3, 4)]
 
 
 def kind_of(B, Hkv, N) -> str:
@@ -79,10 +107,9 @@ def call(layer, c: Cfg | None):
     B, Hkv, N = k.shape[0], k.shape[1], k.shape[2]
     if c is None:  # the shipped decode_plan
         return topθ_decode(q, k, v, th, config=CFG, k_keep=64, sdc_term=sdc, v_sum=vsum, lengths=lens)
-    splits = decode_splits(B, Hkv, N, c.block_n, q.device, waves=c.waves)
     return topθ_decode(q, k, v, th, config=CFG, k_keep=64, sdc_term=sdc, v_sum=vsum, lengths=lens,
-                       num_splits=splits, block_n=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages,
-                       fused=c.fused, two_pass=False)
+                       num_splits=c.splits(B, Hkv, N, q.device), block_n=c.block_n, num_warps=c.num_warps,
+                       num_stages=c.num_stages, fused=c.fused, two_pass=False, combine_warps=c.combine_warps)
 
 
 def graph_of(fn):
@@ -126,7 +153,6 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "benchmarks" / "results")))
     ap.add_argument("--run", default="")
-    ap.add_argument("--best-json", type=Path, default=None)
     ap.add_argument("--compile-only", action="store_true")
     ap.add_argument("--part", type=int, default=0)
     ap.add_argument("--parts", type=int, default=1)
@@ -167,13 +193,12 @@ def main():
         tb = sum(t_base) / len(t_base) / LAYERS
         del g_base
         for t, c, err, fv in res:
-            cl = c or Cfg(False, plan.fused, plan.block_n, plan.num_warps, plan.num_stages, 0)
-            rows.append(dict(card=name, run=args.run, kind=kind, model=label, config="plan " + str(tuple(plan))
-                             if c is None else c.label(), two_pass=False, fused=cl.fused, block_n=cl.block_n,
-                             num_warps=cl.num_warps, num_stages=cl.num_stages, waves=cl.waves, chunk=cl.chunk,
-                             block_v=cl.block_v, B=B, N=N, heads=f"{Hq}/{Hkv}", d=d, f_kept_v=round(fv, 4),
-                             sdpa_backend=be, sdpa_us_per_layer=tb, ours_us_per_layer=t / LAYERS,
-                             speedup=tb / (t / LAYERS), max_err=err))
+            rows.append(dict(card=name, run=args.run, kind=kind, model=label,
+                             config=f"plan (splits {plan.splits}, warps {plan.num_warps})" if c is None else c.label(),
+                             splits=plan.splits if c is None else c.splits(B, Hkv, N, q.device),
+                             B=B, N=N, heads=f"{Hq}/{Hkv}", d=d, f_kept_v=round(fv, 4), sdpa_backend=be,
+                             sdpa_us_per_layer=tb, ours_us_per_layer=t / LAYERS, speedup=tb / (t / LAYERS),
+                             max_err=err))
         ranked = sorted(rows[len(rows) - len(res):], key=lambda r: r["ours_us_per_layer"])
         log(f"[{name}] {kind} {label} B={B} N={N}: sdpa ({be}) {tb:.1f} us/layer; plan {plan}")
         for r in ranked[:6] + [r for r in ranked if r["config"].startswith("plan")]:
@@ -188,15 +213,6 @@ def main():
         w.writeheader()
         w.writerows(rows)
     log(f"wrote {path}")
-    if args.best_json is not None:
-        best = {}
-        for kind in ("lat", "bw"):
-            kr = [r for r in rows if r["kind"] == kind and not r["config"].startswith("plan")
-                  and not (kind == "lat" and r["model"] == "smollm2-135m")]  # the lat plan: d 128's shapes
-            if kr:
-                best[kind] = pick(kr)
-        args.best_json.write_text(json.dumps(best, indent=1))
-        log(f"best: {best}")
 
 
 if __name__ == "__main__":

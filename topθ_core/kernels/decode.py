@@ -599,24 +599,37 @@ class DecodePlan(NamedTuple):
     two_pass: bool = False  # key loop: K pass then a gather of the kept V rows, or V inside the K loop
     chunk: int = 1024  # two-pass: keys per K pass (the scratch list holds one chunk's kept rows)
     block_v: int = 32  # two-pass and row-max: V rows per gather step
+    combine_warps: int = 4  # two-launch form: warps of each (batch, KV head)'s combine program
 
 
 def decode_plan(B: int, Hkv: int, N: int, device: torch.device) -> DecodePlan:
     """The tuned launch for a decode shape; the one place that picks the form.
 
     ``N`` is the key buffer's length (a static cache's capacity).  Measured on an H200
-    (benchmarks/tune_decode.py, results/decode_tuning_H200.csv, results/kernels.md):
-    * B·Hkv·N ≤ :data:`FUSED_MAX_KV_ROWS` (latency-bound): fused, one wave of about 8 warps per
-      SM, splits of at least 256 keys, 4 warps per program when B·Hkv ≤ 16.
-    * larger (bandwidth-bound): two launches, 64 keys, 2 warps, 3 stages, 8 programs per SM.
+    (benchmarks/tune_decode.py, results/decode_tuning_H200.csv; benchmarks/tune_decode_layers.py,
+    results/decode_layers_H200.csv, which times 32 layers each over its own cold cache, as a decode
+    step runs them; results/kernels.md):
+    * B·Hkv·N ≤ :data:`FUSED_MAX_KV_ROWS` (latency-bound): fused, about two programs of 4 warps per
+      SM (8 warps, when B·Hkv > 16 programs of 2 warps), splits of at least :data:`LAT_MIN_SPLIT`
+      keys.
+    * larger (bandwidth-bound): two launches, 64 keys, 2 warps, 3 stages, 8 programs per SM but at
+      most :data:`BW_MAX_SPLITS` splits per (batch, KV head): the combine program of a (batch, KV
+      head) merges its splits alone, and at B = 1, N = 128k its 132 splits cost 14 µs of a 123 µs
+      layer (run 16).
     * the one-pass key loop everywhere: the two-pass loop measured slower at every shape (run 12,
       results/kernels.md), so it is an option (``two_pass=True``), not the plan.
     """
     if B * Hkv * N <= FUSED_MAX_KV_ROWS:
         warps = 4 if B * Hkv <= 16 else 2
-        splits = max(1, min(triton.cdiv(N, 256), triton.cdiv(8 * _sm_count(device) // warps, B * Hkv)))
+        splits = max(1, min(triton.cdiv(N, LAT_MIN_SPLIT), triton.cdiv(8 * _sm_count(device) // warps, B * Hkv)))
         return DecodePlan(True, splits, 64, warps, 3)
-    return DecodePlan(False, decode_splits(B, Hkv, N, 64, device), 64, 2, 3)
+    splits = min(decode_splits(B, Hkv, N, 64, device), BW_MAX_SPLITS)
+    return DecodePlan(False, splits, 64, 2, 3, combine_warps=BW_COMBINE_WARPS)
+
+
+LAT_MIN_SPLIT = 128  # keys; 256 until run 16 (SmolLM2, 3 KV heads at N = 8000: 13.0 → 11.8 µs per layer)
+BW_MAX_SPLITS = 64
+BW_COMBINE_WARPS = 4
 
 
 _TICKETS: dict[tuple, torch.Tensor] = {}
@@ -641,9 +654,6 @@ def _tickets(device: torch.device, n: int) -> torch.Tensor:
     return buf
 
 
-_COMBINE_WARPS = 4  # the separate combine kernel (two-launch form)
-
-
 def _chunk_s(block_gc: int, d: int, num_warps: int) -> int:
     """Splits merged per step of the combine: a (heads, splits, d) fp32 load of ~64 registers a thread."""
     return max(2, 2048 * num_warps // (block_gc * d))
@@ -657,7 +667,8 @@ def _decode_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: tor
                    sdc_term: torch.Tensor | None, v_sum: torch.Tensor | None, lengths: torch.Tensor | None,
                    scale: float, k_keep: int, theta_mode: int, sdc_mode: int, sdc_scale: float, vmc: bool,
                    update_v_sum: bool, floor_max: bool, fused: bool | None, two_pass: bool | None, num_splits: int, block_n: int,
-                   num_warps: int, num_stages: int, chunk: int, block_v: int) -> tuple[torch.Tensor, torch.Tensor]:
+                   num_warps: int, num_stages: int, chunk: int, block_v: int, combine_warps: int = 0
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Checks, allocation and the launch(es).  Returns out (B, Hq, 1, d) and the counts, flat int32:
     kept (B·Hq), empty (B·Hq), kept V rows (B·Hkv).  ``theta_mode``/``sdc_mode`` are the
     :class:`KernelTheta`/:class:`KernelSdc` values (integers only across the custom op);
@@ -686,9 +697,9 @@ def _decode_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: tor
     plan = decode_plan(B, Hkv, N, q.device)
     fused = plan.fused if fused is None else fused
     two_pass = plan.two_pass if two_pass is None else two_pass
-    num_splits, block_n, num_warps, num_stages, chunk, block_v = (x if x > 0 else p for x, p in zip(
-        (num_splits, block_n, num_warps, num_stages, chunk, block_v),
-        (plan.splits, plan.block_n, plan.num_warps, plan.num_stages, plan.chunk, plan.block_v)))
+    num_splits, block_n, num_warps, num_stages, chunk, block_v, combine_warps = (x if x > 0 else p for x, p in zip(
+        (num_splits, block_n, num_warps, num_stages, chunk, block_v, combine_warps),
+        (plan.splits, plan.block_n, plan.num_warps, plan.num_stages, plan.chunk, plan.block_v, plan.combine_warps)))
     split_len = triton.cdiv(triton.cdiv(N, num_splits), block_n) * block_n
     S = triton.cdiv(N, split_len)
     chunk = max(block_n, min(next_pow2(chunk), next_pow2(split_len)))  # a power of two: few compiled variants
@@ -734,8 +745,8 @@ def _decode_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: tor
             BLOCK_G=block_g, SDC_MODE=int(sdc), **common, **loop, num_warps=num_warps, num_stages=num_stages)
         _decode_combine_kernel[(B * Hkv,)](
             q, k, v, th, sdct, vsum, lens, ws_part, out, counts, *strides, Hkv, N, S, int(k_keep), scale_log2,
-            float(sdc_scale), CHUNK_S=_chunk_s(block_gc, D, _COMBINE_WARPS), THETA_MODE=int(theta_kind),
-            **common, **merge, num_warps=_COMBINE_WARPS)
+            float(sdc_scale), CHUNK_S=_chunk_s(block_gc, D, combine_warps), THETA_MODE=int(theta_kind),
+            **common, **merge, num_warps=combine_warps)
     return out, counts
 
 
@@ -743,17 +754,16 @@ def _decode_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: tor
 def _decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor | None,
                sdc_term: torch.Tensor | None, v_sum: torch.Tensor | None, lengths: torch.Tensor | None, scale: float,
                k_keep: int, theta_mode: int, sdc_mode: int, sdc_scale: float, vmc: bool, update_v_sum: bool,
-               floor_max: bool,
-               fused: bool | None, two_pass: bool | None, num_splits: int, block_n: int, num_warps: int,
-               num_stages: int, chunk: int, block_v: int) -> tuple[torch.Tensor, torch.Tensor]:
+               floor_max: bool, fused: bool | None, two_pass: bool | None, num_splits: int, block_n: int, num_warps: int,
+               num_stages: int, chunk: int, block_v: int, combine_warps: int) -> tuple[torch.Tensor, torch.Tensor]:
     return _decode_launch(q, k, v, theta, sdc_term, v_sum, lengths, scale, k_keep, theta_mode, sdc_mode, sdc_scale,
-                          vmc, update_v_sum, floor_max, fused, two_pass, num_splits, block_n, num_warps, num_stages, chunk, block_v)
+                          vmc, update_v_sum, floor_max, fused, two_pass, num_splits, block_n, num_warps, num_stages,
+                          chunk, block_v, combine_warps)
 
 
 @_decode_op.register_fake
 def _(q, k, v, theta, sdc_term, v_sum, lengths, scale, k_keep, theta_mode, sdc_mode, sdc_scale, vmc, update_v_sum,
-      floor_max,
-      fused, two_pass, num_splits, block_n, num_warps, num_stages, chunk, block_v):
+      floor_max, fused, two_pass, num_splits, block_n, num_warps, num_stages, chunk, block_v, combine_warps):
     B, Hq, _, D = q.shape
     return q.new_empty(B, Hq, 1, D), torch.empty(2 * B * Hq + B * k.shape[1], dtype=torch.int32, device=q.device)
 
@@ -761,10 +771,9 @@ def _(q, k, v, theta, sdc_term, v_sum, lengths, scale, k_keep, theta_mode, sdc_m
 def topθ_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch.Tensor | None, *,
                 config: SparseConfig, k_keep: int, sdc_term: torch.Tensor | None = None,
                 v_sum: torch.Tensor | None = None, update_v_sum: bool = False, lengths: torch.Tensor | None = None,
-                scale: float | None = None,
-                fused: bool | None = None, two_pass: bool | None = None, num_splits: int = 0, block_n: int = 0,
-                num_warps: int = 0, num_stages: int = 0, chunk: int = 0, block_v: int = 0
-                ) -> tuple[torch.Tensor, KernelCounts]:
+                scale: float | None = None, fused: bool | None = None, two_pass: bool | None = None,
+                num_splits: int = 0, block_n: int = 0, num_warps: int = 0, num_stages: int = 0, chunk: int = 0,
+                block_v: int = 0, combine_warps: int = 0) -> tuple[torch.Tensor, KernelCounts]:
     """Top-θ attention of one new query token per sequence against the whole cache.
 
     Args:
@@ -788,8 +797,8 @@ def topθ_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch
         fused: one launch (the last split merges) or two (splits, then a combine kernel);
             ``None`` takes the form :func:`decode_plan` picks for the shape.
         two_pass: key loop (K pass + kept-V gather, or V inside the K loop); ``None``: the plan's.
-        num_splits, block_n, num_warps, num_stages, chunk, block_v: launch configuration; 0 takes
-            the tuned :func:`decode_plan` value.
+        num_splits, block_n, num_warps, num_stages, chunk, block_v, combine_warps: launch
+            configuration; 0 takes the tuned :func:`decode_plan` value.
     Returns:
         out (B, Hq, 1, d) in q's dtype, and :class:`KernelCounts`.
     """
@@ -809,8 +818,7 @@ def topθ_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: torch
     op = torch.ops.toptheta.decode if torch.compiler.is_compiling() else _decode_launch
     out, counts = op(q, k, v, theta, sdc_term, v_sum, lengths, float(d ** -0.5 if scale is None else scale),
                      int(k_keep), int(theta_kind), int(var.sdc), var.sdc_scale, var.vmc, bool(update_v_sum),
-                     var.floor_max, fused,
-                     two_pass, int(num_splits), int(block_n), int(num_warps), int(num_stages), int(chunk),
-                     int(block_v))
+                     var.floor_max, fused, two_pass, int(num_splits), int(block_n), int(num_warps), int(num_stages),
+                     int(chunk), int(block_v), int(combine_warps))
     kept, empty, kv = counts.split((B * Hq, B * Hq, B * Hkv))
     return out, KernelCounts(kept=kept.view(B, Hq), empty=empty.view(B, Hq), kept_v_rows=kv.view(B, Hkv))
