@@ -271,12 +271,12 @@ def test_decode_plan_forms():
 
 def test_decode_plan_splits(monkeypatch):
     """Split counts on an H200's 132 SMs: latency-bound, two programs of 4 warps per SM and splits of at
-    least 128 keys; bandwidth-bound, 8 programs per SM but at most 64 splits per (batch, KV head)."""
+    least one 64-key block; bandwidth-bound, 8 programs per SM but at most 64 splits per (batch, KV head)."""
     monkeypatch.setattr(decode_mod, "_sm_count", lambda device: 132)
     dev = torch.device("cpu")
     splits = lambda B, Hkv, N: decode_mod.decode_plan(B, Hkv, N, dev).splits  # noqa: E731
-    assert splits(1, 8, 16384) == 33 and splits(1, 8, 4096) == 32  # ⌈2·132 / 8⌉; 4096 / 128
-    assert splits(1, 3, 8000) == 63  # SmolLM2: ⌈8000 / 128⌉ < ⌈2·132 / 3⌉
+    assert splits(1, 8, 16384) == splits(1, 8, 4096) == 33  # ⌈2·132 / 8⌉
+    assert splits(1, 3, 2048) == 32  # SmolLM2: ⌈2048 / 64⌉ < ⌈2·132 / 3⌉ = 88
     assert splits(8, 8, 16384) == 17  # ⌈8·132 / 64⌉
     assert splits(1, 8, 131072) == decode_mod.BW_MAX_SPLITS == 64  # ⌈8·132 / 8⌉ = 132, capped
 

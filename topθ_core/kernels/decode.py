@@ -611,11 +611,11 @@ def decode_plan(B: int, Hkv: int, N: int, device: torch.device) -> DecodePlan:
     step runs them; results/kernels.md):
     * B·Hkv·N ≤ :data:`FUSED_MAX_KV_ROWS` (latency-bound): fused, about two programs of 4 warps per
       SM (8 warps, when B·Hkv > 16 programs of 2 warps), splits of at least :data:`LAT_MIN_SPLIT`
-      keys.
+      keys (one block).
     * larger (bandwidth-bound): two launches, 64 keys, 2 warps, 3 stages, 8 programs per SM but at
-      most :data:`BW_MAX_SPLITS` splits per (batch, KV head): the combine program of a (batch, KV
-      head) merges its splits alone, and at B = 1, N = 128k its 132 splits cost 14 µs of a 123 µs
-      layer (run 16).
+      most :data:`BW_MAX_SPLITS` splits per (batch, KV head), merged by a combine program of
+      :data:`BW_COMBINE_WARPS` warps: each (batch, KV head)'s splits are merged by one program, and
+      at B = 1, N = 128k its 132 splits took 14 µs of a 123 µs layer (run 16).
     * the one-pass key loop everywhere: the two-pass loop measured slower at every shape (run 12,
       results/kernels.md), so it is an option (``two_pass=True``), not the plan.
     """
@@ -627,9 +627,13 @@ def decode_plan(B: int, Hkv: int, N: int, device: torch.device) -> DecodePlan:
     return DecodePlan(False, splits, 64, 2, 3, combine_warps=BW_COMBINE_WARPS)
 
 
-LAT_MIN_SPLIT = 128  # keys; 256 until run 16 (SmolLM2, 3 KV heads at N = 8000: 13.0 → 11.8 µs per layer)
+# Run 17 (results/decode_layers_H200.csv): splits of one 64-key block at least (256 before): SmolLM2 (3 KV
+# heads) 13.0 → 11.7 µs per layer at N = 8000 and 7.8 → 6.5 at N = 2048, the same at d 128; at most 64
+# splits (132 before) and 8 warps (4 before) in the combine: 123.6 → 104.9 µs per layer at B = 1, N = 128k,
+# 77.3 → 58.9 at N = 64k, 107.6 → 106.5 at B = 8, N = 16k.
+LAT_MIN_SPLIT = 64
 BW_MAX_SPLITS = 64
-BW_COMBINE_WARPS = 4
+BW_COMBINE_WARPS = 8
 
 
 _TICKETS: dict[tuple, torch.Tensor] = {}
