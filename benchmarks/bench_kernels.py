@@ -721,7 +721,8 @@ def _profile_sides(sides: dict, steps: int, path: Path) -> None:
 
 
 def use_plan(path: Path) -> None:
-    """Replace ``decode_plan`` by the tuned configurations of ``tune_decode.py --best-json`` (same form rule)."""
+    """Replace ``decode_plan`` by the tuned configurations of ``tune_decode.py --best-json`` or
+    ``tune_decode_layers.py --best-json`` (same form rule; a class the file lacks keeps the shipped plan)."""
     import json
 
     from topθ_core.kernels import decode as decode_mod
@@ -729,10 +730,19 @@ def use_plan(path: Path) -> None:
     best = json.loads(path.read_text())
 
     def plan(B, Hkv, N, device):
-        c = best["lat" if B * Hkv * N <= decode_mod.FUSED_MAX_KV_ROWS else "bw"]
-        splits = decode_mod.decode_splits(B, Hkv, N, c["block_n"], device, waves=c["waves"])
+        kind = "lat" if B * Hkv * N <= decode_mod.FUSED_MAX_KV_ROWS else "bw"
+        if kind not in best:
+            return shipped(B, Hkv, N, device)
+        c = best[kind]
+        if "min_split" in c:  # tune_decode_layers.py's configurations
+            per_kv = triton.cdiv(c["waves"] * decode_mod._sm_count(device), B * Hkv)
+            splits = max(1, min(triton.cdiv(N, c["min_split"]), per_kv, c["max_splits"]))
+        else:
+            splits = decode_mod.decode_splits(B, Hkv, N, c["block_n"], device, waves=c["waves"])
         return decode_mod.DecodePlan(c["fused"], splits, c["block_n"], c["num_warps"], c["num_stages"],
-                                     c["two_pass"], c["chunk"], c["block_v"])
+                                     c["two_pass"], c["chunk"], c["block_v"], c.get("combine_warps", 4))
+
+    shipped = decode_mod.decode_plan
 
     decode_mod.decode_plan = plan
     NOTES.append(f"decode plan from {path.name}: {best}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import json
 import os
 import sys
 from pathlib import Path
@@ -77,6 +78,10 @@ class Cfg(NamedTuple):
 
 LAT = [Cfg(True, 64, 4, 3, 2, 256), Cfg(True, 64, 4, 3, 2, 128), Cfg(True, 64, 4, 3, 2, 64), Cfg(True, 64, 4, 3, 1, 64),
        Cfg(True, 64, 2, 3, 4, 256), Cfg(True, 64, 2, 3, 4, 128), Cfg(True, 64, 4, 3, 3, 128)]
+# latency-bound shapes in other forms: two launches, more warps or stages, wider blocks (--lat-forms)
+LAT_FORMS = [Cfg(True, 64, 4, 3, 2), Cfg(False, 64, 2, 3, 8, combine_warps=8), Cfg(False, 64, 4, 3, 2, combine_warps=8),
+             Cfg(False, 64, 2, 3, 4, combine_warps=8), Cfg(True, 64, 4, 4, 2), Cfg(True, 128, 8, 3, 2),
+             Cfg(True, 64, 8, 3, 1), Cfg(True, 128, 4, 3, 2), Cfg(True, 64, 4, 3, 2, max_splits=16)]
 BW = [Cfg(False, 64, 2, 3, 8), Cfg(False, 64, 2, 3, 8, max_splits=64), Cfg(False, 64, 2, 3, 8, max_splits=32),
       Cfg(False, 64, 2, 3, 8, max_splits=64, combine_warps=8), Cfg(False, 64, 2, 3, 8, combine_warps=8),
       Cfg(False, 64, 2, 3, 4)]
@@ -156,11 +161,20 @@ def main():
     ap.add_argument("--compile-only", action="store_true")
     ap.add_argument("--part", type=int, default=0)
     ap.add_argument("--parts", type=int, default=1)
+    ap.add_argument("--shapes", nargs="*", default=[], help="only these shapes, as MODEL:B:N")
+    ap.add_argument("--lat-forms", action="store_true", help="latency-bound shapes: LAT_FORMS instead of LAT")
+    ap.add_argument("--best-json", type=Path, default=None,
+                    help="write the fastest configuration per class (geometric mean over the class's d-128 shapes) "
+                         "for bench_kernels.py --plan-json")
     args = ap.parse_args()
+    if args.shapes:
+        SHAPES[:] = [s for s in SHAPES if f"{s[0]}:{s[1]}:{s[2]}" in args.shapes]
+    if args.lat_forms:
+        LAT[:] = LAT_FORMS
     if args.compile_only:
         compile_only(args.part, args.parts)
         return
-    name, rows = card(), []
+    name, rows, configs = card(), [], {}
     for label, B, N, Hq, Hkv, d in SHAPES:
         kind = kind_of(B, Hkv, N)
         layers = make_layers(B, N, Hq, Hkv, d, LAYERS)
@@ -193,6 +207,8 @@ def main():
         tb = sum(t_base) / len(t_base) / LAYERS
         del g_base
         for t, c, err, fv in res:
+            if c is not None:
+                configs[c.label()] = c
             rows.append(dict(card=name, run=args.run, kind=kind, model=label,
                              config=f"plan (splits {plan.splits}, warps {plan.num_warps})" if c is None else c.label(),
                              splits=plan.splits if c is None else c.splits(B, Hkv, N, q.device),
@@ -213,6 +229,27 @@ def main():
         w.writeheader()
         w.writerows(rows)
     log(f"wrote {path}")
+    if args.best_json is not None:
+        args.best_json.write_text(json.dumps(best_configs(rows, configs), indent=1))
+        log(f"best: {args.best_json.read_text()}")
+
+
+def best_configs(rows: list[dict], configs: dict) -> dict:
+    """Per class (lat, bw): the configuration with the best geometric-mean speed-up over its d-128 shapes."""
+    import math
+
+    best = {}
+    for kind in ("lat", "bw"):
+        score: dict[str, list[float]] = {}
+        for r in rows:
+            if r["kind"] == kind and r["d"] == 128 and r["config"] in configs:
+                score.setdefault(r["config"], []).append(math.log(r["speedup"]))
+        if score:
+            n = max(len(v) for v in score.values())
+            label = max((k for k, v in score.items() if len(v) == n), key=lambda k: sum(score[k]))
+            best[kind] = dict(configs[label]._asdict(), two_pass=False, chunk=1024, block_v=32, label=label,
+                              geomean_speedup=math.exp(sum(score[label]) / n))
+    return best
 
 
 if __name__ == "__main__":
