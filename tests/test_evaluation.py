@@ -352,6 +352,19 @@ def test_run_task_arc_and_lambada(lm):
     assert set(r.summary["metric"]) == {"acc", "ppl"}
 
 
+def test_arms_checked_once_not_per_model_call(lm, monkeypatch):
+    """A sparse arm's model check (a weight sample read back from the device) runs once per evaluation,
+    before any work, not in each of the many model calls of the items."""
+    from topθ_core import integration
+
+    calls = []
+    real = integration.model_fingerprint
+    monkeypatch.setattr(integration, "model_fingerprint", lambda m: calls.append(1) or real(m))
+    r = ev.run_task(lm, "arc_easy", 3, TOPK4, None)
+    assert (r.summary["n"] == 3).all()
+    assert len(calls) == 1
+
+
 def test_thresholds_for_another_model_refused(lm):
     from topθ_core.calibration import calibrate
     from topθ_core.config import CalibrationConfig

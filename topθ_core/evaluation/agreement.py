@@ -73,7 +73,7 @@ class AgreementTask(PairedTask):
             if u.kind == "teacher-forced":
                 x = u.ids.view(1, -1).to(model_device(model))
                 with torch.inference_mode():
-                    logits = state.arm.run(model, lambda: project(base(input_ids=x, use_cache=False).last_hidden_state[0]),
+                    logits = state.arm.run(lambda: project(base(input_ids=x, use_cache=False).last_hidden_state[0]),
                                            state.counter, u.ids.numel())
                 if state.arm.dense:
                     out.append({"logits": logits})

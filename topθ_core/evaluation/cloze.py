@@ -50,7 +50,7 @@ class ClozeTask(PairedTask):
         requests = [self._requests[x.id] for x in units]
         with torch.inference_mode():
             res = score_requests(lm.model, requests, max_rows=self.max_rows, max_tokens=self.max_tokens,
-                                 call=lambda fn, seq_len, n: state.arm.run(lm.model, fn, state.counter, seq_len))
+                                 call=lambda fn, seq_len, n: state.arm.run(fn, state.counter, seq_len))
         tick(len(requests))
         return [{"ll": ll, "greedy": bool(g)} for ll, g in res]
 

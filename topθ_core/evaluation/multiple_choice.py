@@ -113,7 +113,7 @@ class MultipleChoiceTask(PairedTask):
         if "prefix" not in state.scratch:
             probe = KeptCounter(state.counter.ks)
             with torch.inference_mode():
-                pc = state.arm.run(lm.model, lambda: cache_prefix(lm.model, self.prefix), probe,
+                pc = state.arm.run(lambda: cache_prefix(lm.model, self.prefix), probe,
                                    self.prefix.numel())
             state.scratch["prefix"] = (pc, probe.frames)
         return state.scratch["prefix"]
@@ -133,7 +133,7 @@ class MultipleChoiceTask(PairedTask):
             res = score_requests(lm.model, requests, groups=groups, prefix=self.prefix,
                                  prefix_cache=None if prefix is None else prefix[0], max_rows=self.max_rows,
                                  max_tokens=self.max_tokens,
-                                 call=lambda fn, seq_len, n: state.arm.run(lm.model, fn, state.counter, seq_len))
+                                 call=lambda fn, seq_len, n: state.arm.run(fn, state.counter, seq_len))
         tick(len(requests))
         out, k = [], 0
         for item in units:

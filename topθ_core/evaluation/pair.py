@@ -51,12 +51,16 @@ class Arm:
     def label(self) -> str:
         return self.config.label()
 
-    def run(self, model, fn: Callable, counter: KeptCounter | None, seq_len: int, weight: int = 1):
-        """Call ``fn()`` (one model call) in this arm's attention; a sparse arm records what it kept."""
+    def run(self, fn: Callable, counter: KeptCounter | None, seq_len: int, weight: int = 1):
+        """Call ``fn()`` (one model call) in this arm's attention; a sparse arm records what it kept.
+
+        The arm's thresholds and k schedule are checked against the model once, by :meth:`check`, before
+        any work (:func:`stream_task` does it), not here: the check reads a weight sample back from the
+        device, once per model call otherwise."""
         if self.dense:
             return fn()
         m = SparsityMetrics()
-        with sparse_run(self.config, self.thresholds, model=model, metrics=m):
+        with sparse_run(self.config, self.thresholds, metrics=m):
             out = fn()
         if counter is not None:
             counter.add(m.to_frame(), seq_len, weight)

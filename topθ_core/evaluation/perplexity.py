@@ -106,7 +106,7 @@ class PerplexityTask(PairedTask):
                 counter = KeptCounter(state.counter.ks)
                 for begin, score_from, end in doc.windows:
                     w = doc.ids[begin:end]
-                    nll += float(state.arm.run(lm.model, lambda: token_nll(lm.model, w, score_from - begin).sum(),
+                    nll += float(state.arm.run(lambda: token_nll(lm.model, w, score_from - begin).sum(),
                                                counter, w.numel()))
                     tick(end - score_from)
                 state.counter.merge(counter)

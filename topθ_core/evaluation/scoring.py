@@ -207,9 +207,13 @@ def score_requests(model, requests: Sequence[Request], *, prefix: torch.Tensor |
         tgt = cont_ids.to(dev)[cont_valid]
         tok_lp = logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1).double()
         greedy = logp.argmax(-1) == tgt
-        counts = cont_valid.sum(1).tolist()
-        for r, (lp, gr) in enumerate(zip(tok_lp.split(counts), greedy.split(counts))):
-            results[rows[r]] = (float(lp.sum()), bool(gr.all()))
+        # per row: Σ log p and "every token greedy", summed on the device, read back once per batch
+        row_of = torch.arange(cont_valid.shape[0], device=dev).unsqueeze(1).expand_as(cont_valid)[cont_valid]
+        lp_sum = torch.zeros(cont_valid.shape[0], dtype=torch.float64, device=dev).index_add_(0, row_of, tok_lp)
+        misses = torch.zeros(cont_valid.shape[0], dtype=torch.long, device=dev).index_add_(0, row_of,
+                                                                                           (~greedy).long())
+        for r, (lp, miss) in enumerate(zip(lp_sum.tolist(), misses.tolist())):
+            results[rows[r]] = (lp, miss == 0)
 
     n_rows = n_tok = 0
     for g in order:
