@@ -160,7 +160,7 @@ def run_decode(args, bw):
         row_max = scores.amax(-1)
         base_fn, be = sdpa_best(q, k, v, False)
         kv_bytes = 2 * B * Hkv * N * d * 2
-        plan = decode_plan(B, Hkv, N, q.device)
+        plan = decode_plan(B, Hkv, N, q.device, d)
         form = ("fused" if plan.fused else "two-launch") + (" two-pass" if plan.two_pass else " one-pass")
         for f in (1.0, 1 / 3, 0.15, 0.05):
             p = 1 - (1 - f) ** (1 / g)
@@ -729,10 +729,10 @@ def use_plan(path: Path) -> None:
 
     best = json.loads(path.read_text())
 
-    def plan(B, Hkv, N, device):
+    def plan(B, Hkv, N, device, d):
         kind = "lat" if B * Hkv * N <= decode_mod.FUSED_MAX_KV_ROWS else "bw"
         if kind not in best:
-            return shipped(B, Hkv, N, device)
+            return shipped(B, Hkv, N, device, d)
         c = best[kind]
         if "min_split" in c:  # tune_decode_layers.py's configurations
             per_kv = triton.cdiv(c["waves"] * decode_mod._sm_count(device), B * Hkv)

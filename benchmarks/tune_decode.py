@@ -166,7 +166,7 @@ def sweep(name: str, kind: str, run: str) -> list[dict]:
     for B, N in shapes:
         q, k, v, theta, sdc, vsum = make(B, N, fs)
         base_fn, be = sdpa_best(q, k, v, False)
-        plan = decode_plan(B, 8, N, q.device)
+        plan = decode_plan(B, 8, N, q.device, 128)
         refs = {f: topθ_decode_ref(q[:4], k[:4], v[:4], theta[f][:4], config=CFG, k_keep=64, sdc_term=sdc[:4])[0]
                 for f in fs}
         res: dict[float, list] = {f: [] for f in fs}

@@ -189,7 +189,7 @@ def main():
 
         g_base = graph_of(sdpa_all)
         t_base = [time_graph(g_base)]
-        plan = decode_plan(B, Hkv, N, q.device)
+        plan = decode_plan(B, Hkv, N, q.device, d)
         res = []
         for c in [None] + (LAT if kind == "lat" else BW):
             try:

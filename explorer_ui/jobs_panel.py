@@ -33,18 +33,21 @@ def board() -> JobBoard:
     return st.session_state[K.JOBS]
 
 
-def job_of(key: str) -> Job | None:
-    """The job whose id a page keeps under ``key``."""
-    job_id = st.session_state.get(key)
-    return board().get(job_id) if job_id else None
+def page_job(page: str) -> Job | None:
+    """The job a page shows: the last one started from it (``page`` as in :data:`PAGE_TITLES`)."""
+    return board().latest(page)
 
 
-def _on_finish(job: Job) -> None:
-    """Once, when the panel first sees a job ended: a finished calibration becomes the active set."""
+def finish(job: Job | None) -> None:
+    """Once per job, by whichever first sees it ended (the jobs panel, or the page that shows it): a
+    finished calibration becomes the active threshold set, and the whole app is drawn again (the
+    sidebar's active set, the page's controls and result)."""
+    if job is None or job.active or job.announced:
+        return
     job.announced = True
     if job.state is JobState.DONE and job.kind == "calibrate" and isinstance(job.result, dict):
         st.session_state[K.PENDING_ACTIVE_RUN] = job.result.get("name")
-        st.rerun(scope="app")
+    st.rerun(scope="app")
 
 
 def render_jobs_panel() -> None:
@@ -67,8 +70,7 @@ def render_jobs_panel() -> None:
                            width="stretch")
             else:
                 box.caption(job.status_text())
-                if not job.announced:
-                    _on_finish(job)
+                finish(job)
         if run_every is not None and not jobs.any_active:
             st.rerun(scope="app")  # the last job ended: redraw the page once, then stop polling
 

@@ -23,7 +23,8 @@ What each headline row is (per card, from the card's latest ``run`` of that kind
   of the small, host-bound shapes are mostly launch overhead), else eager.
 * **prefill**: ``kernel == "prefill"`` rows at the largest N of the latest run, the one whose kept element
   fraction is nearest 10% (the prefill target is set at 10% kept).
-* **end to end**: one row per (kernel, data, B, N) of the latest run; of the baselines measured for a shape,
+* **end to end**: one row per (kernel, data, B, N), from the latest run that measured that shape (a later
+  run may re-measure some shapes only); of the baselines measured for a shape,
   the fastest (most baseline tokens/s, else least ``baseline_ms``) is the one compared against, never a
   slower straw man.
 
@@ -83,6 +84,15 @@ def _latest(df: pd.DataFrame) -> pd.DataFrame:
     if df.empty or runs.isna().all():
         return df
     return df[runs == runs.max()]
+
+
+def _latest_per_shape(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Each shape's rows from the latest run that measured it (a later run may re-measure only some shapes)."""
+    runs = _num(df, "run")
+    if df.empty or runs.isna().all() or not keys:
+        return _latest(df)
+    newest = runs.groupby([df[k] for k in keys], dropna=False).transform("max")
+    return df[runs == newest]
 
 
 def _tokens(n) -> str:
@@ -161,7 +171,7 @@ def _prefill(card: str, rows: pd.DataFrame) -> list[dict]:
 
 
 def _e2e(card: str, rows: pd.DataFrame) -> list[dict]:
-    rows = _latest(rows)
+    rows = _latest_per_shape(rows, [c for c in ("kernel", "data", "B", "N") if c in rows])
     if rows.empty:
         return [_missing(card, "end to end")]
     rows = rows.copy()

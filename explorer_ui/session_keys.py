@@ -40,7 +40,6 @@ CAL_VMC = "cal_vmc"
 CAL_NAME = "cal_name"
 CAL_RUN = "cal_run"  # button
 CAL_CANCEL = "cal_cancel"  # button
-CAL_JOB = "cal_job"  # not a widget: id of the calibration job whose result this page shows
 
 # ---- Thresholds -------------------------------------------------------------------------
 TH_RUN = "th_run"
@@ -84,7 +83,6 @@ ACC_TOKEN_CAP = "acc_token_cap"  # perplexity: tokens in all, at most
 ACC_MATRIX_SDC = "acc_matrix_sdc"  # variant matrix: SDC variants (multiselect)
 ACC_MATRIX_VMC = "acc_matrix_vmc"  # variant matrix: VMC on/off (multiselect)
 ACC_MATRIX_K = "acc_matrix_k"  # variant matrix: k values (text, e.g. "32,64")
-ACC_JOB = "acc_job"  # not a widget: id of the evaluation job this page shows
 
 # ---- Compare ----------------------------------------------------------------------------
 CMP_SAMPLE = "cmp_sample"
@@ -94,7 +92,6 @@ CMP_CHAT = "cmp_chat"
 CMP_RUN = "cmp_run"  # button
 CMP_STOP = "cmp_stop"  # button
 CMP_SAMPLE_APPLIED = "cmp_sample_applied"  # not a widget: the sample last copied into the prompt
-CMP_JOB = "cmp_job"  # not a widget: id of the generation job this page shows
 
 # ---- Kernels ----------------------------------------------------------------------------
 KER_RUN = "ker_run"  # button

@@ -9,7 +9,7 @@ from explorer_ui import figures, runs, services, state
 from explorer_ui import session_keys as K
 from explorer_ui.controls import sparse_config_controls
 from explorer_ui.jobs import JobState
-from explorer_ui.jobs_panel import POLL_S, board, job_of
+from explorer_ui.jobs_panel import POLL_S, board, finish, page_job
 from explorer_ui.sidebar import require_model
 from topθ_core import evaluation, tasks
 from topθ_core.config import ConfigError, SDC
@@ -85,7 +85,7 @@ with tab_run:
         st.caption(est.text(UNITS[kind]))
 
     jobs = board()
-    job = job_of(K.ACC_JOB)
+    job = page_job("accuracy")
     running = job is not None and job.active
     b1, b2, b3, _ = st.columns([1, 1, 2, 2])
     run = b1.button("Run", type="primary", key=K.ACC_RUN, width="stretch", disabled=not configs or built is None)
@@ -116,8 +116,7 @@ with tab_run:
             return {"update": last, "saved": saved}
 
         label = f"{task} · {len(configs)} variant{'s' if len(configs) > 1 else ''}"
-        job = jobs.submit("evaluate", label, "accuracy", work, inputs=inputs, replace=True)
-        st.session_state[K.ACC_JOB] = job.id
+        jobs.submit("evaluate", label, "accuracy", work, inputs=inputs, replace=True)
         st.rerun()  # draw the app again: the sidebar's jobs panel lists the new job and polls it
     elif live and changed and est is not None and not running:
         st.info("Settings changed since the result below. " + ("Press **Run**: the estimate is longer than live "
@@ -173,11 +172,9 @@ with tab_run:
             st.caption(f":material/info: {note}")
         if job.state is JobState.DONE and job is shown:
             st.caption(f"Saved {len(job.result['saved'])} result file(s) under {runs.results_folder()}.")
-        if not job.active and not job.announced:  # the run ended while this page was open
-            job.announced = True
-            st.rerun(scope="app")
+        finish(job)  # the run ended while this page was open
 
-    _results(st.session_state.get(K.ACC_JOB), inputs)
+    _results(job.id if job else None, inputs)
 
 with tab_trade:
     results = services.saved_results()

@@ -6,7 +6,7 @@ import streamlit as st
 
 from explorer_ui import analysis, controls, figures, runs, services, state
 from explorer_ui.jobs import JobState
-from explorer_ui.jobs_panel import POLL_S, board, job_of
+from explorer_ui.jobs_panel import POLL_S, board, finish, page_job
 from explorer_ui import session_keys as K
 from explorer_ui.sidebar import require_model
 from explorer_ui.uploads import EXTENSIONS, MAX_UPLOAD_MB, UploadError, parse_upload
@@ -114,7 +114,7 @@ if cal_error:
 # ---------------------------------------------------------------- run
 st.subheader("3 · Run")
 jobs = board()
-job = job_of(K.CAL_JOB)
+job = page_job("calibrate")
 running = job is not None and job.active
 r1, r2, r3 = st.columns([2, 1, 1])
 run_name = r1.text_input("Run name", key=K.CAL_NAME, placeholder="automatic, e.g. "
@@ -146,8 +146,7 @@ if run and cal_config is not None and not running:
         return {"name": name, "path": str(path), "seconds": job.elapsed, "rows": th.meta.get("rows_sampled"),
                 "tokens": th.meta.get("tokens")}
 
-    job = jobs.submit("calibrate", f"calibrate {name}", "calibrate", work, inputs={"name": name})
-    st.session_state[K.CAL_JOB] = job.id
+    jobs.submit("calibrate", f"calibrate {name}", "calibrate", work, inputs={"name": name})
     st.rerun()  # draw the app again: the sidebar's jobs panel lists the new job and polls it
 
 
@@ -176,14 +175,10 @@ def _status(job_id: str | None) -> None:
         st.download_button("Download thresholds (.zip)", data=partial(runs.zip_run, last["path"]),
                            file_name=f"{last['name']}.zip", mime="application/zip", key="cal_download",
                            icon=":material/download:", on_click="ignore")
-    if not job.announced:  # ended while this page was open: redraw the app (sidebar: the new active set)
-        job.announced = True
-        if job.state is JobState.DONE:
-            st.session_state[K.PENDING_ACTIVE_RUN] = job.result["name"]
-        st.rerun(scope="app")
+    finish(job)  # ended while this page was open: the sidebar shows the new active set
 
 
-_status(st.session_state.get(K.CAL_JOB))
+_status(job.id if job else None)
 
 with st.expander("Saved runs", expanded=False):
     table_runs = ctx.runs.drop(columns=["path", "mtime", "digest"]) if len(ctx.runs) else ctx.runs

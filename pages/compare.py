@@ -9,7 +9,7 @@ from explorer_ui import figures, render, state
 from explorer_ui import session_keys as K
 from explorer_ui.controls import sample_prompt_picker, sparse_config_controls
 from explorer_ui.jobs import JobState
-from explorer_ui.jobs_panel import POLL_S, board, job_of
+from explorer_ui.jobs_panel import POLL_S, board, finish, page_job
 from explorer_ui.sidebar import require_model
 from topθ_core.generation import compare_generate
 
@@ -38,7 +38,7 @@ if err:
 inputs = {"model": ctx.model_key, "thresholds": ctx.run_key, "prompt": prompt, "max_new": int(max_new),
           "chat": bool(chat and has_template), "config": json.dumps(config.to_dict(), sort_keys=True),
           "label": config.label()}
-job = job_of(K.CMP_JOB)
+job = page_job("compare")
 running = job is not None and job.active
 b1, b2, _ = st.columns([1, 1, 4])
 run = b1.button("Generate", type="primary", key=K.CMP_RUN, width="stretch", disabled=not prompt.strip() or running)
@@ -59,9 +59,7 @@ if run and prompt.strip() and not running:
                 break
         return {"steps": steps, "stopped": job.should_stop()}
 
-    job = board().submit("generate", f"generate {int(max_new)} tokens", "compare", work, inputs=inputs,
-                         replace=True)
-    st.session_state[K.CMP_JOB] = job.id
+    board().submit("generate", f"generate {int(max_new)} tokens", "compare", work, inputs=inputs, replace=True)
     st.rerun()  # draw the app again: the sidebar's jobs panel lists the new job and polls it
 
 
@@ -103,9 +101,7 @@ def _streams(job_id, inputs) -> None:
                 help="both streams timed in the same run on this device")
     if not job.active:
         st.plotly_chart(figures.compare_steps_chart(df), width="stretch", key="cmp_chart")
-        if not job.announced:
-            job.announced = True
-            st.rerun(scope="app")
+        finish(job)
 
 
-_streams(st.session_state.get(K.CMP_JOB), inputs)
+_streams(job.id if job else None, inputs)

@@ -260,25 +260,31 @@ def test_decode_tickets_reset_interpret():
 
 def test_decode_plan_forms():
     """The plan takes the fused launch up to FUSED_MAX_KV_ROWS = B·Hkv·N and two launches above
-    (bench_kernels' decode shapes: 32/8 heads)."""
+    (bench_kernels' decode shapes: 32/8 heads, and SmolLM2's 9/3 at d 64), except for few programs at
+    d 128 (B·Hkv ≤ 16: a single sequence of an 8-KV-head model), which take two launches throughout."""
     cpu_dev = torch.device("cpu")
-    fused = {(B, N): decode_mod.decode_plan(B, 8, N, cpu_dev).fused
-             for B in (1, 8, 32) for N in (4096, 16384, 32768)}
-    assert {s for s, f in fused.items() if f} == {(1, 4096), (1, 16384), (1, 32768), (8, 4096)}
-    assert decode_mod.decode_plan(1, 1, decode_mod.FUSED_MAX_KV_ROWS, cpu_dev).fused
-    assert not decode_mod.decode_plan(1, 1, decode_mod.FUSED_MAX_KV_ROWS + 1, cpu_dev).fused
+    for d, fused_shapes in ((64, {(1, 4096), (1, 16384), (1, 32768), (8, 4096)}), (128, {(8, 4096)})):
+        fused = {(B, N): decode_mod.decode_plan(B, 8, N, cpu_dev, d).fused
+                 for B in (1, 8, 32) for N in (4096, 16384, 32768)}
+        assert {s for s, f in fused.items() if f} == fused_shapes, d
+    assert decode_mod.decode_plan(1, 1, decode_mod.FUSED_MAX_KV_ROWS, cpu_dev, 64).fused
+    assert not decode_mod.decode_plan(1, 1, decode_mod.FUSED_MAX_KV_ROWS + 1, cpu_dev, 64).fused
+    assert decode_mod.decode_plan(3, 8, 4096, cpu_dev, 128).fused  # B·Hkv = 24 > 16
 
 
 def test_decode_plan_splits(monkeypatch):
-    """Split counts on an H200's 132 SMs: latency-bound, two programs of 4 warps per SM and splits of at
-    least one 64-key block; bandwidth-bound, 8 programs per SM but at most 64 splits per (batch, KV head)."""
+    """Split counts on an H200's 132 SMs: latency-bound, two programs of 4 warps per SM (d 128 with
+    B·Hkv ≤ 16: four programs of 2 warps, two launches) and splits of at least one 64-key block;
+    bandwidth-bound, 8 programs per SM but at most 64 splits per (batch, KV head)."""
     monkeypatch.setattr(decode_mod, "_sm_count", lambda device: 132)
     dev = torch.device("cpu")
-    splits = lambda B, Hkv, N: decode_mod.decode_plan(B, Hkv, N, dev).splits  # noqa: E731
-    assert splits(1, 8, 16384) == splits(1, 8, 4096) == 33  # ⌈2·132 / 8⌉
-    assert splits(1, 3, 2048) == 32  # SmolLM2: ⌈2048 / 64⌉ < ⌈2·132 / 3⌉ = 88
-    assert splits(8, 8, 16384) == 17  # ⌈8·132 / 64⌉
-    assert splits(1, 8, 131072) == decode_mod.BW_MAX_SPLITS == 64  # ⌈8·132 / 8⌉ = 132, capped
+    plan = lambda B, Hkv, N, d=128: decode_mod.decode_plan(B, Hkv, N, dev, d)  # noqa: E731
+    assert plan(1, 8, 16384).splits == 66 and plan(1, 8, 4096).splits == 64  # ⌈4·132 / 8⌉; 4096 / 64
+    assert plan(1, 8, 16384).combine_warps == decode_mod.BW_COMBINE_WARPS == 8
+    assert plan(1, 8, 16384, 64).splits == 33  # fused: ⌈2·132 / 8⌉
+    assert plan(1, 3, 2048, 64).splits == 32  # SmolLM2: ⌈2048 / 64⌉ < ⌈2·132 / 3⌉ = 88
+    assert plan(8, 8, 16384).splits == 17  # ⌈8·132 / 64⌉
+    assert plan(1, 8, 131072).splits == decode_mod.BW_MAX_SPLITS == 64  # ⌈8·132 / 8⌉ = 132, capped
 
 
 class _LaunchSpy:
@@ -305,7 +311,7 @@ def test_decode_plan_dispatch_interpret(monkeypatch):
         for spy in spies.values():
             spy.grids.clear()
         _run_decode(2, 4, 2, N, 64, torch.float16, "cpu", VARIANTS[1], k_keep=4)
-        S = decode_mod.decode_plan(2, 2, N, torch.device("cpu")).splits
+        S = decode_mod.decode_plan(2, 2, N, torch.device("cpu"), 64).splits
         assert spies["_decode_fused_kernel"].grids == ([(4, S)] if fused else [])
         assert spies["_decode_split_kernel"].grids == ([] if fused else [(4, S)])
         assert spies["_decode_combine_kernel"].grids == ([] if fused else [(4,)])
@@ -542,9 +548,10 @@ def test_decode_splits_gpu(splits, form):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs CUDA (compiled Triton)")
 def test_decode_plan_gpu():
-    """The plan's defaults on each side of the threshold: fused (B·Hkv·N ≤ 2^18), two launches."""
-    for B, N, fused in ((8, 4096, True), (1, 32768, True), (32, 2048, False), (4, 20000, False)):
-        assert decode_mod.decode_plan(B, 8, N, torch.device("cuda")).fused == fused
+    """The plan's defaults on each side of the threshold: fused (B·Hkv·N ≤ 2^18, B·Hkv > 16 at d 128), two
+    launches (above it, or a single sequence at d 128)."""
+    for B, N, fused in ((8, 4096, True), (1, 32768, False), (32, 2048, False), (4, 20000, False)):
+        assert decode_mod.decode_plan(B, 8, N, torch.device("cuda"), 128).fused == fused
         _run_decode(B, 32, 8, N, 128, torch.bfloat16, "cuda", VARIANTS[3], k_keep=64)
 
 

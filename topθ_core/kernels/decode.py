@@ -29,15 +29,16 @@ Each split writes partial statistics (max ``m`` of all visible scores and its in
 ``D_U``, kept count, ``Σ p v``, kept-V-row count) to a workspace.  A merge of the splits of one
 (batch, KV head) applies the empty-row floor, SDC (exact / exp-threshold / offline) and VMC
 (``v̄`` from a running V sum kept beside the cache, O(d) per step; with ``update_v_sum`` the merge
-itself adds the step's new V row to that sum) and writes the output and the kept counts.  It runs in one of two forms, which :func:`decode_plan` picks per shape:
+itself adds the step's new V row to that sum) and writes the output and the kept counts.  It runs
+in one of two forms, which :func:`decode_plan` picks per shape:
 
-* fused (latency-bound shapes, and always for row-max θ): after its stores each split draws a
-  ticket from its (batch, KV head)'s counter (a barrier, then one atomic add with
-  acquire-release semantics); the program that draws the last ticket merges and puts the
-  counter back to zero.  The counters are zero between launches, so a launch can be captured in
-  a CUDA graph and replayed; they are kept per device and stream.
-* two launches (bandwidth-bound shapes): the split kernel, then a combine kernel with one program
-  per (batch, KV head).
+* fused (latency-bound shapes, except a single sequence at d 128; always for row-max θ): after
+  its stores each split draws a ticket from its (batch, KV head)'s counter (a barrier, then one
+  atomic add with acquire-release semantics); the program that draws the last ticket merges and
+  puts the counter back to zero.  The counters are zero between launches, so a launch can be
+  captured in a CUDA graph and replayed; they are kept per device and stream.
+* two launches (bandwidth-bound shapes, and a single sequence at d 128): the split kernel, then a
+  combine kernel with one program per (batch, KV head).
 
 Static caches (a preallocated buffer of which each sequence uses a prefix, e.g. a CUDA-graph
 decode step): ``lengths`` (B,) int32 on the device gives each sequence's number of valid keys;
@@ -602,16 +603,19 @@ class DecodePlan(NamedTuple):
     combine_warps: int = 4  # two-launch form: warps of each (batch, KV head)'s combine program
 
 
-def decode_plan(B: int, Hkv: int, N: int, device: torch.device) -> DecodePlan:
+def decode_plan(B: int, Hkv: int, N: int, device: torch.device, d: int) -> DecodePlan:
     """The tuned launch for a decode shape; the one place that picks the form.
 
-    ``N`` is the key buffer's length (a static cache's capacity).  Measured on an H200
+    ``N`` is the key buffer's length (a static cache's capacity), ``d`` the head dimension.  Measured on an H200
     (benchmarks/tune_decode.py, results/decode_tuning_H200.csv; benchmarks/tune_decode_layers.py,
     results/decode_layers_H200.csv, which times 32 layers each over its own cold cache, as a decode
     step runs them; results/kernels.md):
-    * B·Hkv·N ≤ :data:`FUSED_MAX_KV_ROWS` (latency-bound): fused, about two programs of 4 warps per
-      SM (8 warps, when B·Hkv > 16 programs of 2 warps), splits of at least :data:`LAT_MIN_SPLIT`
-      keys (one block).
+    * B·Hkv·N ≤ :data:`FUSED_MAX_KV_ROWS` (latency-bound), B·Hkv ≤ 16 and d = 128 (a single sequence
+      of an 8-KV-head model): two launches, 2 warps, about 4 programs per SM, splits of at least
+      :data:`LAT_MIN_SPLIT` keys, 8 combine warps (run 19: 27.3 → 24.4 µs per layer at N = 16k,
+      44.2 → 36.3 at 32k, 14.3 → 13.9 at 4k, against the fused launch).
+    * other latency-bound shapes: fused, about two programs of 4 warps per SM (8 warps, when
+      B·Hkv > 16 programs of 2 warps), splits of at least :data:`LAT_MIN_SPLIT` keys (one block).
     * larger (bandwidth-bound): two launches, 64 keys, 2 warps, 3 stages, 8 programs per SM but at
       most :data:`BW_MAX_SPLITS` splits per (batch, KV head), merged by a combine program of
       :data:`BW_COMBINE_WARPS` warps: each (batch, KV head)'s splits are merged by one program, and
@@ -619,6 +623,9 @@ def decode_plan(B: int, Hkv: int, N: int, device: torch.device) -> DecodePlan:
     * the one-pass key loop everywhere: the two-pass loop measured slower at every shape (run 12,
       results/kernels.md), so it is an option (``two_pass=True``), not the plan.
     """
+    if B * Hkv * N <= FUSED_MAX_KV_ROWS and d == 128 and B * Hkv <= 16:
+        splits = max(1, min(triton.cdiv(N, LAT_MIN_SPLIT), triton.cdiv(4 * _sm_count(device), B * Hkv)))
+        return DecodePlan(False, splits, 64, 2, 3, combine_warps=BW_COMBINE_WARPS)
     if B * Hkv * N <= FUSED_MAX_KV_ROWS:
         warps = 4 if B * Hkv <= 16 else 2
         splits = max(1, min(triton.cdiv(N, LAT_MIN_SPLIT), triton.cdiv(8 * _sm_count(device) // warps, B * Hkv)))
@@ -698,7 +705,7 @@ def _decode_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: tor
         lengths = lengths if lengths.dtype == torch.int32 else lengths.to(torch.int32)
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     theta, sdc_term, v_sum = _f32(theta), _f32(sdc_term), _f32(v_sum)
-    plan = decode_plan(B, Hkv, N, q.device)
+    plan = decode_plan(B, Hkv, N, q.device, D)
     fused = plan.fused if fused is None else fused
     two_pass = plan.two_pass if two_pass is None else two_pass
     num_splits, block_n, num_warps, num_stages, chunk, block_v, combine_warps = (x if x > 0 else p for x, p in zip(
