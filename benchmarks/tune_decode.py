@@ -110,13 +110,19 @@ def compile_only(part: int, parts: int) -> None:
     torch.cuda.synchronize()
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def tuning_parser(description: str) -> argparse.ArgumentParser:
+    """The options every decode tuning script takes: output folder, run label, and the compile-only parts."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "benchmarks" / "results")))
-    ap.add_argument("--run", default="")
-    ap.add_argument("--compile-only", action="store_true")
+    ap.add_argument("--run", default="", help="label written into the CSV's run column")
+    ap.add_argument("--compile-only", action="store_true", help="run this part's configurations once, no timing")
     ap.add_argument("--part", type=int, default=0)
     ap.add_argument("--parts", type=int, default=1)
+    return ap
+
+
+def main():
+    ap = tuning_parser("decode launch configurations, one call on the same inputs")
     ap.add_argument("--only", default="bw,lat")
     ap.add_argument("--best-json", type=Path, default=None,
                     help="write the best configuration per class (bw, lat) here, for bench_kernels --plan-json")

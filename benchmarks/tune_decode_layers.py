@@ -18,13 +18,12 @@ Configurations: :data:`LAT` (fused shapes) or :data:`BW` (the others), and the s
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import json
-import os
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_kernels import DECODE_CFG as CFG, card, log, row_quantile_theta, sdpa_best  # noqa: E402
-from typing import NamedTuple  # noqa: E402
+from tune_decode import tuning_parser  # noqa: E402
 
 from topθ_core.kernels import topθ_decode  # noqa: E402
 from topθ_core.kernels.decode import FUSED_MAX_KV_ROWS, _sm_count, decode_plan  # noqa: E402
@@ -155,12 +154,7 @@ def compile_only(part: int, parts: int) -> None:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "benchmarks" / "results")))
-    ap.add_argument("--run", default="")
-    ap.add_argument("--compile-only", action="store_true")
-    ap.add_argument("--part", type=int, default=0)
-    ap.add_argument("--parts", type=int, default=1)
+    ap = tuning_parser("decode launch plans over 32 cold layers, as a decode step runs them")
     ap.add_argument("--shapes", nargs="*", default=[], help="only these shapes, as MODEL:B:N")
     ap.add_argument("--lat-forms", action="store_true", help="latency-bound shapes: LAT_FORMS instead of LAT")
     ap.add_argument("--best-json", type=Path, default=None,
