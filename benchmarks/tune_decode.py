@@ -143,7 +143,12 @@ def main():
         import json
 
         args.best_json.write_text(json.dumps(best, indent=1))
-    path = args.out / f"decode_tuning_{name}.csv"
+    write_rows(rows, args.out / f"decode_tuning_{name}.csv")
+
+
+def write_rows(rows: list[dict], path: Path) -> None:
+    """Rows (dicts, columns in first-seen order) → a CSV at ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         w.writeheader()

@@ -19,7 +19,6 @@ Configurations: :data:`LAT` (fused shapes) or :data:`BW` (the others), and the s
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import sys
 from pathlib import Path
@@ -34,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_kernels import DECODE_CFG as CFG, card, log, row_quantile_theta, sdpa_best  # noqa: E402
-from tune_decode import tuning_parser  # noqa: E402
+from tune_decode import tuning_parser, write_rows  # noqa: E402
 
 from topθ_core.kernels import topθ_decode  # noqa: E402
 from topθ_core.kernels.decode import FUSED_MAX_KV_ROWS, _sm_count, decode_plan  # noqa: E402
@@ -216,13 +215,7 @@ def main():
                 f"fv {r['f_kept_v']:.3f} err {r['max_err']:.1e}")
         del layers
         torch.cuda.empty_cache()
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"decode_layers_{name}.csv"
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-        w.writeheader()
-        w.writerows(rows)
-    log(f"wrote {path}")
+    write_rows(rows, args.out / f"decode_layers_{name}.csv")
     if args.best_json is not None:
         args.best_json.write_text(json.dumps(best_configs(rows, configs), indent=1))
         log(f"best: {args.best_json.read_text()}")
