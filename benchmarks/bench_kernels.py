@@ -49,7 +49,7 @@ from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
 
 from topθ_core.config import DENSE, SDC, SparseConfig  # noqa: E402
 from topθ_core.kernels import topθ_decode, topθ_prefill  # noqa: E402
-from topθ_core.kernels.decode import decode_plan  # noqa: E402
+from topθ_core.kernels import decode as decode_mod  # noqa: E402
 from topθ_core.kernels.reference import topθ_decode_ref, topθ_prefill_ref  # noqa: E402
 
 CFG = SparseConfig(sdc=SDC.OFFLINE)  # prefill / real sections: top-θ, pre-softmax, offline SDC, VMC, floor max
@@ -160,7 +160,7 @@ def run_decode(args, bw):
         row_max = scores.amax(-1)
         base_fn, be = sdpa_best(q, k, v, False)
         kv_bytes = 2 * B * Hkv * N * d * 2
-        plan = decode_plan(B, Hkv, N, q.device, d)
+        plan = decode_mod.decode_plan(B, Hkv, N, q.device, d)  # the module's: --plan-json replaces it
         form = ("fused" if plan.fused else "two-launch") + (" two-pass" if plan.two_pass else " one-pass")
         for f in (1.0, 1 / 3, 0.15, 0.05):
             p = 1 - (1 - f) ** (1 / g)
@@ -722,17 +722,17 @@ def _profile_sides(sides: dict, steps: int, path: Path) -> None:
 
 def use_plan(path: Path) -> None:
     """Replace ``decode_plan`` by the tuned configurations of ``tune_decode.py --best-json`` or
-    ``tune_decode_layers.py --best-json`` (same form rule; a class the file lacks keeps the shipped plan)."""
+    ``tune_decode_layers.py --best-json``: the file's ``lat`` entry for every shape with
+    B·Hkv·N ≤ FUSED_MAX_KV_ROWS (whatever its head dimension or batch: pass a file tuned on the shapes
+    you run), its ``bw`` entry for the others; a class the file lacks keeps the shipped plan."""
     import json
-
-    from topθ_core.kernels import decode as decode_mod
 
     best = json.loads(path.read_text())
 
-    def plan(B, Hkv, N, device, d):
+    def plan(B, Hkv, N, device, d, row_max=False):
         kind = "lat" if B * Hkv * N <= decode_mod.FUSED_MAX_KV_ROWS else "bw"
         if kind not in best:
-            return shipped(B, Hkv, N, device, d)
+            return shipped(B, Hkv, N, device, d, row_max)
         c = best[kind]
         if "min_split" in c:  # tune_decode_layers.py's configurations
             per_kv = triton.cdiv(c["waves"] * decode_mod._sm_count(device), B * Hkv)
@@ -783,8 +783,8 @@ def main():
     ap.add_argument("--tutorial-launch", default=None,
                     help="BM,BN,WARPS,STAGES: also time tune_prefill's tutorial-form kernel at each square shape")
     ap.add_argument("--plan-json", type=Path, default=None,
-                    help="decode launch plan from tune_decode.py --best-json (lat: fused shapes, bw: the others) "
-                         "instead of decode_plan's constants")
+                    help="decode launch plan from tune_decode.py or tune_decode_layers.py --best-json (lat: "
+                         "B·Hkv·N ≤ 2^18, bw: the others) instead of decode_plan's rules")
     ap.add_argument("--e2e-models", nargs="+", default=list(E2E_MODELS), choices=list(E2E_MODELS))
     ap.add_argument("--e2e-b", type=int, nargs="*", default=[], help="only these batch sizes of E2E_SHAPES")
     ap.add_argument("--e2e-steps", type=int, default=20, help="replayed steps per timing (3 interleaved rounds)")

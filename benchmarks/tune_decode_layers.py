@@ -210,7 +210,7 @@ def main():
                              max_err=err))
         ranked = sorted(rows[len(rows) - len(res):], key=lambda r: r["ours_us_per_layer"])
         log(f"[{name}] {kind} {label} B={B} N={N}: sdpa ({be}) {tb:.1f} us/layer; plan {plan}")
-        for r in ranked[:6] + [r for r in ranked if r["config"].startswith("plan")]:
+        for r in ranked[:6] + [r for r in ranked[6:] if r["config"].startswith("plan")]:
             log(f"   {r['config']:<40} {r['ours_us_per_layer']:6.1f} us/layer x{r['speedup']:.3f} "
                 f"fv {r['f_kept_v']:.3f} err {r['max_err']:.1e}")
         del layers

@@ -260,8 +260,9 @@ def test_decode_tickets_reset_interpret():
 
 def test_decode_plan_forms():
     """The plan takes the fused launch up to FUSED_MAX_KV_ROWS = B·Hkv·N and two launches above
-    (bench_kernels' decode shapes: 32/8 heads, and SmolLM2's 9/3 at d 64), except for few programs at
-    d 128 (B·Hkv ≤ 16: a single sequence of an 8-KV-head model), which take two launches throughout."""
+    (bench_kernels' decode shapes, 32/8 heads, at d 64 and d 128), except at d 128 with 8-16 (batch, KV
+    head) programs (one or two sequences of an 8-KV-head model), which take two launches throughout;
+    row-max θ, and fewer than 8 programs, keep the fused plan."""
     cpu_dev = torch.device("cpu")
     for d, fused_shapes in ((64, {(1, 4096), (1, 16384), (1, 32768), (8, 4096)}), (128, {(8, 4096)})):
         fused = {(B, N): decode_mod.decode_plan(B, 8, N, cpu_dev, d).fused
@@ -270,16 +271,20 @@ def test_decode_plan_forms():
     assert decode_mod.decode_plan(1, 1, decode_mod.FUSED_MAX_KV_ROWS, cpu_dev, 64).fused
     assert not decode_mod.decode_plan(1, 1, decode_mod.FUSED_MAX_KV_ROWS + 1, cpu_dev, 64).fused
     assert decode_mod.decode_plan(3, 8, 4096, cpu_dev, 128).fused  # B·Hkv = 24 > 16
+    assert decode_mod.decode_plan(1, 4, 4096, cpu_dev, 128).fused  # B·Hkv = 4 < 8
+    assert decode_mod.decode_plan(1, 8, 4096, cpu_dev, 128, row_max=True).fused
 
 
 def test_decode_plan_splits(monkeypatch):
     """Split counts on an H200's 132 SMs: latency-bound, two programs of 4 warps per SM (d 128 with
-    B·Hkv ≤ 16: four programs of 2 warps, two launches) and splits of at least one 64-key block;
-    bandwidth-bound, 8 programs per SM but at most 64 splits per (batch, KV head)."""
+    8-16 (batch, KV head) programs: four programs of 2 warps, two launches) and splits of at least one
+    64-key block; at most 64 splits per (batch, KV head) in two launches, bandwidth-bound with 8 programs
+    per SM."""
     monkeypatch.setattr(decode_mod, "_sm_count", lambda device: 132)
     dev = torch.device("cpu")
     plan = lambda B, Hkv, N, d=128: decode_mod.decode_plan(B, Hkv, N, dev, d)  # noqa: E731
-    assert plan(1, 8, 16384).splits == 66 and plan(1, 8, 4096).splits == 64  # ⌈4·132 / 8⌉; 4096 / 64
+    assert plan(1, 8, 16384).splits == 64 and plan(2, 8, 16384).splits == 33  # ⌈4·132 / 8⌉ = 66, capped
+    assert plan(1, 8, 2048).splits == 32  # ⌈2048 / 64⌉
     assert plan(1, 8, 16384).combine_warps == decode_mod.BW_COMBINE_WARPS == 8
     assert plan(1, 8, 16384, 64).splits == 33  # fused: ⌈2·132 / 8⌉
     assert plan(1, 3, 2048, 64).splits == 32  # SmolLM2: ⌈2048 / 64⌉ < ⌈2·132 / 3⌉ = 88
@@ -418,8 +423,10 @@ def _dispatch_vs_reference(device, dtype, cfg, steps=2, Hq=4, Hkv=2, S=37, d=64,
         low = topθ_attention_ref(qq, kr, vr, config=cfg, k_keep=k_keep, visible=vis, theta=theta, sdc_term=sdc,
                                  upcast=False)
         _check_out(out, ref, low, f"dispatch {mask} Sq={n_q} Sk={n_k} {cfg.label()}")
-    if cfg.vmc and mask != "static":
-        assert st_kernel.scratch[("topθ.vsum", 0)][0] == S + steps  # running V sum followed the cache
+    if cfg.vmc and mask != "static":  # the running V sum followed the cache (rows counted, and their sum)
+        n, vsum = st_kernel.scratch[("topθ.vsum", 0)]
+        assert n == S + steps
+        torch.testing.assert_close(vsum, v[:, :, :S + steps].float().sum(2))
     if cfg.vmc and mask == "static":
         torch.testing.assert_close(st_kernel.scratch[("topθ.vsum_static", 0)], v[:, :, :S + steps].float().sum(2))
     if mask == "static":

@@ -55,7 +55,7 @@ class Arm:
         """Call ``fn()`` (one model call) in this arm's attention; a sparse arm records what it kept.
 
         The arm's thresholds and k schedule are checked against the model once, by :meth:`check`, before
-        any work (:func:`stream_task` does it), not here: the check reads a weight sample back from the
+        any work (:func:`stream_pairs` does it), not here: the check reads a weight sample back from the
         device, once per model call otherwise."""
         if self.dense:
             return fn()

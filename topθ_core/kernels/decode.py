@@ -584,9 +584,20 @@ def decode_splits(B: int, Hkv: int, N: int, block_n: int, device: torch.device, 
     return max(1, min(triton.cdiv(N, block_n), triton.cdiv(target, B * Hkv)))
 
 
-# Largest B·Hkv·N (key rows over all (batch, KV head) pairs) that takes the fused single launch;
-# above it the merge runs as a second launch.  Why 2^18: results/kernels.md, decode (runs 6, 10, 11).
+# Largest B·Hkv·N (key rows over all (batch, KV head) pairs) of a latency-bound shape: up to it the plan
+# takes the fused single launch (but for one or two sequences at d 128, below), above it the merge runs as
+# a second launch.  Why 2^18: results/kernels.md, decode (runs 6, 10, 11).
 FUSED_MAX_KV_ROWS = 1 << 18
+
+# Run 17 (results/decode_layers_H200.csv): splits of one 64-key block at least (256 before): SmolLM2 (3 KV
+# heads) 12.8 → 11.7 µs per layer at N = 8000 and 10.9 → 6.5 at N = 2048, the same at d 128; at most 64
+# splits (132 before) and 8 warps (4 before) in the combine: 123.6 → 104.9 µs per layer at B = 1, N = 128k,
+# 77.3 → 58.9 at N = 64k, 107.6 → 106.5 at B = 8, N = 16k.
+LAT_MIN_SPLIT = 64
+BW_MAX_SPLITS = 64
+BW_COMBINE_WARPS = 8
+# Run 19: at d 128 with 8-16 (batch, KV head) programs, the latency-bound shapes take two launches too.
+FEW_PROGRAMS = range(8, 17)
 
 
 class DecodePlan(NamedTuple):
@@ -600,20 +611,24 @@ class DecodePlan(NamedTuple):
     two_pass: bool = False  # key loop: K pass then a gather of the kept V rows, or V inside the K loop
     chunk: int = 1024  # two-pass: keys per K pass (the scratch list holds one chunk's kept rows)
     block_v: int = 32  # two-pass and row-max: V rows per gather step
-    combine_warps: int = 4  # two-launch form: warps of each (batch, KV head)'s combine program
+    combine_warps: int = BW_COMBINE_WARPS  # two-launch form: warps of each (batch, KV head)'s combine program
 
 
-def decode_plan(B: int, Hkv: int, N: int, device: torch.device, d: int) -> DecodePlan:
+def decode_plan(B: int, Hkv: int, N: int, device: torch.device, d: int, row_max: bool = False) -> DecodePlan:
     """The tuned launch for a decode shape; the one place that picks the form.
 
-    ``N`` is the key buffer's length (a static cache's capacity), ``d`` the head dimension.  Measured on an H200
-    (benchmarks/tune_decode.py, results/decode_tuning_H200.csv; benchmarks/tune_decode_layers.py,
-    results/decode_layers_H200.csv, which times 32 layers each over its own cold cache, as a decode
-    step runs them; results/kernels.md):
-    * B·Hkv·N ≤ :data:`FUSED_MAX_KV_ROWS` (latency-bound), B·Hkv ≤ 16 and d = 128 (a single sequence
-      of an 8-KV-head model): two launches, 2 warps, about 4 programs per SM, splits of at least
-      :data:`LAT_MIN_SPLIT` keys, 8 combine warps (run 19: 27.3 → 24.4 µs per layer at N = 16k,
-      44.2 → 36.3 at 32k, 14.3 → 13.9 at 4k, against the fused launch).
+    ``N`` is the key buffer's length (a static cache's capacity), ``d`` the head dimension;
+    ``row_max``: θ relative to the row max, whose kernels are always a fused pair (they take the
+    fused plan's splits and warps).  Measured on an H200 (benchmarks/tune_decode.py,
+    results/decode_tuning_H200.csv; benchmarks/tune_decode_layers.py, results/decode_layers_H200.csv,
+    which times 32 layers each over its own cold cache, as a decode step runs them; results/kernels.md):
+    * B·Hkv·N ≤ :data:`FUSED_MAX_KV_ROWS` (latency-bound), d = 128 and B·Hkv in :data:`FEW_PROGRAMS`
+      (one or two sequences of an 8-KV-head model): two launches, 2 warps, about 4 programs per SM,
+      splits of at least :data:`LAT_MIN_SPLIT` keys, at most :data:`BW_MAX_SPLITS`, 8 combine warps.
+      Run 19 (B = 1, Hkv = 8, CUDA graphs): 27.3 → 24.4 µs per layer at N = 16k, 44.2 → 36.3 at 32k,
+      14.3 → 13.9 at 4k against the fused launch; B = 2 is not measured.  An eager call issues two
+      launches instead of one (more host time per layer where the host sets the pace: decode on a
+      GPU runs in CUDA graphs, :mod:`topθ_core.graph_decode`).
     * other latency-bound shapes: fused, about two programs of 4 warps per SM (8 warps, when
       B·Hkv > 16 programs of 2 warps), splits of at least :data:`LAT_MIN_SPLIT` keys (one block).
     * larger (bandwidth-bound): two launches, 64 keys, 2 warps, 3 stages, 8 programs per SM but at
@@ -623,24 +638,17 @@ def decode_plan(B: int, Hkv: int, N: int, device: torch.device, d: int) -> Decod
     * the one-pass key loop everywhere: the two-pass loop measured slower at every shape (run 12,
       results/kernels.md), so it is an option (``two_pass=True``), not the plan.
     """
-    if B * Hkv * N <= FUSED_MAX_KV_ROWS and d == 128 and B * Hkv <= 16:
-        splits = max(1, min(triton.cdiv(N, LAT_MIN_SPLIT), triton.cdiv(4 * _sm_count(device), B * Hkv)))
-        return DecodePlan(False, splits, 64, 2, 3, combine_warps=BW_COMBINE_WARPS)
-    if B * Hkv * N <= FUSED_MAX_KV_ROWS:
+    latency_bound = B * Hkv * N <= FUSED_MAX_KV_ROWS
+    if latency_bound and d == 128 and B * Hkv in FEW_PROGRAMS and not row_max:
+        splits = max(1, min(triton.cdiv(N, LAT_MIN_SPLIT), triton.cdiv(4 * _sm_count(device), B * Hkv),
+                            BW_MAX_SPLITS))
+        return DecodePlan(False, splits, 64, 2, 3)
+    if latency_bound:
         warps = 4 if B * Hkv <= 16 else 2
         splits = max(1, min(triton.cdiv(N, LAT_MIN_SPLIT), triton.cdiv(8 * _sm_count(device) // warps, B * Hkv)))
         return DecodePlan(True, splits, 64, warps, 3)
     splits = min(decode_splits(B, Hkv, N, 64, device), BW_MAX_SPLITS)
-    return DecodePlan(False, splits, 64, 2, 3, combine_warps=BW_COMBINE_WARPS)
-
-
-# Run 17 (results/decode_layers_H200.csv): splits of one 64-key block at least (256 before): SmolLM2 (3 KV
-# heads) 13.0 → 11.7 µs per layer at N = 8000 and 7.8 → 6.5 at N = 2048, the same at d 128; at most 64
-# splits (132 before) and 8 warps (4 before) in the combine: 123.6 → 104.9 µs per layer at B = 1, N = 128k,
-# 77.3 → 58.9 at N = 64k, 107.6 → 106.5 at B = 8, N = 16k.
-LAT_MIN_SPLIT = 64
-BW_MAX_SPLITS = 64
-BW_COMBINE_WARPS = 8
+    return DecodePlan(False, splits, 64, 2, 3)
 
 
 _TICKETS: dict[tuple, torch.Tensor] = {}
@@ -705,7 +713,8 @@ def _decode_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: tor
         lengths = lengths if lengths.dtype == torch.int32 else lengths.to(torch.int32)
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     theta, sdc_term, v_sum = _f32(theta), _f32(sdc_term), _f32(v_sum)
-    plan = decode_plan(B, Hkv, N, q.device, D)
+    row_max = theta_kind is KernelTheta.ROW_MAX
+    plan = decode_plan(B, Hkv, N, q.device, D, row_max)
     fused = plan.fused if fused is None else fused
     two_pass = plan.two_pass if two_pass is None else two_pass
     num_splits, block_n, num_warps, num_stages, chunk, block_v, combine_warps = (x if x > 0 else p for x, p in zip(
@@ -716,7 +725,6 @@ def _decode_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: tor
     chunk = max(block_n, min(next_pow2(chunk), next_pow2(split_len)))  # a power of two: few compiled variants
     dev = q.device
     R = B * Hq * S
-    row_max = theta_kind is KernelTheta.ROW_MAX
     n_ws = R * (D + 5) + B * Hkv * S
     n_st1 = 3 * R + B * Hkv * S if row_max else 0
     per_prog = (split_len if row_max else chunk) * (G + 1) if (row_max or two_pass) else 0
