@@ -23,8 +23,9 @@ What each headline row is (per card, from the card's latest ``run`` of that kind
   of the small, host-bound shapes are mostly launch overhead), else eager.
 * **prefill**: ``kernel == "prefill"`` rows at the largest N of the latest run, the one whose kept element
   fraction is nearest 10% (the prefill target is set at 10% kept).
-* **end to end**: one row per (kernel, data, B, N), from the latest run that measured that shape (a later
-  run may re-measure some shapes only); of the baselines measured for a shape,
+* **end to end**: the method of the latest run (its ``kernel`` label without the model, e.g. CUDA-graph
+  steps rather than an older eager loop), one row per (kernel, data, B, N), from the latest run that
+  measured that shape (a later run may re-measure some shapes only); of the baselines measured for a shape,
   the fastest (most baseline tokens/s, else least ``baseline_ms``) is the one compared against, never a
   slower straw man.
 
@@ -86,11 +87,21 @@ def _latest(df: pd.DataFrame) -> pd.DataFrame:
     return df[runs == runs.max()]
 
 
+def _method(kernel: str) -> str:
+    """An end-to-end row's method: its kernel label without the model in parentheses."""
+    return re.sub(r"\s*\([^)]*\)\s*$", "", str(kernel))
+
+
 def _latest_per_shape(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """Each shape's rows from the latest run that measured it (a later run may re-measure only some shapes)."""
+    """The latest run's method (e.g. CUDA-graph steps, not an older eager loop), and of its rows each shape's
+    from the latest run that measured it (a later run may re-measure only some shapes)."""
     runs = _num(df, "run")
     if df.empty or runs.isna().all() or not keys:
         return _latest(df)
+    if "kernel" in df:
+        methods = df["kernel"].map(_method)
+        keep = methods == methods[runs == runs.max()].iloc[0]
+        df, runs = df[keep], runs[keep]
     newest = runs.groupby([df[k] for k in keys], dropna=False).transform("max")
     return df[runs == newest]
 

@@ -272,6 +272,9 @@ def test_headline_on_the_saved_csv_follows_its_rules():
     assert h200.loc["prefill", "speedup"] == near["speedup"]
     assert h200.loc["prefill", "speedup_graph"] == near["speedup_graph"]  # the same row under CUDA graphs
     e2e = csv[csv["kernel"].str.startswith("e2e")]
+    method = lambda k: k.split(" (")[0]  # noqa: E731  "e2e decode, CUDA graph (llama3-8b, …)" → "e2e decode, CUDA graph"
+    e2e = e2e[e2e["kernel"].map(method) == method(_latest(e2e)["kernel"].iloc[0])]  # the latest run's method
+    assert len(e2e) < len(csv[csv["kernel"].str.startswith("e2e")])  # the saved file has older eager rows
     for (kernel, b, n), g in e2e.groupby(["kernel", "B", "N"]):
         g = _latest(g)  # each shape from the latest run that measured it
         fastest = g.loc[g["tokens_per_s_sdpa"].idxmax()]
@@ -286,16 +289,19 @@ def test_headline_on_the_saved_csv_follows_its_rules():
 
 
 def test_headline_end_to_end_takes_each_shape_from_its_latest_run():
-    """A later run that re-measures one shape replaces that shape only; the others keep their latest run."""
+    """A later run that re-measures one shape replaces that shape only; the others keep their latest run;
+    rows of an older method (another kernel label but for the model) are left out."""
     e2e = "e2e decode, CUDA graph (llama3-8b, random weights)"
     rows = pd.DataFrame({"card": "H200", "_source": "kernels_H200.csv", "kernel": e2e, "data": "random-weights",
-                         "B": [1, 8, 1, 8, 1], "N": 16384, "run": [15, 15, 18, 18, 19],
-                         "speedup": [0.90, 0.99, 0.97, 1.05, 0.98], "tokens_per_s_sdpa": 100.0,
-                         "tokens_per_s_topθ": [90.0, 99.0, 97.0, 105.0, 98.0]})
+                         "B": [1, 8, 1, 8, 1, 32], "N": 16384, "run": [15, 15, 18, 18, 19, 11],
+                         "speedup": [0.90, 0.99, 0.97, 1.05, 0.98, 1.3], "tokens_per_s_sdpa": 100.0,
+                         "tokens_per_s_topθ": [90.0, 99.0, 97.0, 105.0, 98.0, 130.0]})
+    rows.loc[5, "kernel"] = "e2e decode (llama3-8b, random weights)"  # an older method (an eager loop)
     head = kernel_headline.headline_from_frames(rows).set_index("measure")
     b1, b8 = head.loc["end to end (llama3-8b), B=1, N=16k"], head.loc["end to end (llama3-8b), B=8, N=16k"]
     assert (b1["speedup"], b8["speedup"]) == (0.98, 1.05)
     assert "run 19" in b1["source"] and "run 18" in b8["source"]
+    assert not any("B=32" in m for m in head.index)  # the eager loop's row is not mixed in
 
 
 def test_headline_survives_missing_columns_and_rows(tmp_path):
