@@ -12,7 +12,7 @@ import streamlit as st
 st.set_page_config(page_title="Top-θ Explorer", page_icon=":material/filter_alt:", layout="wide")
 
 from explorer_ui import services, state  # noqa: E402  (after set_page_config)
-from explorer_ui.jobs_panel import render_jobs_panel  # noqa: E402
+from explorer_ui.jobs_panel import announce_ended, render_jobs_panel  # noqa: E402
 from explorer_ui.sidebar import render_sidebar  # noqa: E402
 
 HERE = Path(__file__).resolve().parent  # absolute page paths: the app also runs from a wrapper script (tests)
@@ -36,6 +36,7 @@ state.restore_from_url()  # a new session (reload, shared link) starts from the 
 st.html("<style>*, *::before, *::after { transition: none !important; }</style>")
 page = st.navigation(PAGES)
 st.sidebar.title("Top-θ Explorer")
+announce_ended()  # jobs that ended since the last run: a finished calibration is the active set below
 render_sidebar()
 render_jobs_panel()
 state.write_url(page.url_path)  # this run's settings (widget changes are in the session before a run starts)

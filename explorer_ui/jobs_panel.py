@@ -38,16 +38,31 @@ def page_job(page: str) -> Job | None:
     return board().latest(page)
 
 
-def finish(job: Job | None) -> None:
-    """Once per job, by whichever first sees it ended (the jobs panel, or the page that shows it): a
-    finished calibration becomes the active threshold set, and the whole app is drawn again (the
-    sidebar's active set, the page's controls and result)."""
+def _announce(job: Job | None) -> bool:
+    """Once per job, when it is first seen ended: mark it announced, and a finished calibration becomes the
+    active threshold set (the sidebar selects it when next drawn).  True when this call announced it."""
     if job is None or job.active or job.announced:
-        return
+        return False
     job.announced = True
     if job.state is JobState.DONE and job.kind == "calibrate" and isinstance(job.result, dict):
         st.session_state[K.PENDING_ACTIVE_RUN] = job.result.get("name")
-    st.rerun(scope="app")
+    return True
+
+
+def announce_ended() -> None:
+    """At the top of every full run, before the sidebar is drawn: the jobs that ended since the last run
+    are announced there, with no rerun of their own (a rerun requested in this run would drop the button
+    press that may have started it)."""
+    for job in board().jobs(active=False):
+        _announce(job)
+
+
+def finish(job: Job | None) -> None:
+    """Called where a job's end can first be seen outside a full run (the jobs panel's poll, a page's
+    result area redrawing itself): announce it and draw the whole app again (the sidebar's active set,
+    the page's controls).  In a full run :func:`announce_ended` has announced it already: nothing happens."""
+    if _announce(job):
+        st.rerun(scope="app")
 
 
 def render_jobs_panel() -> None:

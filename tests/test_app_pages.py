@@ -181,6 +181,32 @@ def test_calibrate_saves_run_and_activates_it(calibrated, env):
     assert zdata.label.startswith("Download thresholds")
 
 
+def test_a_click_in_the_run_that_first_sees_a_job_ended_is_kept(env):
+    """A job that ended since the last run (here a finished generation) is first seen by the run a click
+    starts: that run must not be cut short by a rerun (which drops button presses), so the calibration
+    the click asked for starts, and the ended job is announced all the same."""
+    import time
+
+    at = open_app("calibrate")
+    board = at.session_state["app_jobs"]
+    ended = board.submit("generate", "generate 0 tokens", "compare", lambda job: {"steps": [], "stopped": False})
+    t0 = time.monotonic()
+    while ended.active:
+        assert time.monotonic() - t0 < TIMEOUT
+        time.sleep(0.05)
+    assert not ended.announced
+    at.number_input(key="cal_k").set_value(16)
+    at.number_input(key="cal_docs").set_value(2)
+    at.number_input(key="cal_max_tokens").set_value(128)
+    at.text_input(key="cal_name").input("click-kept")
+    at.button(key="cal_run").click().run()
+    assert_clean(at)
+    assert [j.label for j in board.jobs(page="calibrate")] == ["calibrate click-kept"]
+    assert ended.announced
+    wait_jobs(at)
+    assert at.sidebar.selectbox(key="sb_active_run").value == "click-kept"
+
+
 def test_calibrate_zip_export(calibrated, env):
     from explorer_ui import runs
 
@@ -191,6 +217,8 @@ def test_calibrate_zip_export(calibrated, env):
 
 def test_calibrate_rejects_duplicate_and_bad_names(calibrated, env):
     at = calibrated
+    saved = lambda: sorted(p.name for p in env["runs"].iterdir() if not p.name.startswith("."))  # noqa: E731
+    before = saved()
     at.switch_page(PAGE["calibrate"]).run()
     at.number_input(key="cal_k").set_value(16)
     at.text_input(key="cal_name").input("k16")
@@ -201,7 +229,7 @@ def test_calibrate_rejects_duplicate_and_bad_names(calibrated, env):
     at.text_input(key="cal_name").input("bad name/..")
     at.button(key="cal_run").click().run()
     assert any("letters, digits" in e for e in texts(at.error))
-    assert sorted(p.name for p in env["runs"].iterdir() if not p.name.startswith(".")) == ["k16"]
+    assert "k16" in before and saved() == before  # neither attempt wrote a run
 
 
 def test_calibrate_robust_aggregation(env):
