@@ -21,8 +21,9 @@ rebuilt from the cache when it cannot belong to it.  Kept counts go to
 
 Static caches (:mod:`topθ_core.graph_decode`): when the run's scratch holds
 ``STATIC_PREFIX = True`` the caller guarantees that every decode mask is a key prefix, so the
-kernel reads each sequence's length from the mask on the device (no host synchronisation: the
-call can be captured in a CUDA graph).  The VMC sum then lives under ``("topθ.vsum_static",
+kernel reads each sequence's length on the device: from ``STATIC_LENGTHS`` when the caller holds
+them (a (B,) int32 tensor, as :class:`~topθ_core.graph_decode.GraphDecoder` does), else from a sum
+over the mask (no host synchronisation either way: the call can be captured in a CUDA graph).  The VMC sum then lives under ``("topθ.vsum_static",
 layer)``: seeded by one eager step with the rows before ``L − 1``; the kernel adds row ``L − 1``
 in place at every call (``update_v_sum``), so the step launches nothing else for it.  Each call's
 :class:`~topθ_core.kernels.KernelCounts` are left under ``(COUNTS, layer)`` for the caller,

@@ -13,8 +13,9 @@ Both sides get the same treatment: ``run=None`` decodes densely through the mode
 attention (transformers' sdpa with the static mask, whichever SDPA backend torch picks, or the
 one a caller forces around :meth:`GraphDecoder.step`'s first call); a ``run`` factory (e.g.
 ``lambda: sparse_run(config, thresholds, model=model)``) decodes through Top-θ: the run's
-scratch is marked :data:`~topθ_core.dispatch.STATIC_PREFIX`, so the decode kernel reads each
-sequence's length from the mask on the device and one captured launch serves every step.
+scratch is marked :data:`~topθ_core.dispatch.STATIC_PREFIX` and holds the step's valid key counts
+(:data:`~topθ_core.dispatch.STATIC_LENGTHS`, a (B,) device tensor the step advances), so the decode
+kernel reads each sequence's length on the device and one captured launch serves every step.
 
 The prefill runs eagerly through a dynamic cache (the model's ordinary path, with the kernels
 when the run uses them), then its keys and values are copied into the static buffers.  A step
