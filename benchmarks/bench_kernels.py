@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -87,12 +88,17 @@ def bench(fn, graph: bool = False) -> float:
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+# SDPA backends by the names sdpa_ms reports ("default": torch's own choice)
+SDPA_BACKENDS = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                 "efficient": SDPBackend.EFFICIENT_ATTENTION}
+
+
 def sdpa_ms(q, k, v, causal: bool, graph=False) -> tuple[float, str]:
     """Fastest of the SDPA backends that accept the call (default choice reported too)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import sdpa_kernel
 
     best, name = float("inf"), ""
-    for be in (None, SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+    for label, be in SDPA_BACKENDS.items():
         def run(be=be):
             if be is None:
                 return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
@@ -105,7 +111,7 @@ def sdpa_ms(q, k, v, causal: bool, graph=False) -> tuple[float, str]:
         except Exception:  # backend refuses this shape/dtype
             continue
         if t < best:
-            best, name = t, ("default" if be is None else be.name.replace("_ATTENTION", "").lower())
+            best, name = t, label
     return best, name
 
 
@@ -132,11 +138,10 @@ def paired(base_fn, ours_fn, graph: bool = False, rounds: int = 3) -> tuple[floa
 
 def sdpa_best(q, k, v, causal: bool):
     """The fastest SDPA backend for this call, as a callable, and its name."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import sdpa_kernel
 
     _, name = sdpa_ms(q, k, v, causal)
-    be = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-          "efficient": SDPBackend.EFFICIENT_ATTENTION}[name]
+    be = SDPA_BACKENDS[name]
 
     def run():
         if be is None:
@@ -734,11 +739,8 @@ def use_plan(path: Path) -> None:
         if kind not in best:
             return shipped(B, Hkv, N, device, d, row_max)
         c = best[kind]
-        if "min_split" in c:  # tune_decode_layers.py's configurations
-            per_kv = triton.cdiv(c["waves"] * decode_mod._sm_count(device), B * Hkv)
-            splits = max(1, min(triton.cdiv(N, c["min_split"]), per_kv, c["max_splits"]))
-        else:
-            splits = decode_mod.decode_splits(B, Hkv, N, c["block_n"], device, waves=c["waves"])
+        splits = decode_mod.decode_splits(B, Hkv, N, c.get("min_split", c["block_n"]), device, c["waves"],
+                                          c.get("max_splits"))  # min_split, max_splits: tune_decode_layers.py
         return decode_mod.DecodePlan(c["fused"], splits, c["block_n"], c["num_warps"], c["num_stages"],
                                      c["two_pass"], c["chunk"], c["block_v"], c.get("combine_warps", 4))
 

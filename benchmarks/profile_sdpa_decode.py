@@ -19,8 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.cache_utils import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from topθ_core.graph_decode import cache_kwarg  # noqa: E402
-from topθ_core.models import 
+from topθ_core.models import cache_kwarg  # noqa: E402
 from topθ_core.integration import prepare_model  # noqa: E402
 B, N = 8, 16384
 mc = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=4,

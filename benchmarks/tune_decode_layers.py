@@ -26,21 +26,19 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import sdpa_kernel
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_kernels import DECODE_CFG as CFG, card, log, row_quantile_theta, sdpa_best  # noqa: E402
+from bench_kernels import DECODE_CFG as CFG, SDPA_BACKENDS, card, log, row_quantile_theta, sdpa_best  # noqa: E402
 from tune_decode import tuning_parser, write_rows  # noqa: E402
 
 from topθ_core.kernels import topθ_decode  # noqa: E402
-from topθ_core.kernels.decode import FUSED_MAX_KV_ROWS, _sm_count, decode_plan  # noqa: E402
+from topθ_core.kernels.decode import FUSED_MAX_KV_ROWS, decode_plan, decode_splits  # noqa: E402
 from topθ_core.kernels.reference import topθ_decode_ref  # noqa: E402
 
-BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-            "efficient": SDPBackend.EFFICIENT_ATTENTION}  # sdpa_best's names ("default": torch's choice)
 LAYERS = 32
 F_KEPT = 0.15
 SHAPES = [  # (label, B, N, Hq, Hkv, d)
@@ -64,8 +62,7 @@ class Cfg(NamedTuple):
     combine_warps: int = 4
 
     def splits(self, B, Hkv, N, device) -> int:
-        per_kv = -(-self.waves * _sm_count(device) // (B * Hkv))
-        return max(1, min(-(-N // self.min_split), per_kv, self.max_splits))
+        return decode_splits(B, Hkv, N, self.min_split, device, self.waves, self.max_splits)
 
     def label(self) -> str:
         cap = "" if self.max_splits >= 1 << 20 else f" cap{self.max_splits}"
@@ -176,7 +173,7 @@ def main():
         _, be = sdpa_best(q, k, v, False)
 
         def sdpa_all():
-            with sdpa_kernel([BACKENDS[be]]) if be in BACKENDS else contextlib.nullcontext():
+            with sdpa_kernel([SDPA_BACKENDS[be]]) if SDPA_BACKENDS[be] is not None else contextlib.nullcontext():
                 for lq, lk, lv, *_ in layers:
                     F.scaled_dot_product_attention(lq, lk, lv, enable_gqa=True)
 

@@ -386,8 +386,8 @@ def _dispatch_vs_reference(device, dtype, cfg, steps=2, Hq=4, Hkv=2, S=37, d=64,
 
     ``mask``: how the decode steps' keys are given: ``causal`` (no mask, the cache as it grows),
     ``prefix`` (a static buffer longer than the cache and a (B, 1, N) prefix mask: eager, the
-    dispatch finds the length on the host) or ``static`` (the same with the run marked
-    STATIC_PREFIX: lengths stay on the device, the V sum is kept on the device).
+    dispatch finds the length on the host) or ``static`` (the same with the lengths given on the
+    device, as a static-cache step does: the V sum is kept on the device).
     """
     from topθ_core.fingerprint import ModelFingerprint
     from topθ_core.statistics import ThresholdStats
@@ -403,8 +403,6 @@ def _dispatch_vs_reference(device, dtype, cfg, steps=2, Hq=4, Hkv=2, S=37, d=64,
     q = q[:, :, :S + steps]
     m_kernel, m_ref = SparsityMetrics(), SparsityMetrics()
     st_kernel = RunState(config=cfg, thresholds=th, metrics=m_kernel)
-    if mask == "static":
-        st_kernel.scratch[dispatch.STATIC_PREFIX] = True
     for n_q, n_k in [(S, S)] + [(1, S + i + 1) for i in range(steps)]:
         qq = q[:, :, n_k - n_q:n_k]
         vis = causal_visible(n_q, n_k, device, 1)
@@ -413,8 +411,9 @@ def _dispatch_vs_reference(device, dtype, cfg, steps=2, Hq=4, Hkv=2, S=37, d=64,
         if n_q == 1 and mask != "causal":
             kk, vv = k, v
             given = (torch.arange(n_buf, device=device) < n_k).view(1, 1, n_buf)
+        lengths = torch.tensor([n_k], dtype=torch.int32, device=device) if n_q == 1 and mask == "static" else None
         out = dispatch.try_kernels(qq, kk, vv, visible=given, theta=theta, sdc_term=sdc, k_keep=k_keep, scaling=None,
-                                   softcap=None, state=st_kernel, layer=0)
+                                   softcap=None, state=st_kernel, layer=0, lengths=lengths)
         assert out is not None, "dispatch declined a supported call"
         obs = lambda block: m_ref(0, block)  # noqa: E731
         kr, vr = k[:, :, :n_k], v[:, :, :n_k]
@@ -782,7 +781,7 @@ def test_graph_decoder_static_kernels_interpret():
 
 
 @cpu
-def test_graph_decoder_step_reduces_nothing():
+def test_graph_decoder_step_reduces_nothing(monkeypatch):
     """A static-cache decode step (what a CUDA graph replays) launches no reduction: each layer takes its
     row lengths from the decoder instead of summing the mask, and the kept-V total is summed only when
     :meth:`kept_v_fraction` is read.  (Each was a small kernel per layer in every replay.)  θ is looked
@@ -811,13 +810,11 @@ def test_graph_decoder_step_reduces_nothing():
         dec.step()
         calls = []
         real = type(th).lookup
-        type(th).lookup = lambda self, layer, *a, **kw: calls.append(layer) or real(self, layer, *a, **kw)
-        try:
-            with Ops() as ops:
-                dec.step()
+        monkeypatch.setattr(type(th), "lookup",
+                            lambda self, layer, *a, **kw: calls.append(layer) or real(self, layer, *a, **kw))
+        with Ops() as ops:
             dec.step()
-        finally:
-            type(th).lookup = real
+        dec.step()
         assert ops.n["sum"] == 0 and ops.n["stack"] == 0, dict(ops.n)
         assert calls == [None, None]  # θ looked up anew at each step, once for all layers
         assert 0 < dec.kept_v_fraction() < 1  # the kernels ran in every layer and their counts are read

@@ -132,3 +132,25 @@ def test_no_test_imports_from_a_conftest():
             if "conftest" in names:
                 offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert not offenders, offenders
+
+
+def test_benchmark_scripts_parse_and_name_what_the_package_has():
+    """Benchmark scripts run only on a GPU, never in CI: each must at least parse, and every name it
+    imports from the package must exist (one was left with a half-written import, another imported a
+    helper that had moved)."""
+    import importlib
+
+    problems = []
+    for path in sorted((ROOT / "benchmarks").glob("*.py")):
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except SyntaxError as e:
+            problems.append(f"{path.name}: {e}")
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(PKG):
+                module = importlib.import_module(node.module)
+                problems += [f"{path.name}:{node.lineno}: {node.module}.{a.name}" for a in node.names
+                             if not hasattr(module, a.name)
+                             and importlib.util.find_spec(f"{node.module}.{a.name}") is None]
+    assert not problems, problems

@@ -19,12 +19,11 @@ kernel seeds it, each decode step adds the rows appended since (O(d) per step), 
 rebuilt from the cache when it cannot belong to it.  Kept counts go to
 ``state.metrics.add_counts`` without a kept mask.
 
-Static caches (:mod:`topθ_core.graph_decode`): when the run's scratch holds
-``STATIC_PREFIX = True`` the caller guarantees that every decode mask is a key prefix, so the
-kernel reads each sequence's length on the device: from ``STATIC_LENGTHS`` when the caller holds
-them (a (B,) int32 tensor, as :class:`~topθ_core.graph_decode.GraphDecoder` does), else from a sum
-over the mask (no host synchronisation either way: the call can be captured in a CUDA graph).  The VMC sum then lives under ``("topθ.vsum_static",
-layer)``: seeded by one eager step with the rows before ``L − 1``; the kernel adds row ``L − 1``
+Static caches (:mod:`topθ_core.graph_decode`): a decode call given ``lengths`` (B,) int32 on the
+device (the run's scratch holds them under ``STATIC_LENGTHS``; the caller guarantees that every
+decode mask is then the key prefix [0, L_b)) hands them to the kernel, with no host
+synchronisation, so the call can be captured in a CUDA graph.  The VMC sum then lives under
+``("topθ.vsum_static", layer)``: seeded by one eager step with the rows before ``L − 1``; the kernel adds row ``L − 1``
 in place at every call (``update_v_sum``), so the step launches nothing else for it.  Each call's
 :class:`~topθ_core.kernels.KernelCounts` are left under ``(COUNTS, layer)`` for the caller,
 which reports them after the graph ran.
@@ -41,9 +40,8 @@ from .attention import causal_visible
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read once at import: CPU tensors allowed (tests)
 _VSUM_KEY = "topθ.vsum"
 _VSUM_STATIC_KEY = "topθ.vsum_static"
-STATIC_PREFIX = "topθ.static_prefix"  # scratch flag: decode masks are key prefixes (set by graph_decode)
-STATIC_LENGTHS = "topθ.static_lengths"  # optional: (B,) int32 valid keys of this step, kept by the caller on
-# the device (one tensor op per step instead of a mask reduction per layer)
+STATIC_LENGTHS = "topθ.static_lengths"  # scratch: (B,) int32 valid keys of a static-cache decode step, kept by
+# the caller on the device (graph_decode); its decode masks are those key prefixes
 COUNTS = "topθ.counts"  # scratch key prefix: (COUNTS, layer) → the layer's last KernelCounts (static prefix runs)
 
 _KERNELS = None  # the kernels package once imported, False when Triton is missing
@@ -179,11 +177,13 @@ def _prefix_length(visible: torch.Tensor) -> int | None:
 
 def try_kernels(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, visible: torch.Tensor | None,
                 theta: torch.Tensor | None, sdc_term: torch.Tensor | None, k_keep, scaling: float | None,
-                softcap: float | None, state, layer: int) -> torch.Tensor | None:
+                softcap: float | None, state, layer: int, lengths: torch.Tensor | None = None
+                ) -> torch.Tensor | None:
     """Run the Triton kernel for this attention call, or return ``None`` (the reference runs).
 
     ``query`` (B, Hq, Sq, d), ``key``/``value`` (B, Hkv, Sk, d); ``visible`` (B, Sq, Sk) bool, or
-    ``None`` for plain causal attention (no mask); ``theta``/``sdc_term`` (B, Hq, Sq) float32 or
+    ``None`` for plain causal attention (no mask); ``lengths`` (B,) int32 on the device: a
+    static-cache decode step (Sq = 1) whose mask is the key prefix [0, L_b) of each sequence; ``theta``/``sdc_term`` (B, Hq, Sq) float32 or
     ``None``; ``k_keep`` this layer's k (a list when heads differ); ``state`` the active
     :class:`~topθ_core.integration.RunState` (config, metrics, observers, scratch).  Returns
     (B, Hq, Sq, d) in ``query``'s dtype.
@@ -208,7 +208,8 @@ def try_kernels(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, 
     Hkv, Sk = key.shape[1], key.shape[2]
     scale = float(d ** -0.5 if scaling is None else scaling)
     if Sq == 1:
-        return _decode(kernels, query, key, value, visible, theta, sdc_term, cfg, var, k_keep, scale, state, layer)
+        return _decode(kernels, query, key, value, visible, lengths, theta, sdc_term, cfg, var, k_keep, scale, state,
+                       layer)
     if visible is not None and not torch.equal(visible, causal_visible(Sq, Sk, visible.device, B)):
         return None
     out, counts, v_total = kernels.topθ_prefill(query, key, value, theta, config=cfg, k_keep=k_keep,
@@ -221,19 +222,14 @@ def try_kernels(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, 
     return out
 
 
-def _decode(kernels, query, key, value, visible, theta, sdc_term, cfg, var, k_keep, scale, state, layer):
+def _decode(kernels, query, key, value, visible, lengths, theta, sdc_term, cfg, var, k_keep, scale, state, layer):
     B, Hq, _, _ = query.shape
     Hkv, Sk = key.shape[1], key.shape[2]
-    lengths = None
-    if visible is not None:
-        if state.scratch.get(STATIC_PREFIX):  # a key prefix by construction: lengths stay on the device
-            held = state.scratch.get(STATIC_LENGTHS)
-            lengths = held if held is not None else visible.reshape(B, Sk).sum(-1, dtype=torch.int32)
-        else:
-            L = _prefix_length(visible)
-            if L is None:
-                return None  # padding or another mask: the reference handles arbitrary visibility
-            key, value, Sk = key[:, :, :L], value[:, :, :L], L
+    if lengths is None and visible is not None:
+        L = _prefix_length(visible)
+        if L is None:
+            return None  # padding or another mask: the reference handles arbitrary visibility
+        key, value, Sk = key[:, :, :L], value[:, :, :L], L
     v_sum, update = None, False
     if var.vmc:
         v_sum, update = (_running_v_sum(state, layer, value) if lengths is None

@@ -28,7 +28,7 @@ from . import dispatch
 from .config import SparseConfig
 from .graph_decode import GraphDecoder, graph_decode_supported
 from .models import cache_kwarg, output_cache
-from .integration import sparse_run
+from .integration import check_run, sparse_run
 from .metrics import SparsityMetrics
 from .thresholds import Thresholds
 
@@ -183,8 +183,7 @@ def compare_generate(lm, prompt: str, config: SparseConfig, thresholds: Threshol
     prompt_ids = encode_prompt(tok, prompt, chat).to(device)
     if prompt_ids.shape[1] == 0:
         raise ValueError("the prompt is empty")
-    with sparse_run(config, thresholds, model=model):  # thresholds of this model, k in range, model prepared: once,
-        pass  # not per token (the check hashes a weight sample on the host, inside the timed step)
+    check_run(config, thresholds, model)  # once, not in every timed step
     if _use_graphs(model, config, cuda_graphs):
         max_len = prompt_ids.shape[1] + max_new_tokens
         dense = _GraphStream(model, None, max_len)

@@ -12,10 +12,10 @@ later step is one ``replay()``.
 Both sides get the same treatment: ``run=None`` decodes densely through the model's own
 attention (transformers' sdpa with the static mask, whichever SDPA backend torch picks, or the
 one a caller forces around :meth:`GraphDecoder.step`'s first call); a ``run`` factory (e.g.
-``lambda: sparse_run(config, thresholds, model=model)``) decodes through Top-θ: the run's
-scratch is marked :data:`~topθ_core.dispatch.STATIC_PREFIX` and holds the step's valid key counts
-(:data:`~topθ_core.dispatch.STATIC_LENGTHS`, a (B,) device tensor the step advances), so the decode
-kernel reads each sequence's length on the device and one captured launch serves every step.
+``lambda: sparse_run(config, thresholds)``, after one ``check_run(config, thresholds, model)``)
+decodes through Top-θ: the run's scratch holds the step's valid key counts
+(:data:`~topθ_core.dispatch.STATIC_LENGTHS`, a (B,) device tensor the step advances), so the
+decode kernel reads each sequence's length on the device and one captured launch serves every step.
 
 The prefill runs eagerly through a dynamic cache (the model's ordinary path, with the kernels
 when the run uses them), then its keys and values are copied into the static buffers.  A step
@@ -244,7 +244,6 @@ class GraphDecoder:
             if sparse:
                 state.scratch.update({k: v for k, v in self._scratch.items()
                                       if not (isinstance(k, tuple) and k and k[0] == dispatch.COUNTS)})
-                state.scratch[dispatch.STATIC_PREFIX] = True
                 state.scratch[dispatch.STATIC_LENGTHS] = self._lengths
             if not capture:
                 logits = self._forward(state)
@@ -274,7 +273,7 @@ class GraphDecoder:
         (NaN for dense or before a step); one synchronisation."""
         if self._kept is None or not self._kv_heads:
             return float("nan")
-        total = torch.stack([c.kept_v_rows.sum() for c in self._kept]).sum()
+        total = torch.stack([c.kept_v_rows for c in self._kept]).sum()
         return float(total) / (self._kv_heads * self.length)
 
     def close(self) -> None:

@@ -65,22 +65,13 @@ def active_run() -> RunState | None:
     return _ACTIVE.get()
 
 
-@contextlib.contextmanager
-def sparse_run(
-    config: SparseConfig,
-    thresholds: Thresholds | None = None,
-    *,
-    model: torch.nn.Module | None = None,
-    metrics: SparsityMetrics | None = None,
-    observers: tuple[LayerObserver, ...] = (),
-    use_kernels: bool = True,
-) -> Iterator[RunState]:
-    """Run the model's attention sparsely inside this block.
-
-    With ``model`` given, checks that ``thresholds`` belong to it and that the k schedule
-    names existing layers.  Yields the :class:`RunState` (``state.metrics`` collects what
-    was kept when ``metrics`` is passed).
-    """
+def check_run(config: SparseConfig, thresholds: Thresholds | None = None,
+              model: torch.nn.Module | None = None) -> None:
+    """What :func:`sparse_run` checks before it runs, for callers that check once and then open many
+    runs without ``model`` (the model check hashes a weight sample on the host: an evaluation's or a
+    generation's every model call would pay it).  With ``model``: ``thresholds`` belong to it, the k
+    schedule names existing layers and the model is prepared; always: thresholds exist when the
+    selection needs them, and their placement and θ kind match the config."""
     if config.needs_thresholds and thresholds is None:
         raise ThresholdsError("top-theta selection needs thresholds: calibrate first or load an artifact")
     if model is not None:
@@ -99,6 +90,25 @@ def sparse_run(
                           f"but the config compares with theta_reference={config.theta_reference.value!r}: set the "
                           f"config's theta_reference to {thresholds.theta_reference.value!r} or calibrate for "
                           f"{config.theta_reference.value!r}")
+
+
+@contextlib.contextmanager
+def sparse_run(
+    config: SparseConfig,
+    thresholds: Thresholds | None = None,
+    *,
+    model: torch.nn.Module | None = None,
+    metrics: SparsityMetrics | None = None,
+    observers: tuple[LayerObserver, ...] = (),
+    use_kernels: bool = True,
+) -> Iterator[RunState]:
+    """Run the model's attention sparsely inside this block.
+
+    With ``model`` given, checks that ``thresholds`` belong to it and that the k schedule
+    names existing layers.  Yields the :class:`RunState` (``state.metrics`` collects what
+    was kept when ``metrics`` is passed).
+    """
+    check_run(config, thresholds, model)
     state = RunState(config=config, thresholds=thresholds, observers=tuple(observers), metrics=metrics,
                      use_kernels=use_kernels)
     token = _ACTIVE.set(state)
@@ -168,7 +178,7 @@ def top_theta_attention_forward(
     from . import dispatch  # decides kernel or reference (imported late: it reads TRITON_INTERPRET at import)
 
     out = dispatch.try_kernels(query, key, value, visible=visible, theta=theta, sdc_term=sdc_term, k_keep=k_keep,
-                               scaling=scaling, softcap=softcap, state=state, layer=layer)
+                               scaling=scaling, softcap=softcap, state=state, layer=layer, lengths=static)
     if out is None:
         observer = _observer_for(state, layer)
         out = topθ_attention_ref(query, key, value, config=cfg, k_keep=k_keep, visible=visible, theta=theta,
@@ -191,9 +201,7 @@ def _static_lengths(state: RunState, Sq: int) -> torch.Tensor | None:
     construction (:mod:`graph_decode`): no reduction over the mask in every layer of the step."""
     from . import dispatch
 
-    if Sq != 1 or not state.scratch.get(dispatch.STATIC_PREFIX):
-        return None
-    return state.scratch.get(dispatch.STATIC_LENGTHS)
+    return state.scratch.get(dispatch.STATIC_LENGTHS) if Sq == 1 else None
 
 
 def _report_dense(state: RunState, module, query, key, attention_mask) -> None:

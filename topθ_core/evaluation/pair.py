@@ -21,7 +21,7 @@ from typing import Callable, Iterator, Sequence
 import pandas as pd
 
 from ..config import DENSE, Selection, SparseConfig
-from ..integration import sparse_run
+from ..integration import check_run, sparse_run
 from ..metrics import SparsityMetrics
 from ..thresholds import Thresholds
 from .counts import KeptCounter
@@ -68,8 +68,7 @@ class Arm:
 
     def check(self, lm) -> None:
         """Fail fast, before any work, on thresholds of another model, a bad k schedule, …"""
-        with sparse_run(self.config, self.thresholds, model=lm.model):
-            pass
+        check_run(self.config, self.thresholds, lm.model)
 
 
 @dataclass

@@ -212,7 +212,7 @@ def score_requests(model, requests: Sequence[Request], *, prefix: torch.Tensor |
         lp_sum = torch.zeros(cont_valid.shape[0], dtype=torch.float64, device=dev).index_add_(0, row_of, tok_lp)
         misses = torch.zeros(cont_valid.shape[0], dtype=torch.long, device=dev).index_add_(0, row_of,
                                                                                            (~greedy).long())
-        for r, (lp, miss) in enumerate(zip(lp_sum.tolist(), misses.tolist())):
+        for r, (lp, miss) in enumerate(zip(*torch.stack([lp_sum, misses.double()]).tolist())):
             results[rows[r]] = (lp, miss == 0)
 
     n_rows = n_tok = 0

@@ -578,10 +578,12 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[i]
 
 
-def decode_splits(B: int, Hkv: int, N: int, block_n: int, device: torch.device, waves: int = 8) -> int:
-    """Number of sequence splits: about ``waves`` programs per SM, at least one key block per split."""
-    target = waves * _sm_count(device)
-    return max(1, min(triton.cdiv(N, block_n), triton.cdiv(target, B * Hkv)))
+def decode_splits(B: int, Hkv: int, N: int, block_n: int, device: torch.device, waves: int = 8,
+                  max_splits: int | None = None) -> int:
+    """Number of sequence splits: about ``waves`` programs per SM, at least ``block_n`` keys per split,
+    at most ``max_splits`` per (batch, KV head)."""
+    splits = min(triton.cdiv(N, block_n), triton.cdiv(waves * _sm_count(device), B * Hkv))
+    return max(1, splits if max_splits is None else min(splits, max_splits))
 
 
 # Largest B·Hkv·N (key rows over all (batch, KV head) pairs) of a latency-bound shape: up to it the plan
@@ -640,15 +642,11 @@ def decode_plan(B: int, Hkv: int, N: int, device: torch.device, d: int, row_max:
     """
     latency_bound = B * Hkv * N <= FUSED_MAX_KV_ROWS
     if latency_bound and d == 128 and B * Hkv in FEW_PROGRAMS and not row_max:
-        splits = max(1, min(triton.cdiv(N, LAT_MIN_SPLIT), triton.cdiv(4 * _sm_count(device), B * Hkv),
-                            BW_MAX_SPLITS))
-        return DecodePlan(False, splits, 64, 2, 3)
+        return DecodePlan(False, decode_splits(B, Hkv, N, LAT_MIN_SPLIT, device, 4, BW_MAX_SPLITS), 64, 2, 3)
     if latency_bound:
-        warps = 4 if B * Hkv <= 16 else 2
-        splits = max(1, min(triton.cdiv(N, LAT_MIN_SPLIT), triton.cdiv(8 * _sm_count(device) // warps, B * Hkv)))
-        return DecodePlan(True, splits, 64, warps, 3)
-    splits = min(decode_splits(B, Hkv, N, 64, device), BW_MAX_SPLITS)
-    return DecodePlan(False, splits, 64, 2, 3)
+        warps = 4 if B * Hkv <= 16 else 2  # 8 warps per SM
+        return DecodePlan(True, decode_splits(B, Hkv, N, LAT_MIN_SPLIT, device, 8 // warps), 64, warps, 3)
+    return DecodePlan(False, decode_splits(B, Hkv, N, 64, device, 8, BW_MAX_SPLITS), 64, 2, 3)
 
 
 _TICKETS: dict[tuple, torch.Tensor] = {}
@@ -686,7 +684,7 @@ def _decode_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, theta: tor
                    sdc_term: torch.Tensor | None, v_sum: torch.Tensor | None, lengths: torch.Tensor | None,
                    scale: float, k_keep: int, theta_mode: int, sdc_mode: int, sdc_scale: float, vmc: bool,
                    update_v_sum: bool, floor_max: bool, fused: bool | None, two_pass: bool | None, num_splits: int, block_n: int,
-                   num_warps: int, num_stages: int, chunk: int, block_v: int, combine_warps: int = 0
+                   num_warps: int, num_stages: int, chunk: int, block_v: int, combine_warps: int
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Checks, allocation and the launch(es).  Returns out (B, Hq, 1, d) and the counts, flat int32:
     kept (B·Hq), empty (B·Hq), kept V rows (B·Hkv).  ``theta_mode``/``sdc_mode`` are the
