@@ -85,9 +85,9 @@ def render_jobs_panel() -> None:
                            width="stretch")
             else:
                 box.caption(job.status_text())
-                finish(job)
-        if run_every is not None and not jobs.any_active:
-            st.rerun(scope="app")  # the last job ended: redraw the page once, then stop polling
+        newly_ended = [job for job in jobs.jobs(active=False) if _announce(job)]  # listed or not
+        if newly_ended or (run_every is not None and not jobs.any_active):
+            st.rerun(scope="app")  # redraw the app (active set, the page's controls); the last end stops the polling
 
     with st.sidebar:
         panel()

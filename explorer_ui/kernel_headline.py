@@ -87,9 +87,11 @@ def _latest(df: pd.DataFrame) -> pd.DataFrame:
     return df[runs == runs.max()]
 
 
-def _method(kernel: str) -> str:
-    """An end-to-end row's method: its kernel label without the model in parentheses."""
-    return re.sub(r"\s*\([^)]*\)\s*$", "", str(kernel))
+def _label_parts(kernel) -> tuple[str, str | None]:
+    """An end-to-end row's kernel label as (method, model): "e2e decode, CUDA graph (llama3-8b, random
+    weights)" → ("e2e decode, CUDA graph", "llama3-8b")."""
+    m = re.fullmatch(r"(.*?)\s*\(([^,)]+)[^)]*\)\s*", str(kernel))
+    return (m.group(1), m.group(2)) if m else (str(kernel), None)
 
 
 def _latest_per_shape(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
@@ -99,7 +101,7 @@ def _latest_per_shape(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     if df.empty or runs.isna().all() or not keys:
         return _latest(df)
     if "kernel" in df:
-        methods = df["kernel"].map(_method)
+        methods = df["kernel"].map(lambda k: _label_parts(k)[0])
         keep = methods == methods[runs == runs.max()].iloc[0]
         df, runs = df[keep], runs[keep]
     newest = runs.groupby([df[k] for k in keys], dropna=False).transform("max")
@@ -182,7 +184,8 @@ def _prefill(card: str, rows: pd.DataFrame) -> list[dict]:
 
 
 def _e2e(card: str, rows: pd.DataFrame) -> list[dict]:
-    rows = _latest_per_shape(rows, [c for c in ("kernel", "data", "B", "N") if c in rows])
+    keys = [c for c in ("kernel", "data", "B", "N") if c in rows]
+    rows = _latest_per_shape(rows, keys)
     if rows.empty:
         return [_missing(card, "end to end")]
     rows = rows.copy()
@@ -192,7 +195,6 @@ def _e2e(card: str, rows: pd.DataFrame) -> list[dict]:
     rows = rows[rows["_speedup"].notna()]
     if rows.empty:
         return [_missing(card, "end to end")]
-    keys = [c for c in ("kernel", "data", "B", "N") if c in rows]
     out = []
     for _, g in (rows.groupby(keys, sort=True, dropna=False) if keys else [(None, rows)]):
         if g["_base"].notna().any():  # the fastest baseline measured for this shape
@@ -202,8 +204,8 @@ def _e2e(card: str, rows: pd.DataFrame) -> list[dict]:
         else:
             best = g.iloc[0]
         what = str(best.get("kernel", "")) if str(best.get("kernel", "")).lower().startswith("e2e") else ""
-        model = re.search(r"\(([^,)]+)", what)
-        label = "end to end" + (f" ({model.group(1)})" if model else "") + \
+        model = _label_parts(what)[1]
+        label = "end to end" + (f" ({model})" if model else "") + \
             (f", B={int(best['B'])}" if "B" in g and pd.notna(best.get("B")) else "") + \
             (f", N={_tokens(best['N'])}" if "N" in g and pd.notna(best.get("N")) else "")
         out.append(_row(card, label, speedup=float(best["_speedup"]), low=float(best["_speedup"]),

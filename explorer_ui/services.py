@@ -141,7 +141,7 @@ def _results_signature() -> tuple:
     d = runs.results_folder()
     if not d.is_dir():
         return ()
-    return tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in d.glob("*.parquet")))
+    return tuple(sorted((p.name, s.st_mtime_ns, s.st_size) for p in d.glob("*.parquet") for s in [p.stat()]))
 
 
 @st.cache_data(show_spinner=False, max_entries=4)

@@ -123,10 +123,10 @@ with tab_run:
                 "mode runs by itself." if est.seconds is not None else "Press **Run** (no speed measured yet)."))
 
     @state.fragment(run_every=POLL_S if job is not None and job.active else None)
-    def _results(job_id, inputs) -> None:
+    def _results(inputs) -> None:
         """The run's results so far (per item as they complete), or the last run's, marked stale when the
         controls no longer match what it ran."""
-        job = board().get(job_id) if job_id else None
+        job = page_job("accuracy")
         if job is None:
             st.info("Press **Run** to score dense and Top-θ side by side.")
             return
@@ -174,7 +174,7 @@ with tab_run:
             st.caption(f"Saved {len(job.result['saved'])} result file(s) under {runs.results_folder()}.")
         finish(job)  # the run ended while this page was open
 
-    _results(job.id if job else None, inputs)
+    _results(inputs)
 
 with tab_trade:
     results = services.saved_results()

@@ -151,9 +151,9 @@ if run and cal_config is not None and not running:
 
 
 @state.fragment(run_every=POLL_S if job is not None and job.active else None)
-def _status(job_id: str | None) -> None:
+def _status() -> None:
     """The calibration's progress while it runs; its result (or why there is none) once it ended."""
-    job = board().get(job_id) if job_id else None
+    job = page_job("calibrate")
     if job is None:
         return
     if job.active:
@@ -178,7 +178,7 @@ def _status(job_id: str | None) -> None:
     finish(job)  # ended while this page was open: the sidebar shows the new active set
 
 
-_status(job.id if job else None)
+_status()
 
 with st.expander("Saved runs", expanded=False):
     table_runs = ctx.runs.drop(columns=["path", "mtime", "digest"]) if len(ctx.runs) else ctx.runs

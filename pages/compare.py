@@ -64,9 +64,9 @@ if run and prompt.strip() and not running:
 
 
 @state.fragment(run_every=POLL_S if job is not None and job.active else None)
-def _streams(job_id, inputs) -> None:
+def _streams(inputs) -> None:
     """Both streams as they grow; after Stop, the partial generation under its own run's header."""
-    job = board().get(job_id) if job_id else None
+    job = page_job("compare")
     if job is None or job.partial is None:
         if job is not None and job.state is JobState.FAILED:
             st.error(f"Generation failed: {job.error}")
@@ -104,4 +104,4 @@ def _streams(job_id, inputs) -> None:
         finish(job)
 
 
-_streams(job.id if job else None, inputs)
+_streams(inputs)
