@@ -6,7 +6,7 @@ each layer over its own K/V buffers, against SDPA's fastest backend in the same 
 ``tune_decode.py`` times one call on the same inputs again and again: at B = 1 a layer's K (33.5 MB at
 N = 16k) then stays in the 50 MB L2, which no real decode step sees (32 layers of cache between two
 reads of one layer).  Here every layer reads its own cold cache, as in ``bench_kernels.py --only e2e``,
-whose profile (run 16) showed the decode kernel at 28.9 µs per layer against cuDNN's 21.0 at B = 1,
+whose profile (run 16) showed the decode kernel at 28.9 µs per layer against cuDNN's 23.8 at B = 1,
 N = 16k.  Shapes: :data:`SHAPES` (Llama-3-8B attention, 32/8 heads, d 128; SmolLM2-135M, 9/3, d 64),
 bf16, the default config (exact SDC, VMC, floor), θ per head from the score quantile so that a group
 keeps f ≈ 0.15 of the V rows, static lengths (the kernel reads ``lengths`` like a captured step).

@@ -39,8 +39,9 @@ def dtypes_for(device: str) -> list[str]:
 def app_threads() -> int:
     """Torch threads for the app's model work: ``$TOPTHETA_APP_THREADS``, else one core fewer than the machine
     has (at least 1), so the browser and the app server keep a core.  On the 2-core box a 20-item evaluation in
-    the app took 16.8 s with one thread and 18.9 s with two (the 14-20x slowdown once blamed on threads was
-    Streamlit's full garbage collection after every rerun, turned off in ``.streamlit/config.toml``)."""
+    the app took 16.8 s with one thread and 18.9 s with two (one-off runs, benchmarks/results/app_speed.md; the
+    14-20x slowdown once blamed on threads was Streamlit's full garbage collection after every rerun, turned
+    off in ``.streamlit/config.toml``)."""
     env = os.environ.get("TOPTHETA_APP_THREADS", "").strip()
     return max(1, int(env)) if env.isdigit() else max(1, (os.cpu_count() or 2) - 1)
 
@@ -171,7 +172,8 @@ def saved_result_files() -> pd.DataFrame:
 @st.cache_resource(show_spinner=False, max_entries=8)
 def paired_task(model_key: str, task: str, limit: int, options_json: str, _lm: LoadedModel):
     """An evaluation task built for this model (items tokenized once), shared by the reruns of every session:
-    building one tokenizes every item (0.3-0.5 s for 500 items), which each Accuracy rerun did."""
+    building one tokenizes every item (0.3-0.5 s for 500 items in a review's one-off timing), which each
+    Accuracy rerun did."""
     import json
 
     from topθ_core.evaluation import build_task

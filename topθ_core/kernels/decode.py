@@ -636,7 +636,7 @@ def decode_plan(B: int, Hkv: int, N: int, device: torch.device, d: int, row_max:
     * larger (bandwidth-bound): two launches, 64 keys, 2 warps, 3 stages, 8 programs per SM but at
       most :data:`BW_MAX_SPLITS` splits per (batch, KV head), merged by a combine program of
       :data:`BW_COMBINE_WARPS` warps: each (batch, KV head)'s splits are merged by one program, and
-      at B = 1, N = 128k its 132 splits took 14 µs of a 123 µs layer (run 16).
+      at B = 1, N = 128k its 132 splits took 14 µs of a 118 µs layer (run 16's profile).
     * the one-pass key loop everywhere: the two-pass loop measured slower at every shape (run 12,
       results/kernels.md), so it is an option (``two_pass=True``), not the plan.
     """
